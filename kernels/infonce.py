@@ -1,0 +1,31 @@
+"""Symmetric image-text InfoNCE with a learnable logit scale.
+
+This file holds the plain-PyTorch reference: the test oracle for the fused kernel and the
+fallback where Triton cannot run.
+
+Shapes: the rows are this rank's features, the columns the features of the global batch
+(all ranks gathered, this rank's included, in rank order). Row ``i`` is the positive of
+column ``row_offset + i``. With one process, rows and columns are the same tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def infonce_reference(
+    img: torch.Tensor,  # [B, D] L2-normalised image features (local rows)
+    txt: torch.Tensor,  # [B, D] L2-normalised text features (local rows)
+    scale: torch.Tensor,  # [1] logit scale, already exponentiated
+    img_all: torch.Tensor | None = None,  # [N, D] gathered image features (columns)
+    txt_all: torch.Tensor | None = None,  # [N, D] gathered text features (columns)
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """Mean over local rows of (CE(image -> texts) + CE(text -> images)) / 2, in fp32."""
+    img_all = img if img_all is None else img_all
+    txt_all = txt if txt_all is None else txt_all
+    targets = torch.arange(img.shape[0], device=img.device) + row_offset
+    scale = scale.float()
+    logits_per_image = scale * (img.float() @ txt_all.float().T)
+    logits_per_text = scale * (txt.float() @ img_all.float().T)
+    return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))

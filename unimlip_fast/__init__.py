@@ -1,0 +1,3 @@
+"""unimlip-fast: a high-throughput trainer for Uni-Mlip medical vision-language pre-training."""
+
+__version__ = "0.1.0"
