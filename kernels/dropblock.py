@@ -21,7 +21,7 @@ def dropblock_mask_reference(noise: torch.Tensor, p: float, block_size: int) -> 
     """Block mask [N, C, H, W] (1 kept, 0 dropped) from uniform noise of the same shape."""
     _, _, h, w = noise.shape
     b = min(block_size, h, w)
-    assert b % 2 == 1, "odd block sizes only"
+    b -= 1 - b % 2  # a map smaller than the block takes the largest odd block that fits
     gamma = dropblock_gamma(p, b, h, w)
     half = b // 2
     centres = torch.zeros(h, w, dtype=torch.bool, device=noise.device)
