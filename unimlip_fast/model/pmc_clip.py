@@ -1,0 +1,84 @@
+"""Start from a PMC-CLIP checkpoint (the paper starts from PMC-CLIP's epoch 100).
+
+PMC-CLIP names its parts ``visual.*`` (the same modified ResNet as ours), ``text_encoder.*`` (a
+BERT), ``text_projection`` ([width, embed], applied as ``x @ P``), ``fusion_module.resblocks.N.*``
+(CLIP's pre-LN residual attention blocks), ``img_special_token``, ``mlm_projection`` ([width, vocab])
+and a 0-dim ``logit_scale``. This maps them onto ours; whatever does not map, or does not fit, is
+reported, never silently dropped.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_FUSION_BLOCK = {
+    "attn.in_proj_weight": "self_attn.in_proj_weight",
+    "attn.in_proj_bias": "self_attn.in_proj_bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+    "mlp.c_fc.weight": "linear1.weight",
+    "mlp.c_fc.bias": "linear1.bias",
+    "mlp.c_proj.weight": "linear2.weight",
+    "mlp.c_proj.bias": "linear2.bias",
+}
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # ours, not in the checkpoint: left as initialised
+    unexpected: list[str] = field(default_factory=list)  # theirs, with no place in our model
+    mismatched: list[str] = field(default_factory=list)  # both, but of different shapes
+
+    def summary(self) -> str:
+        return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}; "
+                f"unexpected {len(self.unexpected)}; shape-mismatched {len(self.mismatched)}")
+
+
+def map_pmc_clip_key(key: str, value: torch.Tensor) -> tuple[str | None, torch.Tensor]:
+    """One PMC-CLIP name and tensor -> our name (None where there is none) and tensor."""
+    key = key.removeprefix("module.")
+    if key.startswith("visual."):
+        return key, value
+    if key.startswith("text_encoder."):
+        return "text.encoder." + key.removeprefix("text_encoder."), value
+    if key == "text_projection":
+        return "text_projection.weight", value.T.contiguous()
+    if key == "logit_scale":
+        return "logit_scale", value.reshape(1)
+    if key == "img_special_token":
+        return "fusion.image_token", value.reshape(-1)
+    if key == "mlm_projection":
+        return "fusion.head.3.weight", value.T.contiguous()
+    match = re.fullmatch(r"fusion_module\.resblocks\.(\d+)\.(.+)", key)
+    if match and match.group(2) in _FUSION_BLOCK:
+        return f"fusion.blocks.layers.{match.group(1)}.{_FUSION_BLOCK[match.group(2)]}", value
+    return None, value
+
+
+def load_pmc_clip(model: nn.Module, path: str) -> LoadReport:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a PMC-CLIP checkpoint (expected a state_dict mapping)")
+    ours = model.state_dict()
+    report, mapped = LoadReport(), {}
+    for key, value in state.items():
+        name, value = map_pmc_clip_key(key, value)
+        if name is None or name not in ours:
+            report.unexpected.append(key)
+        elif ours[name].shape != value.shape:
+            report.mismatched.append(f"{key} {tuple(value.shape)} -> {name} {tuple(ours[name].shape)}")
+        else:
+            mapped[name] = value
+    report.loaded = sorted(mapped)
+    report.missing = sorted(set(ours) - set(mapped))
+    model.load_state_dict(mapped, strict=False)
+    return report
