@@ -1,0 +1,340 @@
+"""Image-caption data sets -> records.
+
+Every reader returns a :class:`RecordSet`: the usable ``(key, caption, image)`` records and a
+counter of the rows it skipped, per reason. Nothing is dropped silently; a data set with nothing
+left is an error that names the path and the skip counts.
+
+Skip reasons: ``missing_image`` (no file with that name, whatever the extension), ``empty_caption``,
+``nan_caption`` (NaN, None or a missing caption field), ``bad_row`` (unparseable line, wrong field
+count, no image field).
+
+Images are found by name whatever the extension: each folder is listed once with ``os.scandir`` into
+a ``stem -> file`` table, so the MedPix copy here (JPEG) matches the release's PNG names.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+
+SKIP_REASONS = ("missing_image", "empty_caption", "nan_caption", "bad_row")
+_SPLIT_ALIASES = {  # canonical split -> the names users type for it
+    "train": ("train", "training"),
+    "dev": ("dev", "val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+
+
+class DataError(ValueError):
+    """A data set that cannot be read, or has nothing usable left."""
+
+
+@dataclass(frozen=True, eq=False)
+class Record:
+    key: str
+    caption: str
+    image: str | np.ndarray  # a file path, or an in-memory HxWx3 uint8 array (phantom)
+
+
+@dataclass
+class RecordSet:
+    records: list[Record]
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+    def summary(self) -> str:
+        """``"1636 records from <source>; skipped: missing_image=3"``, for the log and run summary."""
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{len(self.records)} records from {self.source}; skipped: {skipped}"
+
+
+def canonical_split(split: str | None) -> str | None:
+    """``"val"``/``"validation"`` -> ``"dev"`` and so on; ``None``/``""``/``"all"`` -> ``None``."""
+    if split is None or split.strip().lower() in ("", "all"):
+        return None
+    s = split.strip().lower()
+    for name, aliases in _SPLIT_ALIASES.items():
+        if s in aliases:
+            return name
+    return s
+
+
+# ---------------------------------------------------------------------------------------- captions
+
+
+def clean_caption(value) -> tuple[str | None, str | None]:
+    """``(caption, None)`` with whitespace collapsed, or ``(None, skip_reason)``."""
+    if value is None:
+        return None, "nan_caption"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None, "nan_caption"
+        value = str(value)
+    if not isinstance(value, str):
+        value = str(value)
+    text = " ".join(value.split())
+    if not text:
+        return None, "empty_caption"
+    if text.lower() in ("nan", "none", "null"):
+        return None, "nan_caption"
+    return text, None
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+class ImageIndex:
+    """Finds an image file by name whatever its extension; each folder is listed once."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(os.path.abspath(root))
+        self._dirs: dict[Path, tuple[set[str], dict[str, str]]] = {}
+
+    def _listing(self, folder: Path) -> tuple[set[str], dict[str, str]]:
+        if folder not in self._dirs:
+            names: set[str] = set()
+            stems: dict[str, str] = {}
+            try:
+                with os.scandir(folder) as it:
+                    for entry in it:
+                        if entry.is_file():
+                            names.add(entry.name)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            # Deterministic choice when one stem has several extensions: the first name in order.
+            for name in sorted(names, reverse=True):
+                stems[os.path.splitext(name)[0]] = name
+            self._dirs[folder] = (names, stems)
+        return self._dirs[folder]
+
+    def find(self, ref: str) -> str | None:
+        """The path of ``ref`` (relative to the root, or absolute), by exact name, then by stem."""
+        ref = str(ref).strip()
+        if not ref:
+            return None
+        path = Path(ref) if os.path.isabs(ref) else self.root / ref
+        names, stems = self._listing(path.parent)
+        name = path.name
+        if name in names:
+            return str(path)
+        for stem in (os.path.splitext(name)[0], name):
+            if stem in stems:
+                return str(path.parent / stems[stem])
+        return None
+
+
+def _add(records: list[Record], skipped: collections.Counter, index: ImageIndex, key, caption_value, image_ref):
+    caption, reason = clean_caption(caption_value)
+    if reason:
+        skipped[reason] += 1
+        return
+    if image_ref is None or (isinstance(image_ref, float) and math.isnan(image_ref)) or not str(image_ref).strip():
+        skipped["bad_row"] += 1
+        return
+    path = index.find(str(image_ref))
+    if path is None:
+        skipped["missing_image"] += 1
+        return
+    records.append(Record(key=str(key), caption=caption, image=path))
+
+
+def _finish(records: list[Record], skipped: collections.Counter, source) -> RecordSet:
+    rs = RecordSet(records=records, skipped=skipped, source=str(source))
+    if not records:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "no rows at all"
+        raise DataError(f"no usable image-caption pairs in {source} (skipped: {counts})")
+    return rs
+
+
+def _iter_jsonl(path: Path, skipped: collections.Counter):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                skipped["bad_row"] += 1
+                continue
+            if not isinstance(row, dict):
+                skipped["bad_row"] += 1
+                continue
+            yield row
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------- readers
+
+
+def read_medpix(path: str | os.PathLike, split: str | None = "train") -> RecordSet:
+    """MedPix-2.0 release layout: ``splitted_dataset/descriptions_{train,dev,test}.jsonl`` or, for
+    split ``all``/``None``, ``Descriptions.json``; caption ``Description.Caption``; ``images/``."""
+    root = _require(Path(path), "MedPix-2.0 folder")
+    split = canonical_split(split)
+    if split is None:
+        src = _require(root / "Descriptions.json", "MedPix-2.0 Descriptions.json")
+        rows = json.loads(src.read_text(encoding="utf-8"))
+        skipped = collections.Counter()
+    else:
+        src = _require(root / "splitted_dataset" / f"descriptions_{split}.jsonl", f"MedPix-2.0 split {split!r}")
+        skipped = collections.Counter()
+        rows = list(_iter_jsonl(src, skipped))
+    index = ImageIndex(root / "images")
+    records: list[Record] = []
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("Description"), dict) or "image" not in row:
+            skipped["bad_row"] += 1
+            continue
+        _add(records, skipped, index, row["image"], row["Description"].get("Caption"), row["image"])
+    return _finish(records, skipped, src)
+
+
+def read_pmc_oa(path: str | os.PathLike, split: str | None = "train", image_root: str = "") -> RecordSet:
+    """PMC-OA: a jsonl file, or a folder with ``{split}.jsonl`` (``valid.jsonl`` for dev) or
+    ``pmc_oa.jsonl``; rows ``{"image": name, "caption": text}``; images in ``image_root``, else
+    ``images/`` beside the jsonl, else the jsonl's own folder."""
+    p = _require(Path(path), "PMC-OA path")
+    if p.is_dir():
+        s = canonical_split(split)
+        names = {"dev": ["valid", "val", "dev"], None: []}.get(s, [s])
+        candidates = [p / f"{n}.jsonl" for n in names] + [p / "pmc_oa.jsonl"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise DataError(f"PMC-OA folder {p} has none of {', '.join(c.name for c in candidates)}")
+        p = found[0]
+    root = Path(image_root) if image_root else (p.parent / "images" if (p.parent / "images").is_dir() else p.parent)
+    index = ImageIndex(root)
+    skipped = collections.Counter()
+    records: list[Record] = []
+    for row in _iter_jsonl(p, skipped):
+        if "image" not in row:
+            skipped["bad_row"] += 1
+            continue
+        _add(records, skipped, index, row["image"], row.get("caption"), row["image"])
+    return _finish(records, skipped, p)
+
+
+def read_roco(path: str | os.PathLike, split: str | None = "train", subset: str = "radiology") -> RecordSet:
+    """ROCO: ``data/{train,validation,test}/radiology/captions.txt`` with lines ``ROCO_00020\\t <caption>``
+    and images ``.../radiology/images/ROCO_00020.*``. ``path`` is the ROCO root or its ``data/``."""
+    root = _require(Path(path), "ROCO folder")
+    if (root / "data").is_dir():
+        root = root / "data"
+    s = canonical_split(split) or "train"
+    folder = root / {"dev": "validation"}.get(s, s) / subset
+    src = _require(folder / "captions.txt", f"ROCO captions for split {split!r}")
+    index = ImageIndex(folder / "images")
+    skipped = collections.Counter()
+    records: list[Record] = []
+    with open(src, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            key, tab, caption = line.partition("\t")
+            if not tab or not key.strip():
+                skipped["bad_row"] += 1
+                continue
+            key = key.strip()
+            _add(records, skipped, index, key, caption, key)
+    return _finish(records, skipped, src)
+
+
+def _table_file(path: Path, split: str | None, ext: str) -> Path:
+    if path.is_dir():
+        s = canonical_split(split)
+        names = {"dev": ["valid", "val", "dev", "validation"], None: ["all", "data"]}.get(s, [s])
+        for n in names:
+            if (path / f"{n}.{ext}").is_file():
+                return path / f"{n}.{ext}"
+        raise DataError(f"{path} is a folder without {' / '.join(f'{n}.{ext}' for n in names)}")
+    return path
+
+
+def read_table(
+    path: str | os.PathLike,
+    fmt: str,
+    image_key: str = "image",
+    caption_key: str = "caption",
+    image_root: str = "",
+    split: str | None = None,
+) -> RecordSet:
+    """Generic ``csv`` or ``jsonl``: chosen image and caption columns; image paths relative to
+    ``image_root``, else to the file's folder. A folder path means ``{split}.{csv,jsonl}`` inside it."""
+    p = _table_file(_require(Path(path), f"{fmt} path"), split, fmt)
+    index = ImageIndex(Path(image_root) if image_root else p.parent)
+    skipped = collections.Counter()
+    records: list[Record] = []
+    if fmt == "jsonl":
+        rows = _iter_jsonl(p, skipped)
+    else:
+        f = open(p, encoding="utf-8", newline="")
+        reader = csv.DictReader(f)
+        missing = [k for k in (image_key, caption_key) if k not in (reader.fieldnames or [])]
+        if missing:
+            f.close()
+            raise DataError(f"{p}: no column {missing[0]!r}; columns are {reader.fieldnames}")
+        rows = (r for r in reader)
+    for i, row in enumerate(rows):
+        ragged = fmt == "csv" and (None in row or None in row.values())  # too many / too few fields
+        if ragged or image_key not in row:
+            skipped["bad_row"] += 1
+            continue
+        ref = row[image_key]
+        _add(records, skipped, index, ref if isinstance(ref, str) else i, row.get(caption_key), ref)
+    if fmt == "csv":
+        f.close()
+    return _finish(records, skipped, p)
+
+
+def read_records(cfg: DataConfig, split: str | None = None) -> RecordSet:
+    """The records of ``cfg.format`` at ``cfg.path``; ``split`` overrides ``cfg.split``."""
+    split = cfg.split if split is None else split
+    fmt = cfg.format
+    if fmt == "phantom":
+        from .phantom import phantom_split
+
+        return phantom_split(cfg.phantom_size, split)
+    if not cfg.path:
+        raise DataError(f"data.path is required for data.format={fmt}")
+    if fmt == "medpix":
+        return read_medpix(cfg.path, split)
+    if fmt == "pmc-oa":
+        return read_pmc_oa(cfg.path, split, cfg.image_root)
+    if fmt == "roco":
+        return read_roco(cfg.path, split)
+    if fmt in ("csv", "jsonl"):
+        return read_table(cfg.path, fmt, cfg.image_key, cfg.caption_key, cfg.image_root, split)
+    raise DataError(f"unknown data format {fmt!r}; one of medpix, pmc-oa, roco, csv, jsonl, phantom")
+
+
+def roco_eval_subset(records, seed: int = 42, n: int = 2000, min_words: int = 3) -> list[Record]:
+    """ROCO's 2,000-pair retrieval protocol: shuffle with ``random.Random(seed)``, keep captions of at
+    least ``min_words`` words, take the first ``n``. Pass the whole test split: the shuffle permutes
+    the list it is given, so records skipped for missing images change which pairs are chosen."""
+    records = list(records.records if isinstance(records, RecordSet) else records)
+    random.Random(seed).shuffle(records)
+    return [r for r in records if len(r.caption.split()) >= min_words][:n]
