@@ -1,0 +1,278 @@
+"""Image views as batched tensor ops: the same code on CPU loader workers and on CUDA batches.
+
+Every view takes ``images [B,3,H,W]`` (uint8, or float in [0,1]) and returns a normalised float
+batch ``[B,3,size,size]``. Random parameters are drawn per sample from the ``torch.Generator`` passed
+in (on any device; the few parameter tensors are moved to the images' device), so a seeded
+generator gives the same views on every device.
+
+- weak view (ITC, MLM): random resized crop, scale ``weak_scale`` (0.5-1), aspect 3/4-4/3.
+- strong view (SimCLR, SLIP's recipe): random resized crop 0.08-1; colour jitter brightness,
+  contrast, saturation 0.4, hue 0.1 with p 0.8 (fixed order); greyscale p 0.2; Gaussian blur sigma
+  U(0.1, 2) px with p 0.5; horizontal flip p 0.5.
+- eval view: resize the short side to ``size``, centre crop.
+
+Crop, resize and flip are one ``affine_grid``/``grid_sample`` (bilinear, no antialiasing: the CPU
+loader decodes images to about 1.15x ``size`` first, so a crop is never shrunk by much more than that).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RATIO = (3 / 4, 4 / 3)
+_GREY = (0.299, 0.587, 0.114)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0,1]; floating input is returned as it is."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
+    return images
+
+
+def to_chw(image) -> torch.Tensor:
+    """One image (``HxWx3`` or ``HxW`` numpy uint8, or a ``[3,H,W]`` tensor) -> float ``[3,H,W]`` in [0,1]."""
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[:, :, None]
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+        return to_float(t)
+    return to_float(image)
+
+
+def normalize(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - m) / s
+
+
+def _uniform(n: int, lo: float, hi: float, generator, device, shape=()) -> torch.Tensor:
+    gdev = generator.device if generator is not None else device
+    u = torch.rand((n, *shape), generator=generator, device=gdev)
+    return (lo + (hi - lo) * u).to(device)
+
+
+def _bernoulli(n: int, p: float, generator, device) -> torch.Tensor:
+    return _uniform(n, 0.0, 1.0, generator, device) < p
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma, ``[B,1,H,W]`` (as torchvision's rgb_to_grayscale)."""
+    r, g, b = images.unbind(1)
+    return (_GREY[0] * r + _GREY[1] * g + _GREY[2] * b).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------- crop and resize
+
+
+def random_resized_crop_boxes(n, height, width, scale, ratio=RATIO, generator=None, device="cpu"):
+    """torchvision's RandomResizedCrop parameters for ``n`` samples, vectorised: ten tries per
+    sample, the first that fits, else the centre crop at the clamped aspect. ``[n,4]``
+    float ``(x0, y0, w, h)`` in pixels (sub-pixel boxes are fine for grid_sample)."""
+    tries = 10
+    area = height * width * _uniform(n, scale[0], scale[1], generator, device, (tries,))
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device, (tries,))
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(dim=1, keepdim=True)  # first fitting try (0 when none fit)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback when no try fits: the whole image clamped to the aspect range, centred.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    any_ok = ok.any(dim=1)
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    ux = _uniform(n, 0.0, 1.0, generator, device)
+    uy = _uniform(n, 0.0, 1.0, generator, device)
+    # torchvision draws integer offsets in [0, W - w]; a continuous offset is the same distribution's hull.
+    x0 = torch.where(any_ok, torch.floor(ux * (width - w + 1)).clamp(max=width - w), (width - w) / 2)
+    y0 = torch.where(any_ok, torch.floor(uy * (height - h + 1)).clamp(max=height - h), (height - h) / 2)
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop ``boxes [B,4] (x0,y0,w,h)`` out of ``images [B,3,H,W]`` (float), resize to ``size``
+    and mirror where ``flip [B]`` is set: one batched affine_grid + grid_sample."""
+    b, _, height, width = images.shape
+    boxes = boxes.to(device=images.device, dtype=images.dtype)
+    x0, y0, w, h = boxes.unbind(1)
+    sx = w / width
+    if flip is not None:
+        sx = torch.where(flip.to(images.device), -sx, sx)
+    zero = torch.zeros_like(sx)
+    theta = torch.stack(
+        [
+            torch.stack([sx, zero, (2 * x0 + w) / width - 1], dim=1),
+            torch.stack([zero, h / height, (2 * y0 + h) / height - 1], dim=1),
+        ],
+        dim=1,
+    )  # [B,2,3]: output coords in [-1,1] -> input coords in [-1,1] (align_corners=False)
+    grid = F.affine_grid(theta, [b, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# --------------------------------------------------------------------------------- colour and blur
+
+
+def _rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    r, g, b = img.unbind(1)
+    maxc, _ = img.max(dim=1)
+    minc, _ = img.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    crd = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
+    """Closed form: channel ``c_n = v - v s clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6``,
+    n = 5, 3, 1 for r, g, b (the same values as torchvision's sector table, fewer temporaries)."""
+    h, s, v = img[:, :1], img[:, 1:2], img[:, 2:3]
+    n = torch.tensor([5.0, 3.0, 1.0], device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + h * 6.0, 6.0)
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+
+
+def color_jitter(images, brightness, contrast, saturation, hue) -> torch.Tensor:
+    """Per-sample factors ``[B]`` (1, 1, 1, 0 = unchanged), applied in torchvision's order
+    brightness, contrast, saturation, hue, clamped to [0,1] after each."""
+    v = lambda t: t.to(images.device, images.dtype).view(-1, 1, 1, 1)  # noqa: E731
+    x = (images * v(brightness)).clamp(0, 1)
+    c = v(contrast)
+    x = (c * x + (1 - c) * grey(x).mean(dim=(2, 3), keepdim=True)).clamp(0, 1)
+    s = v(saturation)
+    x = (s * x + (1 - s) * grey(x)).clamp(0, 1)
+    hue = hue.to(images.device)
+    # On CPU skip the HSV round trip when no sample shifts hue or the batch is grey (hue is then a
+    # no-op: medical images); on a device, compute it rather than sync with the host.
+    if images.device.type != "cpu" or (bool((hue != 0).any()) and bool((x.amax(1) > x.amin(1)).any())):
+        hsv = _rgb_to_hsv(x)
+        h = torch.remainder(hsv[:, :1] + v(hue), 1.0)
+        shifted = _hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
+        x = torch.where(v(hue) != 0, shifted, x)
+    return x
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float = 2.0) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample ``sigma [B]`` in pixels (0 = unchanged), reflect
+    padding; one grouped convolution per axis for the whole batch."""
+    b, c, height, width = images.shape
+    radius = max(1, min(math.ceil(3 * max_sigma), (min(height, width) - 1)))
+    t = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    sig = sigma.to(images.device, images.dtype).view(-1, 1)
+    k = torch.exp(-(t.view(1, -1) ** 2) / (2 * sig.clamp(min=1e-6) ** 2))
+    k = torch.where(sig > 0, k, (t == 0).to(images.dtype).view(1, -1))
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B*C, K]
+    x = images.reshape(1, b * c, height, width)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(b * c, 1, -1, 1), groups=b * c)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(b * c, 1, 1, -1), groups=b * c)
+    return x.view(b, c, height, width)
+
+
+# ------------------------------------------------------------------------------------------- views
+
+
+def weak_view(images, size: int, generator=None, scale=(0.5, 1.0), ratio=RATIO) -> torch.Tensor:
+    """Random resized crop (``scale``, ``ratio``) to ``size``, then CLIP normalisation."""
+    x = to_float(images)
+    boxes = random_resized_crop_boxes(x.shape[0], x.shape[2], x.shape[3], scale, ratio, generator, x.device)
+    return normalize(crop_resize(x, boxes, size))
+
+
+def strong_view(
+    images,
+    size: int,
+    generator=None,
+    scale=(0.08, 1.0),
+    ratio=RATIO,
+    jitter=(0.4, 0.4, 0.4, 0.1),
+    p_jitter: float = 0.8,
+    p_grey: float = 0.2,
+    blur_sigma=(0.1, 2.0),
+    p_blur: float = 0.5,
+    p_flip: float = 0.5,
+) -> torch.Tensor:
+    """SLIP's SimCLR view: crop 0.08-1, colour jitter (p 0.8), greyscale (p 0.2), blur (p 0.5),
+    horizontal flip (p 0.5), CLIP normalisation. The flip is folded into the crop's grid, which is
+    exact because colour ops are per pixel and the blur kernel is symmetric."""
+    x = to_float(images)
+    n, dev = x.shape[0], x.device
+    boxes = random_resized_crop_boxes(n, x.shape[2], x.shape[3], scale, ratio, generator, dev)
+    flip = _bernoulli(n, p_flip, generator, dev)
+    x = crop_resize(x, boxes, size, flip)
+
+    bj, cj, sj, hj = jitter
+    on = _bernoulli(n, p_jitter, generator, dev)
+    one = torch.ones(n, device=dev)
+    bright = torch.where(on, _uniform(n, max(0.0, 1 - bj), 1 + bj, generator, dev), one)
+    contr = torch.where(on, _uniform(n, max(0.0, 1 - cj), 1 + cj, generator, dev), one)
+    sat = torch.where(on, _uniform(n, max(0.0, 1 - sj), 1 + sj, generator, dev), one)
+    hue = torch.where(on, _uniform(n, -hj, hj, generator, dev), torch.zeros(n, device=dev))
+    x = color_jitter(x, bright, contr, sat, hue)
+
+    to_grey = _bernoulli(n, p_grey, generator, dev).view(-1, 1, 1, 1)
+    x = torch.where(to_grey, grey(x).expand_as(x), x)
+
+    blur = _bernoulli(n, p_blur, generator, dev)
+    sigma = torch.where(blur, _uniform(n, blur_sigma[0], blur_sigma[1], generator, dev), torch.zeros(n, device=dev))
+    x = gaussian_blur(x, sigma, max_sigma=blur_sigma[1])
+    return normalize(x)
+
+
+def eval_view(images, size: int) -> torch.Tensor:
+    """Resize the short side to ``size`` and centre crop (crop the centred square first, then one
+    antialiased bilinear resize), CLIP normalisation. Deterministic."""
+    x = to_float(images)
+    height, width = x.shape[2], x.shape[3]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    x = x[:, :, top : top + side, left : left + side]
+    if side != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return normalize(x.clamp(0, 1))
+
+
+# ------------------------------------------------------------------------- one image (CPU workers)
+
+
+def weak_view_one(image, size: int, generator=None, scale=(0.5, 1.0)) -> torch.Tensor:
+    """One image (HxWx3 uint8 numpy or [3,H,W] tensor) -> ``[3,size,size]``."""
+    return weak_view(to_chw(image).unsqueeze(0), size, generator, scale)[0]
+
+
+def strong_views_one(image, size: int, generator=None, scale=(0.08, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent strong views of one image, made as a batch of two."""
+    x = to_chw(image).unsqueeze(0).expand(2, -1, -1, -1)
+    a, b = strong_view(x, size, generator, scale)
+    return a, b
+
+
+def eval_view_one(image, size: int) -> torch.Tensor:
+    return eval_view(to_chw(image).unsqueeze(0), size)[0]
