@@ -1,0 +1,153 @@
+"""The ``unimlip-fast`` command line: thin commands over library calls.
+
+Errors reach the user as one clear line and a non-zero exit code; set UNIMLIP_DEBUG=1 for the
+traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="High-throughput Uni-Mlip pretraining and evaluation.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained model.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets.")
+app.add_typer(eval_app, name="eval")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+DATA_FORMATS = ("medpix", "pmc-oa", "roco", "csv", "jsonl", "phantom")
+DsConfigOpt = Annotated[Optional[Path], typer.Option("--ds-config", help="DeepSpeed JSON (ZeRO stage, precision).")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Path, typer.Argument(help="Recipe YAML/JSON, e.g. configs/demo.yaml.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.max_steps=30.")] = None,
+    ds_config: DsConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint tag.")] = None,
+) -> None:
+    """Pretrain Uni-Mlip.
+
+    Example: unimlip-fast pretrain configs/demo.yaml --ds-config configs/zero2.json train.max_steps=30
+    """
+    from .config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from .train.engine import pretrain as run_pretrain
+
+    summary = run_pretrain(cfg, str(ds_config) if ds_config else None, run_dir, resume)
+    if "retrieval" in summary:
+        print_retrieval(summary["retrieval"])
+    console.print(f"run folder: {summary['run_dir']}  steps: {summary['steps']}  "
+                  f"skipped records: {summary['skipped_records'] or 'none'}  "
+                  f"skipped samples: {summary['skipped_samples'] or 'none'}  "
+                  f"non-finite steps: {summary['nonfinite_steps']}", highlight=False)
+
+
+def parse_data_spec(spec: str):
+    """``FORMAT:PATH`` -> DataConfig; ``phantom:N`` sets the phantom size."""
+    from .config import DataConfig
+
+    fmt, sep, path = spec.partition(":")
+    if not sep or fmt not in DATA_FORMATS:
+        raise typer.BadParameter(f"--data must be FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}")
+    if fmt == "phantom":
+        return DataConfig(format="phantom", phantom_size=int(path) if path else 2048)
+    if not path:
+        raise typer.BadParameter("--data needs a path after the colon")
+    return DataConfig(format=fmt, path=path)
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder or its model.safetensors.")],
+    data: Annotated[str, typer.Option("--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2.")],
+    split: Annotated[str, typer.Option("--split")] = "test",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates", help="Keep pairs with repeated captions.")] = False,
+    roco_protocol: Annotated[bool, typer.Option("--roco-2000", help="ROCO's 2,000-pair test protocol.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Image-text retrieval: Recall@1/5/10 and ranks, image->text and text->image.
+
+    Example: unimlip-fast eval retrieval --checkpoint runs/medpix --data medpix:../shared/data/medpix2 --split test
+    """
+    data_cfg = parse_data_spec(data)
+    _quiet_libraries()
+    import torch
+
+    from .eval.retrieval import evaluate_retrieval
+    from .model import load_trained
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model, tokenizer, _ = load_trained(checkpoint, dev)
+    results = evaluate_retrieval(model, data_cfg, split, dev, batch_size, tokenizer=tokenizer,
+                                 keep_duplicates=keep_duplicates, roco_protocol=roco_protocol)
+    print_retrieval(results)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+def print_retrieval(results: dict) -> None:
+    table = Table(title=f"retrieval on {results.get('split', '?')}: n={results['n']} "
+                        f"({results.get('n_duplicates_dropped', 0)} duplicate captions dropped)")
+    table.add_column("direction")
+    for col in ("R@1", "R@5", "R@10", "median_rank", "mean_rank"):
+        table.add_column(col, justify="right")
+    for direction in ("i2t", "t2i"):
+        m = results[direction]
+        table.add_row(direction, *(f"{m[c]:g}" for c in ("R@1", "R@5", "R@10", "median_rank", "mean_rank")))
+    Console().print(table)
+
+
+def main() -> None:
+    """Entry point: one clear line per error (UNIMLIP_DEBUG=1 for the traceback)."""
+    import click
+
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the one place exceptions become a message
+        if os.environ.get("UNIMLIP_DEBUG") == "1":
+            raise
+        console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {e}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Image-text retrieval: Recall@1/5/10, mean and median rank, both directions.
+
+Identical captions make a query ambiguous (MedPix repeats a case's caption over its images), so by
+default the evaluation set keeps the first pair of each distinct caption and reports how many it
+dropped. With duplicates kept, every item sharing the query's caption counts as a correct answer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import DataConfig
+from ..data.formats import Record, read_records, roco_eval_subset
+from ..data.loader import build_dataset, build_eval_loader
+
+
+def dedupe_captions(records: list[Record]) -> tuple[list[Record], int]:
+    """The first pair of each distinct caption (whitespace-normalised), and how many were dropped."""
+    seen, kept = set(), []
+    for record in records:
+        key = " ".join(record.caption.split())
+        if key not in seen:
+            seen.add(key)
+            kept.append(record)
+    return kept, len(records) - len(kept)
+
+
+def ranks_of_positives(sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """[Q, N] similarities, [Q, N] bool positives -> 1-based rank of each query's best positive."""
+    best_positive = sim.masked_fill(~positives, float("-inf")).amax(dim=1, keepdim=True)
+    return 1 + ((sim > best_positive) & ~positives).sum(dim=1)
+
+
+def recall_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    ranks = ranks.double()
+    metrics = {f"R@{k}": round(100.0 * (ranks <= k).double().mean().item(), 2) for k in (1, 5, 10)}
+    metrics["median_rank"] = float(ranks.median().item())
+    metrics["mean_rank"] = round(ranks.mean().item(), 2)
+    return metrics
+
+
+@torch.no_grad()
+def embed_pairs(model, dataset, device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image and caption embeddings, in dataset order, unmasked captions."""
+    was_training = model.training
+    model.eval()
+    images, texts = [], []
+    for batch in build_eval_loader(dataset, batch_size):
+        images.append(F.normalize(model.encode_image(batch["image"].to(device)).float(), dim=-1).cpu())
+        texts.append(F.normalize(model.encode_text(batch["input_ids"].to(device),
+                                                   batch["attention_mask"].to(device)).float(), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(images), torch.cat(texts)
+
+
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str]) -> dict[str, Any]:
+    ids = {c: i for i, c in enumerate(dict.fromkeys(" ".join(c.split()) for c in captions))}
+    group = torch.tensor([ids[" ".join(c.split())] for c in captions])
+    positives = group[:, None] == group[None, :]
+    sim = img @ txt.T
+    return {"n": len(captions), "i2t": recall_metrics(ranks_of_positives(sim, positives)),
+            "t2i": recall_metrics(ranks_of_positives(sim.T, positives.T))}
+
+
+def evaluate_retrieval(model, data: DataConfig, split: str, device: torch.device, batch_size: int = 128,
+                       run_dir: str | Path | None = None, tokenizer=None, keep_duplicates: bool = False,
+                       roco_protocol: bool = False) -> dict[str, Any]:
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(run_dir) / "tokenizer"))
+    record_set = read_records(data, split)
+    records = list(record_set.records)
+    if roco_protocol:
+        records = roco_eval_subset(records)
+    n_dropped = 0
+    if not keep_duplicates:
+        records, n_dropped = dedupe_captions(records)
+    dataset = build_dataset(records, tokenizer, model.cfg.image_size, model.cfg.text.context_length)
+    img, txt = embed_pairs(model, dataset, device, batch_size)
+    results = retrieval_metrics(img, txt, [r.caption for r in records])
+    results["n_duplicates_dropped"] = n_dropped
+    results["skipped_records"] = dict(record_set.skipped)
+    results["split"] = split
+    return results

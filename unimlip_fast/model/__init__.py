@@ -1,0 +1,40 @@
+"""The Uni-Mlip model and what a run folder needs to rebuild it without downloads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from ..config import Config, load_config
+from .text import build_tokenizer
+from .unimlip import SIMCLR, WARMUP, UniMlip, build_model
+
+__all__ = ["SIMCLR", "WARMUP", "UniMlip", "build_model", "build_tokenizer", "save_text_artifacts", "load_trained"]
+
+
+def save_text_artifacts(model: UniMlip, tokenizer, run_dir: Path) -> None:
+    """The tokenizer and the text encoder's config, so evaluation needs no hub access."""
+    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    model.text.encoder.config.to_json_file(str(run_dir / "text_encoder_config.json"))
+
+
+def load_trained(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[UniMlip, object, Config]:
+    """A run folder (its ``model.safetensors``) or a ``.safetensors`` file inside one -> (model, tokenizer, cfg)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    run_dir = weights.parent
+    for needed in (weights, run_dir / "config.yaml", run_dir / "tokenizer", run_dir / "text_encoder_config.json"):
+        if not needed.exists():
+            raise FileNotFoundError(f"checkpoint incomplete: {needed} not found (is {checkpoint} a finished run?)")
+    cfg = load_config(run_dir / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    text_config = AutoConfig.from_pretrained(str(run_dir / "text_encoder_config.json"))
+    encoder = AutoModel.from_config(text_config, add_pooling_layer=False)
+    model = UniMlip(cfg.model, cfg.loss, encoder, tokenizer.cls_token_id, len(tokenizer))
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{weights} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval(), tokenizer, cfg

@@ -1,0 +1,74 @@
+"""The DeepSpeed config: the user's JSON for ZeRO and precision, the recipe for everything else.
+
+Batch size, gradient clipping and the optimizer come from the recipe; a DeepSpeed JSON may leave
+them out or say "auto". A conflicting value is an error rather than a silent override.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError
+
+_OWNED_BY_RECIPE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping")
+
+
+def default_ds_config() -> dict[str, Any]:
+    """Used when no --ds-config is given: ZeRO-2 in fp32 (works everywhere, CPU included)."""
+    return {"zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
+
+
+def load_ds_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return default_ds_config()
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+def resolve_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[str, Any]:
+    ds = dict(ds)
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world_size} ranks")
+    wanted = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size // world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for key in _OWNED_BY_RECIPE:
+        if key in ds and ds[key] != "auto" and ds[key] != wanted[key]:
+            raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but the recipe says {wanted[key]}; "
+                              f"set it in the recipe (or 'auto' in the JSON)")
+        ds[key] = wanted[key]
+    accumulation = ds.get("gradient_accumulation_steps", 1)
+    if accumulation not in (1, "auto"):
+        raise ConfigError(
+            "gradient_accumulation_steps > 1 is not supported: the contrastive terms are losses over the "
+            "global batch, which accumulating micro-batches would silently shrink (and ZeRO-2 forbids "
+            "no_sync). Use more ranks, or model.kernels=triton to fit a larger batch per rank.")
+    ds["gradient_accumulation_steps"] = 1
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"DeepSpeed config has an '{key}' section; the optimizer and schedule come "
+                              f"from the recipe (train.lr, train.warmup_steps, ...). Remove it.")
+    ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW (fused on CUDA) under ZeRO
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def precision_of(ds: dict[str, Any]) -> str:
+    """A short name for the logs: fp32, bf16, fp16, autocast-bf16, autocast-fp16."""
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        return "autocast-" + {"bfloat16": "bf16", "float16": "fp16"}.get(autocast.get("dtype", "bfloat16"), "?")
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"

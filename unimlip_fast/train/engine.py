@@ -1,0 +1,269 @@
+"""Pretraining: DeepSpeed engine, phases, the loop, checkpoints. Read it top to bottom.
+
+The phase (``warmup`` without SimCLR, then ``simclr`` with the image encoder's BatchNorm statistics
+frozen) is computed here from the step and passed down: the loader makes strong views only when
+asked, the model freezes BatchNorm statistics when told.
+"""
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Config, ConfigError, save_config
+from ..data.formats import read_records
+from ..data.loader import build_dataset, build_loader
+from ..data.masking import MaskingTables
+from ..kernels import resolve_ops
+from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
+from ..model.pmc_clip import load_pmc_clip
+from ..objective import compute_terms, total_loss
+from .checkpoint import export_weights, latest_tag, load_checkpoint, save_checkpoint
+from .distributed import DistEnv, all_ranks_agree, barrier, init_distributed
+from .ds_config import load_ds_config, precision_of, resolve_ds_config
+from .monitor import Monitor
+from .schedule import build_optimizer, phase_start_step, warmup_cosine
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches consumed in this epoch (resume point)
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # samples that failed to load, by reason
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path | None = None,
+             resume: str | None = None) -> dict[str, Any]:
+    env = init_distributed()
+    run_dir = Path(run_dir or Path("runs") / cfg.name)
+    ckpt_dir = run_dir / "checkpoints"
+    resume_tag = _resume_tag(resume, ckpt_dir)
+    if env.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    barrier()
+    seed_everything(cfg.train.seed + env.rank)
+
+    records = read_records(cfg.data, cfg.data.split)
+    tokenizer = _tokenizer(cfg, [r.caption for r in records.records], run_dir, env, resume_tag is not None)
+    model = build_model(cfg.model, cfg.loss, tokenizer)
+    model.ops = resolve_ops(cfg.model.kernels, env.device)
+    monitor_notes = [f"kernels: {model.ops.name} (model.kernels={cfg.model.kernels}, device {env.device.type})"]
+    if cfg.model.init_from and resume_tag is None:
+        report = load_pmc_clip(model, cfg.model.init_from)
+        monitor_notes.append(f"init from {cfg.model.init_from}: {report.summary()}; "
+                             f"missing: {report.missing}; unexpected: {report.unexpected}; "
+                             f"mismatched: {report.mismatched}")
+    if env.is_main:
+        save_text_artifacts(model, tokenizer, run_dir)
+
+    dataset = build_dataset(records.records, tokenizer, cfg.model.image_size, cfg.model.text.context_length,
+                            cache_images=cfg.data.cache_images)
+    per_rank = cfg.train.batch_size // env.world_size
+    steps_per_epoch = len(dataset) // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the dataset has {len(dataset)} pairs, fewer than one global batch "
+                          f"(train.batch_size={cfg.train.batch_size})")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    simclr_step = phase_start_step(cfg.train.simclr_start, steps_per_epoch, total_steps)
+    mlm_tables = MaskingTables.from_tokenizer(tokenizer) if cfg.loss.mlm > 0 else None
+
+    engine, ds_config = _deepspeed_engine(model, cfg, ds_config_path, env, total_steps)
+    state = TrainerState(skipped=dict(records.skipped))
+    if resume_tag is not None:
+        state = TrainerState(**load_checkpoint(engine, ckpt_dir, resume_tag, env))
+
+    monitor = Monitor(run_dir, total_steps, enabled=env.is_main)
+    for note in monitor_notes:
+        monitor.info(note)
+    monitor.info(f"{len(dataset)} pairs ({_format_counts(records.skipped) or 'none'} skipped while reading); "
+                 f"{env.world_size} rank(s) x {per_rank} = batch {cfg.train.batch_size}; {steps_per_epoch} "
+                 f"steps/epoch; {total_steps} steps; SimCLR phase from step {simclr_step}; precision {precision_of(ds_config)}, ZeRO stage "
+                 f"{ds_config.get('zero_optimization', {}).get('stage', 0)}"
+                 + (f"; resumed from {resume_tag} at step {state.step}" if resume_tag else ""))
+
+    started = time.time()
+    try:
+        _train_loop(engine, model, cfg, env, dataset, per_rank, state, total_steps, simclr_step, mlm_tables,
+                    monitor, ckpt_dir)
+        save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
+        export_weights(engine, run_dir / "model.safetensors", env)
+    finally:
+        monitor.close()
+    summary = {"steps": state.step, "epochs": state.epoch, "wall_s": round(time.time() - started, 1),
+               "skipped_records": dict(records.skipped), "skipped_samples": state.skipped,
+               "nonfinite_steps": state.nonfinite_total, "run_dir": str(run_dir)}
+    if env.is_main:
+        summary.update(_final_eval(engine.module, cfg, env, run_dir))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    barrier()
+    return summary
+
+
+def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state: TrainerState, total_steps: int,
+                simclr_step: int, mlm_tables, monitor: Monitor, ckpt_dir: Path) -> None:
+    phase_at = lambda step: SIMCLR if step >= simclr_step and cfg.loss.simclr > 0 else WARMUP
+    interval = _Interval()
+    engine.train()
+    while state.step < total_steps:
+        phase = phase_at(state.step)
+        loader = build_loader(dataset, per_rank, env.rank, env.world_size, cfg.train.seed, state.epoch,
+                              strong_views=phase == SIMCLR, mlm=mlm_tables, mlm_prob=cfg.loss.mlm_prob,
+                              num_workers=cfg.data.num_workers, weak_scale=cfg.data.weak_scale,
+                              strong_scale=cfg.data.strong_scale, skip_batches=state.batch_in_epoch)
+        interval.mark_data()
+        for batch in loader:
+            for reason, count in batch.pop("skipped", {}).items():
+                state.skipped[reason] = state.skipped.get(reason, 0) + count
+            batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+            interval.data_done()
+
+            features = engine(batch, phase)
+            terms = compute_terms(features, cfg.loss, model.ops)
+            loss = total_loss(terms, cfg.loss)
+            state.batch_in_epoch += 1
+            # The one host sync per step: every rank must agree to skip a non-finite step together.
+            if not all_ranks_agree(bool(torch.isfinite(loss.detach())), env.device):
+                _count_nonfinite(state, cfg, monitor, terms)
+                continue
+            state.nonfinite_in_row = 0
+            engine.backward(loss)
+            engine.step()
+            state.step += 1
+            interval.add(terms, loss, cfg.train.batch_size)
+
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                monitor.log(state.step, interval.flush(engine, model, phase, state))
+            else:
+                monitor.advance(state.step)
+            if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0 and state.step < total_steps:
+                save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
+            if state.step >= total_steps or phase_at(state.step) != phase:
+                break  # a new phase needs a loader that makes (or stops making) strong views
+            interval.mark_data()
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+
+class _Interval:
+    """Loss terms and timings accumulated between two log lines (device tensors: no syncs)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.samples, self.data_time = 0, 0, 0.0
+        self.start = time.perf_counter()
+        self._data_start = self.start
+
+    def mark_data(self) -> None:
+        self._data_start = time.perf_counter()
+
+    def data_done(self) -> None:
+        self.data_time += time.perf_counter() - self._data_start
+
+    def add(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, samples: int) -> None:
+        for name, value in {**terms, "total": loss}.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+        self.samples += samples
+
+    def flush(self, engine, model, phase: str, state: TrainerState) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.start
+        record: dict[str, Any] = {f"loss/{k}": float(v) / max(1, self.steps) for k, v in self.sums.items()}
+        record.update({
+            "lr": engine.get_lr()[0], "logit_scale": float(model.scale()), "phase": phase, "epoch": state.epoch,
+            "samples_per_s": self.samples / elapsed, "step_time_s": elapsed / max(1, self.steps),
+            "data_time_s": self.data_time / max(1, self.steps), "memory_gb": _memory_gb(),
+            "skipped_samples": sum(state.skipped.values()), "nonfinite_steps": state.nonfinite_total,
+        })
+        self.__init__()
+        return record
+
+
+def _count_nonfinite(state: TrainerState, cfg: Config, monitor: Monitor, terms: dict[str, torch.Tensor]) -> None:
+    state.nonfinite_total += 1
+    state.nonfinite_in_row += 1
+    values = {k: float(v) for k, v in terms.items()}
+    monitor.info(f"[yellow]non-finite loss at step {state.step}, step skipped[/yellow] ({values})")
+    if state.nonfinite_in_row >= cfg.train.max_nonfinite:
+        raise NonFiniteLossError(f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step} "
+                                 f"(train.max_nonfinite={cfg.train.max_nonfinite}); last terms: {values}")
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if n)
+
+
+def _resume_tag(resume: str | None, ckpt_dir: Path) -> str | None:
+    if not resume:
+        return None
+    if resume != "latest":
+        if not (ckpt_dir / resume).is_dir():
+            raise FileNotFoundError(f"no checkpoint {resume!r} in {ckpt_dir}")
+        return resume
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"--resume latest: no complete checkpoint in {ckpt_dir}")
+    return tag
+
+
+def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, resuming: bool):
+    """Rank 0 builds (or, resuming, the run folder holds) the tokenizer; every rank loads the same one."""
+    from transformers import AutoTokenizer
+
+    saved = run_dir / "tokenizer"
+    if not resuming and env.is_main:
+        build_tokenizer(cfg.model.text, captions).save_pretrained(str(saved))
+    barrier()
+    return AutoTokenizer.from_pretrained(str(saved))
+
+
+def _deepspeed_engine(model, cfg: Config, ds_config_path: str | None, env: DistEnv, total_steps: int):
+    import deepspeed
+
+    ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, env.world_size)
+    optimizer = build_optimizer(model, cfg.train, env.device)
+    schedule = lambda step: warmup_cosine(step, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    return engine, ds_config
+
+
+def _final_eval(model, cfg: Config, env: DistEnv, run_dir: Path) -> dict[str, Any]:
+    if not cfg.eval.split:
+        return {}
+    from ..eval.retrieval import evaluate_retrieval
+
+    results = evaluate_retrieval(model, cfg.data, cfg.eval.split, env.device, batch_size=cfg.eval.batch_size,
+                                 run_dir=run_dir)
+    (run_dir / f"retrieval_{cfg.eval.split}.json").write_text(json.dumps(results, indent=2))
+    return {"retrieval": results}
