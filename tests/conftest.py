@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny configs and models that run in seconds on a CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_OVERRIDES = [
+    "model.embed_dim=32", "model.image_size=64", "model.vision_layers=[1,1,1,1]", "model.vision_width=16",
+    "model.fusion_layers=1", "model.fusion_heads=4", "model.simclr_hidden=64", "model.simclr_out=16",
+    "model.text.encoder=random-bert", "model.text.context_length=24", "model.text.vocab_size=256",
+    "model.text.hidden_size=32", "model.text.num_layers=1", "model.text.num_heads=4",
+    "model.kernels=reference",
+]
+
+CAPTIONS = [
+    "ct of the head showing two small lesions in the upper left",
+    "mri of the chest showing one large lesion in the lower right",
+    "x-ray of the abdomen with three small lesions in the upper right",
+    "axial ct image demonstrates a stanford type a aortic dissection",
+] * 8
+
+
+def medpix_path() -> Path:
+    path = SHARED_DATA / "medpix2"
+    if not path.is_dir():
+        pytest.skip(f"real MedPix data not found at {path} (../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture
+def tiny_cfg():
+    from unimlip_fast.config import load_config
+
+    return load_config(None, TINY_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_cfg):
+    from unimlip_fast.model import build_tokenizer
+
+    return build_tokenizer(tiny_cfg.model.text, CAPTIONS)
+
+
+@pytest.fixture
+def tiny_batch(tiny_cfg, tiny_tokenizer):
+    """A batch of 6 in the loader's contract, strong views and MLM labels included."""
+    g = torch.Generator().manual_seed(0)
+    b, size, length = 6, tiny_cfg.model.image_size, tiny_cfg.model.text.context_length
+    tok = tiny_tokenizer(CAPTIONS[:b], padding="max_length", truncation=True, max_length=length,
+                         return_tensors="pt")
+    labels = torch.full((b, length), -100)
+    labels[:, 2] = tok["input_ids"][:, 2]
+    ids = tok["input_ids"].clone()
+    ids[:, 2] = tiny_tokenizer.mask_token_id
+    return {
+        "image": torch.randn(b, 3, size, size, generator=g),
+        "image_a": torch.randn(b, 3, size, size, generator=g),
+        "image_b": torch.randn(b, 3, size, size, generator=g),
+        "input_ids": ids, "attention_mask": tok["attention_mask"], "mlm_labels": labels,
+    }
