@@ -45,7 +45,7 @@ def to_chw(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = image[:, :, None]
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        t = torch.tensor(image).permute(2, 0, 1)  # a copy: decoded and cached arrays are read-only
         if t.shape[0] == 1:
             t = t.expand(3, -1, -1)
         return to_float(t)
