@@ -187,24 +187,24 @@ class _ViewDataset(Dataset):
             torch.set_num_threads(threads)
 
     def _sample(self, i: int) -> dict:
+        """Sample ``i``, or the next one that loads. ``skipped`` counts this sample once, by the
+        reason it failed (the substitutes tried on the way are other samples' business)."""
         n = len(self.base)
-        skipped = collections.Counter()
         for k in range(min(n, MAX_SUBSTITUTES)):
             j = (i + k) % n
             if j in self._bad:
-                skipped[self._bad[j]] += 1
                 continue
             try:
                 image = self.base.load_image(j)
                 break
             except _DECODE_ERRORS as err:
                 self._bad[j] = _failure_reason(err)
-                skipped[self._bad[j]] += 1
         else:
             raise DataError(
-                f"{MAX_SUBSTITUTES} samples in a row from index {i} failed to load ({dict(skipped)}); "
-                f"first: {self.base.records[i].image!r}"
+                f"{min(n, MAX_SUBSTITUTES)} samples in a row from index {i} failed to load "
+                f"({self._bad.get(i)}: {self.base.records[i].image!r} and the next ones)"
             )
+        skipped = collections.Counter({self._bad[i]: 1} if j != i else {})
         size = self.base.image_size
         sample = {"index": j, "input_ids": self.base.input_ids[j], "attention_mask": self.base.attention_mask[j], "skipped": skipped}
         if self.mode == "eval":
