@@ -138,6 +138,18 @@ def test_strong_view_probabilities():
     assert 0.14 < is_grey < 0.26
 
 
+def test_single_image_fast_path_matches_the_batched_view():
+    # The CPU wrappers crop by slicing + interpolate; same parameters, same pixels away from the border.
+    x = torch.rand(1, 3, 40, 52)
+    box = torch.tensor([[7.0, 4.0, 30.0, 25.0]])
+    batched = V.crop_resize(x, box, 48, flip=torch.tensor([True]))
+    one = V.crop_resize_one(x[0], box[0], 48, flip=True)
+    assert torch.allclose(batched[0, :, 1:-1, 1:-1], one[:, 1:-1, 1:-1], atol=1e-5)
+    weak = V.weak_view(x, 48, _gen(4))
+    weak_one = V.weak_view_one(x[0], 48, _gen(4))
+    assert torch.allclose(weak[0, :, 2:-2, 2:-2], weak_one[:, 2:-2, 2:-2], atol=1e-4)
+
+
 def test_single_image_wrappers_take_numpy_hwc_and_grey():
     rgb = (np.random.default_rng(0).random((30, 20, 3)) * 255).astype(np.uint8)
     assert V.weak_view_one(rgb, 16, _gen(0)).shape == (3, 16, 16)

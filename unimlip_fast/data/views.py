@@ -11,8 +11,10 @@ generator gives the same views on every device.
   U(0.1, 2) px with p 0.5; horizontal flip p 0.5.
 - eval view: resize the short side to ``size``, centre crop.
 
-Crop, resize and flip are one ``affine_grid``/``grid_sample`` (bilinear, no antialiasing: the CPU
-loader decodes images to about 1.15x ``size`` first, so a crop is never shrunk by much more than that).
+Batched, crop, resize and flip are one ``affine_grid``/``grid_sample`` (bilinear, no antialiasing:
+a crop much larger than ``size`` aliases; the CPU loader decodes to about 1.15x ``size`` first). The
+single-image wrappers that the CPU loader's workers call draw the same parameters but crop by
+slicing and resize with antialiasing, which is faster on CPU.
 """
 from __future__ import annotations
 
@@ -170,14 +172,19 @@ def color_jitter(images, brightness, contrast, saturation, hue) -> torch.Tensor:
     s = v(saturation)
     x = (s * x + (1 - s) * grey(x)).clamp(0, 1)
     hue = hue.to(images.device)
-    # On CPU skip the HSV round trip when no sample shifts hue or the batch is grey (hue is then a
-    # no-op: medical images); on a device, compute it rather than sync with the host.
-    if images.device.type != "cpu" or (bool((hue != 0).any()) and bool((x.amax(1) > x.amin(1)).any())):
-        hsv = _rgb_to_hsv(x)
-        h = torch.remainder(hsv[:, :1] + v(hue), 1.0)
-        shifted = _hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
-        x = torch.where(v(hue) != 0, shifted, x)
+    if images.device.type != "cpu":  # compute for all rather than sync with the host
+        return torch.where(v(hue) != 0, _shift_hue(x, hue), x)
+    # On CPU, only the samples that shift hue and have colour (hue is a no-op on grey images).
+    todo = torch.nonzero((hue != 0) & (x.amax(1) > x.amin(1)).flatten(1).any(1)).squeeze(1)
+    if len(todo):
+        x[todo] = _shift_hue(x[todo], hue[todo])
     return x
+
+
+def _shift_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    hsv = _rgb_to_hsv(x)
+    h = torch.remainder(hsv[:, :1] + hue.to(x.dtype).view(-1, 1, 1, 1), 1.0)
+    return _hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float = 2.0) -> torch.Tensor:
@@ -227,7 +234,21 @@ def strong_view(
     boxes = random_resized_crop_boxes(n, x.shape[2], x.shape[3], scale, ratio, generator, dev)
     flip = _bernoulli(n, p_flip, generator, dev)
     x = crop_resize(x, boxes, size, flip)
+    return normalize(strong_photometric(x, generator, jitter, p_jitter, p_grey, blur_sigma, p_blur))
 
+
+def strong_photometric(
+    x: torch.Tensor,
+    generator=None,
+    jitter=(0.4, 0.4, 0.4, 0.1),
+    p_jitter: float = 0.8,
+    p_grey: float = 0.2,
+    blur_sigma=(0.1, 2.0),
+    p_blur: float = 0.5,
+) -> torch.Tensor:
+    """The strong view after the crop: colour jitter, greyscale, blur on float ``[B,3,S,S]`` in
+    [0,1], not normalised."""
+    n, dev = x.shape[0], x.device
     bj, cj, sj, hj = jitter
     on = _bernoulli(n, p_jitter, generator, dev)
     one = torch.ones(n, device=dev)
@@ -242,8 +263,7 @@ def strong_view(
 
     blur = _bernoulli(n, p_blur, generator, dev)
     sigma = torch.where(blur, _uniform(n, blur_sigma[0], blur_sigma[1], generator, dev), torch.zeros(n, device=dev))
-    x = gaussian_blur(x, sigma, max_sigma=blur_sigma[1])
-    return normalize(x)
+    return gaussian_blur(x, sigma, max_sigma=blur_sigma[1])
 
 
 def eval_view(images, size: int) -> torch.Tensor:
@@ -262,15 +282,31 @@ def eval_view(images, size: int) -> torch.Tensor:
 # ------------------------------------------------------------------------- one image (CPU workers)
 
 
-def weak_view_one(image, size: int, generator=None, scale=(0.5, 1.0)) -> torch.Tensor:
-    """One image (HxWx3 uint8 numpy or [3,H,W] tensor) -> ``[3,size,size]``."""
-    return weak_view(to_chw(image).unsqueeze(0), size, generator, scale)[0]
+def crop_resize_one(image: torch.Tensor, box, size: int, flip: bool = False) -> torch.Tensor:
+    """CPU fast path for one float ``[3,H,W]`` image and an integer box: slice, then one antialiased
+    bilinear resize (about 2.5x faster than grid_sample on CPU; samples stay inside the box)."""
+    x0, y0, w, h = (int(round(float(v))) for v in box)
+    crop = image[None, :, y0 : y0 + h, x0 : x0 + w]
+    if (h, w) != (size, size):
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (crop.flip(-1) if flip else crop)[0].clamp(0, 1)
 
 
-def strong_views_one(image, size: int, generator=None, scale=(0.08, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent strong views of one image, made as a batch of two."""
-    x = to_chw(image).unsqueeze(0).expand(2, -1, -1, -1)
-    a, b = strong_view(x, size, generator, scale)
+def weak_view_one(image, size: int, generator=None, scale=(0.5, 1.0), ratio=RATIO) -> torch.Tensor:
+    """One image (HxWx3 or HxW uint8 numpy, or [3,H,W] tensor) -> ``[3,size,size]``; the same
+    parameters as :func:`weak_view` draws, cropped with :func:`crop_resize_one`."""
+    x = to_chw(image)
+    (box,) = random_resized_crop_boxes(1, x.shape[1], x.shape[2], scale, ratio, generator, x.device)
+    return normalize(crop_resize_one(x, box, size)[None])[0]
+
+
+def strong_views_one(image, size: int, generator=None, scale=(0.08, 1.0), ratio=RATIO) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent strong views of one image: crops one at a time, the rest as a batch of two."""
+    x = to_chw(image)
+    boxes = random_resized_crop_boxes(2, x.shape[1], x.shape[2], scale, ratio, generator, x.device)
+    flip = _bernoulli(2, 0.5, generator, x.device)
+    crops = torch.stack([crop_resize_one(x, boxes[k], size, bool(flip[k])) for k in range(2)])
+    a, b = normalize(strong_photometric(crops, generator))
     return a, b
 
 
