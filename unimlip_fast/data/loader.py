@@ -82,6 +82,17 @@ def _shrink(im: Image.Image, target: int) -> np.ndarray:
     return np.asarray(im)
 
 
+def _shrink_array(arr: np.ndarray, target: int) -> np.ndarray:
+    """An in-memory ``HxWx3`` image with its short side shrunk to ``target``; a greyscale image
+    broadcast over its channels (the phantom's) stays a broadcast view of one channel."""
+    if min(arr.shape[:2]) <= target:
+        return arr
+    if arr.ndim == 3 and arr.strides[2] == 0:
+        small = _shrink(Image.fromarray(np.ascontiguousarray(arr[:, :, 0])), target)
+        return np.broadcast_to(small[:, :, None], (*small.shape, 3))
+    return _shrink(Image.fromarray(np.ascontiguousarray(arr)), target)
+
+
 def _failure_reason(err: Exception) -> str:
     return "missing_image" if isinstance(err, FileNotFoundError) else "undecodable_image"
 
@@ -127,8 +138,7 @@ class CaptionImageDataset(Dataset):
         for i, r in enumerate(self.records):
             try:
                 if isinstance(r.image, np.ndarray):
-                    arr = np.ascontiguousarray(r.image)
-                    img = _shrink(Image.fromarray(arr), self.decode_size) if min(arr.shape[:2]) > self.decode_size else arr
+                    img = _shrink_array(r.image, self.decode_size)
                 else:
                     img = decode_image(r.image, self.decode_size)
                 cache.append(img)

@@ -73,10 +73,10 @@ def _lesion_centres(rng, count: int, r: float, vert: int, horiz: int) -> list[tu
 
 def render(modality: int, region: int, count: int, size: int, vert: int, horiz: int, rng, px: int = 128) -> np.ndarray:
     """One phantom image, ``[px, px]`` uint8. Factor arguments are indices into the tuples above."""
-    ax = (np.arange(px) + 0.5) / px * 2 - 1
+    ax = ((np.arange(px) + 0.5) / px * 2 - 1).astype(np.float32)  # float32 throughout
     yy, xx = np.meshgrid(ax, ax, indexing="ij")
-    s = rng.uniform(0.94, 1.04)
-    cx, cy = rng.uniform(-0.03, 0.03, size=2)
+    s = float(rng.uniform(0.94, 1.04))
+    cx, cy = (float(v) for v in rng.uniform(-0.03, 0.03, size=2))
     mod = MODALITIES[modality]
 
     # Levels per modality: background, tissue, bone, air (lungs), fat rim, organ, lesion.
@@ -85,7 +85,7 @@ def render(modality: int, region: int, count: int, size: int, vert: int, horiz: 
         "MRI": dict(bg=0.04, tissue=0.5, bone=0.12, air=0.08, rim=0.9, organ=0.32, lesion=1.0),
         "X-ray": dict(bg=0.2, tissue=0.6, bone=0.9, air=0.16, rim=0.6, organ=0.7, lesion=1.0),
     }[mod]
-    img = np.full((px, px), lv["bg"])
+    img = np.full((px, px), lv["bg"], dtype=np.float32)
     name = REGIONS[region]
     if name == "head":
         outer = _ellipse(xx, yy, cx, cy, 0.78 * s, 0.88 * s)
@@ -118,9 +118,9 @@ def render(modality: int, region: int, count: int, size: int, vert: int, horiz: 
         else:
             img[_ellipse(xx, yy, cx, cy + 0.48 * s, 0.1, 0.1)] = lv["bone"]  # vertebra
 
-    r = (0.06 if size == 0 else 0.125) * rng.uniform(0.92, 1.08)
+    r = (0.06 if size == 0 else 0.125) * float(rng.uniform(0.92, 1.08))
     for lx, ly in _lesion_centres(rng, count + 1, r, vert, horiz):
-        d = np.hypot(xx - lx, yy - ly)
+        d = np.hypot(xx - np.float32(lx), yy - np.float32(ly))
         if mod == "CT":  # rim-enhancing lesion: bright ring, darker core
             img[d <= r] = lv["lesion"]
             img[d <= r * 0.55] = 0.7
@@ -128,12 +128,13 @@ def render(modality: int, region: int, count: int, size: int, vert: int, horiz: 
             img[d <= r] = lv["lesion"]
 
     if mod == "CT":
-        img = img + rng.normal(0, 0.045, img.shape)
+        img = img + rng.normal(0, 0.045, img.shape).astype(np.float32)
     elif mod == "MRI":
-        field = 1 + 0.25 * (np.cos(rng.uniform(0, 2 * np.pi)) * xx + np.sin(rng.uniform(0, 2 * np.pi)) * yy)
-        img = _blur(img, 1) * field + np.abs(rng.normal(0, 0.02, img.shape))
+        a, b = (float(v) for v in rng.uniform(0, 2 * np.pi, size=2))
+        field = 1 + 0.25 * (np.cos(a) * xx + np.sin(b) * yy)
+        img = _blur(img, 1) * field + np.abs(rng.normal(0, 0.02, img.shape)).astype(np.float32)
     else:
-        img = _blur(img, max(1, px // 100)) * (1 - 0.2 * (yy + 1) / 2) + rng.normal(0, 0.01, img.shape)
+        img = _blur(img, max(1, px // 100)) * (1 - 0.2 * (yy + 1) / 2) + rng.normal(0, 0.01, img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
