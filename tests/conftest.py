@@ -67,3 +67,24 @@ def tiny_batch(tiny_cfg, tiny_tokenizer):
         "image_b": torch.randn(b, 3, size, size, generator=g),
         "input_ids": ids, "attention_mask": tok["attention_mask"], "mlm_labels": labels,
     }
+
+
+# --- kernels (issue 3) -------------------------------------------------------------------------------
+# Without a GPU the Triton kernels run in Triton's interpreter; this must be set before anything
+# imports triton, which is why it lives here and not in the kernel test modules.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """The interpreter runs each tl.dot as a small numpy matmul; on a loaded machine OpenBLAS's
+    threads make those ~100x slower. Kernel test modules opt in with ``usefixtures``."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+# --- end kernels -------------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""Fused InfoNCE and NT-Xent against the plain-PyTorch references, forward and every gradient.
+
+Each output is compared with the reference evaluated in float64 on the same (rounded) inputs. The
+kernel may be off by at most twice PyTorch's own error in the input dtype, plus a small floor for
+fp32 summation order ("twice PyTorch's error", as flash-attention's tests).
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unimlip_fast.kernels.infonce import infonce_reference
+from unimlip_fast.kernels.ntxent import ntxent_reference
+
+triton_ops = pytest.importorskip("unimlip_fast.kernels.contrastive_triton", reason="triton is not installed")
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _cases(strength: list[float]) -> list:
+    """(B, D, strength, dtype): every combination on small shapes; the two large shapes (B past 12
+    GPU row blocks, D of the ITC embedding) on two of them, to keep the interpreter under a minute."""
+    small = [(1, 5), (7, 64), (130, 5)]
+    full = [(b, d, s, t) for b, d in small for s in strength for t in DTYPES]
+    large = [(b, d, s, t) for b, d in [(130, 768), (769, 64)]
+             for s, t in [(strength[1], torch.float32), (strength[0], torch.bfloat16)]]
+    return [pytest.param(*case, id=f"B{case[0]}-D{case[1]}-{case[2]:g}-{str(case[3])[6:]}") for case in full + large]
+
+
+def _unit_rows(b: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+
+
+def _value_and_grads(fn, inputs: list[torch.Tensor], cast: torch.dtype | None = None) -> list[torch.Tensor]:
+    leaves = [(x if cast is None else x.to(cast)).detach().requires_grad_() for x in inputs]
+    loss = fn(*leaves)
+    return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+
+def assert_close_to_fp64(kernel, reference, inputs, floor: float) -> None:
+    """kernel vs reference: both against the reference in float64 on the same inputs."""
+    ours = _value_and_grads(kernel, inputs)
+    torchs = _value_and_grads(reference, inputs)
+    exact = _value_and_grads(reference, inputs, cast=torch.float64)
+    names = ["loss"] + [f"grad[{i}]" for i in range(len(inputs))]
+    for name, o, t, e in zip(names, ours, torchs, exact):
+        assert o.dtype == t.dtype, f"{name}: dtype {o.dtype}, reference {t.dtype}"
+        assert torch.isfinite(o).all(), name
+        err, torch_err = (o.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        bound = 2 * torch_err + floor * max(1.0, e.abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (PyTorch's own error {torch_err:.3g})"
+
+
+# Relative to the largest exact value. bf16 gets one bf16 step more than PyTorch: the kernel feeds the
+# softmax probabilities to the bf16 tensor-core product in bf16 (as flash-attention does, and as the
+# interpreter emulates), where the reference keeps everything in fp32 until the gradient's rounding.
+FLOOR = {torch.float32: 2e-5, torch.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize("b,d,scale,dtype", _cases([1.0, 100.0]))
+def test_infonce_matches_reference(b, d, scale, dtype):
+    img, txt = _unit_rows(b, d, dtype, 0), _unit_rows(b, d, dtype, 1)
+    # Nearly-aligned pairs make the scale-100 case peaked (a loss near 0), the hard one for exp.
+    txt = F.normalize(txt.double() * 0.3 + img.double(), dim=-1).to(dtype)
+    logit_scale = torch.tensor([scale])
+    assert_close_to_fp64(triton_ops.infonce_triton, infonce_reference, [img, txt, logit_scale], FLOOR[dtype])
+
+
+@pytest.mark.parametrize("b,d,tau,dtype", _cases([1.0, 0.01]))
+def test_ntxent_matches_reference(b, d, tau, dtype):
+    za, zb = _unit_rows(b, d, dtype, 2), _unit_rows(b, d, dtype, 3)
+    kernel = lambda a, b_: triton_ops.ntxent_triton(a, b_, tau)  # noqa: E731
+    reference = lambda a, b_: ntxent_reference(a, b_, tau)  # noqa: E731
+    assert_close_to_fp64(kernel, reference, [za, zb], FLOOR[dtype])
+
+
+def test_ntxent_masks_the_self_similarity():
+    """A view identical to its own column must not count itself: with the diagonal masked the
+    loss of two identical, orthogonal pairs is finite and equals the hand-computed value."""
+    za = torch.eye(4, 8)[:2]
+    zb = torch.eye(4, 8)[2:]
+    tau = 0.5
+    loss = triton_ops.ntxent_triton(za, zb, tau)
+    # Each row sees its partner (cosine 0), the other view's pair (0, 0), its own side's other
+    # row (0); self excluded: lse over 3 zeros. With the self term in, a 1/tau logit would dominate.
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), abs=1e-6)
+    assert loss.item() == pytest.approx(ntxent_reference(za, zb, tau).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("op", ["infonce", "ntxent"])
+def test_small_tiles_cover_every_loop(op):
+    """16-wide tiles: many row, column, reduction and output-feature blocks, all of them ragged."""
+    blocks = triton_ops.Blocks(m=16, n=16, k=16, d=16)
+    x, y = _unit_rows(37, 40, torch.float32, 4), _unit_rows(37, 40, torch.float32, 5)
+    if op == "infonce":
+        kernel = lambda a, b, s: triton_ops.infonce_triton(a, b, s, blocks=blocks)  # noqa: E731
+        inputs, reference = [x, y, torch.tensor([30.0])], infonce_reference
+    else:
+        kernel = lambda a, b: triton_ops.ntxent_triton(a, b, 0.1, blocks=blocks)  # noqa: E731
+        inputs, reference = [x, y], lambda a, b: ntxent_reference(a, b, 0.1)  # noqa: E731
+    assert_close_to_fp64(kernel, reference, inputs, FLOOR[torch.float32])
+
+
+@pytest.mark.parametrize("op", ["infonce", "ntxent"])
+def test_local_rows_against_gathered_columns(op):
+    """Each rank's loss over its rows against all columns, as the objective calls it, has the
+    reference's value and gradients for rows and columns separately (row_offset > 0)."""
+    world, b, d = 3, 11, 24
+    x, y = _unit_rows(world * b, d, torch.float32, 6), _unit_rows(world * b, d, torch.float32, 7)
+    ops = {"infonce": (triton_ops.infonce_triton, infonce_reference, torch.tensor([20.0])),
+           "ntxent": (triton_ops.ntxent_triton, ntxent_reference, 0.2)}
+    kernel, reference, scale = ops[op]
+    for rank in range(world):
+        rows = slice(rank * b, (rank + 1) * b)
+        leaves = lambda: [t.clone().requires_grad_() for t in (x[rows], y[rows], x, y)]  # noqa: E731
+        results = []
+        for fn in (kernel, reference):
+            xr, yr, xa, ya = leaves()
+            loss = fn(xr, yr, scale, xa, ya, rank * b)
+            results.append([loss, *torch.autograd.grad(loss, [xr, yr, xa, ya])])
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_scale_gradient_flows_through_a_learnable_parameter():
+    """The objective passes logit_scale.exp(): the kernel's dscale reaches the parameter."""
+    img, txt = _unit_rows(9, 16, torch.float32, 8), _unit_rows(9, 16, torch.float32, 9)
+    grads = []
+    for fn in (triton_ops.infonce_triton, infonce_reference):
+        log_scale = torch.tensor(2.5, requires_grad=True)
+        fn(img, txt, log_scale.exp()).backward()
+        grads.append(log_scale.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
