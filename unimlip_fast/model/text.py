@@ -66,14 +66,31 @@ def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerBase, pret
             max_position_embeddings=max(cfg.context_length, 64), hidden_dropout_prob=cfg.hidden_dropout,
             attention_probs_dropout_prob=cfg.hidden_dropout, pad_token_id=tokenizer.pad_token_id,
         )
-        return AutoModel.from_config(config, add_pooling_layer=False)
-    name = _resolve(cfg.encoder)
-    try:
-        if pretrained:
-            return AutoModel.from_pretrained(name, add_pooling_layer=False)
-        return AutoModel.from_config(AutoConfig.from_pretrained(name), add_pooling_layer=False)
-    except OSError as e:
-        raise RuntimeError(f"cannot load model.text.encoder={cfg.encoder!r}: {e}") from e
+        encoder = AutoModel.from_config(config, add_pooling_layer=False)
+    else:
+        name = _resolve(cfg.encoder)
+        try:
+            if pretrained:
+                encoder = AutoModel.from_pretrained(name, add_pooling_layer=False)
+            else:
+                encoder = AutoModel.from_config(AutoConfig.from_pretrained(name), add_pooling_layer=False)
+        except OSError as e:
+            raise RuntimeError(f"cannot load model.text.encoder={cfg.encoder!r}: {e}") from e
+    freeze_bottom_layers(encoder, cfg.freeze_layers)
+    return encoder
+
+
+def freeze_bottom_layers(encoder: nn.Module, n: int) -> None:
+    """Stop gradients into the embeddings and the first ``n`` layers of a BERT-style encoder."""
+    if n <= 0:
+        return
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if layers is None or not hasattr(encoder, "embeddings"):
+        raise ValueError(f"model.text.freeze_layers needs a BERT-style encoder, got {type(encoder).__name__}")
+    if n > len(layers):
+        raise ValueError(f"model.text.freeze_layers={n} but the encoder has {len(layers)} layers")
+    for module in [encoder.embeddings, *layers[:n]]:
+        module.requires_grad_(False)
 
 
 class TextTower(nn.Module):

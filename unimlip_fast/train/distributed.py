@@ -45,6 +45,10 @@ def init_distributed() -> DistEnv:
         device, backend = torch.device("cpu"), "gloo"
     import deepspeed
 
+    if device.type == "cpu":
+        # DeepSpeed's CPU shared-memory all-reduce is a C++ op compiled on first use (~2 minutes);
+        # gloo does the same job here, so skip the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)

@@ -72,3 +72,12 @@ def precision_of(ds: dict[str, Any]) -> str:
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
     return "fp32"
+
+
+def fp32_variant(ds: dict[str, Any]) -> dict[str, Any]:
+    """The same config with bf16/fp16 and autocast switched off (CPU runs: bf16 there is slow)."""
+    ds = dict(ds)
+    for key in ("bf16", "fp16", "torch_autocast"):
+        if key in ds:
+            ds[key] = {**ds[key], "enabled": False}
+    return ds

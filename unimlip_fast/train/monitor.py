@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class Monitor:
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool, console: Console | None = None):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.console = console or Console(stderr=True)
         self._metrics = (run_dir / "metrics.jsonl").open("a") if enabled else None
         self._tb = self._open_tensorboard(run_dir / "tb") if enabled else None
@@ -53,11 +54,14 @@ class Monitor:
                     self._tb.add_scalar(key, value, step)
         status = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in record.items()
                           if k.startswith("loss/") and isinstance(v, float))
-        if self._interactive:
+        if self._interactive and status:
             self._progress.update(self._task, completed=step, status=status)
+        elif self._interactive:
+            self._progress.console.print(" ".join(f"{k}={v:g}" for k, v in record.items() if k.startswith("retrieval/")))
         else:
-            self.console.print(f"step {step} {status} {record.get('samples_per_s', 0):.1f} samples/s",
-                               highlight=False)
+            extra = " ".join(f"{k}={v:g}" for k, v in record.items() if k.startswith("retrieval/"))
+            speed = f"{record['samples_per_s']:.1f} samples/s" if "samples_per_s" in record else ""
+            self.console.print(f"step {step} {status} {extra} {speed}".strip(), highlight=False)
 
     def advance(self, step: int) -> None:
         if self._interactive:
