@@ -1,6 +1,8 @@
 """Loss and perturbation ops: plain-PyTorch references, and fused Triton kernels beside them.
 
-Imported as ``unimlip_fast.kernels``. ``resolve_ops`` picks one implementation per run.
+Imported as ``unimlip_fast.kernels``. ``resolve_ops`` picks one implementation per run. The
+Triton files (``contrastive_triton.py``, ``dropblock_triton.py``) are imported only when the
+Triton ops are asked for, so the package imports where triton is not installed.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Callable
 import torch
 
 from .dropblock import dropblock_reference
-from .infonce import infonce_reference
+from .infonce import infonce_reference, itc_terms_reference
 from .ntxent import ntxent_reference
 
 KERNEL_CHOICES = ("auto", "reference", "triton")
@@ -18,15 +20,31 @@ KERNEL_CHOICES = ("auto", "reference", "triton")
 
 @dataclass(frozen=True)
 class LossOps:
-    """The implementations the objective calls; one set is chosen per run."""
+    """The implementations the objective calls; one set is chosen per run.
+
+    infonce(img, txt, scale, img_all, txt_all, row_offset) -> loss
+    ntxent(za, zb, tau, za_all, zb_all, row_offset) -> loss
+    dropblock(x, p, block_size) -> x with blocks dropped
+    itc_terms(imgs, txts, scale, imgs_all, txts_all, row_offset) -> [K] losses, term k on
+        (imgs[k], txts[k]); the same as K infonce calls
+    """
 
     name: str
     infonce: Callable[..., torch.Tensor]
     ntxent: Callable[..., torch.Tensor]
     dropblock: Callable[..., torch.Tensor]
+    itc_terms: Callable[..., torch.Tensor]
 
 
-REFERENCE_OPS = LossOps("reference", infonce_reference, ntxent_reference, dropblock_reference)
+REFERENCE_OPS = LossOps("reference", infonce_reference, ntxent_reference, dropblock_reference, itc_terms_reference)
+
+
+def triton_ops() -> LossOps:
+    """The fused Triton kernels (imports triton)."""
+    from .contrastive_triton import infonce_triton, itc_terms_triton, ntxent_triton
+    from .dropblock_triton import dropblock_triton
+
+    return LossOps("triton", infonce_triton, ntxent_triton, dropblock_triton, itc_terms_triton)
 
 
 def resolve_ops(choice: str, device: torch.device) -> LossOps:
@@ -35,4 +53,11 @@ def resolve_ops(choice: str, device: torch.device) -> LossOps:
         raise ValueError(f"model.kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
     if choice == "reference" or (choice == "auto" and device.type != "cuda"):
         return REFERENCE_OPS
-    raise NotImplementedError("the fused Triton kernels are not built yet (issue 3)")
+    return triton_ops()
+
+
+def __getattr__(name: str) -> LossOps:
+    """``TRITON_OPS``, built on first use (PEP 562) so that importing this package needs no triton."""
+    if name == "TRITON_OPS":
+        return triton_ops()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

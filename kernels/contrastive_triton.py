@@ -12,7 +12,8 @@ the gathered columns Z of its own side, itself excluded:
     InfoNCE: r1, r2, c1, c2 = img, txt, img_all, txt_all; scale = the exponentiated logit scale
     NT-Xent: r1, r2, c1, c2 = za, zb, za_all, zb_all;     scale = 1 / tau, self terms on
 
-A leading axis K stacks independent losses computed in the same launches (``itc_terms``).
+Several losses can share the same launches (``itc_terms``): the features come as stacked sets,
+and loss k takes side-a set sets[k, 0] and side-b set sets[k, 1]; k is a grid axis.
 
 Forward: one program per (row block, side, k) streams column tiles through an online
 log-sum-exp and keeps O(B) state: the log-sum-exp, the loss and the derivative by the scale
@@ -124,8 +125,9 @@ def _online_lse(logits, cosines, m_i, l_i, w_i):
 
 @triton.jit
 def _fwd_kernel(
-    r1_ptr, r2_ptr,  # [K, B, D] local rows of side a and side b
-    c1_ptr, c2_ptr,  # [K, N, D] gathered columns: side a pairs with c2, side b with c1
+    r1_ptr, r2_ptr,  # [S1, B, D], [S2, B, D] local rows of side a and side b, by feature set
+    c1_ptr, c2_ptr,  # [S1, N, D], [S2, N, D] gathered columns: side a pairs with c2, side b with c1
+    sets_ptr,  # [K, 2] int32: the side-a and side-b feature set of each loss
     scale_ptr,  # [1] fp32 multiplier of the cosines
     lse_ptr,  # [K, 2, B] fp32 out: log-sum-exp of each row's logits
     loss_ptr,  # [K, 2, B] fp32 out: lse - scale * positive cosine
@@ -137,9 +139,11 @@ def _fwd_kernel(
     pid_m = tl.program_id(0)
     k = tl.program_id(1) // 2
     side = tl.program_id(1) % 2
-    x_ptr = _select(side, r1_ptr, r2_ptr) + k * B * D
-    y_ptr = _select(side, c2_ptr, c1_ptr) + k * N * D
-    z_ptr = _select(side, c1_ptr, c2_ptr) + k * N * D
+    s1 = tl.load(sets_ptr + 2 * k)
+    s2 = tl.load(sets_ptr + 2 * k + 1)
+    x_ptr = _select(side, r1_ptr + s1 * B * D, r2_ptr + s2 * B * D)
+    y_ptr = _select(side, c2_ptr + s2 * N * D, c1_ptr + s1 * N * D)
+    z_ptr = _select(side, c1_ptr + s1 * N * D, c2_ptr + s2 * N * D)
     scale = tl.load(scale_ptr)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -175,12 +179,13 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_rows_kernel(
-    r1_ptr, r2_ptr,  # [K, B, D] local rows of side a and side b
-    c1_ptr, c2_ptr,  # [K, N, D] gathered columns
+    r1_ptr, r2_ptr,  # [S1, B, D], [S2, B, D] local rows of side a and side b, by feature set
+    c1_ptr, c2_ptr,  # [S1, N, D], [S2, N, D] gathered columns
+    sets_ptr,  # [K, 2] int32: the side-a and side-b feature set of each loss
     scale_ptr,  # [1] fp32
     lse_ptr,  # [K, 2, B] fp32 from the forward
     grad_ptr,  # [K] fp32 upstream gradient of each loss
-    dr1_ptr, dr2_ptr,  # [K, B, D] out, in the features' dtype
+    dr1_ptr, dr2_ptr,  # [K, B, D] out, per loss, in the features' dtype
     B, N, D, row_offset,
     SELF_TERMS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -189,10 +194,12 @@ def _bwd_rows_kernel(
     pid_d = tl.program_id(1)
     k = tl.program_id(2) // 2
     side = tl.program_id(2) % 2
-    x_ptr = _select(side, r1_ptr, r2_ptr) + k * B * D
+    s1 = tl.load(sets_ptr + 2 * k)
+    s2 = tl.load(sets_ptr + 2 * k + 1)
+    x_ptr = _select(side, r1_ptr + s1 * B * D, r2_ptr + s2 * B * D)
+    y_ptr = _select(side, c2_ptr + s2 * N * D, c1_ptr + s1 * N * D)
+    z_ptr = _select(side, c1_ptr + s1 * N * D, c2_ptr + s2 * N * D)
     dx_ptr = _select(side, dr1_ptr, dr2_ptr) + k * B * D
-    y_ptr = _select(side, c2_ptr, c1_ptr) + k * N * D
-    z_ptr = _select(side, c1_ptr, c2_ptr) + k * N * D
     scale = tl.load(scale_ptr)
     coef = 0.5 * tl.load(grad_ptr + k) * scale / B
 
@@ -224,12 +231,13 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _bwd_cols_kernel(
-    r1_ptr, r2_ptr,  # [K, B, D] local rows of side a and side b
-    c1_ptr, c2_ptr,  # [K, N, D] gathered columns
+    r1_ptr, r2_ptr,  # [S1, B, D], [S2, B, D] local rows of side a and side b, by feature set
+    c1_ptr, c2_ptr,  # [S1, N, D], [S2, N, D] gathered columns
+    sets_ptr,  # [K, 2] int32: the side-a and side-b feature set of each loss
     scale_ptr,  # [1] fp32
     lse_ptr,  # [K, 2, B] fp32 from the forward
     grad_ptr,  # [K] fp32 upstream gradient of each loss
-    dc1_ptr, dc2_ptr,  # [K, N, D] out, in the features' dtype
+    dc1_ptr, dc2_ptr,  # [K, N, D] out, per loss, in the features' dtype
     B, N, D, row_offset,
     SELF_TERMS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -241,10 +249,12 @@ def _bwd_cols_kernel(
     pid_d = tl.program_id(1)
     k = tl.program_id(2) // 2
     t = tl.program_id(2) % 2
-    c_ptr = _select(t, c1_ptr, c2_ptr) + k * N * D
+    s1 = tl.load(sets_ptr + 2 * k)
+    s2 = tl.load(sets_ptr + 2 * k + 1)
+    c_ptr = _select(t, c1_ptr + s1 * N * D, c2_ptr + s2 * N * D)
+    xp_ptr = _select(t, r2_ptr + s2 * B * D, r1_ptr + s1 * B * D)
+    xs_ptr = _select(t, r1_ptr + s1 * B * D, r2_ptr + s2 * B * D)
     dc_ptr = _select(t, dc1_ptr, dc2_ptr) + k * N * D
-    xp_ptr = _select(t, r2_ptr, r1_ptr) + k * B * D
-    xs_ptr = _select(t, r1_ptr, r2_ptr) + k * B * D
     lse_p_ptr = lse_ptr + (k * 2 + 1 - t) * B
     lse_s_ptr = lse_ptr + (k * 2 + t) * B
     scale = tl.load(scale_ptr)
@@ -280,80 +290,91 @@ def _bwd_cols_kernel(
 
 
 # --- host launches ----------------------------------------------------------------------------------
-def _check(r1, r2, c1, c2) -> None:
-    k, b, d = r1.shape
-    n = c1.shape[1]
-    assert r2.shape == (k, b, d) and c1.shape == (k, n, d) and c2.shape == (k, n, d), "shapes differ"
+def _check(r1, r2, c1, c2, sets) -> None:
+    (s1, b, d), (s2, n) = r1.shape, c2.shape[:2]
+    assert r2.shape == (s2, b, d) and c1.shape == (s1, n, d) and c2.shape == (s2, n, d), "shapes differ"
     assert len({t.dtype for t in (r1, r2, c1, c2)}) == 1, "features must share one dtype"
-    assert all(t.is_contiguous() for t in (r1, r2, c1, c2))
-    assert k * max(b, n) * d < 2**31, "int32 offsets"
+    assert all(t.is_contiguous() for t in (r1, r2, c1, c2, sets)) and sets.dtype == torch.int32
+    assert max(s1, s2, sets.shape[0]) * max(b, n) * d < 2**31, "int32 offsets"
 
 
-def contrastive_forward(r1, r2, c1, c2, scale, row_offset: int, self_terms: bool, blocks: Blocks):
+def contrastive_forward(r1, r2, c1, c2, sets, scale, row_offset: int, self_terms: bool, blocks: Blocks):
     """-> (lse, loss_rows, dscale_rows), each [K, 2, B] fp32."""
-    _check(r1, r2, c1, c2)
-    k, b, d = r1.shape
-    n = c1.shape[1]
+    _check(r1, r2, c1, c2, sets)
+    k, (b, d), n = sets.shape[0], r1.shape[1:], c1.shape[1]
     lse, loss_rows, dscale_rows = (torch.empty(k, 2, b, device=r1.device, dtype=torch.float32) for _ in range(3))
     upcast, precision = _dot_flags(r1.dtype)
-    grid = (triton.cdiv(b, blocks.m), 2 * k)
-    _fwd_kernel[grid](
-        r1, r2, c1, c2, scale, lse, loss_rows, dscale_rows, b, n, d, row_offset,
+    _fwd_kernel[(triton.cdiv(b, blocks.m), 2 * k)](
+        r1, r2, c1, c2, sets, scale, lse, loss_rows, dscale_rows, b, n, d, row_offset,
         SELF_TERMS=self_terms, UPCAST=upcast, PRECISION=precision,
         BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, num_warps=blocks.warps,
     )
     return lse, loss_rows, dscale_rows
 
 
-def contrastive_backward(r1, r2, c1, c2, scale, lse, grad, row_offset: int, self_terms: bool, blocks: Blocks):
-    """-> (dr1, dr2, dc1, dc2) in the features' dtype; ``grad`` [K] fp32."""
-    k, b, d = r1.shape
-    n = c1.shape[1]
+def contrastive_backward(r1, r2, c1, c2, sets, scale, lse, grad, row_offset: int, self_terms: bool, blocks: Blocks):
+    """-> (dr1, dr2, dc1, dc2), per loss ([K, B, D] and [K, N, D]) in the features' dtype; ``grad`` [K] fp32."""
+    k, (b, d), n = sets.shape[0], r1.shape[1:], c1.shape[1]
     upcast, precision = _dot_flags(r1.dtype)
     flags = dict(SELF_TERMS=self_terms, UPCAST=upcast, PRECISION=precision, BLOCK_M=blocks.m,
                  BLOCK_N=blocks.n, BLOCK_K=blocks.k, BLOCK_D=blocks.d, num_warps=blocks.warps)
-    dr1, dr2 = torch.empty_like(r1), torch.empty_like(r2)
-    dc1, dc2 = torch.empty_like(c1), torch.empty_like(c2)
+    dr1, dr2 = (r1.new_empty(k, b, d) for _ in range(2))
+    dc1, dc2 = (c1.new_empty(k, n, d) for _ in range(2))
     d_blocks = triton.cdiv(d, blocks.d)
     _bwd_rows_kernel[(triton.cdiv(b, blocks.m), d_blocks, 2 * k)](
-        r1, r2, c1, c2, scale, lse, grad, dr1, dr2, b, n, d, row_offset, **flags)
+        r1, r2, c1, c2, sets, scale, lse, grad, dr1, dr2, b, n, d, row_offset, **flags)
     _bwd_cols_kernel[(triton.cdiv(n, blocks.n), d_blocks, 2 * k)](
-        r1, r2, c1, c2, scale, lse, grad, dc1, dc2, b, n, d, row_offset, **flags)
+        r1, r2, c1, c2, sets, scale, lse, grad, dc1, dc2, b, n, d, row_offset, **flags)
     return dr1, dr2, dc1, dc2
+
+
+def _sum_into_sets(per_loss: torch.Tensor, index: torch.Tensor, n_sets: int) -> torch.Tensor:
+    """[K, R, D] gradients of each loss -> [n_sets, R, D] gradients of each feature set."""
+    if per_loss.shape[0] == n_sets and torch.equal(index, torch.arange(n_sets, device=index.device)):
+        return per_loss
+    return per_loss.new_zeros(n_sets, *per_loss.shape[1:]).index_add_(0, index.long(), per_loss)
 
 
 # --- autograd -----------------------------------------------------------------------------------------
 class _ContrastiveFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r1, r2, c1, c2, scale, row_offset, self_terms, blocks):
+    def forward(ctx, r1, r2, c1, c2, scale, sets, row_offset, self_terms, blocks):
         scale32 = scale.detach().float().reshape(1).contiguous()
-        lse, loss_rows, dscale_rows = contrastive_forward(r1, r2, c1, c2, scale32, row_offset, self_terms, blocks)
+        lse, loss_rows, dscale_rows = contrastive_forward(r1, r2, c1, c2, sets, scale32, row_offset, self_terms, blocks)
         half_mean = 0.5 / r1.shape[1]
-        ctx.save_for_backward(r1, r2, c1, c2, scale32, lse, dscale_rows.sum(dim=(1, 2)) * half_mean)
+        ctx.save_for_backward(r1, r2, c1, c2, sets, scale32, lse, dscale_rows.sum(dim=(1, 2)) * half_mean)
         ctx.row_offset, ctx.self_terms, ctx.blocks, ctx.scale_meta = row_offset, self_terms, blocks, (scale.shape, scale.dtype)
         return loss_rows.sum(dim=(1, 2)) * half_mean
 
     @staticmethod
     def backward(ctx, grad_losses):
-        r1, r2, c1, c2, scale32, lse, dscale_unit = ctx.saved_tensors
+        r1, r2, c1, c2, sets, scale32, lse, dscale_unit = ctx.saved_tensors
         grad = grad_losses.float().contiguous()
         dr1, dr2, dc1, dc2 = contrastive_backward(
-            r1, r2, c1, c2, scale32, lse, grad, ctx.row_offset, ctx.self_terms, ctx.blocks)
+            r1, r2, c1, c2, sets, scale32, lse, grad, ctx.row_offset, ctx.self_terms, ctx.blocks)
+        dr1, dc1 = (_sum_into_sets(g, sets[:, 0], r1.shape[0]) for g in (dr1, dc1))
+        dr2, dc2 = (_sum_into_sets(g, sets[:, 1], r2.shape[0]) for g in (dr2, dc2))
         dscale = None
         if ctx.needs_input_grad[4]:
             shape, dtype = ctx.scale_meta
             dscale = (grad * dscale_unit).sum().reshape(shape).to(dtype)
-        return dr1, dr2, dc1, dc2, dscale, None, None, None
+        return dr1, dr2, dc1, dc2, dscale, None, None, None, None
 
 
-def contrastive_losses(r1, r2, c1, c2, scale, row_offset: int = 0, self_terms: bool = False,
+def contrastive_losses(r1, r2, c1, c2, scale, sets=None, row_offset: int = 0, self_terms: bool = False,
                        blocks: Blocks | None = None) -> torch.Tensor:
-    """[K] fp32 losses from rows r1, r2 [K, B, D] and columns c1, c2 [K, N, D] (see the module doc)."""
+    """[K] fp32 losses (see the module doc). Rows r1 [S1, B, D], r2 [S2, B, D] and columns
+    c1 [S1, N, D], c2 [S2, N, D] come in feature sets; loss k takes side-a set sets[k, 0] and side-b
+    set sets[k, 1] (default: set k with set k)."""
     dtype = torch.promote_types(torch.promote_types(r1.dtype, r2.dtype), torch.promote_types(c1.dtype, c2.dtype))
     r1, r2, c1, c2 = (t.to(dtype).contiguous() for t in (r1, r2, c1, c2))
+    if sets is None:
+        sets = torch.arange(r1.shape[0]).repeat_interleave(2).view(-1, 2)
+    sets = torch.as_tensor(sets, dtype=torch.int32).to(r1.device).contiguous()
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=r1.device)
-    return _ContrastiveFn.apply(r1, r2, c1, c2, scale, row_offset, self_terms, blocks or default_blocks(r1.shape[-1], dtype))
+    blocks = blocks or default_blocks(r1.shape[-1], dtype)
+    return _ContrastiveFn.apply(r1, r2, c1, c2, scale, sets, row_offset, self_terms, blocks)
 
 
 # --- the ops the objective calls, with the references' signatures ------------------------------------
@@ -361,8 +382,8 @@ def infonce_triton(img, txt, scale, img_all=None, txt_all=None, row_offset: int 
     """Fused ``infonce_reference``: same arguments, same value, gradients for every input."""
     img_all = img if img_all is None else img_all
     txt_all = txt if txt_all is None else txt_all
-    pairs = (t.unsqueeze(0) for t in (img, txt, img_all, txt_all))
-    return contrastive_losses(*pairs, scale, row_offset, self_terms=False, blocks=blocks)[0]
+    features = (t.unsqueeze(0) for t in (img, txt, img_all, txt_all))
+    return contrastive_losses(*features, scale, row_offset=row_offset, blocks=blocks)[0]
 
 
 def ntxent_triton(za, zb, tau: float, za_all=None, zb_all=None, row_offset: int = 0, blocks: Blocks | None = None):
@@ -371,4 +392,31 @@ def ntxent_triton(za, zb, tau: float, za_all=None, zb_all=None, row_offset: int 
     zb_all = zb if zb_all is None else zb_all
     views = (t.unsqueeze(0) for t in (za, zb, za_all, zb_all))
     scale = torch.full((1,), 1.0 / tau, device=za.device)
-    return contrastive_losses(*views, scale, row_offset, self_terms=True, blocks=blocks)[0]
+    return contrastive_losses(*views, scale, row_offset=row_offset, self_terms=True, blocks=blocks)[0]
+
+
+def _distinct(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[tuple], list[int]]:
+    """Distinct (rows, columns) pairs by identity, and each input's index among them."""
+    distinct: list[tuple] = []
+    index = []
+    for pair in pairs:
+        found = [i for i, seen in enumerate(distinct) if seen[0] is pair[0] and seen[1] is pair[1]]
+        if not found:
+            distinct.append(pair)
+        index.append(found[0] if found else len(distinct) - 1)
+    return distinct, index
+
+
+def itc_terms_triton(imgs, txts, scale, imgs_all=None, txts_all=None, row_offset: int = 0,
+                     blocks: Blocks | None = None) -> torch.Tensor:
+    """Fused ``itc_terms_reference``: K InfoNCE terms in the same three launches. Features that
+    several terms share (the same tensor objects) are stacked once and read by all of them, so the
+    programs of different terms on the same rows find the shared tiles in L2."""
+    imgs_all = imgs if imgs_all is None else imgs_all
+    txts_all = txts if txts_all is None else txts_all
+    img_sets, img_index = _distinct(list(zip(imgs, imgs_all)))
+    txt_sets, txt_index = _distinct(list(zip(txts, txts_all)))
+    r1, c1 = (torch.stack([pair[i] for pair in img_sets]) for i in (0, 1))
+    r2, c2 = (torch.stack([pair[i] for pair in txt_sets]) for i in (0, 1))
+    sets = list(zip(img_index, txt_index))
+    return contrastive_losses(r1, r2, c1, c2, scale, sets, row_offset, blocks=blocks)

@@ -9,6 +9,8 @@ column ``row_offset + i``. With one process, rows and columns are the same tenso
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -29,3 +31,19 @@ def infonce_reference(
     logits_per_image = scale * (img.float() @ txt_all.float().T)
     logits_per_text = scale * (txt.float() @ img_all.float().T)
     return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+
+
+def itc_terms_reference(
+    imgs: Sequence[torch.Tensor],  # K x [B, D] local image rows, one per term
+    txts: Sequence[torch.Tensor],  # K x [B, D] local text rows
+    scale: torch.Tensor,  # [1] shared logit scale, already exponentiated
+    imgs_all: Sequence[torch.Tensor] | None = None,  # K x [N, D] gathered image columns
+    txts_all: Sequence[torch.Tensor] | None = None,  # K x [N, D] gathered text columns
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """[K] InfoNCE losses, term k on (imgs[k], txts[k]): the composition the fused op must match."""
+    imgs_all = imgs if imgs_all is None else imgs_all
+    txts_all = txts if txts_all is None else txts_all
+    return torch.stack([
+        infonce_reference(i, t, scale, ia, ta, row_offset) for i, t, ia, ta in zip(imgs, txts, imgs_all, txts_all)
+    ])

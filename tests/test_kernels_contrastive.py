@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unimlip_fast.kernels.infonce import infonce_reference
+from unimlip_fast.kernels.infonce import infonce_reference, itc_terms_reference
 from unimlip_fast.kernels.ntxent import ntxent_reference
 
 triton_ops = pytest.importorskip("unimlip_fast.kernels.contrastive_triton", reason="triton is not installed")
@@ -135,3 +135,26 @@ def test_scale_gradient_flows_through_a_learnable_parameter():
         fn(img, txt, log_scale.exp()).backward()
         grads.append(log_scale.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_itc_terms_share_features_and_match_three_infonce_calls(dtype):
+    """The objective's three ITC terms, (img, txt), (img_fp, txt), (img, txt_fp), as one rank of
+    two sees them: shared tensors, local rows against gathered columns."""
+    world, b, d = 2, 19, 48
+    img, img_fp, txt, txt_fp = (_unit_rows(world * b, d, dtype, 10 + i) for i in range(4))
+    rank = 1
+    weights = torch.tensor([0.3, 0.5, 0.7])
+
+    def weighted(itc_terms):
+        def loss(img_all, img_fp_all, txt_all, txt_fp_all, scale):
+            local = [t[rank * b:(rank + 1) * b] for t in (img_all, img_fp_all, txt_all, txt_fp_all)]
+            li, lif, lt, ltf = local
+            losses = itc_terms([li, lif, li], [lt, lt, ltf], scale,
+                               [img_all, img_fp_all, img_all], [txt_all, txt_all, txt_fp_all], rank * b)
+            assert losses.shape == (3,)
+            return (losses * weights).sum()
+        return loss
+
+    assert_close_to_fp64(weighted(triton_ops.itc_terms_triton), weighted(itc_terms_reference),
+                         [img, img_fp, txt, txt_fp, torch.tensor([50.0])], FLOOR[dtype])
