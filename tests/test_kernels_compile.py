@@ -55,7 +55,7 @@ def _compile_all() -> dict[str, str]:
                           BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k)
         if kernel != "_fwd_kernel":
             constexprs["BLOCK_D"] = blocks.d
-        pointers = {"*": f"*{dtype}", **{name: "*fp32" for name in FP32_BUFFERS}}
+        pointers = {"*": f"*{dtype}", "sets_ptr": "*i32", **{name: "*fp32" for name in FP32_BUFFERS}}
         scalars = {name: "i32" for name in ("B", "N", "D", "row_offset")}
         results[f"{kernel}-{self_terms}-{dtype}"] = _try(
             _compile, getattr(ct, kernel), pointers, scalars, constexprs, blocks.warps)
