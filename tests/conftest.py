@@ -22,11 +22,10 @@ TINY_OVERRIDES = [
 ]
 
 CAPTIONS = [
-    "ct of the head showing two small lesions in the upper left",
-    "mri of the chest showing one large lesion in the lower right",
-    "x-ray of the abdomen with three small lesions in the upper right",
-    "axial ct image demonstrates a stanford type a aortic dissection",
-] * 8
+    f"{modality} of the {region} showing {count} {size} lesions in the {position}"
+    for modality in ("ct", "mri") for region in ("head", "chest", "abdomen") for count in ("one", "two")
+    for size in ("small", "large") for position in ("upper left", "lower right")
+]  # 48 distinct captions
 
 
 def medpix_path() -> Path:
