@@ -158,3 +158,22 @@ def test_itc_terms_share_features_and_match_three_infonce_calls(dtype):
 
     assert_close_to_fp64(weighted(triton_ops.itc_terms_triton), weighted(itc_terms_reference),
                          [img, img_fp, txt, txt_fp, torch.tensor([50.0])], FLOOR[dtype])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the compiled kernels, bf16 tensor cores)")
+@pytest.mark.parametrize("op", ["infonce", "ntxent", "itc_terms"])
+@pytest.mark.parametrize("b", [1536, 4099])
+def test_matches_reference_on_gpu(op, b):
+    d = 256 if op == "ntxent" else 768
+    x, y, z = (_unit_rows(b, d, torch.bfloat16, 20 + i).cuda() for i in range(3))
+    scale = torch.tensor([100.0], device="cuda")
+    if op == "infonce":
+        kernel, reference, inputs = triton_ops.infonce_triton, infonce_reference, [x, y, scale]
+    elif op == "ntxent":
+        kernel = lambda a, b_: triton_ops.ntxent_triton(a, b_, 0.05)  # noqa: E731
+        reference, inputs = (lambda a, b_: ntxent_reference(a, b_, 0.05)), [x, y]  # noqa: E731
+    else:
+        kernel = lambda i, t, tf, s: triton_ops.itc_terms_triton([i, i], [t, tf], s).sum()  # noqa: E731
+        reference = lambda i, t, tf, s: itc_terms_reference([i, i], [t, tf], s).sum()  # noqa: E731
+        inputs = [x, y, z, scale]
+    assert_close_to_fp64(kernel, reference, inputs, FLOOR[torch.bfloat16])

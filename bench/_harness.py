@@ -1,0 +1,99 @@
+"""The shared benchmark harness: time a step, take its peak memory, append CSV rows.
+
+    measure(step, device, warmup=2, repeats=10) -> Measurement(status, median_ms, peak_extra_mib, repeats)
+    environment(device) -> {"gpu", "torch", "triton", "commit"}
+    append_rows(csv_path, rows)   # one dict per row; the header is written with the first row
+
+``step`` is a zero-argument callable doing all the work of one iteration (forward and backward).
+On CUDA the time is the median of ``repeats`` runs between device events, after ``warmup`` runs;
+the memory is the peak allocated during one run minus what was allocated before it. A step that
+runs out of memory gives status "OOM". On CPU (smoke tests only) the clock is the host's.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout: import the package beside it
+    sys.path.insert(0, str(REPO))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    status: str  # "ok" or "OOM"
+    median_ms: float | None = None
+    peak_extra_mib: float | None = None
+    repeats: int = 0
+
+
+def measure(step: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10) -> Measurement:
+    cuda = device.type == "cuda"
+    try:
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        times = []
+        for i in range(repeats):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()  # the one host-device sync per repeat
+                times.append(start.elapsed_time(end))
+                if i == 0:
+                    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+                peak = None
+    except torch.OutOfMemoryError:
+        if cuda:
+            torch.cuda.empty_cache()
+        return Measurement("OOM")
+    return Measurement("ok", statistics.median(times), peak, repeats)
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "commit": commit}
+
+
+def append_rows(csv_path: str | Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    path = Path(csv_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
