@@ -3,9 +3,9 @@
 Five factors, each drawn uniformly and each made plainly visible so that a short CPU run learns
 them and retrieval shows it:
 
-- modality: ``CT`` (black background, sharp edges, fine grain, bright bone), ``MRI`` (smooth tissue
-  under a slow bias field, bright fat rim, dark bone), ``X-ray`` (grey background, blurred
-  projection look, bright rib stripes);
+- modality: ``CT`` (black background, sharp edges, fine grain, bright skull, ring-enhancing
+  lesions), ``MRI`` (smooth tissue under a slow bias field, bright fat rim, dark bone), ``X-ray``
+  (grey background, softened projection look, rib stripes and a spine band);
 - region: ``head`` (tall ellipse with a skull ring), ``chest`` (wide ellipse, two dark lungs, spine),
   ``abdomen`` (rounded box with a liver and a spine);
 - lesion count (one to three), size (small / large), and position (upper / lower, left / right: the
@@ -105,8 +105,8 @@ def render(modality: int, region: int, count: int, size: int, vert: int, horiz: 
         if mod == "X-ray":  # ribs as faint stripes across the lungs, the spine as a band
             img[(np.abs(np.sin((yy - cy) * 16)) > 0.96) & inner] = 0.42
             img[(np.abs(xx - cx) < 0.06) & inner] = 0.8
-        else:
-            img[_ellipse(xx, yy, cx, cy + 0.5 * s, 0.09, 0.09)] = lv["bone"]  # vertebra
+        elif mod == "MRI":  # a dark vertebra (on CT a bright one would look like one more lesion)
+            img[_ellipse(xx, yy, cx, cy + 0.5 * s, 0.09, 0.09)] = lv["bone"]
     else:  # abdomen: rounded box (superellipse)
         outer = (np.abs((xx - cx) / (0.86 * s)) ** 4 + np.abs((yy - cy) / (0.72 * s)) ** 4) <= 1
         inner = (np.abs((xx - cx) / (0.79 * s)) ** 4 + np.abs((yy - cy) / (0.65 * s)) ** 4) <= 1
@@ -115,8 +115,8 @@ def render(modality: int, region: int, count: int, size: int, vert: int, horiz: 
         img[_ellipse(xx, yy, cx - 0.35 * s, cy - 0.25 * s, 0.3 * s, 0.2 * s)] = lv["organ"]  # liver
         if mod == "X-ray":
             img[(np.abs(xx - cx) < 0.06) & inner] = 0.8  # spine
-        else:
-            img[_ellipse(xx, yy, cx, cy + 0.48 * s, 0.1, 0.1)] = lv["bone"]  # vertebra
+        elif mod == "MRI":
+            img[_ellipse(xx, yy, cx, cy + 0.48 * s, 0.1, 0.1)] = lv["bone"]  # dark vertebra
 
     r = (0.06 if size == 0 else 0.125) * float(rng.uniform(0.92, 1.08))
     for lx, ly in _lesion_centres(rng, count + 1, r, vert, horiz):
