@@ -24,13 +24,10 @@ CHECKED = ["visual.conv1.weight", "visual.attnpool.c_proj.weight", "text_project
            "text.encoder.embeddings.word_embeddings.weight", "fusion.head.3.weight", "logit_scale"]
 
 
-def make_everything(tokenizer_dir):
-    """The same model and batch in every process (the tokenizer is trained once and saved: WordPiece
-    training does not give identical ids across processes)."""
-    from transformers import AutoTokenizer
-
+def make_everything():
+    """The same model and batch in every process (the caption vocabulary is deterministic)."""
     cfg = load_config(None, OVERRIDES)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = build_tokenizer(cfg.model.text, CAPTIONS)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.loss, tokenizer)
     g = torch.Generator().manual_seed(1)
@@ -46,7 +43,7 @@ def make_everything(tokenizer_dir):
     return cfg, model, batch
 
 
-def _rank_main(rank, world, port, out_dir, ds_json, tokenizer_dir):
+def _rank_main(rank, world, port, out_dir, ds_json):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -58,7 +55,7 @@ def _rank_main(rank, world, port, out_dir, ds_json, tokenizer_dir):
     from unimlip_fast.train.schedule import build_optimizer
 
     env = init_distributed()
-    cfg, model, batch = make_everything(tokenizer_dir)
+    cfg, model, batch = make_everything()
     half = {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
     ds = resolve_ds_config(load_ds_config(ds_json), cfg, world)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train, env.device),
@@ -85,12 +82,10 @@ def _free_port():
 
 @pytest.mark.parametrize("ds_json", ["configs/zero2_fp32.json"])
 def test_two_ranks_match_one_process(tmp_path, ds_json):
-    tokenizer_dir = str(tmp_path / "tokenizer")
-    build_tokenizer(load_config(None, OVERRIDES).model.text, CAPTIONS).save_pretrained(tokenizer_dir)
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), ds_json, tokenizer_dir), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), ds_json), nprocs=2, join=True)
     ranks = torch.load(tmp_path / "ranks.pt")
 
-    cfg, model, batch = make_everything(tokenizer_dir)
+    cfg, model, batch = make_everything()
     model.train()
     loss = total_loss(compute_terms(model(batch, SIMCLR), cfg.loss, model.ops), cfg.loss)
     loss.backward()

@@ -92,6 +92,9 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 768  # global batch
     max_steps: int = 0  # 0: run `epochs` epochs
+    # End this invocation after this many more steps, with a checkpoint, while the schedule still runs to
+    # max_steps/epochs (to fit a job's time limit; `--resume latest` continues). 0: run to the end.
+    stop_after_steps: int = 0
     epochs: int = 10
     simclr_start: str = "0.5"  # steps ("500"), epochs ("2ep"), or a fraction of the run ("0.5")
     lr: float = 1e-4

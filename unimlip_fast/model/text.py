@@ -36,13 +36,26 @@ def _resolve(name: str) -> str:
 
 
 def train_wordpiece_tokenizer(captions: list[str], vocab_size: int) -> BertTokenizerFast:
-    """A lower-cased BERT WordPiece tokenizer fitted to the given captions."""
-    from tokenizers import BertWordPieceTokenizer
+    """A lower-cased BERT WordPiece tokenizer fitted to the captions, deterministically.
+
+    The vocabulary is the special tokens, every character seen (alone and as a ``##`` piece) and
+    then the most frequent words (ties broken alphabetically), so the same captions always give the
+    same ids. (The ``tokenizers`` WordPiece trainer breaks ties differently from run to run.)
+    """
+    from collections import Counter
+
+    from tokenizers import BertWordPieceTokenizer, normalizers, pre_tokenizers
 
     if not captions:
-        raise ValueError("cannot train a WordPiece vocabulary on no captions")
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, show_progress=False)
+        raise ValueError("cannot build a WordPiece vocabulary from no captions")
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(word for caption in captions
+                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(caption)))
+    alphabet = sorted({ch for word in words for ch in word})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + alphabet + ["##" + ch for ch in alphabet]
+    frequent = sorted((w for w, n in words.items() if n >= 2 and len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += frequent[: max(0, vocab_size - len(vocab))]
+    wordpiece = BertWordPieceTokenizer({token: i for i, token in enumerate(vocab)}, lowercase=True)
     return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True,
                              unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
                              cls_token="[CLS]", mask_token="[MASK]")

@@ -111,13 +111,14 @@ def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path
         _train_loop(engine, model, cfg, env, dataset, per_rank, state, total_steps, simclr_step, mlm_tables,
                     monitor, ckpt_dir)
         save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
-        export_weights(engine, run_dir / "model.safetensors", env)
+        if state.step >= total_steps:
+            export_weights(engine, run_dir / "model.safetensors", env)
     finally:
         monitor.close()
     summary = {"steps": state.step, "epochs": state.epoch, "wall_s": round(time.time() - started, 1),
                "skipped_records": dict(records.skipped), "skipped_samples": state.skipped,
                "nonfinite_steps": state.nonfinite_total, "run_dir": str(run_dir)}
-    if env.is_main:
+    if env.is_main and state.step >= total_steps:
         summary.update(_final_eval(engine.module, cfg, env, run_dir))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     barrier()
@@ -129,14 +130,17 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
     phase_at = lambda step: SIMCLR if step >= simclr_step and cfg.loss.simclr > 0 else WARMUP
     interval = _Interval()
     engine.train()
-    while state.step < total_steps:
+    stop_at = min(total_steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps else total_steps
+    while state.step < stop_at:
         phase = phase_at(state.step)
         loader = build_loader(dataset, per_rank, env.rank, env.world_size, cfg.train.seed, state.epoch,
                               strong_views=phase == SIMCLR, mlm=mlm_tables, mlm_prob=cfg.loss.mlm_prob,
                               num_workers=cfg.data.num_workers, weak_scale=cfg.data.weak_scale,
                               strong_scale=cfg.data.strong_scale, skip_batches=state.batch_in_epoch)
+        with torch.random.fork_rng(devices=[]):  # the loader's worker seeds must not move the model's RNG
+            batches = iter(loader)
         interval.mark_data()
-        for batch in loader:
+        for batch in batches:
             for reason, count in batch.pop("skipped", {}).items():
                 state.skipped[reason] = state.skipped.get(reason, 0) + count
             batch = {k: v.to(env.device, non_blocking=True) for k, v in trim_padding(batch).items()}
@@ -164,7 +168,7 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
                 _periodic_eval(engine.module, cfg, env, monitor, state.step)
             if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0 and state.step < total_steps:
                 save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
-            if state.step >= total_steps or phase_at(state.step) != phase:
+            if state.step >= stop_at or phase_at(state.step) != phase:
                 break  # a new phase needs a loader that makes (or stops making) strong views
             interval.mark_data()
         else:

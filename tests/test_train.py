@@ -1,0 +1,90 @@
+"""End to end through the CLI's entry point on tiny synthetic data: train, checkpoint, resume, evaluate."""
+import json
+import sys
+
+import pytest
+
+from unimlip_fast.cli import main
+
+from .conftest import REPO, TINY_OVERRIDES
+
+TINY_RUN = TINY_OVERRIDES + [
+    "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",
+    "train.log_every=1", "train.warmup_steps=2", "train.simclr_start=3", "train.lr=1e-3",
+]
+
+
+def run_cli(monkeypatch, *args) -> int:
+    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+        raise SystemExit(0)
+    return e.value.code
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_then_eval_retrieval(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2.json",
+                   "--run-dir", run, *TINY_RUN, "train.max_steps=5", "train.ckpt_every=2", "eval.split=")
+    assert code == 0
+    metrics = [m for m in read_metrics(run) if "loss/total" in m]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert [m["phase"] for m in metrics] == ["warmup"] * 3 + ["simclr"] * 2  # simclr_start=3: after 3 steps
+    assert "loss/simclr" not in metrics[0] and "loss/simclr" in metrics[-1]
+    for term in ("itc", "itc_img_fp", "itc_txt_fp", "mlm"):
+        assert all(f"loss/{term}" in m for m in metrics)
+    for key in ("lr", "logit_scale", "samples_per_s", "data_time_s", "step_time_s", "memory_gb"):
+        assert key in metrics[-1]
+    assert (run / "model.safetensors").is_file() and (run / "config.yaml").is_file()
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step_0000004", "step_0000005"]  # keep_last=2, no temporary folders left
+    assert (run / "checkpoints/latest").read_text() == "step_0000005"
+
+    out = tmp_path / "retrieval.json"
+    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", run, "--data", "phantom:64", "--split", "test",
+                   "--json", out) == 0
+    results = json.loads(out.read_text())
+    assert set(results) >= {"n", "i2t", "t2i", "n_duplicates_dropped"}
+    assert set(results["i2t"]) >= {"R@1", "R@5", "R@10", "median_rank"}
+    assert results["n"] + results["n_duplicates_dropped"] == 64
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
+    common = ["--ds-config", REPO / "configs/zero2_fp32.json", *TINY_RUN, "train.max_steps=6", "eval.split="]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", whole, *common) == 0
+    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", parts, *common,
+                   "train.stop_after_steps=4") == 0
+    assert not (parts / "model.safetensors").exists()  # stopped, not finished
+    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", parts, *common,
+                   "--resume", "latest") == 0
+    a = {m["step"]: m for m in read_metrics(whole) if "loss/total" in m}
+    b = {m["step"]: m for m in read_metrics(parts) if "loss/total" in m}
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):  # the steps after the resume, SimCLR phase included
+        for key in ("loss/total", "loss/itc", "loss/simclr", "loss/mlm", "lr"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", tmp_path, "train.max_stepz=3")
+    err = capsys.readouterr().err
+    assert code != 0 and "unknown config key train.max_stepz" in err and "train.max_steps" in err
+    assert "Traceback" not in err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", tmp_path / "new",
+                   *TINY_RUN, "--resume", "latest")
+    assert code != 0 and "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_eval_errors_are_clear(tmp_path, monkeypatch, capsys):
+    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", tmp_path, "--data", "dicom:/x") != 0
+    assert "FORMAT:PATH" in capsys.readouterr().err
+    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", tmp_path, "--data", "phantom:8") != 0
+    assert "checkpoint incomplete" in capsys.readouterr().err
