@@ -101,7 +101,8 @@ def test_pmc_oa_folder_file_and_image_root(tmp_path):
 
     # A jsonl file given directly, images in a separate image_root.
     _jsonl(tmp_path / "elsewhere" / "pmc_oa.jsonl", rows[:2])
-    cfg = DataConfig(format="pmc-oa", path=str(tmp_path / "elsewhere" / "pmc_oa.jsonl"), image_root=str(root / "images"))
+    cfg = DataConfig(format="pmc-oa", path=str(tmp_path / "elsewhere" / "pmc_oa.jsonl"),
+                     image_root=str(root / "images"))
     assert len(read_records(cfg)) == 2
 
 

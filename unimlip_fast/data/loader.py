@@ -112,6 +112,7 @@ class CaptionImageDataset(Dataset):
         self.record_skipped = collections.Counter(record_skipped or {})  # skipped when reading the records
         self._cache: list[np.ndarray | None] | None = None
         self._cache_errors: dict[int, str] = {}
+        self.cache_failed: collections.Counter = collections.Counter()  # images that failed to decode when cached
 
     def __len__(self) -> int:
         return len(self.records)
@@ -148,13 +149,16 @@ class CaptionImageDataset(Dataset):
                 self._cache_errors[i] = reason
                 failed[reason] += 1
         self._cache = cache
+        self.cache_failed = failed
         return failed
 
     def __getitem__(self, i):  # the raw sample; the loaders wrap the dataset with their views
         return self.load_image(i), self.input_ids[i], self.attention_mask[i]
 
 
-def build_dataset(records, tokenizer, image_size: int, context_length: int, cache_images: bool = False) -> CaptionImageDataset:
+def build_dataset(
+    records, tokenizer, image_size: int, context_length: int, cache_images: bool = False
+) -> CaptionImageDataset:
     """Tokenise every caption once and, with ``cache_images``, decode every image into memory now
     (before any worker forks, so workers share it)."""
     skipped = records.skipped if isinstance(records, RecordSet) else None
@@ -176,7 +180,8 @@ def _generator(*entropy: int) -> torch.Generator:
 class _ViewDataset(Dataset):
     """The dataset as one loader sees it: views, per-sample seeds, substitution of bad samples."""
 
-    def __init__(self, base: CaptionImageDataset, mode: str, seed: int, epoch: int, weak_scale, strong_scale, strong: bool):
+    def __init__(self, base: CaptionImageDataset, mode: str, seed: int, epoch: int, weak_scale, strong_scale,
+                 strong: bool):
         self.base, self.mode, self.seed, self.epoch = base, mode, seed, epoch
         self.weak_scale, self.strong_scale, self.strong = tuple(weak_scale), tuple(strong_scale), strong
         self._bad: dict[int, str] = {}  # per worker: indices known to fail, and why
@@ -216,7 +221,8 @@ class _ViewDataset(Dataset):
             )
         skipped = collections.Counter({self._bad[i]: 1} if j != i else {})
         size = self.base.image_size
-        sample = {"index": j, "input_ids": self.base.input_ids[j], "attention_mask": self.base.attention_mask[j], "skipped": skipped}
+        sample = {"index": j, "input_ids": self.base.input_ids[j], "attention_mask": self.base.attention_mask[j],
+                  "skipped": skipped}
         if self.mode == "eval":
             sample["image"] = eval_view_one(image, size)
             return sample
@@ -270,7 +276,8 @@ class DistributedBatchSampler:
         return max(0, self.num_batches - self.skip_batches)
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         step = self.batch_size * self.world_size
         for k in range(self.skip_batches, self.num_batches):
             start = k * step + self.rank * self.batch_size

@@ -49,7 +49,8 @@ class MaskingTables:
 
     def to(self, device) -> "MaskingTables":
         return MaskingTables(
-            self.word_start.to(device), self.special.to(device), self.mask_id, self.vocab_size, self.random_ids.to(device)
+            self.word_start.to(device), self.special.to(device), self.mask_id, self.vocab_size,
+            self.random_ids.to(device),
         )
 
 

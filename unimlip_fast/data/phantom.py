@@ -134,7 +134,8 @@ def render(modality: int, region: int, count: int, size: int, vert: int, horiz: 
         field = 1 + 0.25 * (np.cos(a) * xx + np.sin(b) * yy)
         img = _blur(img, 1) * field + np.abs(rng.normal(0, 0.02, img.shape)).astype(np.float32)
     else:
-        img = _blur(img, max(1, px // 100)) * (1 - 0.2 * (yy + 1) / 2) + rng.normal(0, 0.01, img.shape).astype(np.float32)
+        shade = 1 - 0.2 * (yy + 1) / 2  # darker towards the bottom
+        img = _blur(img, max(1, px // 100)) * shade + rng.normal(0, 0.01, img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 

@@ -300,7 +300,9 @@ def weak_view_one(image, size: int, generator=None, scale=(0.5, 1.0), ratio=RATI
     return normalize(crop_resize_one(x, box, size)[None])[0]
 
 
-def strong_views_one(image, size: int, generator=None, scale=(0.08, 1.0), ratio=RATIO) -> tuple[torch.Tensor, torch.Tensor]:
+def strong_views_one(
+    image, size: int, generator=None, scale=(0.08, 1.0), ratio=RATIO
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent strong views of one image: crops one at a time, the rest as a batch of two."""
     x = to_chw(image)
     boxes = random_resized_crop_boxes(2, x.shape[1], x.shape[2], scale, ratio, generator, x.device)
