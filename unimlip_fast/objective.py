@@ -36,14 +36,20 @@ def compute_terms(features: dict[str, torch.Tensor], cfg: LossConfig, ops: LossO
     img, txt = F.normalize(features["img"], dim=-1), F.normalize(features["txt"], dim=-1)
     offset = _row_offset(img.shape[0])
     img_all, txt_all = gather_with_grad(img), gather_with_grad(txt)
+    # The (up to) three ITC terms go to one call, so the fused kernel can share the feature loads.
+    pairs = {}
     if cfg.itc > 0:
-        terms["itc"] = ops.infonce(img, txt, scale, img_all, txt_all, offset)
+        pairs["itc"] = (img, txt, img_all, txt_all)
     if cfg.itc_img_fp > 0 and "img_perturbed" in features:
         img_fp = F.normalize(features["img_perturbed"], dim=-1)
-        terms["itc_img_fp"] = ops.infonce(img_fp, txt, scale, gather_with_grad(img_fp), txt_all, offset)
+        pairs["itc_img_fp"] = (img_fp, txt, gather_with_grad(img_fp), txt_all)
     if cfg.itc_txt_fp > 0 and "txt_perturbed" in features:
         txt_fp = F.normalize(features["txt_perturbed"], dim=-1)
-        terms["itc_txt_fp"] = ops.infonce(img, txt_fp, scale, img_all, gather_with_grad(txt_fp), offset)
+        pairs["itc_txt_fp"] = (img, txt_fp, img_all, gather_with_grad(txt_fp))
+    if pairs:
+        rows_i, rows_t, cols_i, cols_t = zip(*pairs.values())
+        losses = ops.itc_terms(list(rows_i), list(rows_t), scale, list(cols_i), list(cols_t), offset)
+        terms.update(zip(pairs, losses.unbind(0)))
     if cfg.simclr > 0 and "simclr_a" in features:
         za, zb = F.normalize(features["simclr_a"], dim=-1), F.normalize(features["simclr_b"], dim=-1)
         terms["simclr"] = ops.ntxent(za, zb, cfg.simclr_tau, gather_with_grad(za), gather_with_grad(zb), offset)
