@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = pytest.mark.slow
 
-FP32_BUFFERS = {"scale_ptr", "lse_ptr", "loss_ptr", "dscale_ptr", "grad_ptr"}
 CONTRASTIVE = [(kernel, self_terms, dtype)
                for kernel in ("_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel")
                for self_terms in (False, True) for dtype in ("bf16", "fp32")
@@ -50,12 +49,14 @@ def _compile_all() -> dict[str, str]:
 
     results = {}
     for kernel, self_terms, dtype in CONTRASTIVE:
-        blocks = ct.default_blocks(768, torch.bfloat16 if dtype == "bf16" else torch.float32)
-        constexprs = dict(SELF_TERMS=self_terms, UPCAST=False, PRECISION="tf32x3" if dtype == "fp32" else "tf32",
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        blocks = ct.default_blocks(768, torch_dtype)
+        constexprs = dict(DTYPE=ct._TL_DTYPES[torch_dtype], SELF_TERMS=self_terms, UPCAST=False,
+                          PRECISION="tf32x3" if dtype == "fp32" else "tf32",
                           BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k)
         if kernel != "_fwd_kernel":
             constexprs["BLOCK_D"] = blocks.d
-        pointers = {"*": f"*{dtype}", "sets_ptr": "*i32", **{name: "*fp32" for name in FP32_BUFFERS}}
+        pointers = {"*": "*fp32", "table_ptr": "*i64", "out_ptr": "*i64", "use_ptr": "*i64"}
         scalars = {name: "i32" for name in ("B", "N", "D", "row_offset")}
         results[f"{kernel}-{self_terms}-{dtype}"] = _try(
             _compile, getattr(ct, kernel), pointers, scalars, constexprs, blocks.warps)
