@@ -113,6 +113,38 @@ def eval_retrieval(
         json_out.write_text(json.dumps(results, indent=2))
 
 
+@data_app.command("pack")
+def data_pack(
+    fmt: Annotated[str, typer.Option("--format", help="medpix, pmc-oa, roco, csv or jsonl.")],
+    input_path: Annotated[Path, typer.Option("--input", help="The data set's folder (or CSV/JSONL file).")],
+    output: Annotated[Path, typer.Option("--output", help="Folder for the shards, their indices and manifest.json.")],
+    split: Annotated[str, typer.Option("--split", help="train, dev, test or all.")] = "train",
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard.")] = 1000,
+    tokenizer: Annotated[str, typer.Option("--tokenizer", help="Hub name, local folder, or minilm (a random-bert "
+                                           "run's tokenizer folder for random-bert).")] = "minilm",
+    context_length: Annotated[int, typer.Option("--context-length")] = 77,
+    workers: Annotated[int, typer.Option("--workers", help="Processes packing shards in parallel.")] = max(
+        1, (os.cpu_count() or 2) - 1),
+    image_root: Annotated[str, typer.Option("--image-root", help="csv/jsonl: folder the image column is relative to.")] = "",
+) -> None:
+    """Pack image-caption pairs into webdataset shards with pre-tokenised captions (resumable).
+
+    Example: unimlip-fast data pack --format medpix --input ../shared/data/medpix2 --output shards/medpix --tokenizer minilm
+    """
+    from .config import DataConfig
+    from .data.pack import PACKABLE_FORMATS, pack
+
+    if fmt not in PACKABLE_FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(PACKABLE_FORMATS)}")
+    _quiet_libraries()
+    data = DataConfig(format=fmt, path=str(input_path), split=split, image_root=image_root)
+    manifest = pack(data, output, tokenizer, split, shard_size, context_length, workers)
+    skipped = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items()) or "none"
+    console.print(f"{manifest['n_samples']} samples in {len(manifest['shards'])} shards at {output}; "
+                  f"tokenizer {tokenizer} (vocab {manifest['tokenizer']['vocab_size']}, context {context_length}); "
+                  f"skipped: {skipped}", highlight=False)
+
+
 def print_retrieval(results: dict) -> None:
     table = Table(title=f"retrieval on {results.get('split', '?')}: n={results['n']} "
                         f"({results.get('n_duplicates_dropped', 0)} duplicate captions dropped)")

@@ -1,0 +1,285 @@
+"""``unimlip-fast data pack``: records -> webdataset tar shards with pre-tokenised captions.
+
+A packed folder holds:
+
+- ``shard-000000.tar``, ...: one sample per record, members named ``<n>.<ext>`` with ``n`` the
+  record's index in the source split (nine digits; the reader's key, so no dots in it):
+  ``<n>.jpg`` (or ``.png``, ...: the original image bytes and extension), ``<n>.ids`` (the caption's
+  token ids up to its attention length, int32 little-endian, no padding), ``<n>.idx`` (``n`` as
+  int64 little-endian: the batch's ``index``), ``<n>.txt`` (the caption, UTF-8) and ``<n>.key``
+  (the record's key in the source);
+- ``shard-000000.idx``: DALI's webdataset index of the shard (``v1.2 <samples>``, then one line per
+  sample: ``<ext> <data offset> <size> <member name>`` for each member);
+- ``shard-000000.json``: the shard's completion marker (samples, skips, size and mtime of the tar);
+- ``tokenizer/``: the tokenizer the ids come from (``save_pretrained``);
+- ``manifest.json``: counts, tokenizer (name, vocab size, pad id, context length), shard list and
+  the records skipped, per reason (those the reader skipped plus those packing skipped).
+
+Packing streams: shard ``k`` holds records ``[k*S, (k+1)*S)`` of the split; a process pool packs
+shards independently, each worker reading, checking and tokenising only its own records. A shard
+is written to a temporary name and renamed, then its marker is written, so a re-run skips every
+shard with a marker and packs the rest. Bad records are skipped and counted: ``missing_image``
+(the file vanished since listing), ``undecodable_image`` (a cheap decode check: header, then the
+JPEG at 1/8 scale) and ``empty_caption``.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+from .formats import DataError, Record, clean_caption, read_records
+
+PACK_VERSION = 1
+KEY_DIGITS = 9
+SHARD_NAME = "shard-{:06d}"
+PACKABLE_FORMATS = ("medpix", "pmc-oa", "roco", "csv", "jsonl")
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """What a packed folder is made from; a re-run must match it to resume."""
+
+    source: dict  # format, path, split (the DataConfig fields that select the records)
+    n_records: int
+    shard_size: int
+    tokenizer: str
+    context_length: int
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "n_records": self.n_records, "shard_size": self.shard_size,
+                "tokenizer": self.tokenizer, "context_length": self.context_length}
+
+
+def load_tokenizer(name_or_path: str):
+    """A hub name, a local folder, or ``minilm`` (as ``model.text.encoder``); ``random-bert`` is
+    trained per run, so packing needs the folder that run saved (``<run>/tokenizer``)."""
+    if name_or_path == "random-bert":
+        raise DataError("--tokenizer random-bert: its vocabulary is trained per run; pass the tokenizer folder "
+                        "a run saved (runs/<name>/tokenizer) or one saved with build_tokenizer(...).save_pretrained")
+    from transformers import AutoTokenizer
+
+    from ..model.text import _resolve
+
+    try:
+        return AutoTokenizer.from_pretrained(_resolve(name_or_path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the tokenizer {name_or_path!r}: {e}") from e
+
+
+def check_image_bytes(data: bytes) -> bool:
+    """A cheap decode check: PIL parses the header, then decodes (JPEG at 1/8 scale, so ~1 ms)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to decode means the image is unusable
+        return False
+
+
+# ------------------------------------------------------------------------------------- one shard
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
+    """Append one regular file; returns ``(data offset, size)`` for the index."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    header = len(info.tobuf(tar.format, tar.encoding, tar.errors))
+    start = tar.offset
+    tar.addfile(info, io.BytesIO(data))
+    return start + header, len(data)
+
+
+def write_index(path: Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
+    """DALI's webdataset index (v1.2): ``v1.2 <n>``, then per sample ``ext offset size name`` per member."""
+    lines = [f"v1.2 {len(samples)}"]
+    lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) for sample in samples]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def pack_shard(out_dir: str, shard: int, start: int, records: list[tuple[str, str, str]], context_length: int,
+               tokenizer=None) -> dict:
+    """Pack ``records`` (``(key, caption, image path)``, source indices from ``start``) into one shard.
+    Writes the tar and its index under temporary names, renames them, then the marker."""
+    tokenizer = tokenizer or _WORKER_TOKENIZER
+    out = Path(out_dir)
+    name = SHARD_NAME.format(shard)
+    skipped: collections.Counter = collections.Counter()
+    good = []  # (index, key, caption, image bytes, ext)
+    for k, (key, caption, image_path) in enumerate(records):
+        caption, reason = clean_caption(caption)
+        if reason:
+            skipped["empty_caption" if reason == "empty_caption" else reason] += 1
+            continue
+        try:
+            data = Path(image_path).read_bytes()
+        except FileNotFoundError:
+            skipped["missing_image"] += 1
+            continue
+        except OSError:
+            skipped["undecodable_image"] += 1
+            continue
+        if not check_image_bytes(data):
+            skipped["undecodable_image"] += 1
+            continue
+        ext = Path(image_path).suffix.lower().lstrip(".") or "img"
+        good.append((start + k, key, caption, data, ext))
+
+    from .loader import tokenize_captions
+
+    ids, mask = tokenize_captions(tokenizer, [g[2] for g in good], context_length)
+    lengths = mask.sum(axis=1)
+    tmp_tar = out / f"{name}.tar.tmp"
+    index = []
+    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for (i, key, caption, data, ext), row, n in zip(good, ids, lengths):
+            base = f"{i:0{KEY_DIGITS}d}"
+            members = [(ext, data), ("ids", row[:n].astype("<i4").tobytes()), ("idx", np.int64(i).astype("<i8").tobytes()),
+                       ("txt", caption.encode()), ("key", str(key).encode())]
+            index.append([(e, *_add_member(tar, f"{base}.{e}", d), f"{base}.{e}") for e, d in members])
+    os.replace(tmp_tar, out / f"{name}.tar")
+    write_index(out / f"{name}.idx", index)
+    stat = (out / f"{name}.tar").stat()
+    marker = {"shard": name, "tar": f"{name}.tar", "index": f"{name}.idx", "samples": len(good),
+              "records": len(records), "first_record": start, "skipped": dict(skipped),
+              "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(marker))
+    os.replace(tmp, out / f"{name}.json")
+    return marker
+
+
+def _pack_shard_job(args) -> dict:
+    return pack_shard(*args)
+
+
+# ---------------------------------------------------------------------------------- whole folder
+
+
+def _shard_done(out: Path, shard: int) -> dict | None:
+    marker = out / f"{SHARD_NAME.format(shard)}.json"
+    if not marker.is_file():
+        return None
+    m = json.loads(marker.read_text())
+    tar = out / m["tar"]
+    if not tar.is_file() or tar.stat().st_size != m["size"] or not (out / m["index"]).is_file():
+        return None
+    return m
+
+
+def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str | None = None,
+         shard_size: int = 1000, context_length: int = 77, workers: int = 1, limit: int | None = None,
+         progress: bool = True) -> dict:
+    """Pack the records of ``data`` (``split`` overrides ``data.split``) into ``output``; returns the
+    manifest. Resumes a folder packed with the same plan; a different plan is an error."""
+    if data.format not in PACKABLE_FORMATS:
+        raise DataError(f"data pack reads {', '.join(PACKABLE_FORMATS)}; got {data.format!r}")
+    if shard_size < 1 or context_length < 2:
+        raise DataError("--shard-size must be >= 1 and --context-length >= 2")
+    split = data.split if split is None else split
+    recordset = read_records(data, split)
+    records: list[Record] = recordset.records[:limit] if limit else recordset.records
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok = load_tokenizer(tokenizer)
+    tok_dir = out / "tokenizer"
+    plan = PackPlan({"format": data.format, "path": os.path.abspath(data.path), "split": split or "all"},
+                    len(records), shard_size, tokenizer, context_length)
+    plan_file = out / "plan.json"
+    if plan_file.is_file():
+        previous = json.loads(plan_file.read_text())
+        if previous != plan.as_dict():
+            raise DataError(f"{out} was packed with a different plan ({previous}); use another --output")
+    else:
+        tok.save_pretrained(str(tok_dir))
+        plan_file.write_text(json.dumps(plan.as_dict(), indent=2))
+    tok_path = str(tok_dir)  # workers load the saved copy: the same vocabulary, nothing downloaded
+
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    markers: dict[int, dict] = {}
+    todo = []
+    for s in range(n_shards):
+        done = _shard_done(out, s)
+        if done is not None:
+            markers[s] = done
+        else:
+            chunk = records[s * shard_size : (s + 1) * shard_size]
+            todo.append((str(out), s, s * shard_size, [(r.key, r.caption, str(r.image)) for r in chunk],
+                         context_length))
+
+    started = time.time()
+    with _progress(progress) as bar:
+        task = bar.add_task(f"packing {len(records)} records into {out}", total=len(records),
+                            completed=sum(m["records"] for m in markers.values()))
+        if workers <= 1:
+            _init_worker(tok_path)
+            for job in todo:
+                m = _pack_shard_job(job)
+                markers[_shard_number(m)] = m
+                bar.advance(task, m["records"])
+        elif todo:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tok_path,)) as pool:
+                for future in as_completed([pool.submit(_pack_shard_job, job) for job in todo]):
+                    m = future.result()
+                    markers[_shard_number(m)] = m
+                    bar.advance(task, m["records"])
+
+    pack_skipped: collections.Counter = collections.Counter()
+    for m in markers.values():
+        pack_skipped.update(m["skipped"])
+    skipped = collections.Counter(recordset.skipped) + pack_skipped
+    manifest = {
+        "version": PACK_VERSION,
+        **plan.as_dict(),
+        "tokenizer": {"name": tokenizer, "path": "tokenizer", "vocab_size": len(tok),
+                      "pad_token_id": int(tok.pad_token_id or 0), "context_length": context_length},
+        "n_records_in_split": len(recordset.records),
+        "n_samples": sum(m["samples"] for m in markers.values()),
+        "skipped": dict(sorted(skipped.items())),  # by the source reader and by packing
+        "pack_skipped": dict(sorted(pack_skipped.items())),  # by packing only
+        "shards": [{k: markers[s][k] for k in ("tar", "index", "samples", "first_record", "size", "mtime_ns")}
+                   for s in range(n_shards)],
+        "pack_seconds": round(time.time() - started, 1),
+    }
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+def _shard_number(marker: dict) -> int:
+    return int(marker["shard"].rsplit("-", 1)[1])
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, disable=not enabled or not console.is_terminal)
