@@ -1,0 +1,135 @@
+"""Helpers shared by the shard, torch-backend and DALI tests: a packed MedPix subset, a shard edited
+by hand, and the batch-contract checks every GPU backend must pass."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .conftest import TINY_OVERRIDES, medpix_path
+
+N_PACKED = 96  # MedPix train records packed for the backend tests
+IMAGE_SIZE = 64
+CONTEXT = 24
+
+
+def tiny_tokenizer_dir(root: Path) -> Path:
+    """The tokenizer a tiny random-bert run on MedPix train builds (same captions, same vocabulary)."""
+    from unimlip_fast.config import load_config
+    from unimlip_fast.data.formats import read_records
+    from unimlip_fast.model import build_tokenizer
+
+    out = root / "tokenizer"
+    if not out.is_dir():
+        cfg = load_config(None, TINY_OVERRIDES + ["data.format=medpix", f"data.path={medpix_path()}"])
+        captions = [r.caption for r in read_records(cfg.data, "train").records]
+        build_tokenizer(cfg.model.text, captions).save_pretrained(str(out))
+    return out
+
+
+def pack_medpix(root: Path, n: int = N_PACKED, shard_size: int = 40) -> Path:
+    from unimlip_fast.config import DataConfig
+    from unimlip_fast.data.pack import pack
+
+    out = root / "shards"
+    pack(DataConfig(format="medpix", path=str(medpix_path())), out, str(tiny_tokenizer_dir(root)), "train",
+         shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False)
+    return out
+
+
+def rewrite_shard(tar_path: Path, corrupt: set[str] = frozenset(), drop: set[str] = frozenset()) -> None:
+    """Rewrite a tar in place: members named in ``corrupt`` get garbage bytes, those in ``drop`` go."""
+    with tarfile.open(tar_path, "r:") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name in drop:
+                continue
+            if m.name in corrupt:
+                data = b"\x00garbage, not an image" * 20
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def first_member_names(shards: Path, shard: int = 0) -> list[str]:
+    index = (shards / f"shard-{shard:06d}.idx").read_text().split("\n")[1:]
+    return [line.split()[3].split(".")[0] for line in index if line]
+
+
+def check_contract(batch: dict, batch_size: int, strong: bool, mlm: bool, dtype=torch.float32) -> None:
+    keys = {"image", "input_ids", "attention_mask", "index", "skipped"}
+    keys |= {"image_a", "image_b"} if strong else set()
+    keys |= {"mlm_labels"} if mlm else set()
+    assert set(batch) == keys, set(batch) ^ keys
+    for key in ("image", "image_a", "image_b"):
+        if key in batch:
+            x = batch[key]
+            assert x.shape == (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE) and x.dtype == dtype
+            assert torch.isfinite(x).all()
+            # CLIP-normalised [0,1] pixels lie within [-1.8, 2.2]
+            assert -1.85 < float(x.min()) and float(x.max()) < 2.2 and float(x.float().std()) > 0.1
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (batch_size, CONTEXT)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
+    assert set(batch["attention_mask"].unique().tolist()) <= {0, 1}
+    assert (batch["attention_mask"][:, 0] == 1).all()
+    assert batch["index"].dtype == torch.int64 and batch["index"].shape == (batch_size,)
+    if strong:
+        assert not torch.allclose(batch["image"], batch["image_a"])
+        assert not torch.allclose(batch["image_a"], batch["image_b"])
+    if mlm:
+        labels = batch["mlm_labels"]
+        assert labels.shape == (batch_size, CONTEXT) and ((labels != -100).sum(1) >= 1).all()
+
+
+def epoch(loader) -> list[dict]:
+    return [b for b in loader]
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        for key in x:
+            if key == "skipped":
+                if x[key] != y[key]:
+                    return False
+            elif not torch.equal(x[key], y[key]):
+                return False
+    return True
+
+
+def tokenised_captions(shards: Path) -> dict[int, tuple[list[int], str]]:
+    """``record index -> (ids of the caption, caption)`` computed afresh with the packed tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(shards / "tokenizer"))
+    out = {}
+    for tar_path in sorted(shards.glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".txt"):
+                    caption = tar.extractfile(m).read().decode()
+                    ids = tok(caption, truncation=True, max_length=CONTEXT)["input_ids"]
+                    out[int(m.name.split(".")[0])] = (ids, caption)
+    return out
+
+
+def manifest(shards: Path) -> dict:
+    return json.loads((shards / "manifest.json").read_text())
+
+
+def unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+
+
+def run_args(shards: Path, backend: str, run_dir: Path) -> list:
+    from .conftest import REPO
+
+    return ["pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2.json", "--run-dir", run_dir,
+            *TINY_OVERRIDES, "data.format=medpix", f"data.path={medpix_path()}", f"data.shards={shards}",
+            f"data.backend={backend}", "data.num_workers=0", "train.batch_size=16", "train.max_steps=4",
+            "train.simclr_start=2", "train.log_every=1", "train.warmup_steps=1", "eval.split=", "train.ckpt_every=0"]
