@@ -22,6 +22,7 @@ CONTRASTIVE = [(kernel, self_terms, dtype)
                for self_terms in (False, True) for dtype in ("bf16", "fp32")
                if not (dtype == "fp32" and self_terms)]  # the slowest compile (20 s), same code as the rest
 DROPBLOCK = ["count", "apply"]
+DROPBLOCK_MAPS = [(7, 7, 3), (32, 32, 7)]  # ResNet's last map; the largest the kernel takes
 
 
 def _compile(fn, pointer_types, scalar_types, constexprs, num_warps):
@@ -61,10 +62,13 @@ def _compile_all() -> dict[str, str]:
         results[f"{kernel}-{self_terms}-{dtype}"] = _try(
             _compile, getattr(ct, kernel), pointers, scalars, constexprs, blocks.warps)
     for mode in DROPBLOCK:
-        constexprs = dict(BLOCK=3, APPLY=mode == "apply", DOT_DTYPE=dbt.tl.float16, **dbt._layout(7, 7, 3))
-        scalars = {"seed": "i32", "offset": "i32", "P": "i32", "H": "i32", "W": "i32", "gamma": "fp32", "numel": "fp32"}
-        results[f"dropblock-{mode}"] = _try(
-            _compile, dbt._dropblock_kernel, {"*": "*bf16", "kept_ptr": "*i32"}, scalars, constexprs, 4)
+        for height, width, block in DROPBLOCK_MAPS:
+            layout, warps = dbt._layout(height, width, block)
+            constexprs = dict(BLOCK=block, APPLY=mode == "apply", DOT_DTYPE=dbt.tl.float16, **layout)
+            scalars = {"seed": "i32", "offset": "i32", "P": "i32", "H": "i32", "W": "i32", "gamma": "fp32",
+                       "numel": "fp32"}
+            results[f"dropblock-{mode}-{height}x{width}"] = _try(
+                _compile, dbt._dropblock_kernel, {"*": "*bf16", "kept_ptr": "*i32"}, scalars, constexprs, warps)
     return results
 
 
@@ -93,6 +97,6 @@ def test_contrastive_kernels_compile_for_hopper(compiled, case):
     assert compiled[case] == "ok", compiled[case]
 
 
-@pytest.mark.parametrize("mode", DROPBLOCK)
-def test_dropblock_kernel_compiles_for_hopper(compiled, mode):
-    assert compiled[f"dropblock-{mode}"] == "ok", compiled[f"dropblock-{mode}"]
+@pytest.mark.parametrize("case", [f"{mode}-{h}x{w}" for mode in DROPBLOCK for h, w, _ in DROPBLOCK_MAPS])
+def test_dropblock_kernel_compiles_for_hopper(compiled, case):
+    assert compiled[f"dropblock-{case}"] == "ok", compiled[f"dropblock-{case}"]
