@@ -124,8 +124,10 @@ def run(csv_path: str | Path = DEFAULT_CSV, sizes=SIZES, device: str | torch.dev
             last = (b, time.perf_counter() - size_started)
 
     for impl in impls:
-        result = measure(dropblock_step(impl, dropblock_shape, device, dtype), device, warmup=3, repeats=max(repeats, 20))
-        record("dropblock", f"p{DROPBLOCK_P}-b{DROPBLOCK_SIZE}", impl.name, "x".join(map(str, dropblock_shape)), "-", result)
+        step = dropblock_step(impl, dropblock_shape, device, dtype)
+        result = measure(step, device, warmup=3, repeats=max(repeats, 20))
+        shape = "x".join(map(str, dropblock_shape))
+        record("dropblock", f"p{DROPBLOCK_P}-b{DROPBLOCK_SIZE}", impl.name, shape, "-", result)
     return rows
 
 

@@ -127,7 +127,8 @@ def dropblock_noise(shape: tuple[int, int, int, int], block_size: int, seed: int
     b = effective_block(block_size, h, w)
     half, rows, cols = b // 2, h - b + 1, w - b + 1
     uniforms = torch.empty(n * c * rows * cols, device=device, dtype=torch.float32)
-    _centre_uniforms_kernel[(triton.cdiv(uniforms.numel(), 1024),)](uniforms, seed, offset, uniforms.numel(), BLOCK=1024)
+    grid = (triton.cdiv(uniforms.numel(), 1024),)
+    _centre_uniforms_kernel[grid](uniforms, seed, offset, uniforms.numel(), BLOCK=1024)
     noise = torch.ones(shape, device=device, dtype=torch.float32)
     noise[:, :, half:half + rows, half:half + cols] = uniforms.view(n, c, rows, cols)
     return noise

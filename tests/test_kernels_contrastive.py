@@ -160,7 +160,7 @@ def test_itc_terms_share_features_and_match_three_infonce_calls(dtype):
                          [img, img_fp, txt, txt_fp, torch.tensor([50.0])], FLOOR[dtype])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the compiled kernels, bf16 tensor cores)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled kernels, bf16 tensor cores)")
 @pytest.mark.parametrize("op", ["infonce", "ntxent", "itc_terms"])
 @pytest.mark.parametrize("b", [1536, 4099])
 def test_matches_reference_on_gpu(op, b):
