@@ -85,6 +85,7 @@ class DataConfig:
     weak_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     strong_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     backend: str = "cpu"  # cpu | torch | dali | auto
+    shards: str = ""  # a `unimlip-fast data pack` folder of the same records, read by the torch and dali backends
     cache_images: bool = False  # keep decoded, resized images in memory (small data sets)
 
 

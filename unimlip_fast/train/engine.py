@@ -20,7 +20,8 @@ import torch
 
 from ..config import Config, ConfigError, save_config
 from ..data.formats import read_records
-from ..data.loader import build_dataset, build_loader
+from ..data.backends import build_train_loader
+from ..data.loader import build_dataset
 from ..data.masking import MaskingTables
 from ..kernels import resolve_ops
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
@@ -133,10 +134,12 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
     stop_at = min(total_steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps else total_steps
     while state.step < stop_at:
         phase = phase_at(state.step)
-        loader = build_loader(dataset, per_rank, env.rank, env.world_size, cfg.train.seed, state.epoch,
-                              strong_views=phase == SIMCLR, mlm=mlm_tables, mlm_prob=cfg.loss.mlm_prob,
-                              num_workers=cfg.data.num_workers, weak_scale=cfg.data.weak_scale,
-                              strong_scale=cfg.data.strong_scale, skip_batches=state.batch_in_epoch)
+        loader = build_train_loader(cfg.data.backend, dataset, per_rank, env.rank, env.world_size, cfg.train.seed,
+                                    state.epoch, strong_views=phase == SIMCLR, mlm=mlm_tables,
+                                    mlm_prob=cfg.loss.mlm_prob, num_workers=cfg.data.num_workers,
+                                    weak_scale=cfg.data.weak_scale, strong_scale=cfg.data.strong_scale,
+                                    skip_batches=state.batch_in_epoch, device=env.device,
+                                    dtype=next(engine.module.parameters()).dtype, shards=cfg.data.shards or None)
         with torch.random.fork_rng(devices=[]):  # the loader's worker seeds must not move the model's RNG
             batches = iter(loader)
         interval.mark_data()

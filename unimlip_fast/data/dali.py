@@ -1,0 +1,169 @@
+"""The DALI pipeline: packed shards -> the batch contract, decoded and augmented on the GPU.
+
+One pipeline per epoch and phase (the trainer builds a loader per epoch and per phase):
+
+- ``fn.readers.webdataset`` over the shards with their *verified* indices (:mod:`.shards`: a
+  sample that failed verification is not in the index, so DALI never reads it), sharded by rank
+  (``shard_id``/``num_shards``), shuffled with a seed drawn from ``(seed, epoch)``
+  (``random_shuffle``, a buffer of ``initial_fill`` samples; the shards were packed in the source's
+  order, so the buffer should be large against runs of similar images). Last batch: each rank
+  stops after ``(samples // ranks) // batch`` batches, the same count on every rank; the rest of
+  the epoch is dropped (``LastBatchPolicy.DROP``).
+- one decode per sample: ``fn.decoders.image`` on the GPU (``device="mixed"``, nvJPEG), or on the
+  CPU when the pipeline has ``device_id=None`` (how the tests run it, the same definition);
+- from that decoded image, the weak view (random resized crop, area ``weak_scale``) and, only in
+  the SimCLR phase, two strong views: crop area ``strong_scale``; colour jitter (brightness,
+  contrast, saturation 0.4, hue 0.1 of the circle = 36 degrees) with p 0.8 and greyscale with p 0.2,
+  folded into one ``fn.color_twist`` (saturation 0 is grey); Gaussian blur sigma U(0.1, 2) px with
+  p 0.5 (sigma 1e-3 when off: an identity kernel); horizontal flip p 0.5; each view normalised with
+  the CLIP mean/std by ``fn.crop_mirror_normalize``, NCHW, float16 when training in fp16, float32
+  otherwise (cast to bf16 on the device after the iterator: DALI has no bf16).
+- captions: the ``.ids`` member read as int32, padded to the context length by ``fn.pad``, its
+  length (the attention length) taken from its shape; ``.idx`` gives the batch's ``index``.
+
+The colour ops are DALI's, not :mod:`.views`': DALI's contrast pivots on mid-grey rather than the
+image mean and its colour twist is applied as one linear map, so strong views match the recipe in
+distribution, not pixel for pixel. MLM masking runs on the torch side, after the iterator
+(:func:`.masking.mask_tokens` on the device).
+
+Undecodable images: DALI stops the pipeline on an image it cannot decode, so such images never
+reach it: packing decode-checks every image and skips the bad ones, and a shard changed after
+packing is re-verified when opened; the samples dropped either way are counted in the first
+batch's ``skipped`` of each epoch (rank 0).
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import torch
+
+from .formats import DataError
+from .masking import MaskingTables, mask_tokens
+from .shards import IMAGE_EXTS, ShardSet
+from .views import CLIP_MEAN, CLIP_STD
+
+BLUR_WINDOW = 13  # 2 * ceil(3 * max sigma) + 1 for sigma up to 2
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, 7]).generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
+
+
+def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int, seed: int, strong_views: bool,
+                   image_size: int, weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0), device_id: int | None = 0,
+                   half: bool = False, num_threads: int = 4, initial_fill: int = 4096, prefetch: int = 2):
+    """The DALI pipeline (not yet built); outputs ``image[, image_a, image_b], ids, length, index``."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+    out_type = types.FLOAT16 if half else types.FLOAT
+    ratio = [3 / 4, 4 / 3]
+    mean = [255 * m for m in CLIP_MEAN]
+    std = [255 * s for s in CLIP_STD]
+    length = shards.context_length
+
+    def normalise(x, mirror=None):
+        kwargs = {"mirror": mirror} if mirror is not None else {}
+        return fn.crop_mirror_normalize(x, dtype=out_type, output_layout="CHW", mean=mean, std=std, **kwargs)
+
+    def uniform(lo, hi):
+        return fn.random.uniform(range=[lo, hi])
+
+    def coin(p):  # 1.0 with probability p, else 0.0
+        return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+    def strong_view(images):
+        x = fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(strong_scale),
+                                   random_aspect_ratio=ratio)
+        on = coin(0.8)
+        keep = 1.0 - coin(0.2)  # 0: greyscale
+        x = fn.color_twist(x, brightness=1.0 + on * uniform(-0.4, 0.4), contrast=1.0 + on * uniform(-0.4, 0.4),
+                           saturation=(1.0 + on * uniform(-0.4, 0.4)) * keep, hue=on * uniform(-36.0, 36.0))
+        blur = coin(0.5)
+        sigma = blur * uniform(0.1, 2.0) + (1.0 - blur) * 1e-3
+        x = fn.gaussian_blur(x, sigma=sigma, window_size=BLUR_WINDOW)
+        return normalise(x, mirror=fn.random.coin_flip(probability=0.5))
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=prefetch)
+    def pipeline():
+        encoded, ids, index = fn.readers.webdataset(
+            paths=[str(p) for p in shards.tars], index_paths=[str(p) for p in shards.indices],
+            ext=[";".join(IMAGE_EXTS), "ids", "idx"], dtypes=[types.UINT8, types.INT32, types.INT64],
+            missing_component_behavior="error", shard_id=rank, num_shards=world_size,
+            random_shuffle=True, initial_fill=max(1, min(initial_fill, len(shards))), seed=seed,
+            pad_last_batch=False, name="reader")
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        weak = normalise(fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(weak_scale),
+                                                random_aspect_ratio=ratio))
+        lengths = ids.shape(dtype=types.INT32)
+        padded = fn.pad(ids, fill_value=shards.pad_token_id, shape=[length])
+        if strong_views:
+            return weak, strong_view(images), strong_view(images), padded, lengths, index
+        return weak, padded, lengths, index
+
+    return pipeline()
+
+
+class DALILoader:
+    """An epoch's batches on one rank, in the batch contract (tensors on the pipeline's device)."""
+
+    def __init__(self, shards: ShardSet, per_rank: int, rank: int, world_size: int, seed: int, epoch: int,
+                 strong_views: bool, mlm: MaskingTables | None, mlm_prob: float, image_size: int,
+                 weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0), skip_batches: int = 0,
+                 device: torch.device | str = "cuda", dtype: torch.dtype = torch.float32, num_threads: int = 4):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.device = torch.device(device)
+        device_id = None if self.device.type == "cpu" else (self.device.index or 0)
+        self.shards, self.dtype, self.strong, self.mlm, self.mlm_prob = shards, dtype, strong_views, mlm, mlm_prob
+        self.seed, self.epoch, self.skip_batches = seed, epoch, skip_batches
+        self.num_batches = (len(shards) // world_size) // per_rank
+        if self.num_batches == 0:
+            raise DataError(f"{len(shards)} samples do not fill one global batch of {per_rank} x {world_size} ranks")
+        self.first_skipped = shards.epoch_skipped if rank == 0 and skip_batches == 0 else {}
+        pipe = build_pipeline(shards, per_rank, rank, world_size, _epoch_seed(seed, epoch, rank), strong_views,
+                              image_size, weak_scale, strong_scale, device_id, half=dtype == torch.float16,
+                              num_threads=num_threads)
+        pipe.build()
+        self.keys = ["image"] + (["image_a", "image_b"] if strong_views else []) + ["ids", "length", "index"]
+        self.iterator = DALIGenericIterator([pipe], self.keys, reader_name="reader",
+                                            last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        where = "GPU (mixed nvJPEG decode)" if device_id is not None else "CPU operators (device_id=None)"
+        self.description = f"dali backend: {where}, shards {shards.root}"
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.skip_batches)
+
+    def __iter__(self):
+        for k, out in enumerate(self.iterator):
+            if k >= self.num_batches:
+                break
+            if k < self.skip_batches:  # resuming mid-epoch: the batches already trained on
+                continue
+            yield self._contract(out[0], first=k == self.skip_batches)
+
+    def _contract(self, out: dict, first: bool) -> dict:
+        index = out["index"].view(-1).to(torch.int64)
+        lengths = out["length"].view(-1).to(self.device)
+        ids = out["ids"].to(self.device, torch.int64, non_blocking=True)
+        positions = torch.arange(ids.shape[1], device=self.device)
+        mask = (positions[None, :] < lengths[:, None]).to(torch.int64)
+        batch = {key: out[key].to(self.device).to(self.dtype) for key in ("image", "image_a", "image_b") if key in out}
+        if self.mlm is not None:
+            from .loader import _generator
+
+            g = _generator(self.seed, self.epoch, 1 << 30, *index.cpu().tolist())
+            ids, batch["mlm_labels"] = mask_tokens(ids, mask, self.mlm, self.mlm_prob, g)
+        batch.update(input_ids=ids, attention_mask=mask, index=index.to(self.device),
+                     skipped=dict(collections.Counter(self.first_skipped)) if first else {})
+        return batch

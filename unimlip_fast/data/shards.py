@@ -1,0 +1,266 @@
+"""Reading a packed folder (see :mod:`.pack`): the verified sample list both GPU backends read.
+
+:func:`open_shards` reads the manifest and, for each shard, the sample list of its index file. A
+shard whose tar no longer has the size and mtime its marker recorded (edited, truncated, corrupted
+after packing) is re-verified once: its members are listed from the tar headers, every sample
+needs an image and its ``.ids`` (else ``missing_caption`` / ``missing_image``), every image
+passes the pack's decode check (else ``undecodable_image``); the samples that pass are written to
+a *verified index* in DALI's format (under ``<folder>/.verified``, or a temporary folder when the
+packed folder is read-only). That index is the skip list: DALI's webdataset reader and the torch
+dataset only ever see the samples it lists, so a bad sample inside a shard is counted, not fatal.
+
+:class:`ShardDataset` is the torch path's map-style dataset over the verified samples: it reads
+a sample's bytes with ``os.pread`` (random access, any worker), and returns the image decoded with
+PIL (shrunk early, as the CPU loader) or its raw bytes for a GPU decode.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .formats import DataError
+from .pack import check_image_bytes, write_index
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "img")
+JPEG_EXTS = ("jpg", "jpeg")
+
+# One row per usable sample.
+SAMPLE_DTYPE = np.dtype([("shard", np.int32), ("index", np.int64), ("img_off", np.int64), ("img_size", np.int64),
+                         ("ids_off", np.int64), ("ids_size", np.int64), ("jpeg", np.bool_)])
+
+
+@dataclass
+class ShardSet:
+    """A packed folder, verified: the tars, the index each backend should read, the samples."""
+
+    root: Path
+    manifest: dict
+    tars: list[Path]
+    indices: list[Path]  # verified index per tar (the pack's own where the tar is unchanged)
+    samples: np.ndarray  # SAMPLE_DTYPE, in index order, shard by shard
+    read_skipped: collections.Counter = field(default_factory=collections.Counter)  # found while verifying
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest["tokenizer"]["context_length"])
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.manifest["tokenizer"]["pad_token_id"])
+
+    @property
+    def epoch_skipped(self) -> dict[str, int]:
+        """Samples an epoch loses, by reason: images that failed the decode check when packing and
+        everything verification dropped (records the source reader skipped are not included: the
+        trainer counts those when it reads the records)."""
+        counts = collections.Counter({"undecodable_image": self.manifest.get("pack_skipped", {}).get(
+            "undecodable_image", 0)})
+        counts.update(self.read_skipped)
+        return {k: v for k, v in counts.items() if v}
+
+    def tokenizer_path(self) -> Path:
+        return self.root / self.manifest["tokenizer"]["path"]
+
+
+def _parse_index(path: Path) -> list[list[tuple[str, int, int, str]]]:
+    lines = path.read_text().split("\n")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] not in ("v1.1", "v1.2"):
+        raise DataError(f"{path}: not a webdataset index (first line {lines[0]!r})")
+    samples = []
+    for line in lines[1:]:
+        parts = line.split()
+        if parts:
+            samples.append([(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3])
+                            for k in range(0, len(parts), 4)])
+    if len(samples) != int(head[1]):
+        raise DataError(f"{path}: the header says {head[1]} samples, the file lists {len(samples)}")
+    return samples
+
+
+def _rows(shard: int, samples) -> list[tuple]:
+    rows = []
+    for sample in samples:
+        parts = {ext: (off, size, name) for ext, off, size, name in sample}
+        img = next(e for e in parts if e in IMAGE_EXTS)
+        off, size, name = parts[img]
+        ids_off, ids_size, _ = parts["ids"]
+        rows.append((shard, int(name.split(".", 1)[0]), off, size, ids_off, ids_size, img in JPEG_EXTS))
+    return rows
+
+
+def scan_tar(path: Path, check_images: bool = True) -> tuple[list, collections.Counter]:
+    """The samples of a tar that have an image (decodable) and caption ids, in index form, and the
+    rest counted by reason. Reads the headers, and the images' bytes when ``check_images``."""
+    groups: dict[str, dict[str, tuple[int, int, str]]] = {}
+    order: list[str] = []
+    skipped: collections.Counter = collections.Counter()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile() or m.name.startswith(".") or "." not in Path(m.name).name:
+                    continue
+                base, ext = m.name.split(".", 1)
+                if base not in groups:
+                    groups[base] = {}
+                    order.append(base)
+                groups[base][ext] = (m.offset_data, m.size, m.name)
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        raise DataError(f"{path}: unreadable tar ({e}); repack it (delete its .json marker and run data pack again)")
+    good = []
+    with open(path, "rb") as fh:
+        for base in order:
+            parts = groups[base]
+            img = next((e for e in parts if e in IMAGE_EXTS), None)
+            if img is None:
+                skipped["missing_image"] += 1
+                continue
+            if "ids" not in parts or parts["ids"][1] == 0:
+                skipped["missing_caption"] += 1
+                continue
+            if "idx" not in parts:
+                skipped["bad_row"] += 1
+                continue
+            if check_images:
+                off, size, _ = parts[img]
+                if not check_image_bytes(os.pread(fh.fileno(), size, off)):
+                    skipped["undecodable_image"] += 1
+                    continue
+            good.append([(e, *parts[e]) for e in (img, "ids", "idx") if e in parts])
+    return good, skipped
+
+
+def _verified_dir(root: Path) -> Path:
+    d = root / ".verified"
+    try:
+        d.mkdir(exist_ok=True)
+        probe = d / ".probe"
+        probe.write_text("")
+        probe.unlink()
+        return d
+    except OSError:
+        h = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+        d = Path(tempfile.gettempdir()) / f"unimlip_verified_{h}"
+        d.mkdir(exist_ok=True)
+        return d
+
+
+def _verify(root: Path, entry: dict, st: os.stat_result) -> tuple[Path, list, collections.Counter]:
+    """The verified index of a shard changed since packing (cached by the tar's size and mtime)."""
+    vdir = _verified_dir(root)
+    stem = Path(entry["tar"]).stem
+    index_path, meta_path = vdir / f"{stem}.idx", vdir / f"{stem}.json"
+    if meta_path.is_file() and index_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
+            return index_path, _parse_index(index_path), collections.Counter(meta["skipped"])
+    samples, skipped = scan_tar(root / entry["tar"])
+    write_index(index_path, samples)
+    meta_path.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "skipped": dict(skipped)}))
+    return index_path, samples, skipped
+
+
+def open_shards(folder: str | os.PathLike) -> ShardSet:
+    """Open a packed folder; shards changed since packing are re-verified (see the module doc)."""
+    root = Path(folder)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{root} is not a packed folder (no manifest.json); make one with `unimlip-fast data pack`")
+    manifest = json.loads(manifest_path.read_text())
+    tars, indices, rows = [], [], []
+    read_skipped: collections.Counter = collections.Counter()
+    for s, entry in enumerate(manifest["shards"]):
+        tar = root / entry["tar"]
+        try:
+            st = tar.stat()
+        except FileNotFoundError:
+            raise DataError(f"{tar} listed in the manifest is missing") from None
+        if st.st_size == entry["size"] and st.st_mtime_ns == entry["mtime_ns"]:
+            index_path = root / entry["index"]
+            samples = _parse_index(index_path)
+        else:
+            index_path, samples, skipped = _verify(root, entry, st)
+            read_skipped.update(skipped)
+        if samples:  # DALI rejects a tar with no samples
+            tars.append(tar)
+            indices.append(index_path)
+            rows += _rows(len(tars) - 1, samples)
+    if not rows:
+        raise DataError(f"{root}: no usable samples ({dict(read_skipped)} skipped)")
+    return ShardSet(root, manifest, tars, indices, np.array(rows, dtype=SAMPLE_DTYPE), read_skipped)
+
+
+# ------------------------------------------------------------------------------------ ids -> tokens
+
+
+def ids_to_tokens(ids_rows: list[np.ndarray], context_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unpadded int32 id rows -> ``(input_ids, attention_mask)`` int64 ``[B, context_length]``."""
+    b = len(ids_rows)
+    ids = np.full((b, context_length), pad_id, np.int64)
+    mask = np.zeros((b, context_length), np.int64)
+    for i, row in enumerate(ids_rows):
+        n = min(len(row), context_length)
+        ids[i, :n] = row[:n]
+        mask[i, :n] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------ the torch dataset
+
+
+class ShardDataset:
+    """Map-style dataset over a :class:`ShardSet`. ``__getitem__(j)`` -> dict with ``index`` (the
+    record index), ``ids`` (int32, unpadded) and either ``image`` (``HxWx3`` uint8, decoded with
+    PIL and shrunk to ``decode_size`` on the short side) or, with ``raw_jpeg`` and a JPEG, ``jpeg``
+    (the encoded bytes as a uint8 array, for a batched GPU decode). A sample that fails to decode
+    raises ``OSError``; the loader substitutes and counts it."""
+
+    def __init__(self, shards: ShardSet, decode_size: int, raw_jpeg: bool = False):
+        self.shards, self.decode_size, self.raw_jpeg = shards, decode_size, raw_jpeg
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.shards.tars[shard], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"short read in {self.shards.tars[shard]}")
+        return data
+
+    def __getitem__(self, j: int) -> dict:
+        from .loader import _shrink, _to_uint8_rgb
+
+        row = self.shards.samples[j]
+        shard = int(row["shard"])
+        ids = np.frombuffer(self._read(shard, int(row["ids_off"]), int(row["ids_size"])), "<i4")
+        data = self._read(shard, int(row["img_off"]), int(row["img_size"]))
+        sample = {"index": int(row["index"]), "ids": ids}
+        if self.raw_jpeg and row["jpeg"]:
+            sample["jpeg"] = np.frombuffer(data, np.uint8)
+            return sample
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (self.decode_size, self.decode_size))
+            sample["image"] = _shrink(_to_uint8_rgb(im), self.decode_size)
+        return sample

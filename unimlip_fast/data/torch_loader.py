@@ -1,0 +1,276 @@
+"""The torch GPU path: decode in DataLoader workers (or on the GPU), augment as batched device ops.
+
+Workers only read and decode: a packed shard's sample (:class:`.shards.ShardDataset`) or a record
+of the CPU loader's dataset, PIL-decoded and shrunk to about 1.15x the image size; with
+torchvision and CUDA, JPEGs from shards travel as bytes and are decoded on the GPU in one batched
+``torchvision.io.decode_jpeg(device="cuda")`` call. The main process moves the batch to the device
+and makes the views there with :mod:`.views` (weak view; the two strong views only when asked),
+casts them to the training dtype, and applies the MLM masking on the device.
+
+Images of different sizes share one batch: each is placed at the top left of a canvas as large as
+the largest (its last row and column repeated once, so bilinear sampling at its edge sees itself),
+and its crop box is drawn from its own height and width, so the batched crop never reads the
+padding. Sample order, rank split and last-batch policy are the CPU loader's
+(:class:`.loader.DistributedBatchSampler`: a permutation per ``(seed, epoch)``, global batches cut
+into per-rank slices, the tail dropped so every rank has as many batches). View parameters come
+from a generator seeded with ``(seed, epoch, indices of the batch)``: the same seed gives the same
+batches. A sample that fails to load is replaced by the next good one and counted in ``skipped``.
+"""
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .formats import DataError
+from .loader import (DECODE_MARGIN, MAX_SUBSTITUTES, _DECODE_ERRORS, CaptionImageDataset, DistributedBatchSampler,
+                     _failure_reason, _generator)
+from .masking import MaskingTables, mask_tokens
+from .shards import ShardDataset, ShardSet, ids_to_tokens
+from .views import RATIO, crop_resize, normalize, strong_photometric
+
+
+def gpu_jpeg_decode_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------ views on a device
+
+
+def _u(n: int, lo: float, hi: float, g, shape=()) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand((n, *shape), generator=g)
+
+
+def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale, ratio=RATIO, generator=None) -> torch.Tensor:
+    """:func:`.views.random_resized_crop_boxes` for images of different sizes (``heights``,
+    ``widths`` [n] float, on the CPU): ten tries each, the first that fits, else the centre crop at
+    the clamped aspect. ``[n,4]`` ``(x0, y0, w, h)`` in each image's pixels."""
+    n, tries = len(heights), 10
+    hh, ww = heights.double(), widths.double()
+    area = (hh * ww)[:, None] * _u(n, scale[0], scale[1], generator, (tries,)).double()
+    aspect = torch.exp(_u(n, math.log(ratio[0]), math.log(ratio[1]), generator, (tries,)).double())
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])
+    first = ok.double().argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    in_ratio = ww / hh
+    fw = torch.where(in_ratio > ratio[1], (hh * ratio[1]).round(), ww)
+    fh = torch.where(in_ratio < ratio[0], (ww / ratio[0]).round(), hh)
+    any_ok = ok.any(dim=1)
+    w, h = torch.where(any_ok, w, fw), torch.where(any_ok, h, fh)
+    ux, uy = _u(n, 0.0, 1.0, generator).double(), _u(n, 0.0, 1.0, generator).double()
+    x0 = torch.where(any_ok, torch.minimum(torch.floor(ux * (ww - w + 1)), ww - w), (ww - w) / 2)
+    y0 = torch.where(any_ok, torch.minimum(torch.floor(uy * (hh - h + 1)), hh - h), (hh - h) / 2)
+    return torch.stack([x0, y0, w, h], dim=1).float()
+
+
+def shrink_on_device(image: torch.Tensor, target: int) -> torch.Tensor:
+    """``[3,H,W]`` uint8 -> float [0,1] with the short side shrunk to ``target`` (antialiased)."""
+    x = image.float().div_(255)
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    h, w = x.shape[1:]
+    if min(h, w) > target:
+        size = (max(1, round(h * target / min(h, w))), max(1, round(w * target / min(h, w))))
+        x = F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp_(0, 1)
+    return x
+
+
+def canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float ``[3,h,w]`` images -> ``([B,3,H,W], heights [B], widths [B])`` (CPU size tensors)."""
+    hs = [int(x.shape[1]) for x in images]
+    ws = [int(x.shape[2]) for x in images]
+    if len(set(hs)) == 1 and len(set(ws)) == 1:
+        return torch.stack(images), torch.tensor(hs, dtype=torch.float32), torch.tensor(ws, dtype=torch.float32)
+    hmax, wmax = max(hs) + 1, max(ws) + 1
+    out = images[0].new_zeros((len(images), 3, hmax, wmax))
+    for i, x in enumerate(images):
+        h, w = hs[i], ws[i]
+        out[i, :, :h, :w] = x
+        out[i, :, :h, w] = x[:, :, -1]  # one repeated column and row: bilinear sampling at the edge
+        out[i, :, h, : w + 1] = out[i, :, h - 1, : w + 1]
+    return out, torch.tensor(hs, dtype=torch.float32), torch.tensor(ws, dtype=torch.float32)
+
+
+def make_views(images: list[torch.Tensor], size: int, generator: torch.Generator, strong: bool,
+               weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0)) -> dict[str, torch.Tensor]:
+    """The weak view (and the two strong views when ``strong``) of float ``[3,h,w]`` images on one
+    device, as one batched op each; normalised float32 ``[B,3,size,size]``."""
+    x, hs, ws = canvas(images)
+    # Every image sits at the canvas's top left, so a box in its own pixels is the same box on the
+    # canvas; the random numbers come from a CPU generator (views' helpers move them to the device).
+    out = {"image": normalize(crop_resize(x, crop_boxes(hs, ws, weak_scale, RATIO, generator), size))}
+    if strong:
+        for key in ("image_a", "image_b"):
+            boxes = crop_boxes(hs, ws, strong_scale, RATIO, generator)
+            flip = torch.rand(x.shape[0], generator=generator) < 0.5
+            out[key] = normalize(strong_photometric(crop_resize(x, boxes, size, flip), generator))
+    return out
+
+
+# --------------------------------------------------------------------------------- CPU-side items
+
+
+class _Items(Dataset):
+    """Index -> ``{"index", "ids" | row of input ids, "image" | "jpeg"}`` with bad samples
+    substituted by the next good one and counted by the reason they failed."""
+
+    def __init__(self, source, image_size: int, raw_jpeg: bool):
+        self.source = source
+        decode = round(image_size * DECODE_MARGIN)
+        self.shards = ShardDataset(source, decode, raw_jpeg) if isinstance(source, ShardSet) else None
+        self._bad: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _load(self, j: int) -> dict:
+        if self.shards is not None:
+            return self.shards[j]
+        base: CaptionImageDataset = self.source
+        return {"index": j, "image": np.asarray(base.load_image(j)), "row": j}
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        for k in range(min(n, MAX_SUBSTITUTES)):
+            j = (i + k) % n
+            if j in self._bad:
+                continue
+            try:
+                sample = self._load(j)
+                break
+            except _DECODE_ERRORS as err:
+                self._bad[j] = _failure_reason(err)
+        else:
+            raise DataError(f"{min(n, MAX_SUBSTITUTES)} samples in a row from {i} failed to load")
+        sample["skipped"] = {self._bad[i]: 1} if j != i else {}
+        return sample
+
+
+def _collate(samples: list[dict]) -> dict:
+    batch = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.int64), "images": [], "jpegs": {}}
+    for k, s in enumerate(samples):
+        if "jpeg" in s:
+            batch["jpegs"][k] = torch.from_numpy(s["jpeg"].copy())
+            batch["images"].append(None)
+        else:
+            img = np.asarray(s["image"])
+            if img.ndim == 2:
+                img = img[:, :, None]
+            if not (img.flags.writeable and img.flags.c_contiguous):  # PIL's arrays are read-only views
+                img = np.array(img)
+            batch["images"].append(torch.from_numpy(img).permute(2, 0, 1))
+    if "ids" in samples[0]:
+        batch["ids"] = [s["ids"] for s in samples]
+    else:
+        batch["rows"] = [s["row"] for s in samples]
+    skipped = collections.Counter()
+    for s in samples:
+        skipped.update(s["skipped"])
+    batch["skipped"] = dict(skipped)
+    return batch
+
+
+# ------------------------------------------------------------------------------------- the loader
+
+
+class TorchGPULoader:
+    """An epoch's batches in the batch contract, tensors on ``device``, images in ``dtype``."""
+
+    def __init__(self, source, per_rank: int, rank: int, world_size: int, seed: int, epoch: int, strong_views: bool,
+                 mlm: MaskingTables | None, mlm_prob: float, num_workers: int, weak_scale, strong_scale,
+                 skip_batches: int, device: torch.device, dtype: torch.dtype, image_size: int):
+        self.source, self.device, self.dtype, self.image_size = source, torch.device(device), dtype, image_size
+        self.seed, self.epoch, self.strong, self.mlm, self.mlm_prob = seed, epoch, strong_views, mlm, mlm_prob
+        self.weak_scale, self.strong_scale = tuple(weak_scale), tuple(strong_scale)
+        self.gpu_decode = isinstance(source, ShardSet) and gpu_jpeg_decode_available(self.device)
+        self.sampler = DistributedBatchSampler(len(source), per_rank, rank, world_size, seed, epoch, skip_batches)
+        if self.sampler.num_batches == 0:
+            raise DataError(f"{len(source)} samples do not fill one global batch of {per_rank} x {world_size} ranks")
+        self.first_skipped = (source.epoch_skipped if isinstance(source, ShardSet) and rank == 0 and skip_batches == 0
+                              else {})
+        self.loader = DataLoader(_Items(source, image_size, self.gpu_decode), batch_sampler=self.sampler,
+                                 collate_fn=_collate, num_workers=num_workers,
+                                 pin_memory=self.device.type == "cuda",
+                                 prefetch_factor=4 if num_workers > 0 else None,
+                                 persistent_workers=False)
+        decode = "GPU nvJPEG (torchvision)" if self.gpu_decode else "PIL in workers"
+        self.description = (f"torch backend: {decode} decode, views on {self.device.type} "
+                            f"({'packed shards ' + str(source.root) if isinstance(source, ShardSet) else 'records'})")
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        # The DataLoader's iterator (which draws the workers' base seed from torch's global RNG) is
+        # made here, not on the first next(): the trainer makes it under fork_rng.
+        return self._batches(iter(self.loader))
+
+    def _batches(self, cpu_batches):
+        first = True
+        for cpu_batch in cpu_batches:
+            batch = self._to_device(cpu_batch)
+            if first and self.first_skipped:
+                batch["skipped"] = dict(collections.Counter(batch["skipped"]) + collections.Counter(self.first_skipped))
+            first = False
+            yield batch
+
+    def _decode(self, cpu_batch: dict) -> tuple[list[torch.Tensor], collections.Counter]:
+        """Float [0,1] ``[3,h,w]`` images on the device, shrunk to about 1.15x the image size."""
+        target = round(self.image_size * DECODE_MARGIN)
+        images = [None if x is None else x.to(self.device, non_blocking=True) for x in cpu_batch["images"]]
+        failed = collections.Counter()
+        jpegs = cpu_batch["jpegs"]
+        if jpegs:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            keys = list(jpegs)
+            try:
+                decoded = decode_jpeg([jpegs[k] for k in keys], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # one bad JPEG fails the batched call: decode one by one
+                decoded = []
+                for k in keys:
+                    try:
+                        decoded.append(decode_jpeg(jpegs[k], mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError:
+                        decoded.append(None)
+                        failed["undecodable_image"] += 1
+            for k, img in zip(keys, decoded):
+                images[k] = img
+        good = [x for x in images if x is not None]
+        if not good:
+            raise DataError("every image of a batch failed to decode on the GPU")
+        images = [x if x is not None else good[0] for x in images]  # substitute a good one of the batch
+        return [shrink_on_device(x, target) if x.dtype == torch.uint8 else x for x in images], failed
+
+    def _to_device(self, cpu_batch: dict) -> dict:
+        index = cpu_batch["index"]
+        images, failed = self._decode(cpu_batch)
+        g = _generator(self.seed, self.epoch, 1 << 31, *index.tolist())
+        batch = {k: v.to(self.dtype) for k, v in make_views(images, self.image_size, g, self.strong,
+                                                              self.weak_scale, self.strong_scale).items()}
+        if "ids" in cpu_batch:
+            ids, mask = ids_to_tokens(cpu_batch["ids"], self.source.context_length, self.source.pad_token_id)
+            ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        else:
+            rows = cpu_batch["rows"]
+            ids = torch.from_numpy(self.source.input_ids[rows]).long()
+            mask = torch.from_numpy(self.source.attention_mask[rows]).long()
+        ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        if self.mlm is not None:
+            mg = _generator(self.seed, self.epoch, 1 << 30, *index.tolist())
+            ids, batch["mlm_labels"] = mask_tokens(ids, mask, self.mlm, self.mlm_prob, mg)
+        batch.update(input_ids=ids, attention_mask=mask, index=index.to(self.device, non_blocking=True),
+                     skipped=dict(collections.Counter(cpu_batch["skipped"]) + failed))
+        return batch
