@@ -1,0 +1,197 @@
+"""Packed shards read back, and the torch backend (decode in workers, views as batched tensor ops) on
+them: the batch contract, determinism, ranks, bad samples inside a shard, ids unchanged, a run.
+
+The same checks run on the DALI backend in test_dali.py (``backend_checks`` below is shared)."""
+import json
+import sys
+
+import pytest
+import torch
+
+from unimlip_fast.cli import main
+from unimlip_fast.data.backends import build_train_loader, resolve_backend
+from unimlip_fast.data.formats import DataError
+from unimlip_fast.data.shards import open_shards
+from unimlip_fast.data.torch_loader import crop_boxes, make_views
+from unimlip_fast.data.views import random_resized_crop_boxes
+
+from .shard_helpers import (CONTEXT, IMAGE_SIZE, N_PACKED, check_contract, epoch, first_member_names, pack_medpix,
+                            rewrite_shard, run_args, same_batches, tokenised_captions, unpadded)
+
+B = 16
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    return pack_medpix(tmp_path_factory.mktemp("medpix_shards"))
+
+
+@pytest.fixture(scope="module")
+def mlm_tables(packed):
+    from transformers import AutoTokenizer
+
+    from unimlip_fast.data.masking import MaskingTables
+
+    return MaskingTables.from_tokenizer(AutoTokenizer.from_pretrained(str(packed / "tokenizer")))
+
+
+class _Dataset:  # what build_train_loader reads off the trainer's dataset when shards are given
+    image_size = IMAGE_SIZE
+
+
+def loader(backend, shards, **kw):
+    kw.setdefault("strong_views", False)
+    return build_train_loader(backend, _Dataset(), kw.pop("batch", B), shards=open_shards(shards), **kw)
+
+
+# ------------------------------------------------------------------ checks shared with test_dali.py
+
+
+def check_contract_and_phases(backend, packed, mlm_tables):
+    warm = epoch(loader(backend, packed, mlm=mlm_tables))
+    assert len(warm) == N_PACKED // B
+    for batch in warm:
+        check_contract(batch, B, strong=False, mlm=True)
+    strong = epoch(loader(backend, packed, strong_views=True, dtype=torch.bfloat16))
+    for batch in strong:
+        check_contract(batch, B, strong=True, mlm=False, dtype=torch.bfloat16)
+
+
+def check_determinism(backend, packed):
+    a = epoch(loader(backend, packed, seed=3, epoch=1, strong_views=True))
+    b = epoch(loader(backend, packed, seed=3, epoch=1, strong_views=True))
+    c = epoch(loader(backend, packed, seed=3, epoch=2, strong_views=True))
+    assert same_batches(a, b)
+    assert not same_batches(a, c)
+    assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in c]  # reshuffled per epoch
+
+
+def check_ranks(backend, packed):
+    seen = []
+    for rank in range(2):
+        batches = epoch(loader(backend, packed, batch=8, rank=rank, world_size=2, seed=5))
+        assert len(batches) == N_PACKED // 16  # the same count on every rank
+        seen.append([i for b in batches for i in b["index"].tolist()])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(N_PACKED))  # 96 = 6 global batches of 16: nothing dropped
+
+
+def check_ids_unchanged(backend, packed):
+    expected = tokenised_captions(packed)
+    got = {}
+    for batch in epoch(loader(backend, packed)):
+        for i, ids in zip(batch["index"].tolist(), unpadded(batch["input_ids"], batch["attention_mask"])):
+            got[i] = ids
+    assert sorted(got) == list(range(N_PACKED))
+    assert all(got[i] == expected[i][0] for i in got)
+
+
+def check_bad_samples_inside_a_shard(backend, packed_copy):
+    names = first_member_names(packed_copy)
+    corrupt, no_caption = names[3], names[7]
+    rewrite_shard(packed_copy / "shard-000000.tar", corrupt={f"{corrupt}.jpg"}, drop={f"{no_caption}.ids"})
+    shards = open_shards(packed_copy)
+    assert dict(shards.read_skipped) == {"undecodable_image": 1, "missing_caption": 1}
+    assert len(shards) == N_PACKED - 2
+    batches = epoch(loader(backend, packed_copy, batch=8))
+    assert batches[0]["skipped"] == {"undecodable_image": 1, "missing_caption": 1}  # once per epoch, rank 0
+    assert all(not b["skipped"] for b in batches[1:])
+    seen = {i for b in batches for i in b["index"].tolist()}
+    assert int(corrupt) not in seen and int(no_caption) not in seen
+    assert len(batches) == (N_PACKED - 2) // 8
+    # a second open reuses the verified index (cached by the tar's size and mtime)
+    assert open_shards(packed_copy).read_skipped == shards.read_skipped
+
+
+def check_pretrain_run(backend, packed, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, run_args(packed, backend, run))])
+    with pytest.raises(SystemExit) as e:
+        main()
+        raise SystemExit(0)
+    assert e.value.code == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss/total" in m]
+    assert [m["phase"] for m in steps] == ["warmup", "warmup", "simclr", "simclr"]
+    assert "loss/simclr" in steps[-1] and all(torch.isfinite(torch.tensor(m["loss/total"])) for m in steps)
+    assert (run / "model.safetensors").is_file()
+
+
+def copy_packed(packed, dest):
+    import shutil
+
+    shutil.copytree(packed, dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------- the torch backend
+
+
+def test_torch_contract_and_phases(packed, mlm_tables):
+    check_contract_and_phases("torch", packed, mlm_tables)
+
+
+def test_torch_same_seed_same_batches(packed):
+    check_determinism("torch", packed)
+
+
+def test_torch_two_ranks_disjoint_and_covering(packed):
+    check_ranks("torch", packed)
+
+
+def test_torch_ids_unchanged(packed):
+    check_ids_unchanged("torch", packed)
+
+
+def test_torch_bad_samples_inside_a_shard(packed, tmp_path):
+    check_bad_samples_inside_a_shard("torch", copy_packed(packed, tmp_path / "copy"))
+
+
+def test_torch_pretrain_run_on_medpix_shards(packed, tmp_path, monkeypatch):
+    check_pretrain_run("torch", packed, tmp_path, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------ the pieces
+
+
+def test_crop_boxes_match_the_views_boxes_on_equal_sizes():
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    ours = crop_boxes(torch.full((64,), 90.0), torch.full((64,), 120.0), (0.08, 1.0), generator=g1)
+    ref = random_resized_crop_boxes(64, 90, 120, (0.08, 1.0), generator=g2)
+    assert torch.allclose(ours, ref, atol=1.0)  # the same draws; at most a rounding step apart
+    assert (ours[:, 0] + ours[:, 2] <= 120).all() and (ours[:, 1] + ours[:, 3] <= 90).all()
+
+
+def test_mixed_sizes_never_sample_the_padding():
+    # A white 40x30 image beside a black 80x100 one: every view of the white one stays white.
+    images = [torch.ones(3, 40, 30), torch.zeros(3, 80, 100)]
+    views = make_views(images, 16, torch.Generator().manual_seed(0), strong=False, weak_scale=(0.08, 1.0))["image"]
+    white = (1 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    assert torch.allclose(views[0], white.view(3, 1, 1).expand(3, 16, 16), atol=1e-5)
+
+
+def test_backend_choice():
+    assert resolve_backend("auto", "cpu", None) == ("cpu", "auto: no CUDA device")
+    assert resolve_backend("torch", "cpu", None)[0] == "torch"
+    with pytest.raises(DataError, match="data.shards"):
+        resolve_backend("dali", "cpu", None) if _dali() else pytest.skip("DALI not installed")
+
+
+def test_shards_from_another_tokenizer_are_refused(packed):
+    from unimlip_fast.data.backends import check_against_dataset
+
+    class Dataset:
+        input_ids = torch.zeros(N_PACKED, CONTEXT, dtype=torch.int32).numpy() + 7
+        attention_mask = torch.ones(N_PACKED, CONTEXT, dtype=torch.uint8).numpy()
+
+        def __len__(self):
+            return N_PACKED
+
+    with pytest.raises(DataError, match="tokenizer"):
+        check_against_dataset(open_shards(packed), Dataset())
+
+
+def _dali():
+    from unimlip_fast.data.dali import dali_available
+
+    return dali_available()
