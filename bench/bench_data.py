@@ -1,0 +1,199 @@
+"""Benchmark: input pipelines against the training step they feed, on MedPix shards.
+
+Samples per second with the three 224 px views of the SimCLR phase (weak + two strong) and MLM
+masking, for: the CPU loader with every core as a DataLoader worker; the torch GPU path (decode in
+workers, or nvJPEG through torchvision where installed; views as batched CUDA ops); DALI on the
+GPU where it imports. Then the samples per second of the training step: forward and backward of
+the default-size model (ResNet-50 x64 at 224 px, a text tower of BiomedBERT-base's shape
+initialised at random, fusion and heads at their defaults), all five terms, bf16 autocast, batch 96. Targets (issue 4):
+the GPU path at least 4x the CPU loader and at least 2x the training step.
+
+The MedPix train split (``../shared/data/medpix2``) is packed into a temporary folder first, with
+a WordPiece tokenizer fitted to its captions (nothing is downloaded). One CSV row per path, with
+the card, versions and commit.
+
+    python bench/bench_data.py                         # rows appended to bench/results.csv
+    python bench/bench_data.py --seconds 5 --csv /tmp/data.csv
+
+Without CUDA only the CPU loader is measured (briefly), and the output says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import append_rows, environment, measure  # noqa: E402
+
+from unimlip_fast.config import Config, DataConfig, TextConfig  # noqa: E402
+from unimlip_fast.data.backends import build_train_loader  # noqa: E402
+from unimlip_fast.data.dali import dali_available  # noqa: E402
+from unimlip_fast.data.formats import read_records  # noqa: E402
+from unimlip_fast.data.loader import build_dataset  # noqa: E402
+from unimlip_fast.data.masking import MaskingTables  # noqa: E402
+from unimlip_fast.data.pack import pack  # noqa: E402
+from unimlip_fast.data.shards import open_shards  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MEDPIX = REPO.parent / "shared" / "data" / "medpix2"
+DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
+IMAGE_SIZE, CONTEXT, BATCH = 224, 77, 96
+
+
+def _tokenizer(captions: list[str], folder: Path):
+    from transformers import AutoTokenizer
+
+    from unimlip_fast.model import build_tokenizer
+
+    build_tokenizer(TextConfig(encoder="random-bert", vocab_size=8192), captions).save_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def samples_per_s(loader, device: torch.device, seconds: float) -> tuple[float, int]:
+    """Batches drawn for ``seconds`` after the first (start-up excluded), epoch after epoch."""
+    n, start, first = 0, None, True
+    while True:
+        for batch in loader():
+            if first:  # workers started, pipeline built: the clock starts now
+                first = False
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                continue
+            n += batch["image"].shape[0]
+            if time.perf_counter() - start > seconds:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the views of the last batch are done
+                return n / (time.perf_counter() - start), n
+
+
+def train_step_samples_per_s(tokenizer, device: torch.device, batch: int = BATCH, warmup: int = 3,
+                             repeats: int = 10) -> tuple[float, str]:
+    from unimlip_fast.kernels import resolve_ops
+    from unimlip_fast.model import SIMCLR, build_model
+    from unimlip_fast.objective import compute_terms, total_loss
+
+    cfg = Config()  # the paper's sizes; the text tower is BiomedBERT-base's shape, initialised at random
+    cfg.model.text = TextConfig(encoder="random-bert", vocab_size=len(tokenizer), hidden_size=768, num_layers=12,
+                                num_heads=12)
+    model = build_model(cfg.model, cfg.loss, tokenizer).to(device).train()
+    model.ops = resolve_ops("auto", device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    g = torch.Generator(device=device).manual_seed(0)
+    images = {k: torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device, generator=g)
+              for k in ("image", "image_a", "image_b")}
+    ids = torch.randint(len(tokenizer) // 4, len(tokenizer), (batch, 48), device=device, generator=g)
+    ids[:, 0] = tokenizer.cls_token_id
+    labels = torch.where(torch.rand(batch, 48, device=device, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+    labels[:, 1] = ids[:, 1]
+    data = {**images, "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_labels": labels}
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            terms = compute_terms(model(data, SIMCLR), cfg.loss, model.ops)
+            loss = total_loss(terms, cfg.loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    what = "ResNet-50x64 224px + BERT-base-sized text (12x768), fusion 4, bf16 autocast, 5 terms, AdamW"
+    m = measure(step, device, warmup=warmup, repeats=repeats)
+    del model, opt
+    if m.status != "ok":
+        return float("nan"), f"{m.status}; {what}"
+    return batch / (m.median_ms / 1e3), what
+
+
+def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 15.0, workers: int | None = None) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = workers or os.cpu_count() or 1
+    if not MEDPIX.is_dir():
+        raise SystemExit(f"MedPix not found at {MEDPIX} (../shared/data beside the repository)")
+    env = environment(device)
+    try:
+        import nvidia.dali
+
+        env["dali"] = nvidia.dali.__version__
+    except ImportError:
+        env["dali"] = "not installed"
+    try:
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    except ImportError:
+        env["torchvision"] = "not installed"
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows: list[dict] = []
+
+    def row(path: str, value: float, note: str, status: str = "ok") -> None:
+        r = {"bench": "data", "time": stamp, "path": path, "status": status,
+             "samples_per_s": round(value, 1) if value == value else "", "batch": BATCH, "image_size": IMAGE_SIZE,
+             "views": 3, "workers": workers, "cpus": os.cpu_count(), "note": note, **env}
+        rows.append(r)
+        append_rows(csv_path, [r])
+        print(f"{path:12s} {r['samples_per_s']!s:>10} samples/s  {status}  {note}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = DataConfig(format="medpix", path=str(MEDPIX))
+        records = read_records(data, "train")
+        tokenizer = _tokenizer([r.caption for r in records.records], tmp / "tokenizer")
+        t0 = time.time()
+        pack(data, tmp / "shards", str(tmp / "tokenizer"), "train", shard_size=256, context_length=CONTEXT,
+             workers=workers, progress=False)
+        print(f"packed {len(records)} MedPix pairs in {time.time() - t0:.1f} s ({workers} processes)", flush=True)
+        shards = open_shards(tmp / "shards")
+        dataset = build_dataset(records.records, tokenizer, IMAGE_SIZE, CONTEXT)
+        mlm = MaskingTables.from_tokenizer(tokenizer)
+        epoch = [0]
+
+        def make(backend: str, dtype=torch.float32):
+            def loader():
+                epoch[0] += 1
+                return build_train_loader(backend, dataset, BATCH, seed=0, epoch=epoch[0], strong_views=True, mlm=mlm,
+                                          num_workers=workers, device=device, dtype=dtype,
+                                          shards=None if backend == "cpu" else shards)
+            return loader
+
+        cpu_seconds = seconds if device.type == "cuda" else min(seconds, 5.0)
+        cpu, _ = samples_per_s(make("cpu"), torch.device("cpu"), cpu_seconds)
+        row("cpu_loader", cpu, f"PIL decode + views in {workers} DataLoader workers")
+        if device.type != "cuda":
+            print("no CUDA device: the torch GPU path, DALI and the training step were not measured")
+            return rows
+        torch_gpu, _ = samples_per_s(make("torch", torch.bfloat16), device, seconds)
+        decode = "nvJPEG via torchvision" if env["torchvision"] != "not installed" else "PIL in workers (no torchvision)"
+        row("torch_gpu", torch_gpu, f"{decode}; views as batched CUDA ops; bf16")
+        if dali_available():
+            dali_gpu, _ = samples_per_s(make("dali", torch.bfloat16), device, seconds)
+            row("dali_gpu", dali_gpu, "mixed (nvJPEG) decode, GPU views; bf16")
+        else:
+            dali_gpu = float("nan")
+            row("dali_gpu", dali_gpu, "DALI not installed: the torch GPU path is the GPU number", status="skipped")
+        step, note = train_step_samples_per_s(tokenizer, device)
+        row("train_step", step, note)
+    best = max(v for v in (torch_gpu, dali_gpu) if v == v)
+    print(f"GPU path / CPU loader: {best / cpu:.1f}x (target >= 4x); GPU path / training step: {best / step:.1f}x "
+          f"(target >= 2x)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV file the rows are appended to")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per input pipeline")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers / DALI threads (0: every core)")
+    args = parser.parse_args(argv)
+    run(args.csv, args.seconds, args.workers or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
