@@ -27,7 +27,7 @@ where I marks each row's positive (column row_offset + i), subtracted in the til
 A tensor that is both rows and columns (one process: img is img_all) gets one buffer: the
 columns kernel adds to what the rows kernel wrote. Every output tile has one owner (no atomics,
 deterministic). Each program holds a [rows, BLOCK_D] accumulator, so it recomputes its cosine
-tiles once per block of D output features: D / BLOCK_D + 1 products per tile (7 at D = 768 on
+tiles once per block of D output features: D / BLOCK_D + 1 products per tile (4 at D = 768 on
 the GPU, 3 at D = 256), the price of never writing a B x N tile. Products and sums accumulate
 in fp32; the probabilities are rounded to the features' dtype for the tensor-core product, as
 flash-attention does. Offsets are int32: N * D must stay below 2**31.
@@ -57,13 +57,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_blocks(dim: int, dtype: torch.dtype) -> Blocks:
-    """GPU: sizes that compile for sm_90 without spilling in bf16 (checked with ptxas, untuned on a
-    device). Interpreter: fewer, larger numpy steps, as it has no register file to respect."""
+def default_blocks(dim: int, dtype: torch.dtype, self_terms: bool = False) -> Blocks:
+    """GPU: sizes that compile for sm_90 without spilling in bf16 (checked with ptxas; untuned on a
+    device). InfoNCE takes 256 output features per program (4 products per tile at D = 768, not
+    7); NT-Xent's second accumulator leaves room for 128. Interpreter: fewer, larger numpy steps,
+    as it has no register file to respect."""
     fit = lambda cap: max(16, min(cap, triton.next_power_of_2(dim)))  # noqa: E731
     if _interpreting():
         return Blocks(m=128, n=128, k=fit(256), d=fit(1024))
-    return Blocks(k=fit(32 if dtype == torch.float32 else 64), d=fit(128))
+    if dtype == torch.float32:
+        return Blocks(k=fit(32), d=fit(128))
+    return Blocks(k=fit(64), d=fit(128 if self_terms else 256))
 
 
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
@@ -86,8 +90,9 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _address(table_ptr, i, DTYPE: tl.constexpr):
-    """Entry i of an int64 table of tensor addresses, as a pointer to DTYPE."""
-    return tl.load(table_ptr + i).to(tl.pointer_type(DTYPE))
+    """Entry i of an int64 table of tensor addresses, as a pointer to DTYPE. The host aligns every
+    tensor to 16 bytes; saying so lets the compiler vectorise and pipeline the loads."""
+    return tl.multiple_of(tl.load(table_ptr + i).to(tl.pointer_type(DTYPE)), 16)
 
 
 @triton.jit
@@ -398,11 +403,16 @@ def contrastive_losses(losses, scale, row_offset: int = 0, self_terms: bool = Fa
     dtype = distinct[0].dtype
     for t in distinct[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    features = [t.to(dtype).contiguous() for t in distinct]
+    features = [_aligned(t.to(dtype).contiguous()) for t in distinct]
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=features[0].device)
-    blocks = blocks or default_blocks(d, dtype)
+    blocks = blocks or default_blocks(d, dtype, self_terms)
     return _ContrastiveFn.apply(tuple(indices), row_offset, self_terms, blocks, scale, *features)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if its address is not a multiple of 16 bytes (a view at an odd offset)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _index_of(t: torch.Tensor, distinct: list[torch.Tensor]) -> int:

@@ -25,7 +25,8 @@ DROPBLOCK = ["count", "apply"]
 DROPBLOCK_MAPS = [(7, 7, 3), (32, 32, 7)]  # ResNet's last map; the largest the kernel takes
 
 
-def _compile(fn, pointer_types, scalar_types, constexprs, num_warps):
+def _compile(fn, pointer_types, scalar_types, constexprs, num_warps, must_contain=""):
+    """Compile ``fn`` for sm_90a as triton would launch it with D = 768 (divisible by 16)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -36,9 +37,11 @@ def _compile(fn, pointer_types, scalar_types, constexprs, num_warps):
             signature[name] = "constexpr"
         else:
             signature[name] = scalar_types.get(name) or pointer_types.get(name, pointer_types["*"])
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index("D"),): [["tt.divisibility", 16]]} if "D" in fn.arg_names else {}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"]
+    assert must_contain in compiled.asm["ptx"], f"no {must_contain} in the PTX"
 
 
 def _compile_all() -> dict[str, str]:
@@ -51,7 +54,7 @@ def _compile_all() -> dict[str, str]:
     results = {}
     for kernel, self_terms, dtype in CONTRASTIVE:
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        blocks = ct.default_blocks(768, torch_dtype)
+        blocks = ct.default_blocks(768, torch_dtype, self_terms)
         constexprs = dict(DTYPE=ct._TL_DTYPES[torch_dtype], SELF_TERMS=self_terms, UPCAST=False,
                           PRECISION="tf32x3" if dtype == "fp32" else "tf32",
                           BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k)
@@ -60,7 +63,10 @@ def _compile_all() -> dict[str, str]:
         pointers = {"*": "*fp32", "table_ptr": "*i64", "out_ptr": "*i64", "use_ptr": "*i64"}
         scalars = {name: "i32" for name in ("B", "N", "D", "row_offset")}
         results[f"{kernel}-{self_terms}-{dtype}"] = _try(
-            _compile, getattr(ct, kernel), pointers, scalars, constexprs, blocks.warps)
+            _compile, getattr(ct, kernel), pointers, scalars, constexprs, blocks.warps,
+            # Asynchronous, vectorised copies: the features' addresses come from tables, and without
+            # the alignment hint the loads fall back to one 2-byte load per element.
+            "cp.async" if dtype == "bf16" else "")
     for mode in DROPBLOCK:
         for height, width, block in DROPBLOCK_MAPS:
             layout, warps = dbt._layout(height, width, block)

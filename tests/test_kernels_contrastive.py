@@ -177,3 +177,14 @@ def test_matches_reference_on_gpu(op, b):
         reference = lambda i, t, tf, s: itc_terms_reference([i, i], [t, tf], s).sum()  # noqa: E731
         inputs = [x, y, z, scale]
     assert_close_to_fp64(kernel, reference, inputs, FLOOR[torch.bfloat16])
+
+
+def test_features_at_an_unaligned_address():
+    """The kernels assume 16-byte aligned features; a view at an odd offset is copied first."""
+    b, d = 6, 8
+    storage = torch.cat([torch.zeros(1), _unit_rows(b, d, torch.float32, 30).flatten()])
+    img = storage[1:].view(b, d)  # 4 bytes past an aligned address
+    txt = _unit_rows(b, d, torch.float32, 31)
+    assert img.data_ptr() % 16 != 0
+    assert_close_to_fp64(triton_ops.infonce_triton, infonce_reference, [img, txt, torch.tensor([10.0])],
+                         FLOOR[torch.float32])
