@@ -12,7 +12,7 @@ from unimlip_fast.cli import main
 from unimlip_fast.data.backends import build_train_loader, resolve_backend
 from unimlip_fast.data.formats import DataError
 from unimlip_fast.data.shards import open_shards
-from unimlip_fast.data.torch_loader import crop_boxes, make_views
+from unimlip_fast.data.torch_loader import canvas, crop_boxes, make_views
 from unimlip_fast.data.views import random_resized_crop_boxes
 
 from .shard_helpers import (CONTEXT, IMAGE_SIZE, N_PACKED, check_contract, epoch, first_member_names, pack_medpix,
@@ -165,7 +165,9 @@ def test_crop_boxes_match_the_views_boxes_on_equal_sizes():
 def test_mixed_sizes_never_sample_the_padding():
     # A white 40x30 image beside a black 80x100 one: every view of the white one stays white.
     images = [torch.ones(3, 40, 30), torch.zeros(3, 80, 100)]
-    views = make_views(images, 16, torch.Generator().manual_seed(0), strong=False, weak_scale=(0.08, 1.0))["image"]
+    x, hs, ws = canvas(images)
+    assert x.shape == (2, 3, 81, 101) and hs.tolist() == [40, 80] and ws.tolist() == [30, 100]
+    views = make_views(x, hs, ws, 16, torch.Generator().manual_seed(0), strong=False, weak_scale=(0.08, 1.0))["image"]
     white = (1 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
     assert torch.allclose(views[0], white.view(3, 1, 1).expand(3, 16, 16), atol=1e-5)
 
@@ -195,3 +197,20 @@ def _dali():
     from unimlip_fast.data.dali import dali_available
 
     return dali_available()
+
+
+def test_torch_backend_on_records_without_shards(tiny_tokenizer):
+    """Without shards the torch backend reads the trainer's dataset (phantom images here) and keeps
+    the CPU loader's sample order; captions are the dataset's tokenised ids."""
+    from unimlip_fast.config import DataConfig
+    from unimlip_fast.data.formats import read_records
+    from unimlip_fast.data.loader import build_dataset
+
+    ds = build_dataset(read_records(DataConfig(format="phantom", phantom_size=64), "train"), tiny_tokenizer,
+                       IMAGE_SIZE, CONTEXT)
+    gpu = epoch(build_train_loader("torch", ds, 8, seed=1, strong_views=True))
+    cpu = epoch(build_train_loader("cpu", ds, 8, seed=1))
+    assert [b["index"].tolist() for b in gpu] == [b["index"].tolist() for b in cpu]
+    for batch in gpu:
+        check_contract(batch, 8, strong=True, mlm=False)
+        assert torch.equal(batch["input_ids"], torch.from_numpy(ds.input_ids[batch["index"].numpy()]).long())

@@ -126,6 +126,8 @@ def data_pack(
     workers: Annotated[int, typer.Option("--workers", help="Processes packing shards in parallel.")] = max(
         1, (os.cpu_count() or 2) - 1),
     image_root: Annotated[str, typer.Option("--image-root", help="csv/jsonl: folder the image column is relative to.")] = "",
+    shuffle_seed: Annotated[int, typer.Option("--shuffle-seed", help="Order of records over shards; -1 keeps the "
+                                              "source's order.")] = 0,
 ) -> None:
     """Pack image-caption pairs into webdataset shards with pre-tokenised captions (resumable).
 
@@ -138,7 +140,8 @@ def data_pack(
         raise typer.BadParameter(f"--format must be one of {', '.join(PACKABLE_FORMATS)}")
     _quiet_libraries()
     data = DataConfig(format=fmt, path=str(input_path), split=split, image_root=image_root)
-    manifest = pack(data, output, tokenizer, split, shard_size, context_length, workers)
+    manifest = pack(data, output, tokenizer, split, shard_size, context_length, workers,
+                    shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
     skipped = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items()) or "none"
     console.print(f"{manifest['n_samples']} samples in {len(manifest['shards'])} shards at {output}; "
                   f"tokenizer {tokenizer} (vocab {manifest['tokenizer']['vocab_size']}, context {context_length}); "

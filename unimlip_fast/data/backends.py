@@ -77,10 +77,9 @@ def check_against_dataset(shards: ShardSet, dataset: CaptionImageDataset, n: int
                         f"{dataset.input_ids.shape[1]} (model.text.context_length); repack with --context-length")
     reader = ShardDataset(shards, 1)
     picks = np.linspace(0, len(shards) - 1, min(n, len(shards))).astype(int)
-    rows = [shards.samples[j] for j in picks]
-    ids = [np.frombuffer(reader._read(int(r["shard"]), int(r["ids_off"]), int(r["ids_size"])), "<i4") for r in rows]
-    packed, packed_mask = ids_to_tokens(ids, shards.context_length, shards.pad_token_id)
-    index = [int(r["index"]) for r in rows]
+    packed, packed_mask = ids_to_tokens([reader.read_ids(j) for j in picks], shards.context_length,
+                                        shards.pad_token_id)
+    index = [int(shards.samples[j]["index"]) for j in picks]
     mask = dataset.attention_mask[index].astype(bool)
     if not np.array_equal(packed_mask.astype(bool), mask) or not np.array_equal(packed[mask], dataset.input_ids[index][mask]):
         raise DataError(f"the caption ids in {shards.root} differ from the run's tokenizer "

@@ -5,8 +5,9 @@ One pipeline per epoch and phase (the trainer builds a loader per epoch and per 
 - ``fn.readers.webdataset`` over the shards with their *verified* indices (:mod:`.shards`: a
   sample that failed verification is not in the index, so DALI never reads it), sharded by rank
   (``shard_id``/``num_shards``), shuffled with a seed drawn from ``(seed, epoch)``
-  (``random_shuffle``, a buffer of ``initial_fill`` samples; the shards were packed in the source's
-  order, so the buffer should be large against runs of similar images). Last batch: each rank
+  (``random_shuffle``, a buffer of ``initial_fill`` samples) after the tars themselves are put in
+  an order drawn from ``(seed, epoch)``, the same on every rank (packing already spread the
+  records over the shards in a shuffled order). Last batch: each rank
   stops after ``(samples // ranks) // batch`` batches, the same count on every rank; the rest of
   the epoch is dropped (``LastBatchPolicy.DROP``).
 - one decode per sample: ``fn.decoders.image`` on the GPU (``device="mixed"``, nvJPEG), or on the
@@ -60,8 +61,10 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int, seed: int, strong_views: bool,
                    image_size: int, weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0), device_id: int | None = 0,
-                   half: bool = False, num_threads: int = 4, initial_fill: int = 4096, prefetch: int = 2):
-    """The DALI pipeline (not yet built); outputs ``image[, image_a, image_b], ids, length, index``."""
+                   half: bool = False, num_threads: int = 4, initial_fill: int = 4096, prefetch: int = 2,
+                   shard_order=None):
+    """The DALI pipeline (not yet built); outputs ``image[, image_a, image_b], ids, length, index``.
+    ``shard_order`` permutes the tars (the same on every rank, so the ranks' parts stay disjoint)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -70,6 +73,7 @@ def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int
     mean = [255 * m for m in CLIP_MEAN]
     std = [255 * s for s in CLIP_STD]
     length = shards.context_length
+    order = list(range(len(shards.tars))) if shard_order is None else [int(k) for k in shard_order]
 
     def normalise(x, mirror=None):
         kwargs = {"mirror": mirror} if mirror is not None else {}
@@ -97,7 +101,7 @@ def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int
                   prefetch_queue_depth=prefetch)
     def pipeline():
         encoded, ids, index = fn.readers.webdataset(
-            paths=[str(p) for p in shards.tars], index_paths=[str(p) for p in shards.indices],
+            paths=[str(shards.tars[k]) for k in order], index_paths=[str(shards.indices[k]) for k in order],
             ext=[";".join(IMAGE_EXTS), "ids", "idx"], dtypes=[types.UINT8, types.INT32, types.INT64],
             missing_component_behavior="error", shard_id=rank, num_shards=world_size,
             random_shuffle=True, initial_fill=max(1, min(initial_fill, len(shards))), seed=seed,
@@ -131,9 +135,10 @@ class DALILoader:
         if self.num_batches == 0:
             raise DataError(f"{len(shards)} samples do not fill one global batch of {per_rank} x {world_size} ranks")
         self.first_skipped = shards.epoch_skipped if rank == 0 and skip_batches == 0 else {}
+        shard_order = np.random.default_rng([seed, epoch]).permutation(len(shards.tars))  # rank-free
         pipe = build_pipeline(shards, per_rank, rank, world_size, _epoch_seed(seed, epoch, rank), strong_views,
                               image_size, weak_scale, strong_scale, device_id, half=dtype == torch.float16,
-                              num_threads=num_threads)
+                              num_threads=num_threads, shard_order=shard_order)
         pipe.build()
         self.keys = ["image"] + (["image_a", "image_b"] if strong_views else []) + ["ids", "length", "index"]
         self.iterator = DALIGenericIterator([pipe], self.keys, reader_name="reader",

@@ -15,8 +15,9 @@ A packed folder holds:
 - ``manifest.json``: counts, tokenizer (name, vocab size, pad id, context length), shard list and
   the records skipped, per reason (those the reader skipped plus those packing skipped).
 
-Packing streams: shard ``k`` holds records ``[k*S, (k+1)*S)`` of the split; a process pool packs
-shards independently, each worker reading, checking and tokenising only its own records. A shard
+Packing streams: shard ``k`` holds records ``[k*S, (k+1)*S)`` of the split in a seeded shuffled
+order; a process pool packs shards independently, each worker reading, checking and tokenising only
+its own records (the parent holds only the record list: paths and captions). A shard
 is written to a temporary name and renamed, then its marker is written, so a re-run skips every
 shard with a marker and packs the rest. Bad records are skipped and counted: ``missing_image``
 (the file vanished since listing), ``undecodable_image`` (a cheap decode check: header, then the
@@ -54,10 +55,11 @@ class PackPlan:
     shard_size: int
     tokenizer: str
     context_length: int
+    shuffle_seed: int | None
 
     def as_dict(self) -> dict:
         return {"source": self.source, "n_records": self.n_records, "shard_size": self.shard_size,
-                "tokenizer": self.tokenizer, "context_length": self.context_length}
+                "tokenizer": self.tokenizer, "context_length": self.context_length, "shuffle_seed": self.shuffle_seed}
 
 
 def load_tokenizer(name_or_path: str):
@@ -121,16 +123,16 @@ def write_index(path: Path, samples: list[list[tuple[str, int, int, str]]]) -> N
     os.replace(tmp, path)
 
 
-def pack_shard(out_dir: str, shard: int, start: int, records: list[tuple[str, str, str]], context_length: int,
+def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]], context_length: int,
                tokenizer=None) -> dict:
-    """Pack ``records`` (``(key, caption, image path)``, source indices from ``start``) into one shard.
+    """Pack ``records`` (``(source index, key, caption, image path)``) into one shard.
     Writes the tar and its index under temporary names, renames them, then the marker."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
     out = Path(out_dir)
     name = SHARD_NAME.format(shard)
     skipped: collections.Counter = collections.Counter()
     good = []  # (index, key, caption, image bytes, ext)
-    for k, (key, caption, image_path) in enumerate(records):
+    for i, key, caption, image_path in records:
         caption, reason = clean_caption(caption)
         if reason:
             skipped["empty_caption" if reason == "empty_caption" else reason] += 1
@@ -147,7 +149,7 @@ def pack_shard(out_dir: str, shard: int, start: int, records: list[tuple[str, st
             skipped["undecodable_image"] += 1
             continue
         ext = Path(image_path).suffix.lower().lstrip(".") or "img"
-        good.append((start + k, key, caption, data, ext))
+        good.append((i, key, caption, data, ext))
 
     from .loader import tokenize_captions
 
@@ -165,7 +167,7 @@ def pack_shard(out_dir: str, shard: int, start: int, records: list[tuple[str, st
     write_index(out / f"{name}.idx", index)
     stat = (out / f"{name}.tar").stat()
     marker = {"shard": name, "tar": f"{name}.tar", "index": f"{name}.idx", "samples": len(good),
-              "records": len(records), "first_record": start, "skipped": dict(skipped),
+              "records": len(records), "skipped": dict(skipped),
               "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(marker))
@@ -193,9 +195,13 @@ def _shard_done(out: Path, shard: int) -> dict | None:
 
 def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str | None = None,
          shard_size: int = 1000, context_length: int = 77, workers: int = 1, limit: int | None = None,
-         progress: bool = True) -> dict:
+         progress: bool = True, shuffle_seed: int | None = 0) -> dict:
     """Pack the records of ``data`` (``split`` overrides ``data.split``) into ``output``; returns the
-    manifest. Resumes a folder packed with the same plan; a different plan is an error."""
+    manifest. Resumes a folder packed with the same plan; a different plan is an error.
+
+    Records are spread over the shards in an order shuffled with ``shuffle_seed`` (``None``: the
+    source's order): sources group similar pairs (a case's images, a paper's subfigures, often with
+    one caption), and a reader's shuffle buffer only mixes nearby samples."""
     if data.format not in PACKABLE_FORMATS:
         raise DataError(f"data pack reads {', '.join(PACKABLE_FORMATS)}; got {data.format!r}")
     if shard_size < 1 or context_length < 2:
@@ -209,7 +215,7 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
     tok = load_tokenizer(tokenizer)
     tok_dir = out / "tokenizer"
     plan = PackPlan({"format": data.format, "path": os.path.abspath(data.path), "split": split or "all"},
-                    len(records), shard_size, tokenizer, context_length)
+                    len(records), shard_size, tokenizer, context_length, shuffle_seed)
     plan_file = out / "plan.json"
     if plan_file.is_file():
         previous = json.loads(plan_file.read_text())
@@ -221,6 +227,8 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
     tok_path = str(tok_dir)  # workers load the saved copy: the same vocabulary, nothing downloaded
 
     n_shards = (len(records) + shard_size - 1) // shard_size
+    order = (np.random.default_rng(shuffle_seed).permutation(len(records)) if shuffle_seed is not None
+             else np.arange(len(records)))
     markers: dict[int, dict] = {}
     todo = []
     for s in range(n_shards):
@@ -228,9 +236,9 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
         if done is not None:
             markers[s] = done
         else:
-            chunk = records[s * shard_size : (s + 1) * shard_size]
-            todo.append((str(out), s, s * shard_size, [(r.key, r.caption, str(r.image)) for r in chunk],
-                         context_length))
+            chunk = [(int(i), records[i].key, records[i].caption, str(records[i].image))
+                     for i in order[s * shard_size : (s + 1) * shard_size]]
+            todo.append((str(out), s, chunk, context_length))
 
     started = time.time()
     with _progress(progress) as bar:
@@ -262,7 +270,7 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
         "n_samples": sum(m["samples"] for m in markers.values()),
         "skipped": dict(sorted(skipped.items())),  # by the source reader and by packing
         "pack_skipped": dict(sorted(pack_skipped.items())),  # by packing only
-        "shards": [{k: markers[s][k] for k in ("tar", "index", "samples", "first_record", "size", "mtime_ns")}
+        "shards": [{k: markers[s][k] for k in ("tar", "index", "samples", "size", "mtime_ns")}
                    for s in range(n_shards)],
         "pack_seconds": round(time.time() - started, 1),
     }

@@ -65,8 +65,7 @@ class ShardSet:
         """Samples an epoch loses, by reason: images that failed the decode check when packing and
         everything verification dropped (records the source reader skipped are not included: the
         trainer counts those when it reads the records)."""
-        counts = collections.Counter({"undecodable_image": self.manifest.get("pack_skipped", {}).get(
-            "undecodable_image", 0)})
+        counts = collections.Counter(self.manifest.get("pack_skipped", {}))
         counts.update(self.read_skipped)
         return {k: v for k, v in counts.items() if v}
 
@@ -246,12 +245,17 @@ class ShardDataset:
             raise OSError(f"short read in {self.shards.tars[shard]}")
         return data
 
+    def read_ids(self, j: int) -> np.ndarray:
+        """Sample ``j``'s caption ids (int32, unpadded)."""
+        row = self.shards.samples[j]
+        return np.frombuffer(self._read(int(row["shard"]), int(row["ids_off"]), int(row["ids_size"])), "<i4")
+
     def __getitem__(self, j: int) -> dict:
         from .loader import _shrink, _to_uint8_rgb
 
         row = self.shards.samples[j]
         shard = int(row["shard"])
-        ids = np.frombuffer(self._read(shard, int(row["ids_off"]), int(row["ids_size"])), "<i4")
+        ids = self.read_ids(j)
         data = self._read(shard, int(row["img_off"]), int(row["img_size"]))
         sample = {"index": int(row["index"]), "ids": ids}
         if self.raw_jpeg and row["jpeg"]:

@@ -88,7 +88,9 @@ def shrink_on_device(image: torch.Tensor, target: int) -> torch.Tensor:
 
 
 def canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float ``[3,h,w]`` images -> ``([B,3,H,W], heights [B], widths [B])`` (CPU size tensors)."""
+    """``[3,h,w]`` (or ``[1,h,w]``) images of one dtype -> ``([B,3,H,W], heights [B], widths [B])``
+    (CPU size tensors). Workers build it in uint8, so a batch crosses to the GPU in one copy."""
+    images = [x.expand(3, -1, -1) if x.shape[0] == 1 else x for x in images]
     hs = [int(x.shape[1]) for x in images]
     ws = [int(x.shape[2]) for x in images]
     if len(set(hs)) == 1 and len(set(ws)) == 1:
@@ -103,11 +105,11 @@ def canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torc
     return out, torch.tensor(hs, dtype=torch.float32), torch.tensor(ws, dtype=torch.float32)
 
 
-def make_views(images: list[torch.Tensor], size: int, generator: torch.Generator, strong: bool,
-               weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0)) -> dict[str, torch.Tensor]:
-    """The weak view (and the two strong views when ``strong``) of float ``[3,h,w]`` images on one
-    device, as one batched op each; normalised float32 ``[B,3,size,size]``."""
-    x, hs, ws = canvas(images)
+def make_views(x: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, size: int, generator: torch.Generator,
+               strong: bool, weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0)) -> dict[str, torch.Tensor]:
+    """The weak view (and the two strong views when ``strong``) of a float [0,1] :func:`canvas`
+    ``x`` on any device, images ``hs`` x ``ws``, as one batched op each; normalised float32
+    ``[B,3,size,size]``."""
     # Every image sits at the canvas's top left, so a box in its own pixels is the same box on the
     # canvas; the random numbers come from a CPU generator (views' helpers move them to the device).
     out = {"image": normalize(crop_resize(x, crop_boxes(hs, ws, weak_scale, RATIO, generator), size))}
@@ -171,6 +173,8 @@ def _collate(samples: list[dict]) -> dict:
             if not (img.flags.writeable and img.flags.c_contiguous):  # PIL's arrays are read-only views
                 img = np.array(img)
             batch["images"].append(torch.from_numpy(img).permute(2, 0, 1))
+    if not batch["jpegs"]:  # all decoded here: one uint8 canvas, one copy to the device
+        batch["canvas"] = canvas(batch.pop("images"))
     if "ids" in samples[0]:
         batch["ids"] = [s["ids"] for s in samples]
     else:
@@ -226,8 +230,11 @@ class TorchGPULoader:
             first = False
             yield batch
 
-    def _decode(self, cpu_batch: dict) -> tuple[list[torch.Tensor], collections.Counter]:
-        """Float [0,1] ``[3,h,w]`` images on the device, shrunk to about 1.15x the image size."""
+    def _decode(self, cpu_batch: dict) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], collections.Counter]:
+        """The batch's float [0,1] canvas on the device (images about 1.15x the image size)."""
+        if "canvas" in cpu_batch:
+            x, hs, ws = cpu_batch["canvas"]
+            return (x.to(self.device, non_blocking=True).float().div_(255), hs, ws), collections.Counter()
         target = round(self.image_size * DECODE_MARGIN)
         images = [None if x is None else x.to(self.device, non_blocking=True) for x in cpu_batch["images"]]
         failed = collections.Counter()
@@ -252,14 +259,14 @@ class TorchGPULoader:
         if not good:
             raise DataError("every image of a batch failed to decode on the GPU")
         images = [x if x is not None else good[0] for x in images]  # substitute a good one of the batch
-        return [shrink_on_device(x, target) if x.dtype == torch.uint8 else x for x in images], failed
+        return canvas([shrink_on_device(x, target) for x in images]), failed
 
     def _to_device(self, cpu_batch: dict) -> dict:
         index = cpu_batch["index"]
-        images, failed = self._decode(cpu_batch)
+        (x, hs, ws), failed = self._decode(cpu_batch)
         g = _generator(self.seed, self.epoch, 1 << 31, *index.tolist())
-        batch = {k: v.to(self.dtype) for k, v in make_views(images, self.image_size, g, self.strong,
-                                                              self.weak_scale, self.strong_scale).items()}
+        views = make_views(x, hs, ws, self.image_size, g, self.strong, self.weak_scale, self.strong_scale)
+        batch = {k: v.to(self.dtype) for k, v in views.items()}
         if "ids" in cpu_batch:
             ids, mask = ids_to_tokens(cpu_batch["ids"], self.source.context_length, self.source.pad_token_id)
             ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
