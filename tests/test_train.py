@@ -3,6 +3,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from unimlip_fast.cli import main
 
@@ -88,3 +89,36 @@ def test_eval_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert "FORMAT:PATH" in capsys.readouterr().err
     assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", tmp_path, "--data", "phantom:8") != 0
     assert "checkpoint incomplete" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ds_json", ["zero2.json", "zero2_bf16.json"])
+def test_reduced_precision_modes_train(tmp_path, monkeypatch, ds_json):
+    """DeepSpeed's torch_autocast (bf16) and its bf16 mode, which casts parameters but not the
+    BatchNorm buffers, both train; the statistics stay fp32."""
+    run = tmp_path / "run"
+    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs" / ds_json,
+                   "--run-dir", run, *TINY_RUN, "train.max_steps=4", "train.cpu_precision=as-configured",
+                   "eval.split=") == 0
+    metrics = [m for m in read_metrics(run) if "loss/total" in m]
+    assert len(metrics) == 4 and all(m["loss/total"] == m["loss/total"] for m in metrics)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "model.safetensors"))
+    assert weights["visual.bn1.running_var"].dtype == torch.float32
+    assert not torch.equal(weights["visual.bn1.running_var"], torch.ones_like(weights["visual.bn1.running_var"]))
+
+
+def test_batchnorm_with_bf16_parameters_matches_fp32():
+    from unimlip_fast.model.visual import BatchNorm2d
+
+    torch.manual_seed(0)
+    ref, mixed = BatchNorm2d(4), BatchNorm2d(4)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    mixed.load_state_dict(ref.state_dict())
+    mixed.weight.data, mixed.bias.data = mixed.weight.data.bfloat16(), mixed.bias.data.bfloat16()
+    x = torch.randn(8, 4, 5, 5)
+    out = mixed(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and mixed.running_mean.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref(x), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(mixed.running_mean, ref.running_mean, atol=1e-2, rtol=1e-2)

@@ -16,7 +16,7 @@ from ..config import LossConfig, ModelConfig
 from ..kernels import REFERENCE_OPS, LossOps
 from .fusion import FusionMLM
 from .text import TextTower, build_text_encoder
-from .visual import ModifiedResNet, set_batchnorm_stats_frozen
+from .visual import BatchNorm1d, ModifiedResNet, set_batchnorm_stats_frozen
 
 WARMUP, SIMCLR = "warmup", "simclr"
 
@@ -27,8 +27,8 @@ class SimCLRHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(in_dim, hidden), BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, out_dim),
         )
 

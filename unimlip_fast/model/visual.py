@@ -14,20 +14,48 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _Fp32StatsMixin:
+    """BatchNorm that normalises in fp32 whatever the dtype of its input and parameters.
+
+    DeepSpeed's bf16/fp16 modes cast the parameters but not the buffers, which leaves a bf16 weight
+    beside fp32 running statistics; PyTorch's kernel refuses that mix. Here the statistics stay
+    fp32 and the output takes the input's dtype. Matching dtypes take the stock path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.running_mean.dtype == self.weight.dtype:
+            return super().forward(x)
+        factor = self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        out = F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                           self.training or not self.track_running_stats, factor or 0.0, self.eps)
+        return out.to(x.dtype)
+
+
+class BatchNorm2d(_Fp32StatsMixin, nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm1d(_Fp32StatsMixin, nn.BatchNorm1d):
+    pass
+
+
 class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.relu2 = nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = BatchNorm2d(planes * self.expansion)
         self.relu3 = nn.ReLU(inplace=True)
         self.downsample = None
         if stride > 1 or inplanes != planes * self.expansion:
@@ -36,7 +64,7 @@ class Bottleneck(nn.Module):
                     [
                         ("-1", nn.AvgPool2d(stride)),
                         ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
-                        ("1", nn.BatchNorm2d(planes * self.expansion)),
+                        ("1", BatchNorm2d(planes * self.expansion)),
                     ]
                 )
             )
@@ -78,13 +106,13 @@ class ModifiedResNet(nn.Module):
         if image_size % 32:
             raise ValueError(f"model.image_size must be a multiple of 32, got {image_size}")
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.bn1 = BatchNorm2d(width // 2)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.bn2 = BatchNorm2d(width // 2)
         self.relu2 = nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
+        self.bn3 = BatchNorm2d(width)
         self.relu3 = nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(2)
 
