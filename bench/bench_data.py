@@ -27,6 +27,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,12 +40,13 @@ from unimlip_fast.data.formats import read_records  # noqa: E402
 from unimlip_fast.data.loader import build_dataset  # noqa: E402
 from unimlip_fast.data.masking import MaskingTables  # noqa: E402
 from unimlip_fast.data.pack import pack  # noqa: E402
-from unimlip_fast.data.shards import open_shards  # noqa: E402
+from unimlip_fast.data.shards import ShardSet, open_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MEDPIX = REPO.parent / "shared" / "data" / "medpix2"
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 IMAGE_SIZE, CONTEXT, BATCH = 224, 77, 96
+REPEAT = 8  # MedPix train x 8 = 13,088 samples an epoch: start-up (workers, pipeline) is not the measure
 
 
 def _tokenizer(captions: list[str], folder: Path):
@@ -56,16 +58,26 @@ def _tokenizer(captions: list[str], folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def samples_per_s(loader, device: torch.device, seconds: float) -> tuple[float, int]:
-    """Batches drawn for ``seconds`` after the first (start-up excluded), epoch after epoch."""
-    n, start, first = 0, None, True
+def tiled(shards: ShardSet, k: int) -> ShardSet:
+    """The shards listed ``k`` times over (DALI reads each listing as one more tar)."""
+    n = len(shards.tars)
+    samples = np.concatenate([shards.samples] * k)
+    samples["shard"] += np.repeat(np.arange(k) * n, len(shards.samples)).astype(np.int32)
+    return ShardSet(shards.root, shards.manifest, shards.tars * k, shards.indices * k, samples, shards.read_skipped)
+
+
+def samples_per_s(loader, device: torch.device, seconds: float, warm: int) -> tuple[float, int]:
+    """Samples per second drawn for ``seconds`` after ``warm`` batches (workers started, pipeline
+    built, the batches prepared during start-up consumed), epoch after epoch."""
+    n, start, seen = 0, None, 0
     while True:
         for batch in loader():
-            if first:  # workers started, pipeline built: the clock starts now
-                first = False
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
+            seen += 1
+            if seen <= warm:
+                if seen == warm:  # the clock starts now
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
                 continue
             n += batch["image"].shape[0]
             if time.perf_counter() - start > seconds:
@@ -111,8 +123,11 @@ def train_step_samples_per_s(tokenizer, device: torch.device, batch: int = BATCH
     return batch / (m.median_ms / 1e3), what
 
 
-def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 15.0, workers: int | None = None) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 15.0, workers: int | None = None,
+        smoke: bool = False) -> list[dict]:
+    """``smoke``: every input path on the CPU (the torch and DALI code paths without a GPU), no
+    training step; numbers that say nothing about a GPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     workers = workers or os.cpu_count() or 1
     if not MEDPIX.is_dir():
         raise SystemExit(f"MedPix not found at {MEDPIX} (../shared/data beside the repository)")
@@ -149,8 +164,8 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 15.0, workers: int 
         pack(data, tmp / "shards", str(tmp / "tokenizer"), "train", shard_size=256, context_length=CONTEXT,
              workers=workers, progress=False)
         print(f"packed {len(records)} MedPix pairs in {time.time() - t0:.1f} s ({workers} processes)", flush=True)
-        shards = open_shards(tmp / "shards")
-        dataset = build_dataset(records.records, tokenizer, IMAGE_SIZE, CONTEXT)
+        shards = tiled(open_shards(tmp / "shards"), REPEAT)
+        dataset = build_dataset(records.records * REPEAT, tokenizer, IMAGE_SIZE, CONTEXT)
         mlm = MaskingTables.from_tokenizer(tokenizer)
         epoch = [0]
 
@@ -162,21 +177,26 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 15.0, workers: int 
                                           shards=None if backend == "cpu" else shards)
             return loader
 
-        cpu_seconds = seconds if device.type == "cuda" else min(seconds, 5.0)
-        cpu, _ = samples_per_s(make("cpu"), torch.device("cpu"), cpu_seconds)
+        cpu_seconds = seconds if device.type == "cuda" or smoke else min(seconds, 5.0)
+        warm = max(2, workers + 1)
+        cpu, _ = samples_per_s(make("cpu"), torch.device("cpu"), cpu_seconds, warm)
         row("cpu_loader", cpu, f"PIL decode + views in {workers} DataLoader workers")
-        if device.type != "cuda":
+        if device.type != "cuda" and not smoke:
             print("no CUDA device: the torch GPU path, DALI and the training step were not measured")
             return rows
-        torch_gpu, _ = samples_per_s(make("torch", torch.bfloat16), device, seconds)
+        torch_gpu, _ = samples_per_s(make("torch", torch.bfloat16), device, seconds, warm)
         decode = "nvJPEG via torchvision" if env["torchvision"] != "not installed" else "PIL in workers (no torchvision)"
-        row("torch_gpu", torch_gpu, f"{decode}; views as batched CUDA ops; bf16")
+        row("torch_gpu", torch_gpu, f"{decode}; views as batched {device.type} ops; bf16")
         if dali_available():
-            dali_gpu, _ = samples_per_s(make("dali", torch.bfloat16), device, seconds)
-            row("dali_gpu", dali_gpu, "mixed (nvJPEG) decode, GPU views; bf16")
+            dali_gpu, _ = samples_per_s(make("dali", torch.bfloat16), device, seconds, warm)
+            row("dali_gpu", dali_gpu, "mixed (nvJPEG) decode, GPU views; bf16" if device.type == "cuda"
+                else "CPU operators (smoke run)")
         else:
             dali_gpu = float("nan")
             row("dali_gpu", dali_gpu, "DALI not installed: the torch GPU path is the GPU number", status="skipped")
+        if smoke:
+            print("smoke run: every path ran on the CPU; no training step")
+            return rows
         step, note = train_step_samples_per_s(tokenizer, device)
         row("train_step", step, note)
     best = max(v for v in (torch_gpu, dali_gpu) if v == v)
@@ -190,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV file the rows are appended to")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per input pipeline")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers / DALI threads (0: every core)")
+    parser.add_argument("--smoke", action="store_true", help="every input path on the CPU, no training step")
     args = parser.parse_args(argv)
-    run(args.csv, args.seconds, args.workers or None)
+    run(args.csv, args.seconds, args.workers or None, args.smoke)
     return 0
 
 
