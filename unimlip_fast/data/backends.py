@@ -40,7 +40,8 @@ def resolve_backend(backend: str, device: torch.device | str, shards=None) -> tu
     if backend not in BACKENDS:
         raise DataError(f"data.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "dali" and not dali_available():
-        raise DataError("data.backend=dali: nvidia.dali does not import (pip install 'unimlip-fast[dali]')")
+        raise DataError("data.backend=dali: nvidia.dali does not import (pip install 'unimlip-fast[dali]', "
+                        "or nvidia-dali-cuda120 on a CUDA 12 driver)")
     if backend == "dali" and not shards:
         raise DataError("data.backend=dali reads packed shards: set data.shards to a `unimlip-fast data pack` folder")
     if backend != "auto":

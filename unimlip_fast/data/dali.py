@@ -1,5 +1,8 @@
 """The DALI pipeline: packed shards -> the batch contract, decoded and augmented on the GPU.
 
+Install: ``pip install 'unimlip-fast[dali]'`` (``nvidia-dali-cuda130``, CUDA 13 drivers); on a
+CUDA 12 driver ``pip install nvidia-dali-cuda120`` instead. The same wheels run the CPU operators.
+
 One pipeline per epoch and phase (the trainer builds a loader per epoch and per phase):
 
 - ``fn.readers.webdataset`` over the shards with their *verified* indices (:mod:`.shards`: a

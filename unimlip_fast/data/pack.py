@@ -31,7 +31,7 @@ import json
 import os
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,26 +236,37 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
         if done is not None:
             markers[s] = done
         else:
-            chunk = [(int(i), records[i].key, records[i].caption, str(records[i].image))
-                     for i in order[s * shard_size : (s + 1) * shard_size]]
-            todo.append((str(out), s, chunk, context_length))
+            todo.append(s)
+
+    def job(s: int) -> tuple:  # made when submitted: only a window of shards' records is ever copied
+        chunk = [(int(i), records[i].key, records[i].caption, str(records[i].image))
+                 for i in order[s * shard_size : (s + 1) * shard_size]]
+        return str(out), s, chunk, context_length
 
     started = time.time()
-    with _progress(progress) as bar:
-        task = bar.add_task(f"packing {len(records)} records into {out}", total=len(records),
-                            completed=sum(m["records"] for m in markers.values()))
+    with _Progress(progress, f"packing {len(records)} records into {out}", len(records),
+                   sum(m["records"] for m in markers.values())) as bar:
         if workers <= 1:
             _init_worker(tok_path)
-            for job in todo:
-                m = _pack_shard_job(job)
-                markers[_shard_number(m)] = m
-                bar.advance(task, m["records"])
+            for s in todo:
+                m = _pack_shard_job(job(s))
+                markers[s] = m
+                bar.advance(m["records"])
         elif todo:
             with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tok_path,)) as pool:
-                for future in as_completed([pool.submit(_pack_shard_job, job) for job in todo]):
-                    m = future.result()
-                    markers[_shard_number(m)] = m
-                    bar.advance(task, m["records"])
+                pending, queue = set(), iter(todo)
+                while True:
+                    for s in queue:  # keep two shards per worker in flight
+                        pending.add(pool.submit(_pack_shard_job, job(s)))
+                        if len(pending) >= 2 * workers:
+                            break
+                    if not pending:
+                        break
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        m = future.result()
+                        markers[_shard_number(m)] = m
+                        bar.advance(m["records"])
 
     pack_skipped: collections.Counter = collections.Counter()
     for m in markers.values():
@@ -284,10 +295,33 @@ def _shard_number(marker: dict) -> int:
     return int(marker["shard"].rsplit("-", 1)[1])
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class _Progress:
+    """A rich progress bar on a terminal; elsewhere a plain line every tenth of the way."""
 
-    console = Console(stderr=True)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled or not console.is_terminal)
+    def __init__(self, enabled: bool, description: str, total: int, completed: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.enabled, self.total, self.done, self.description = enabled, max(1, total), completed, description
+        self.rich = enabled and self.console.is_terminal
+        self.next_line = completed + self.total / 10
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=self.console, disable=not self.rich)
+        self.task = self.bar.add_task(description, total=total, completed=completed)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        if self.enabled and not self.rich:
+            self.console.print(f"{self.description}: {self.done} done before", highlight=False)
+        return self
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.bar.advance(self.task, n)
+        if self.enabled and not self.rich and (self.done >= self.next_line or self.done >= self.total):
+            self.console.print(f"packed {self.done}/{self.total} records", highlight=False)
+            self.next_line += self.total / 10
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
