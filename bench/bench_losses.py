@@ -77,9 +77,10 @@ def run(csv_path: str | Path = DEFAULT_CSV, sizes=SIZES, device: str | torch.dev
         itc_dim: int = ITC_DIM, simclr_dim: int = SIMCLR_DIM, dropblock_shape=DROPBLOCK_SHAPE) -> list[dict]:
     """Measure everything, append the rows to ``csv_path`` as they come, and return them.
 
-    Sizes are taken in order; a size whose predicted time (the last size's, scaled by B^2) would
-    overrun ``time_budget_s`` is written as "skipped", with all larger ones. Large batches get
-    fewer repeats (3 from B = 32768)."""
+    Sizes are taken in order; a size whose predicted time would overrun ``time_budget_s`` is
+    written as "skipped", with all larger ones. The prediction scales the last size's measured
+    step times by B^2 (compile time, spent once at the first size, does not enter it). Large
+    batches get fewer repeats (3 from B = 32768)."""
     from unimlip_fast.kernels import triton_ops
 
     device = torch.device(device)
@@ -100,12 +101,12 @@ def run(csv_path: str | Path = DEFAULT_CSV, sizes=SIZES, device: str | torch.dev
         print(f"{bench:10s} {op:12s} {impl:9s} B={b!s:>7} {row['status']:7s} "
               f"{row['median_ms'] or '-':>10} ms  {row['peak_extra_mib'] or '-':>10} MiB", flush=True)
 
-    last = None  # (B, seconds) of the last size measured
+    last = None  # (B, milliseconds of one step of every op and impl that ran) at the last size
     for b in sizes:
-        predicted = 0.0 if last is None else last[1] * (b / last[0]) ** 2
+        n, warmup = (3, 1) if b >= 32768 else (repeats, 2)
+        predicted = 0.0 if last is None else last[1] * (b / last[0]) ** 2 * (n + warmup) / 1e3
         over = time.perf_counter() - started + predicted > time_budget_s
-        size_started = time.perf_counter()
-        n = 3 if b >= 32768 else repeats
+        step_ms = 0.0
         for impl in impls:
             steps = {} if over else _steps_or_oom(impl, b, device, dtype, itc_dim, simclr_dim)
             for op in ("itc3+simclr", "infonce", "ntxent"):
@@ -115,13 +116,14 @@ def run(csv_path: str | Path = DEFAULT_CSV, sizes=SIZES, device: str | torch.dev
                 elif steps is None:
                     result = Measurement("OOM")
                 else:
-                    result = measure(steps[op], device, warmup=1 if b >= 32768 else 2, repeats=n)
+                    result = measure(steps[op], device, warmup=warmup, repeats=n)
+                    step_ms += result.median_ms or 0.0
                 record("contrastive", op, impl.name, b, dim, result)
             del steps
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if not over:
-            last = (b, time.perf_counter() - size_started)
+            last = (b, step_ms)
 
     for impl in impls:
         step = dropblock_step(impl, dropblock_shape, device, dtype)
