@@ -34,6 +34,7 @@ def test_pretrain_then_eval_retrieval(tmp_path, monkeypatch):
     assert code == 0
     metrics = [m for m in read_metrics(run) if "loss/total" in m]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 0  # 5 of 6 steps per epoch
     assert [m["phase"] for m in metrics] == ["warmup"] * 3 + ["simclr"] * 2  # simclr_start=3: after 3 steps
     assert "loss/simclr" not in metrics[0] and "loss/simclr" in metrics[-1]
     for term in ("itc", "itc_img_fp", "itc_txt_fp", "mlm"):

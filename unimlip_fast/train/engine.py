@@ -110,7 +110,7 @@ def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path
     started = time.time()
     try:
         _train_loop(engine, model, cfg, env, dataset, per_rank, state, total_steps, simclr_step, mlm_tables,
-                    monitor, ckpt_dir)
+                    monitor, ckpt_dir, steps_per_epoch)
         save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
         if state.step >= total_steps:
             export_weights(engine, run_dir / "model.safetensors", env)
@@ -127,7 +127,7 @@ def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path
 
 
 def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state: TrainerState, total_steps: int,
-                simclr_step: int, mlm_tables, monitor: Monitor, ckpt_dir: Path) -> None:
+                simclr_step: int, mlm_tables, monitor: Monitor, ckpt_dir: Path, steps_per_epoch: int) -> None:
     phase_at = lambda step: SIMCLR if step >= simclr_step and cfg.loss.simclr > 0 else WARMUP
     interval = _Interval()
     engine.train()
@@ -143,7 +143,9 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
         with torch.random.fork_rng(devices=[]):  # the loader's worker seeds must not move the model's RNG
             batches = iter(loader)
         interval.mark_data()
+        consumed = 0
         for batch in batches:
+            consumed += 1
             for reason, count in batch.pop("skipped", {}).items():
                 state.skipped[reason] = state.skipped.get(reason, 0) + count
             batch = {k: v.to(env.device, non_blocking=True) for k, v in trim_padding(batch).items()}
@@ -153,6 +155,8 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
             terms = compute_terms(features, cfg.loss, model.ops)
             loss = total_loss(terms, cfg.loss)
             state.batch_in_epoch += 1
+            if state.batch_in_epoch == steps_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             # The one host sync per step: every rank must agree to skip a non-finite step together.
             if not all_ranks_agree(bool(torch.isfinite(loss.detach())), env.device):
                 _count_nonfinite(state, cfg, monitor, terms)
@@ -174,9 +178,11 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
             if state.step >= stop_at or phase_at(state.step) != phase:
                 break  # a new phase needs a loader that makes (or stops making) strong views
             interval.mark_data()
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
+        else:  # the loader ran out: the epoch is over, whatever its length
+            if consumed == 0:
+                raise RuntimeError(f"the data loader yielded no batch in epoch {state.epoch}")
+            if state.batch_in_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

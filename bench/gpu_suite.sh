@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: everything GPU-side in a single run of < 8 minutes.
+#   1. the GPU-only tests (fused kernels with true bf16 dots, CUDA decode paths),
+#   2. bench_losses.py (fused contrastive terms and DropBlock against the references),
+#   3. bench_data.py (CPU loader vs torch-GPU path vs DALI where installed, and the train step),
+#   4. a short pretraining run through the CLI with Triton kernels and the torch GPU data path.
+# Run from the repository root on a CUDA machine. Where DeepSpeed is not installed there, carry its
+# wheels: `../shared/gpu/make_carry.sh typer rich shellingham` here builds .whl/ (git-ignored).
+# Copy what it prints, with the card's name, into bench/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+out="${OUT:-bench/out}"; mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+git rev-parse --short HEAD 2>/dev/null || true
+status=0
+step() { echo; echo "=== $1"; shift; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
+step "GPU tests" timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_contrastive.py \
+  tests/test_kernels_dropblock.py -k "cuda or gpu" -rs
+step "bench_losses" timeout 170 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 120
+if [ -f bench/bench_data.py ]; then
+  step "bench_data" timeout 120 python3 bench/bench_data.py --csv "$out/data.csv"
+fi
+step "pretrain smoke (triton kernels, torch GPU data path)" timeout 90 python3 -m unimlip_fast.cli pretrain \
+  configs/demo.yaml --ds-config configs/zero2.json --run-dir "$out/run" train.max_steps=40 \
+  model.kernels=triton data.backend=torch data.num_workers=4
+exit $status
