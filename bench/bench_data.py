@@ -185,7 +185,8 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 15.0, workers: int 
             print("no CUDA device: the torch GPU path, DALI and the training step were not measured")
             return rows
         torch_gpu, _ = samples_per_s(make("torch", torch.bfloat16), device, seconds, warm)
-        decode = "nvJPEG via torchvision" if env["torchvision"] != "not installed" else "PIL in workers (no torchvision)"
+        has_tv = env["torchvision"] != "not installed"
+        decode = "nvJPEG via torchvision" if has_tv else "PIL in workers (no torchvision)"
         row("torch_gpu", torch_gpu, f"{decode}; views as batched {device.type} ops; bf16")
         if dali_available():
             dali_gpu, _ = samples_per_s(make("dali", torch.bfloat16), device, seconds, warm)

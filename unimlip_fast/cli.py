@@ -125,13 +125,14 @@ def data_pack(
     context_length: Annotated[int, typer.Option("--context-length")] = 77,
     workers: Annotated[int, typer.Option("--workers", help="Processes packing shards in parallel.")] = max(
         1, (os.cpu_count() or 2) - 1),
-    image_root: Annotated[str, typer.Option("--image-root", help="csv/jsonl: folder the image column is relative to.")] = "",
+    image_root: Annotated[str, typer.Option("--image-root", help="csv/jsonl: image folder.")] = "",
     shuffle_seed: Annotated[int, typer.Option("--shuffle-seed", help="Order of records over shards; -1 keeps the "
                                               "source's order.")] = 0,
 ) -> None:
     """Pack image-caption pairs into webdataset shards with pre-tokenised captions (resumable).
 
-    Example: unimlip-fast data pack --format medpix --input ../shared/data/medpix2 --output shards/medpix --tokenizer minilm
+    Example: unimlip-fast data pack --format medpix --input ../shared/data/medpix2 --output shards/medpix
+    --tokenizer minilm
     """
     from .config import DataConfig
     from .data.pack import PACKABLE_FORMATS, pack

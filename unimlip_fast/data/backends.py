@@ -82,7 +82,8 @@ def check_against_dataset(shards: ShardSet, dataset: CaptionImageDataset, n: int
                                         shards.pad_token_id)
     index = [int(shards.samples[j]["index"]) for j in picks]
     mask = dataset.attention_mask[index].astype(bool)
-    if not np.array_equal(packed_mask.astype(bool), mask) or not np.array_equal(packed[mask], dataset.input_ids[index][mask]):
+    if not (np.array_equal(packed_mask.astype(bool), mask)
+            and np.array_equal(packed[mask], dataset.input_ids[index][mask])):
         raise DataError(f"the caption ids in {shards.root} differ from the run's tokenizer "
                         f"({shards.manifest['tokenizer']['name']} when packed): repack with --tokenizer pointing at "
                         "the run's tokenizer (runs/<name>/tokenizer, or the model.text.encoder name)")

@@ -160,8 +160,9 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for (i, key, caption, data, ext), row, n in zip(good, ids, lengths):
             base = f"{i:0{KEY_DIGITS}d}"
-            members = [(ext, data), ("ids", row[:n].astype("<i4").tobytes()), ("idx", np.int64(i).astype("<i8").tobytes()),
-                       ("txt", caption.encode()), ("key", str(key).encode())]
+            members = [(ext, data), ("ids", row[:n].astype("<i4").tobytes()),
+                       ("idx", np.int64(i).astype("<i8").tobytes()), ("txt", caption.encode()),
+                       ("key", str(key).encode())]
             index.append([(e, *_add_member(tar, f"{base}.{e}", d), f"{base}.{e}") for e, d in members])
     os.replace(tmp_tar, out / f"{name}.tar")
     write_index(out / f"{name}.idx", index)
