@@ -297,10 +297,12 @@ Loss = tuple  # (r1, r2, c1, c2) as indices into the list of distinct features
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """An int64 table on the device, copied without making the host wait for the GPU."""
-    table = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
-    return table.to(device, non_blocking=True)
+def _tables(device: torch.device, *tables: list[list[int]]) -> list[torch.Tensor]:
+    """int64 tables on the device, flattened: one copy for all of them, which does not make the
+    host wait for the GPU."""
+    flat = [[value for row in table for value in row] for table in tables]
+    packed = torch.tensor([v for f in flat for v in f], dtype=torch.int64, pin_memory=device.type == "cuda")
+    return list(packed.to(device, non_blocking=True).split([len(f) for f in flat]))
 
 
 def _flags(features: list[torch.Tensor], self_terms: bool, blocks: Blocks) -> dict:
@@ -316,8 +318,9 @@ def contrastive_forward(features, losses: list[Loss], scale, row_offset: int, se
     for r1, r2, c1, c2 in losses:
         sides += [[features[i].data_ptr() for i in (r1, c2, c1)], [features[i].data_ptr() for i in (r2, c1, c2)]]
     lse, loss_rows, dscale_rows = (torch.empty(len(sides), b, device=scale.device) for _ in range(3))
+    (table,) = _tables(scale.device, sides)
     _fwd_kernel[(triton.cdiv(b, blocks.m), len(sides))](
-        _table(sides, scale.device), scale, lse, loss_rows, dscale_rows, b, n, d, row_offset,
+        table, scale, lse, loss_rows, dscale_rows, b, n, d, row_offset,
         **_flags(features, self_terms, blocks))
     return lse, loss_rows, dscale_rows
 
@@ -344,12 +347,13 @@ def contrastive_backward(features, losses: list[Loss], scale, lse, grad, row_off
 
     for i in set(row_uses) | set(col_uses):
         grads[i] = torch.empty_like(features[i])
-    outs, uses = _grouped(row_uses, address, grads, lambda i: [])
-    _bwd_rows_kernel[(triton.cdiv(b, blocks.m), d_blocks, len(outs))](
-        _table(outs, scale.device), _table(uses, scale.device), scale, lse, grad, b, n, d, row_offset, **flags)
-    outs, uses = _grouped(col_uses, address, grads, lambda i: [int(i in row_uses)])
-    _bwd_cols_kernel[(triton.cdiv(n, blocks.n), d_blocks, len(outs))](
-        _table(outs, scale.device), _table(uses, scale.device), scale, lse, grad, b, n, d, row_offset, **flags)
+    row_outs, row_flat = _grouped(row_uses, address, grads, lambda i: [])
+    col_outs, col_flat = _grouped(col_uses, address, grads, lambda i: [int(i in row_uses)])
+    tables = _tables(scale.device, row_outs, row_flat, col_outs, col_flat)
+    _bwd_rows_kernel[(triton.cdiv(b, blocks.m), d_blocks, len(row_outs))](
+        tables[0], tables[1], scale, lse, grad, b, n, d, row_offset, **flags)
+    _bwd_cols_kernel[(triton.cdiv(n, blocks.n), d_blocks, len(col_outs))](
+        tables[2], tables[3], scale, lse, grad, b, n, d, row_offset, **flags)
     return grads
 
 
