@@ -214,3 +214,23 @@ def test_torch_backend_on_records_without_shards(tiny_tokenizer):
     for batch in gpu:
         check_contract(batch, 8, strong=True, mlm=False)
         assert torch.equal(batch["input_ids"], torch.from_numpy(ds.input_ids[batch["index"].numpy()]).long())
+
+
+def test_a_copied_shard_is_trusted_an_edited_one_verified(packed, tmp_path):
+    import os
+
+    copy = copy_packed(packed, tmp_path / "copy")
+    tar = copy / "shard-000000.tar"
+    os.utime(tar, ns=(1, 1))  # a copy without its mtime: same bytes
+    shards = open_shards(copy)
+    assert not shards.read_skipped and shards.indices[0] == copy / "shard-000000.idx"
+    assert json.loads((copy / ".verified/shard-000000.json").read_text())["unchanged"]
+    # The same size, one image's bytes overwritten in place: found by the digest, then verified.
+    name = first_member_names(copy)[2]
+    line = (copy / "shard-000000.idx").read_text().split("\n")[3].split()
+    assert line[3] == f"{name}.jpg"
+    with open(tar, "r+b") as fh:
+        fh.seek(int(line[1]))
+        fh.write(b"\x00" * 64)
+    shards = open_shards(copy)
+    assert dict(shards.read_skipped) == {"undecodable_image": 1} and len(shards) == N_PACKED - 1

@@ -1,8 +1,9 @@
 """Reading a packed folder (see :mod:`.pack`): the verified sample list both GPU backends read.
 
 :func:`open_shards` reads the manifest and, for each shard, the sample list of its index file. A
-shard whose tar no longer has the size and mtime its marker recorded (edited, truncated, corrupted
-after packing) is re-verified once: its members are listed from the tar headers, every sample
+shard whose tar no longer has the size and mtime its marker recorded is checked: the same size and
+BLAKE2b digest means a copy, and the pack's index stands; anything else (edited, truncated,
+corrupted after packing) is re-verified once: its members are listed from the tar headers, every sample
 needs an image and its ``.ids`` (else ``missing_caption`` / ``missing_image``), every image
 passes the pack's decode check (else ``undecodable_image``); the samples that pass are written to
 a *verified index* in DALI's format (under ``<folder>/.verified``, or a temporary folder when the
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import DataError
-from .pack import check_image_bytes, write_index
+from .pack import check_image_bytes, file_digest, write_index
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "img")
 JPEG_EXTS = ("jpg", "jpeg")
@@ -157,15 +158,24 @@ def _verified_dir(root: Path) -> Path:
 
 
 def _verify(root: Path, entry: dict, st: os.stat_result) -> tuple[Path, list, collections.Counter]:
-    """The verified index of a shard changed since packing (cached by the tar's size and mtime)."""
+    """The index to read for a shard whose tar's mtime or size differs from the manifest's: the
+    pack's own when the content is unchanged (a copy: same size and digest), else a verified one.
+    The outcome is cached under the verified folder, keyed by the tar's size and mtime."""
     vdir = _verified_dir(root)
     stem = Path(entry["tar"]).stem
     index_path, meta_path = vdir / f"{stem}.idx", vdir / f"{stem}.json"
-    if meta_path.is_file() and index_path.is_file():
+    if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
-            return index_path, _parse_index(index_path), collections.Counter(meta["skipped"])
-    samples, skipped = scan_tar(root / entry["tar"])
+            if meta.get("unchanged"):
+                return root / entry["index"], _parse_index(root / entry["index"]), collections.Counter()
+            if index_path.is_file():
+                return index_path, _parse_index(index_path), collections.Counter(meta["skipped"])
+    tar = root / entry["tar"]
+    if st.st_size == entry["size"] and entry.get("blake2b") and file_digest(tar) == entry["blake2b"]:
+        meta_path.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "unchanged": True}))
+        return root / entry["index"], _parse_index(root / entry["index"]), collections.Counter()
+    samples, skipped = scan_tar(tar)
     write_index(index_path, samples)
     meta_path.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "skipped": dict(skipped)}))
     return index_path, samples, skipped
