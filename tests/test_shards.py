@@ -234,3 +234,48 @@ def test_a_copied_shard_is_trusted_an_edited_one_verified(packed, tmp_path):
         fh.write(b"\x00" * 64)
     shards = open_shards(copy)
     assert dict(shards.read_skipped) == {"undecodable_image": 1} and len(shards) == N_PACKED - 1
+
+
+def test_torch_jpeg_bytes_decoded_in_the_main_process(packed, monkeypatch):
+    """The nvJPEG path (JPEG bytes from workers, one batched decode_jpeg call) with a stand-in for
+    torchvision.io that decodes with PIL on the CPU and fails on one chosen image, as nvJPEG
+    would: the batch keeps its size, the failure is counted, the other batches are the PIL path's."""
+    import io
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from unimlip_fast.data.torch_loader import TorchGPULoader
+
+    shards = open_shards(packed)
+    bad = int(shards.samples["index"][5])
+    bad_bytes = int(shards.samples["img_size"][5])  # the stand-in recognises the image by its length
+    assert (shards.samples["img_size"] == bad_bytes).sum() == 1
+
+    def decode_jpeg(data, mode=None, device="cpu"):
+        if isinstance(data, list):
+            return [decode_jpeg(t, mode, device) for t in data]
+        if len(data) == bad_bytes:
+            raise RuntimeError("nvjpeg: corrupt stream")
+        im = Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB")
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).to(device)
+
+    fake = types.ModuleType("torchvision.io")
+    fake.decode_jpeg, fake.ImageReadMode = decode_jpeg, types.SimpleNamespace(RGB="RGB")
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake)
+
+    def run(on_device):
+        return epoch(TorchGPULoader(shards, 16, 0, 1, 0, 0, True, None, 0.15, 0, (0.5, 1), (0.08, 1), 0,
+                                    torch.device("cpu"), torch.float32, IMAGE_SIZE, jpeg_on_device=on_device))
+
+    raw, pil = run(True), run(False)
+    skipped = [b["skipped"] for b in raw]
+    with_bad = [k for k, b in enumerate(raw) if bad in b["index"].tolist()]
+    assert skipped[with_bad[0]] == {"undecodable_image": 1} and sum(map(bool, skipped)) == 1
+    for k, (a, b) in enumerate(zip(raw, pil)):
+        check_contract(a, 16, strong=True, mlm=False)
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["input_ids"], b["input_ids"])
+        if k not in with_bad:  # decoded the same way, shrunk on the device instead of by PIL: close
+            assert (a["image"] - b["image"]).abs().mean() < 0.1

@@ -1,11 +1,13 @@
 """The torch GPU path: decode in DataLoader workers (or on the GPU), augment as batched device ops.
 
 Workers only read and decode: a packed shard's sample (:class:`.shards.ShardDataset`) or a record
-of the CPU loader's dataset, PIL-decoded and shrunk to about 1.15x the image size; with
-torchvision and CUDA, JPEGs from shards travel as bytes and are decoded on the GPU in one batched
-``torchvision.io.decode_jpeg(device="cuda")`` call. The main process moves the batch to the device
-and makes the views there with :mod:`.views` (weak view; the two strong views only when asked),
-casts them to the training dtype, and applies the MLM masking on the device.
+of the CPU loader's dataset, PIL-decoded and shrunk to about 1.15x the image size, and the batch
+collated into one uint8 canvas (one copy to the device). With torchvision and CUDA, JPEGs from
+shards travel as bytes instead and are decoded on the GPU in one batched
+``torchvision.io.decode_jpeg(device="cuda")`` call (an image that fails there is replaced by another
+of the batch and counted). The main process makes the views on the device with :mod:`.views`
+(weak view; the two strong views only when asked), casts them to the training dtype, and applies
+the MLM masking on the device.
 
 Images of different sizes share one batch: each is placed at the top left of a canvas as large as
 the largest (its last row and column repeated once, so bilinear sampling at its edge sees itself),
@@ -194,11 +196,14 @@ class TorchGPULoader:
 
     def __init__(self, source, per_rank: int, rank: int, world_size: int, seed: int, epoch: int, strong_views: bool,
                  mlm: MaskingTables | None, mlm_prob: float, num_workers: int, weak_scale, strong_scale,
-                 skip_batches: int, device: torch.device, dtype: torch.dtype, image_size: int):
+                 skip_batches: int, device: torch.device, dtype: torch.dtype, image_size: int,
+                 jpeg_on_device: bool | None = None):
         self.source, self.device, self.dtype, self.image_size = source, torch.device(device), dtype, image_size
         self.seed, self.epoch, self.strong, self.mlm, self.mlm_prob = seed, epoch, strong_views, mlm, mlm_prob
         self.weak_scale, self.strong_scale = tuple(weak_scale), tuple(strong_scale)
-        self.gpu_decode = isinstance(source, ShardSet) and gpu_jpeg_decode_available(self.device)
+        if jpeg_on_device is None:  # JPEGs from shards decoded by nvJPEG where torchvision and CUDA are there
+            jpeg_on_device = gpu_jpeg_decode_available(self.device)
+        self.gpu_decode = isinstance(source, ShardSet) and jpeg_on_device
         self.sampler = DistributedBatchSampler(len(source), per_rank, rank, world_size, seed, epoch, skip_batches)
         if self.sampler.num_batches == 0:
             raise DataError(f"{len(source)} samples do not fill one global batch of {per_rank} x {world_size} ranks")
