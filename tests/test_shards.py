@@ -173,10 +173,15 @@ def test_mixed_sizes_never_sample_the_padding():
 
 
 def test_backend_choice():
-    assert resolve_backend("auto", "cpu", None) == ("cpu", "auto: no CUDA device")
+    assert resolve_backend("auto", "cpu", "shards") == ("cpu", "auto: no CUDA device")
     assert resolve_backend("torch", "cpu", None)[0] == "torch"
-    with pytest.raises(DataError, match="data.shards"):
-        resolve_backend("dali", "cpu", None) if _dali() else pytest.skip("DALI not installed")
+    # auto on a CUDA device (only the device's type is read): DALI needs shards, else the torch path
+    assert resolve_backend("auto", "cuda", None) == ("torch", "auto: CUDA, no packed shards (data.shards)"
+                                                    if _dali() else "auto: CUDA, DALI not installed")
+    if _dali():
+        assert resolve_backend("auto", "cuda", "shards")[0] == "dali"
+        with pytest.raises(DataError, match="data.shards"):
+            resolve_backend("dali", "cpu", None)
 
 
 def test_shards_from_another_tokenizer_are_refused(packed):
