@@ -176,8 +176,7 @@ def test_backend_choice():
     assert resolve_backend("auto", "cpu", "shards") == ("cpu", "auto: no CUDA device")
     assert resolve_backend("torch", "cpu", None)[0] == "torch"
     # auto on a CUDA device (only the device's type is read): DALI needs shards, else the torch path
-    assert resolve_backend("auto", "cuda", None) == ("torch", "auto: CUDA, no packed shards (data.shards)"
-                                                    if _dali() else "auto: CUDA, DALI not installed")
+    assert resolve_backend("auto", "cuda", None) == ("torch", "auto: CUDA, no packed shards (data.shards)")
     if _dali():
         assert resolve_backend("auto", "cuda", "shards")[0] == "dali"
         with pytest.raises(DataError, match="data.shards"):

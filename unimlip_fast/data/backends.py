@@ -49,7 +49,7 @@ def resolve_backend(backend: str, device: torch.device | str, shards=None) -> tu
     if device.type == "cuda" and dali_available() and shards:
         return "dali", "auto: DALI imports, CUDA, packed shards"
     if device.type == "cuda":
-        missing = "no packed shards (data.shards)" if shards else "DALI not installed"
+        missing = "DALI not installed" if shards else "no packed shards (data.shards)"
         return "torch", f"auto: CUDA, {missing}"
     return "cpu", "auto: no CUDA device"
 
