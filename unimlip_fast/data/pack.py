@@ -10,15 +10,19 @@ A packed folder holds:
   (the record's key in the source);
 - ``shard-000000.idx``: DALI's webdataset index of the shard (``v1.2 <samples>``, then one line per
   sample: ``<ext> <data offset> <size> <member name>`` for each member);
-- ``shard-000000.json``: the shard's completion marker (samples, skips, size and mtime of the tar);
+- ``shard-000000.json``: the shard's completion marker (samples, skips, size, mtime and BLAKE2b
+  digest of the tar);
 - ``tokenizer/``: the tokenizer the ids come from (``save_pretrained``);
-- ``manifest.json``: counts, tokenizer (name, vocab size, pad id, context length), shard list and
-  the records skipped, per reason (those the reader skipped plus those packing skipped).
+- ``plan.json``: what the folder is made from (source, record count, shard size, tokenizer,
+  context length, shuffle seed); a re-run with another plan is refused;
+- ``manifest.json``: the plan, counts, tokenizer (name, vocab size, pad id, context length), the
+  shard list and the records skipped, per reason: ``skipped`` (the reader's and packing's) and
+  ``pack_skipped`` (packing's alone: the samples a loader counts as lost each epoch).
 
 Packing streams: shard ``k`` holds records ``[k*S, (k+1)*S)`` of the split in a seeded shuffled
-order; a process pool packs shards independently, each worker reading, checking and tokenising only
-its own records (the parent holds only the record list: paths and captions). A shard
-is written to a temporary name and renamed, then its marker is written, so a re-run skips every
+order; a process pool packs shards independently (two per worker in flight), each worker reading,
+checking and tokenising only its own records (the parent holds only the record list: paths and
+captions). A shard is written to a temporary name and renamed, then its marker is written, so a re-run skips every
 shard with a marker and packs the rest. Bad records are skipped and counted: ``missing_image``
 (the file vanished since listing), ``undecodable_image`` (a cheap decode check: header, then the
 JPEG at 1/8 scale) and ``empty_caption``.
