@@ -6,9 +6,9 @@ import torch
 
 from unimlip_fast.data.dali import dali_available
 
-from .test_shards import (B, check_bad_samples_inside_a_shard, check_contract_and_phases, check_determinism,
-                          check_ids_unchanged, check_pretrain_run, check_ranks, copy_packed, loader, mlm_tables,
-                          packed)
+from .test_shards import (check_bad_samples_inside_a_shard, check_contract_and_phases, check_determinism,
+                          check_ids_unchanged, check_on_cuda, check_pretrain_run, check_ranks, copy_packed, loader,
+                          mlm_tables, packed)
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="nvidia.dali does not import (pip install '.[dali]')")
 __all__ = ["packed", "mlm_tables"]  # module fixtures shared with test_shards.py
@@ -79,3 +79,9 @@ def test_dali_strong_views_follow_the_recipe(tmp_path):
 
 def test_dali_pretrain_run_on_medpix_shards(packed, tmp_path, monkeypatch):
     check_pretrain_run("dali", packed, tmp_path, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (mixed decode)")
+def test_dali_on_cuda(packed, mlm_tables):
+    check_on_cuda("dali", packed, mlm_tables)

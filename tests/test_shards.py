@@ -283,3 +283,18 @@ def test_torch_jpeg_bytes_decoded_in_the_main_process(packed, monkeypatch):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["input_ids"], b["input_ids"])
         if k not in with_bad:  # decoded the same way, shrunk on the device instead of by PIL: close
             assert (a["image"] - b["image"]).abs().mean() < 0.1
+
+
+def check_on_cuda(backend, packed, mlm_tables):
+    batches = epoch(loader(backend, packed, mlm=mlm_tables, strong_views=True, device="cuda", dtype=torch.bfloat16))
+    assert len(batches) == N_PACKED // B
+    for batch in batches:
+        check_contract({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}, B, strong=True, mlm=True,
+                       dtype=torch.bfloat16)
+        assert all(v.is_cuda for v in batch.values() if torch.is_tensor(v))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_on_cuda(packed, mlm_tables):
+    check_on_cuda("torch", packed, mlm_tables)
