@@ -133,8 +133,14 @@ def write_index(path: Path, samples: list[list[tuple[str, int, int, str]]]) -> N
     """DALI's webdataset index (v1.2): ``v1.2 <n>``, then per sample ``ext offset size name`` per member."""
     lines = [f"v1.2 {len(samples)}"]
     lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) for sample in samples]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name of this process, then rename: readers (other ranks) see the old
+    file or the whole new one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -185,9 +191,7 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
     marker = {"shard": name, "tar": f"{name}.tar", "index": f"{name}.idx", "samples": len(good),
               "records": len(records), "skipped": dict(skipped),
               "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": file_digest(out / f"{name}.tar")}
-    tmp = out / f"{name}.json.tmp"
-    tmp.write_text(json.dumps(marker))
-    os.replace(tmp, out / f"{name}.json")
+    write_atomic(out / f"{name}.json", json.dumps(marker))
     return marker
 
 
@@ -301,9 +305,7 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
                    for s in range(n_shards)],
         "pack_seconds": round(time.time() - started, 1),
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "manifest.json")
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import DataError
-from .pack import check_image_bytes, file_digest, write_index
+from .pack import check_image_bytes, file_digest, write_atomic, write_index
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "img")
 JPEG_EXTS = ("jpg", "jpeg")
@@ -173,11 +173,11 @@ def _verify(root: Path, entry: dict, st: os.stat_result) -> tuple[Path, list, co
                 return index_path, _parse_index(index_path), collections.Counter(meta["skipped"])
     tar = root / entry["tar"]
     if st.st_size == entry["size"] and entry.get("blake2b") and file_digest(tar) == entry["blake2b"]:
-        meta_path.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "unchanged": True}))
+        write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "unchanged": True}))
         return root / entry["index"], _parse_index(root / entry["index"]), collections.Counter()
     samples, skipped = scan_tar(tar)
     write_index(index_path, samples)
-    meta_path.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "skipped": dict(skipped)}))
+    write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "skipped": dict(skipped)}))
     return index_path, samples, skipped
 
 
