@@ -298,3 +298,11 @@ def check_on_cuda(backend, packed, mlm_tables):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_torch_on_cuda(packed, mlm_tables):
     check_on_cuda("torch", packed, mlm_tables)
+
+
+def test_changed_shards_verified_in_parallel(packed, tmp_path):
+    copy = copy_packed(packed, tmp_path / "copy")
+    for k, name in enumerate(sorted(copy.glob("shard-*.tar"))):
+        rewrite_shard(name, drop={f"{first_member_names(copy, k)[0]}.ids"})
+    shards = open_shards(copy, workers=2)
+    assert dict(shards.read_skipped) == {"missing_caption": 3} and len(shards) == N_PACKED - 3

@@ -181,27 +181,42 @@ def _verify(root: Path, entry: dict, st: os.stat_result) -> tuple[Path, list, co
     return index_path, samples, skipped
 
 
-def open_shards(folder: str | os.PathLike) -> ShardSet:
-    """Open a packed folder; shards changed since packing are re-verified (see the module doc)."""
+def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardSet:
+    """Open a packed folder; shards changed since packing are checked, and re-verified where their
+    bytes changed, by ``workers`` processes (default: every core) when there are several."""
     root = Path(folder)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         raise DataError(f"{root} is not a packed folder (no manifest.json); make one with `unimlip-fast data pack`")
     manifest = json.loads(manifest_path.read_text())
+    stats = []
+    for entry in manifest["shards"]:
+        try:
+            stats.append((root / entry["tar"]).stat())
+        except FileNotFoundError:
+            raise DataError(f"{root / entry['tar']} listed in the manifest is missing") from None
+    changed = [s for s, (entry, st) in enumerate(zip(manifest["shards"], stats))
+               if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"])]
+    jobs = [(root, manifest["shards"][s], stats[s]) for s in changed]
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            verified = dict(zip(changed, pool.map(_verify, *zip(*jobs))))
+    else:
+        verified = {s: _verify(*job) for s, job in zip(changed, jobs)}
+
     tars, indices, rows = [], [], []
     read_skipped: collections.Counter = collections.Counter()
     for s, entry in enumerate(manifest["shards"]):
-        tar = root / entry["tar"]
-        try:
-            st = tar.stat()
-        except FileNotFoundError:
-            raise DataError(f"{tar} listed in the manifest is missing") from None
-        if st.st_size == entry["size"] and st.st_mtime_ns == entry["mtime_ns"]:
+        if s in verified:
+            index_path, samples, skipped = verified[s]
+            read_skipped.update(skipped)
+        else:
             index_path = root / entry["index"]
             samples = _parse_index(index_path)
-        else:
-            index_path, samples, skipped = _verify(root, entry, st)
-            read_skipped.update(skipped)
+        tar = root / entry["tar"]
         if samples:  # DALI rejects a tar with no samples
             tars.append(tar)
             indices.append(index_path)
