@@ -306,3 +306,29 @@ def test_changed_shards_verified_in_parallel(packed, tmp_path):
         rewrite_shard(name, drop={f"{first_member_names(copy, k)[0]}.ids"})
     shards = open_shards(copy, workers=2)
     assert dict(shards.read_skipped) == {"missing_caption": 3} and len(shards) == N_PACKED - 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_resumed_run_matches_uninterrupted(backend, packed, tmp_path, monkeypatch):
+    """The trainer's exact resume (test_train.py) through a GPU backend: mid-epoch, SimCLR phase included."""
+    if backend == "dali" and not _dali():
+        pytest.skip("nvidia.dali does not import")
+
+    def run(run_dir, *extra):
+        args = [str(a) for a in run_args(packed, backend, run_dir)]
+        k = args.index("--ds-config") + 1
+        args[k] = args[k].replace("zero2.json", "zero2_fp32.json")
+        monkeypatch.setattr(sys, "argv", ["unimlip-fast", *args, "train.max_steps=5", *extra])
+        with pytest.raises(SystemExit) as e:
+            main()
+            raise SystemExit(0)
+        assert e.value.code == 0
+        return {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if "loss/total" in m}
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "parts", "train.stop_after_steps=3")
+    parts = run(tmp_path / "parts", "--resume", "latest")
+    for step in (4, 5):
+        for key in ("loss/total", "loss/itc", "loss/simclr", "loss/mlm"):
+            assert parts[step][key] == pytest.approx(whole[step][key], rel=1e-5, abs=1e-6), (step, key)
