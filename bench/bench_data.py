@@ -123,7 +123,7 @@ def train_step_samples_per_s(tokenizer, device: torch.device, batch: int = BATCH
     return batch / (m.median_ms / 1e3), what
 
 
-def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 15.0, workers: int | None = None,
+def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int | None = None,
         smoke: bool = False) -> list[dict]:
     """``smoke``: every input path on the CPU (the torch and DALI code paths without a GPU), no
     training step; numbers that say nothing about a GPU."""
@@ -209,7 +209,7 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 15.0, workers: int 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV file the rows are appended to")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per input pipeline")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per input pipeline")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers / DALI threads (0: every core)")
     parser.add_argument("--smoke", action="store_true", help="every input path on the CPU, no training step")
     args = parser.parse_args(argv)
