@@ -59,6 +59,8 @@ def pretrain(
     from .train.engine import pretrain as run_pretrain
 
     summary = run_pretrain(cfg, str(ds_config) if ds_config else None, run_dir, resume)
+    if os.environ.get("RANK", "0") != "0":
+        return
     if "retrieval" in summary:
         print_retrieval(summary["retrieval"])
     console.print(f"run folder: {summary['run_dir']}  steps: {summary['steps']}  "

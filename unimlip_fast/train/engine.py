@@ -132,6 +132,7 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
     interval = _Interval()
     engine.train()
     stop_at = min(total_steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps else total_steps
+    described = None
     while state.step < stop_at:
         phase = phase_at(state.step)
         loader = build_train_loader(cfg.data.backend, dataset, per_rank, env.rank, env.world_size, cfg.train.seed,
@@ -140,6 +141,9 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
                                     weak_scale=cfg.data.weak_scale, strong_scale=cfg.data.strong_scale,
                                     skip_batches=state.batch_in_epoch, device=env.device,
                                     dtype=next(engine.module.parameters()).dtype, shards=cfg.data.shards or None)
+        if loader.description != described:
+            monitor.info(f"data: {loader.description}")
+            described = loader.description
         with torch.random.fork_rng(devices=[]):  # the loader's worker seeds must not move the model's RNG
             batches = iter(loader)
         interval.mark_data()
@@ -186,7 +190,10 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut the caption columns to the longest caption in the batch (CPU tensors: no device sync)."""
+    """Cut the caption columns to the longest caption in the batch. Only for batches still on the
+    CPU (the CPU loader's): on the device, finding the longest would cost a host sync per step."""
+    if batch["attention_mask"].device.type != "cpu":
+        return batch
     longest = int(batch["attention_mask"].sum(dim=1).max())
     for key in ("input_ids", "attention_mask", "mlm_labels"):
         if key in batch:
