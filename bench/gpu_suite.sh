@@ -20,8 +20,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 git rev-parse --short HEAD 2>/dev/null || true
 status=0
 step() { echo; echo "=== $1"; shift; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
-step "GPU tests" timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_contrastive.py \
-  tests/test_kernels_dropblock.py -k "cuda or gpu" -rs
+step "GPU tests" timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
+  tests/test_kernels_contrastive.py tests/test_kernels_dropblock.py tests/test_kernels_ops.py tests/test_masking.py \
+  tests/test_views.py tests/test_shards.py tests/test_dali.py
 step "bench_losses" timeout 170 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 120
 if [ -f bench/bench_data.py ]; then
   step "bench_data" timeout 120 python3 bench/bench_data.py --csv "$out/data.csv"
