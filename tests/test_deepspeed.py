@@ -91,6 +91,6 @@ def test_two_ranks_match_one_process(tmp_path, ds_json):
     loss.backward()
     named = dict(model.named_parameters())
     assert ranks["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert abs(ranks["terms"]["itc"] - torch.log(torch.tensor(8.0)).item()) > 1e-3, "degenerate: uniform logits"
+    assert named["visual.conv1.weight"].grad.abs().sum() > 0, "vacuous: no gradient reached the image encoder"
     for name in CHECKED:
         torch.testing.assert_close(ranks["grads"][name], named[name].grad, rtol=1e-4, atol=1e-6, msg=name)

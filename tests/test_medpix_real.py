@@ -1,5 +1,8 @@
-"""A short real-data run: the MedPix CPU recipe for two epochs (all five terms, the SimCLR phase
-reached), then retrieval on the test split's 128 distinct captions (chance R@10 is 7.8%).
+"""A short real-data run: the MedPix CPU recipe for three epochs (all five terms, the SimCLR phase
+reached for the last 15 steps), then retrieval on the test split's 128 distinct captions (chance
+R@10 is 7.8%). The SimCLR phase comes late on purpose: begun after 25 steps, with the BatchNorm
+statistics frozen while the weights still move fast, it undid the image-text alignment (ITC back
+to chance), which is why the paper adds it only after a first phase.
 
 The full recipe (configs/medpix_cpu.yaml, ~25 minutes here) and its numbers are in the README.
 """
@@ -19,7 +22,8 @@ def test_short_medpix_run_learns_retrieval(tmp_path, monkeypatch):
     data = medpix_path()
     run = tmp_path / "medpix"
     code = run_cli(monkeypatch, "pretrain", REPO / "configs/medpix_cpu.yaml", "--run-dir", run,
-                   f"data.path={data}", "train.epochs=2", "train.warmup_steps=10", "train.ckpt_every=0")
+                   f"data.path={data}", "train.epochs=3", "train.simclr_start=0.8", "train.warmup_steps=10",
+                   "train.ckpt_every=0")
     assert code == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [m for m in metrics if "loss/total" in m][-1]
