@@ -117,7 +117,6 @@ def train_step_samples_per_s(tokenizer, device: torch.device, batch: int = BATCH
 
     what = "ResNet-50x64 224px + BERT-base-sized text (12x768), fusion 4, bf16 autocast, 5 terms, AdamW"
     m = measure(step, device, warmup=warmup, repeats=repeats)
-    del model, opt
     if m.status != "ok":
         return float("nan"), f"{m.status}; {what}"
     return batch / (m.median_ms / 1e3), what

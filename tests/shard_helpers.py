@@ -7,7 +7,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .conftest import TINY_OVERRIDES, medpix_path

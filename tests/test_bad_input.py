@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import torch
 from PIL import Image
 
 from unimlip_fast.data.phantom import phantom_split

@@ -1,5 +1,4 @@
 """`data pack`: shard contents, DALI index files, manifest, bad records, resuming, the CLI."""
-import io
 import json
 import sys
 import tarfile

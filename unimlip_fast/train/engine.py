@@ -10,7 +10,6 @@ import json
 import random
 import resource
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
