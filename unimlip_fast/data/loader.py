@@ -326,3 +326,15 @@ def build_eval_loader(dataset: CaptionImageDataset, batch_size: int, num_workers
     view_ds = _ViewDataset(dataset, "eval", 0, 0, (1.0, 1.0), (1.0, 1.0), False)
     batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in range(0, len(dataset), batch_size)]
     return _data_loader(view_ds, batches, _Collate(None, 0.0, 0, 0), num_workers)
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut the caption columns to the longest caption in the batch. Only for batches still on the
+    CPU (the CPU loader's): on the device, finding the longest would cost a host sync per step."""
+    if batch["attention_mask"].device.type != "cpu":
+        return batch
+    longest = int(batch["attention_mask"].sum(dim=1).max())
+    for key in ("input_ids", "attention_mask", "mlm_labels"):
+        if key in batch:
+            batch[key] = batch[key][:, :longest]
+    return batch

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..config import DataConfig
 from ..data.formats import Record, read_records, roco_eval_subset
-from ..data.loader import build_dataset, build_eval_loader
+from ..data.loader import build_dataset, build_eval_loader, trim_padding
 
 
 def dedupe_captions(records: list[Record]) -> tuple[list[Record], int]:
@@ -48,8 +48,6 @@ def embed_pairs(model, dataset, device: torch.device, batch_size: int) -> tuple[
     was_training = model.training
     model.eval()
     images, texts = [], []
-    from ..train.engine import trim_padding
-
     for batch in build_eval_loader(dataset, batch_size):
         batch = trim_padding(batch)
         images.append(F.normalize(model.encode_image(batch["image"].to(device)).float(), dim=-1).cpu())

@@ -20,7 +20,7 @@ import torch
 from ..config import Config, ConfigError, save_config
 from ..data.formats import read_records
 from ..data.backends import build_train_loader
-from ..data.loader import build_dataset
+from ..data.loader import build_dataset, trim_padding
 from ..data.masking import MaskingTables
 from ..kernels import resolve_ops
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
@@ -186,18 +186,6 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
                 raise RuntimeError(f"the data loader yielded no batch in epoch {state.epoch}")
             if state.batch_in_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-
-
-def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut the caption columns to the longest caption in the batch. Only for batches still on the
-    CPU (the CPU loader's): on the device, finding the longest would cost a host sync per step."""
-    if batch["attention_mask"].device.type != "cpu":
-        return batch
-    longest = int(batch["attention_mask"].sum(dim=1).max())
-    for key in ("input_ids", "attention_mask", "mlm_labels"):
-        if key in batch:
-            batch[key] = batch[key][:, :longest]
-    return batch
 
 
 def _periodic_eval(model, cfg: Config, env: DistEnv, monitor: Monitor, step: int) -> None:
