@@ -12,6 +12,7 @@ runs out of memory gives status "OOM". On CPU (smoke tests only) the clock is th
 from __future__ import annotations
 
 import csv
+import os
 import statistics
 import subprocess
 import sys
@@ -74,16 +75,23 @@ def environment(device: torch.device) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "commit": commit()}
+
+
+def commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files), or
+    ``$UNIMLIP_COMMIT``, which gpu_suite.sh sets where the checkout travelled without ``.git``."""
+    if os.environ.get("UNIMLIP_COMMIT"):
+        return os.environ["UNIMLIP_COMMIT"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
-        commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "commit": commit}
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
 
 
 def append_rows(csv_path: str | Path, rows: list[dict]) -> None:

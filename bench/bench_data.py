@@ -8,7 +8,7 @@ the default-size model (ResNet-50 x64 at 224 px, a text tower of BiomedBERT-base
 initialised at random, fusion and heads at their defaults), all five terms, bf16 autocast, batch 96. Targets (issue 4):
 the GPU path at least 4x the CPU loader and at least 2x the training step.
 
-The MedPix train split (``../shared/data/medpix2``) is packed into a temporary folder first, with
+The MedPix train split (``../shared/data/medpix2``, or ``$UNIMLIP_SHARED_DATA/medpix2``) is packed into a temporary folder first, with
 a WordPiece tokenizer fitted to its captions (nothing is downloaded). One CSV row per path, with
 the card, versions and commit.
 
@@ -43,7 +43,7 @@ from unimlip_fast.data.pack import pack  # noqa: E402
 from unimlip_fast.data.shards import ShardSet, open_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MEDPIX = REPO.parent / "shared" / "data" / "medpix2"
+MEDPIX = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data") / "medpix2"
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 IMAGE_SIZE, CONTEXT, BATCH = 224, 77, 96
 REPEAT = 8  # MedPix train x 8 = 13,088 samples an epoch: start-up (workers, pipeline) is not the measure
@@ -129,7 +129,8 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     workers = workers or os.cpu_count() or 1
     if not MEDPIX.is_dir():
-        raise SystemExit(f"MedPix not found at {MEDPIX} (../shared/data beside the repository)")
+        raise SystemExit(f"MedPix not found at {MEDPIX} (../shared/data beside the repository, or "
+                         f"$UNIMLIP_SHARED_DATA; bench/gpu_carry.sh carries it to a GPU machine)")
     env = environment(device)
     try:
         import nvidia.dali

@@ -4,9 +4,10 @@
 #   2. bench_losses.py (fused contrastive terms and DropBlock against the references),
 #   3. bench_data.py (CPU loader vs torch-GPU path vs DALI where installed, and the train step),
 #   4. a short pretraining run through the CLI with Triton kernels and the torch GPU data path.
-# Run from the repository root on a CUDA machine. Where DeepSpeed is not installed there, carry its
-# wheels: `../shared/gpu/make_carry.sh typer rich shellingham` here builds .whl/ (git-ignored).
-# Copy what it prints, with the card's name, into bench/RESULTS.md.
+# The GPU machine has no network and gets only the checkout: first run `bash bench/gpu_carry.sh`
+# here, which puts DeepSpeed's wheels in .whl/ and the MedPix data and commit in .gpu_data/, then
+# run this there with both folders carried. Copy what it prints, with the card's name, into
+# bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
@@ -14,20 +15,24 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
+if [ -z "${UNIMLIP_SHARED_DATA:-}" ] && [ -d .gpu_data ]; then export UNIMLIP_SHARED_DATA="$PWD/.gpu_data"; fi
+if ! git rev-parse HEAD >/dev/null 2>&1 && [ -f .gpu_data/commit ]; then export UNIMLIP_COMMIT="$(cat .gpu_data/commit)"; fi
 out="${OUT:-bench/out}"; mkdir -p "$out"
+exec > >(tee "$out/suite.log") 2>&1  # the whole log comes back with the CSVs
+medpix="${UNIMLIP_SHARED_DATA:-../shared/data}/medpix2"
+[ -d "$medpix" ] && echo "MedPix: $medpix" || echo "MedPix MISSING at $medpix: bench_data and the CUDA data tests cannot run"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-git rev-parse --short HEAD 2>/dev/null || true
+echo "commit ${UNIMLIP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 status=0
 step() { echo; echo "=== $1"; shift; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
-step "GPU tests" timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
+step "GPU tests" timeout 120 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
   tests/test_kernels_contrastive.py tests/test_kernels_dropblock.py tests/test_kernels_ops.py tests/test_masking.py \
   tests/test_views.py tests/test_shards.py tests/test_dali.py
-step "bench_losses" timeout 170 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 120
-if [ -f bench/bench_data.py ]; then
-  step "bench_data" timeout 120 python3 bench/bench_data.py --csv "$out/data.csv"
-fi
+step "bench_losses" timeout 150 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 100
+step "bench_data" timeout 120 python3 bench/bench_data.py --csv "$out/data.csv"
 step "pretrain smoke (triton kernels, torch GPU data path)" timeout 90 python3 -m unimlip_fast.cli pretrain \
-  configs/demo.yaml --ds-config configs/zero2.json --run-dir "$out/run" train.max_steps=40 \
+  configs/demo.yaml --ds-config configs/zero2.json --run-dir /tmp/unimlip_gpu_run train.max_steps=40 \
   model.kernels=triton data.backend=torch data.num_workers=4
+cp /tmp/unimlip_gpu_run/metrics.jsonl /tmp/unimlip_gpu_run/summary.json "$out/" 2>/dev/null
 exit $status

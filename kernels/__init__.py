@@ -6,6 +6,7 @@ Triton ops are asked for, so the package imports where triton is not installed.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,11 +49,16 @@ def triton_ops() -> LossOps:
 
 
 def resolve_ops(choice: str, device: torch.device) -> LossOps:
-    """``auto`` takes Triton on CUDA and the reference elsewhere."""
+    """``auto`` takes Triton on CUDA and the reference elsewhere. ``triton`` off CUDA needs
+    Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported; for tests)."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"model.kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
     if choice == "reference" or (choice == "auto" and device.type != "cuda"):
         return REFERENCE_OPS
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"model.kernels=triton needs a CUDA device (this run is on {device.type}); use "
+                         "model.kernels=reference or auto, or TRITON_INTERPRET=1 to run the kernels in Triton's "
+                         "slow interpreter")
     return triton_ops()
 
 

@@ -11,7 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real data sets (MedPix, VQA-RAD, NIH): ../shared/data beside the checkout, or wherever
+# UNIMLIP_SHARED_DATA points (a GPU machine gets them carried into the checkout: bench/gpu_carry.sh).
+SHARED_DATA = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 TINY_OVERRIDES = [
     "model.embed_dim=32", "model.image_size=64", "model.vision_layers=[1,1,1,1]", "model.vision_width=16",
@@ -31,7 +33,7 @@ CAPTIONS = [
 def medpix_path() -> Path:
     path = SHARED_DATA / "medpix2"
     if not path.is_dir():
-        pytest.skip(f"real MedPix data not found at {path} (../shared/data beside the repo)")
+        pytest.skip(f"real MedPix data not found at {path} (../shared/data beside the repo, or $UNIMLIP_SHARED_DATA)")
     return path
 
 

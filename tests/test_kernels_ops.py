@@ -34,6 +34,13 @@ def test_auto_takes_triton_on_cuda_only():
         resolve_ops("fast", torch.device("cpu"))
 
 
+def test_triton_off_cuda_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA device.*TRITON_INTERPRET=1"):
+        resolve_ops("triton", torch.device("cpu"))
+    assert resolve_ops("triton", torch.device("cuda")).name == "triton"
+
+
 def test_the_package_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None; import unimlip_fast.kernels as k; "
             "assert k.resolve_ops('auto', __import__('torch').device('cpu')).name == 'reference'")
