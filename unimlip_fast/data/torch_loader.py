@@ -78,15 +78,14 @@ def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale, ratio=RATIO, 
 
 
 def shrink_on_device(image: torch.Tensor, target: int) -> torch.Tensor:
-    """``[3,H,W]`` uint8 -> float [0,1] with the short side shrunk to ``target`` (antialiased)."""
-    x = image.float().div_(255)
-    if x.shape[0] == 1:
-        x = x.expand(3, -1, -1)
-    h, w = x.shape[1:]
-    if min(h, w) > target:
-        size = (max(1, round(h * target / min(h, w))), max(1, round(w * target / min(h, w))))
-        x = F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp_(0, 1)
-    return x
+    """``[C,H,W]`` uint8 with the short side shrunk to ``target`` (antialiased, rounded back to
+    uint8 as PIL's shrink in the workers does); an image no larger is returned as it is."""
+    h, w = image.shape[1:]
+    if min(h, w) <= target:
+        return image
+    size = (max(1, round(h * target / min(h, w))), max(1, round(w * target / min(h, w))))
+    x = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,7 +263,8 @@ class TorchGPULoader:
         if not good:
             raise DataError("every image of a batch failed to decode on the GPU")
         images = [x if x is not None else good[0] for x in images]  # substitute a good one of the batch
-        return canvas([shrink_on_device(x, target) for x in images]), failed
+        x, hs, ws = canvas([shrink_on_device(x, target) for x in images])  # uint8: one conversion below
+        return (x.float().div_(255), hs, ws), failed
 
     def _to_device(self, cpu_batch: dict) -> dict:
         index = cpu_batch["index"]
