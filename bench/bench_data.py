@@ -4,13 +4,14 @@ Samples per second with the three 224 px views of the SimCLR phase (weak + two s
 masking, for: the CPU loader with every core as a DataLoader worker; the torch GPU path (decode in
 workers, or nvJPEG through torchvision where installed; views as batched CUDA ops); DALI on the
 GPU where it imports. Then the samples per second of the training step: forward and backward of
-the default-size model (ResNet-50 x64 at 224 px, a text tower of BiomedBERT-base's shape
-initialised at random, fusion and heads at their defaults), all five terms, bf16 autocast, batch 96. Targets (issue 4):
-the GPU path at least 4x the CPU loader and at least 2x the training step.
+the default-size model (ResNet-50, width 64, at 224 px; a text tower of BiomedBERT-base's shape
+initialised at random; fusion and heads at their defaults), all five terms, bf16 autocast, at a
+per-GPU batch of 96 (the paper's 768 on 8 GPUs) and 256 (one GPU kept busier). Targets (issue 4):
+the GPU path at least 4x the CPU loader and at least 2x the faster training step.
 
-The MedPix train split (``../shared/data/medpix2``, or ``$UNIMLIP_SHARED_DATA/medpix2``) is packed into a temporary folder first, with
-a WordPiece tokenizer fitted to its captions (nothing is downloaded). One CSV row per path, with
-the card, versions and commit.
+The MedPix train split (``../shared/data/medpix2``, or ``$UNIMLIP_SHARED_DATA/medpix2``) is packed
+into a temporary folder first, with a WordPiece tokenizer fitted to its captions (nothing is
+downloaded). One CSV row per path, with the card, versions and commit.
 
     python bench/bench_data.py                         # rows appended to bench/results.csv
     python bench/bench_data.py --seconds 5 --csv /tmp/data.csv
@@ -20,6 +21,7 @@ Without CUDA only the CPU loader is measured (briefly), and the output says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -46,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 MEDPIX = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data") / "medpix2"
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 IMAGE_SIZE, CONTEXT, BATCH = 224, 77, 96
+TRAIN_BATCHES = (96, 256)  # per-GPU batches of the training step
 REPEAT = 8  # MedPix train x 8 = 13,088 samples an epoch: start-up (workers, pipeline) is not the measure
 
 
@@ -86,8 +89,22 @@ def samples_per_s(loader, device: torch.device, seconds: float, warm: int) -> tu
                 return n / (time.perf_counter() - start), n
 
 
-def train_step_samples_per_s(tokenizer, device: torch.device, batch: int = BATCH, warmup: int = 3,
-                             repeats: int = 10) -> tuple[float, str]:
+def synthetic_batch(tokenizer, batch: int, device: torch.device) -> dict:
+    """A SimCLR-phase batch of random images and caption ids (48 tokens, 15% as MLM labels)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    images = {k: torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device, generator=g)
+              for k in ("image", "image_a", "image_b")}
+    ids = torch.randint(len(tokenizer) // 4, len(tokenizer), (batch, 48), device=device, generator=g)
+    ids[:, 0] = tokenizer.cls_token_id
+    labels = torch.where(torch.rand(batch, 48, device=device, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+    labels[:, 1] = ids[:, 1]
+    return {**images, "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_labels": labels}
+
+
+def train_step_samples_per_s(tokenizer, device: torch.device, batches=TRAIN_BATCHES, warmup: int = 3,
+                             repeats: int = 10) -> list[tuple[int, float, str]]:
+    """``[(batch, samples/s, what)]`` of the training step at each per-GPU batch: 96 is the paper's
+    global 768 on 8 GPUs; a larger one keeps one GPU busier (more samples/s, a harder target)."""
     from unimlip_fast.kernels import resolve_ops
     from unimlip_fast.model import SIMCLR, build_model
     from unimlip_fast.objective import compute_terms, total_loss
@@ -97,17 +114,10 @@ def train_step_samples_per_s(tokenizer, device: torch.device, batch: int = BATCH
                                 num_heads=12)
     model = build_model(cfg.model, cfg.loss, tokenizer).to(device).train()
     model.ops = resolve_ops("auto", device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    g = torch.Generator(device=device).manual_seed(0)
-    images = {k: torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device, generator=g)
-              for k in ("image", "image_a", "image_b")}
-    ids = torch.randint(len(tokenizer) // 4, len(tokenizer), (batch, 48), device=device, generator=g)
-    ids[:, 0] = tokenizer.cls_token_id
-    labels = torch.where(torch.rand(batch, 48, device=device, generator=g) < 0.15, ids, torch.full_like(ids, -100))
-    labels[:, 1] = ids[:, 1]
-    data = {**images, "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_labels": labels}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    what = "ResNet-50 224px + BERT-base-sized text (12x768), fusion 4, bf16 autocast, 5 terms, fused AdamW"
 
-    def step():
+    def step(data: dict) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             terms = compute_terms(model(data, SIMCLR), cfg.loss, model.ops)
             loss = total_loss(terms, cfg.loss)
@@ -115,11 +125,18 @@ def train_step_samples_per_s(tokenizer, device: torch.device, batch: int = BATCH
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    what = "ResNet-50x64 224px + BERT-base-sized text (12x768), fusion 4, bf16 autocast, 5 terms, AdamW"
-    m = measure(step, device, warmup=warmup, repeats=repeats)
-    if m.status != "ok":
-        return float("nan"), f"{m.status}; {what}"
-    return batch / (m.median_ms / 1e3), what
+    results = []
+    for batch in batches:
+        m = measure(functools.partial(step, synthetic_batch(tokenizer, batch, device)), device, warmup=warmup,
+                    repeats=repeats)
+        value = batch / (m.median_ms / 1e3) if m.status == "ok" else float("nan")
+        note = what if m.status == "ok" else f"{m.status}; {what}"
+        if m.peak_extra_mib is not None:
+            note += f"; peak {m.peak_extra_mib / 1024:.0f} GiB"
+        results.append((batch, value, note))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
 
 
 def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int | None = None,
@@ -147,9 +164,9 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows: list[dict] = []
 
-    def row(path: str, value: float, note: str, status: str = "ok") -> None:
+    def row(path: str, value: float, note: str, status: str = "ok", batch: int = BATCH) -> None:
         r = {"bench": "data", "time": stamp, "path": path, "status": status,
-             "samples_per_s": round(value, 1) if value == value else "", "batch": BATCH, "image_size": IMAGE_SIZE,
+             "samples_per_s": round(value, 1) if value == value else "", "batch": batch, "image_size": IMAGE_SIZE,
              "views": 3, "workers": workers, "cpus": os.cpu_count(), "note": note, **env}
         rows.append(r)
         append_rows(csv_path, [r])
@@ -198,11 +215,13 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
         if smoke:
             print("smoke run: every path ran on the CPU; no training step")
             return rows
-        step, note = train_step_samples_per_s(tokenizer, device)
-        row("train_step", step, note)
+        steps = train_step_samples_per_s(tokenizer, device)
+        for batch, value, note in steps:
+            row(f"train_step_{batch}", value, note, "ok" if value == value else note.split(";")[0], batch)
     best = max(v for v in (torch_gpu, dali_gpu) if v == v)
-    print(f"GPU path / CPU loader: {best / cpu:.1f}x (target >= 4x); GPU path / training step: {best / step:.1f}x "
-          f"(target >= 2x)")
+    step = max((v for _, v, _ in steps if v == v), default=float("nan"))
+    print(f"GPU path / CPU loader: {best / cpu:.1f}x (target >= 4x); GPU path / fastest training step "
+          f"({step:.0f} samples/s): {best / step:.1f}x (target >= 2x)")
     return rows
 
 
