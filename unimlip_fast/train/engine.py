@@ -237,7 +237,7 @@ class _Interval:
 def _count_nonfinite(state: TrainerState, cfg: Config, monitor: Monitor, terms: dict[str, torch.Tensor]) -> None:
     state.nonfinite_total += 1
     state.nonfinite_in_row += 1
-    values = {k: float(v) for k, v in terms.items()}
+    values = {k: float(v.detach()) for k, v in terms.items()}
     monitor.info(f"[yellow]non-finite loss at step {state.step}, step skipped[/yellow] ({values})")
     if state.nonfinite_in_row >= cfg.train.max_nonfinite:
         raise NonFiniteLossError(f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step} "
