@@ -13,7 +13,7 @@ captions of PMC-OA's length, 20 to 90 words), then through the CLI, each in its 
 It prints records per second per packing process, the packer's peak memory (the parent, which
 holds the record list, and one worker) and what those give for 1.65M pairs on 16 processes.
 
-    python bench/bench_pack.py                       # 50,000 pairs, every core
+    python bench/bench_pack.py                       # 50,000 pairs, every core; a row in bench/results.csv
     python bench/bench_pack.py --records 200000 --workers 16
 """
 from __future__ import annotations
@@ -27,13 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO  # noqa: E402
+from _harness import REPO, append_rows, environment  # noqa: E402
 
 MEDPIX = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data") / "medpix2"
 PMC_OA_PAIRS = 1_650_000
+DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 
 # Run in the packer's process: the CLI, then its own and its workers' peak memory on stderr.
 _PACKER = """
@@ -106,7 +108,7 @@ def markers(out: Path) -> list[Path]:
     return sorted(out.glob("shard-*.json"))
 
 
-def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4) -> dict:
+def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4, csv_path: str | Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -170,6 +172,12 @@ def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4) -> 
     print(f"for PMC-OA's {PMC_OA_PAIRS:,} pairs on 16 such processes: about {hours * 60:.0f} min, with about "
           f"{parent_gib:.1f} GiB in the parent (its peak here plus the record list for the other pairs), writing "
           f"{size / n_records * PMC_OA_PAIRS / 2**30:,.0f} GiB of shards at these images' sizes")
+    if csv_path:
+        import torch
+
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        append_rows(csv_path, [{"bench": "pack", "time": stamp, **result, "cpus": os.cpu_count(),
+                                **environment(torch.device("cpu"))}])
     print(json.dumps(result))
     return result
 
@@ -179,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV file the row is appended to")
     args = parser.parse_args(argv)
-    run(args.records, args.workers, args.shard_size)
+    run(args.records, args.workers, args.shard_size, csv_path=args.csv)
     return 0
 
 
