@@ -125,3 +125,9 @@ def test_cli_data_pack(tmp_path, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert e.value.code == 1 and "tokenizer folder" in err and "Traceback" not in err
+
+    monkeypatch.setattr(sys, "argv", args[:-6] + ["--tokenizer", str(tmp_path / "no_such_tokenizer")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert e.value.code == 1 and "no such folder" in err and "no_such_tokenizer" in err

@@ -32,7 +32,13 @@ def minilm_path() -> Path:
 
 
 def _resolve(name: str) -> str:
-    return str(minilm_path()) if name == "minilm" else name
+    """``minilm`` -> its folder in site-packages; a path that does not exist -> FileNotFoundError
+    (the hub would answer with a confusing complaint about repository names)."""
+    if name == "minilm":
+        return str(minilm_path())
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"no such folder: {name}")
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def train_wordpiece_tokenizer(captions: list[str], vocab_size: int) -> BertTokenizerFast:
