@@ -3,7 +3,8 @@
 #   1. the GPU-only tests (fused kernels with true bf16 dots, CUDA decode paths),
 #   2. bench_losses.py (fused contrastive terms and DropBlock against the references),
 #   3. bench_data.py (CPU loader vs torch-GPU path vs DALI where installed, and the train step),
-#   4. a short pretraining run through the CLI with Triton kernels and the torch GPU data path.
+#   4. two short pretraining runs through the CLI (bf16 by autocast, then DeepSpeed's bf16 mode) with
+#      Triton kernels and the torch GPU data path.
 # The GPU machine has no network and gets only the checkout: first run `bash bench/gpu_carry.sh`
 # here, which puts DeepSpeed's wheels in .whl/ and the MedPix data and commit in .gpu_data/, then
 # run this there with both folders carried. Copy what it prints, with the card's name, into
@@ -26,13 +27,15 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "commit ${UNIMLIP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 status=0
 step() { echo; echo "=== $1"; shift; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
-step "GPU tests" timeout 100 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
+step "GPU tests" timeout 90 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
   tests/test_kernels_contrastive.py tests/test_kernels_dropblock.py tests/test_kernels_ops.py tests/test_masking.py \
   tests/test_views.py tests/test_shards.py tests/test_dali.py
-step "bench_losses" timeout 150 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 100
-step "bench_data" timeout 150 python3 bench/bench_data.py --csv "$out/data.csv"
-step "pretrain smoke (triton kernels, torch GPU data path)" timeout 80 python3 -m unimlip_fast.cli pretrain \
-  configs/demo.yaml --ds-config configs/zero2.json --run-dir /tmp/unimlip_gpu_run train.max_steps=40 \
-  model.kernels=triton data.backend=torch data.num_workers=4
-cp /tmp/unimlip_gpu_run/metrics.jsonl /tmp/unimlip_gpu_run/summary.json "$out/" 2>/dev/null
+step "bench_losses" timeout 130 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 80
+step "bench_data" timeout 140 python3 bench/bench_data.py --csv "$out/data.csv"
+for ds in zero2 zero2_bf16; do  # bf16 by torch_autocast, then DeepSpeed's own bf16 mode (bf16 weights)
+  step "pretrain smoke, $ds (triton kernels, torch GPU data path)" timeout 60 python3 -m unimlip_fast.cli pretrain \
+    configs/demo.yaml --ds-config "configs/$ds.json" --run-dir "/tmp/unimlip_gpu_$ds" train.max_steps=30 \
+    model.kernels=triton data.backend=torch data.num_workers=4
+  cp "/tmp/unimlip_gpu_$ds/metrics.jsonl" "$out/metrics_$ds.jsonl" 2>/dev/null
+done
 exit $status
