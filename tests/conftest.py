@@ -77,6 +77,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``interpreter`` run the Triton kernels on CPU tensors in Triton's interpreter;
+    on a CUDA machine, where Triton compiles instead, they are skipped, and the GPU cases (``gpu``
+    in the name or the ``gpu`` marker) run the compiled kernels."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    skip = pytest.mark.skip(reason="runs Triton's interpreter on CPU tensors; this machine compiles for CUDA "
+                                   "(the GPU cases cover it; TRITON_INTERPRET=1 runs these)")
+    for item in items:
+        on_gpu = "gpu" in item.name or "cuda" in item.name or item.get_closest_marker("gpu") is not None
+        if item.get_closest_marker("interpreter") is not None and not on_gpu:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def one_blas_thread():
     """The interpreter runs each tl.dot as a small numpy matmul; on a loaded machine OpenBLAS's

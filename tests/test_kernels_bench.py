@@ -11,7 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
-pytestmark = pytest.mark.usefixtures("one_blas_thread")
+pytestmark = [pytest.mark.usefixtures("one_blas_thread"), pytest.mark.interpreter]
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ from unimlip_fast.kernels.infonce import infonce_reference, itc_terms_reference
 from unimlip_fast.kernels.ntxent import ntxent_reference
 
 triton_ops = pytest.importorskip("unimlip_fast.kernels.contrastive_triton", reason="triton is not installed")
-pytestmark = pytest.mark.usefixtures("one_blas_thread")
+pytestmark = [pytest.mark.usefixtures("one_blas_thread"), pytest.mark.interpreter]
 
 DTYPES = [torch.float32, torch.bfloat16]
 

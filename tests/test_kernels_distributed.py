@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.interpreter]
 
 WORLD, B, D = 2, 5, 12
 

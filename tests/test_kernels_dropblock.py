@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from unimlip_fast.kernels.dropblock import dropblock_gamma, dropblock_reference
 
 db = pytest.importorskip("unimlip_fast.kernels.dropblock_triton", reason="triton is not installed")
-pytestmark = pytest.mark.usefixtures("one_blas_thread")
+pytestmark = [pytest.mark.usefixtures("one_blas_thread"), pytest.mark.interpreter]
 
 # (shape, block): ResNet's last map, a ragged rectangle, a block larger than the map (3 fits), an
 # even block (the largest odd one that fits), the largest map the kernel takes.
