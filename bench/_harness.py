@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The real data sets: ../shared/data beside the checkout, or $UNIMLIP_SHARED_DATA (gpu_carry.sh).
+SHARED_DATA = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data")
 if str(REPO) not in sys.path:  # run as a script from a checkout: import the package beside it
     sys.path.insert(0, str(REPO))
 

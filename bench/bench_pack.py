@@ -31,9 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO, append_rows, environment  # noqa: E402
+from _harness import REPO, SHARED_DATA, append_rows, environment  # noqa: E402
 
-MEDPIX = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data") / "medpix2"
+MEDPIX = SHARED_DATA / "medpix2"
 PMC_OA_PAIRS = 1_650_000
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 
@@ -52,13 +52,18 @@ print("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 """
 
 
-def make_pmc_oa(root: Path, n: int, seed: int = 0) -> None:
-    """``root/pmc_oa.jsonl`` and ``root/images/PMC<k>_fig<j>.jpg`` (hard links to MedPix JPEGs)."""
-    sources = sorted((MEDPIX / "images").glob("*.jpg"))
-    if not sources:
+def medpix_captions() -> list[str]:
+    path = MEDPIX / "splitted_dataset" / "descriptions_train.jsonl"
+    if not path.is_file():
         raise SystemExit(f"MedPix not found at {MEDPIX} (../shared/data beside the repository, or $UNIMLIP_SHARED_DATA)")
-    words = " ".join(json.loads(line)["Description"]["Caption"]
-                     for line in (MEDPIX / "splitted_dataset" / "descriptions_train.jsonl").open()).split()
+    return [json.loads(line)["Description"]["Caption"] for line in path.open()]
+
+
+def make_pmc_oa(root: Path, n: int, captions: list[str], seed: int = 0) -> None:
+    """``root/pmc_oa.jsonl`` and ``root/images/PMC<k>_fig<j>.jpg`` (hard links to MedPix JPEGs),
+    captions cut from MedPix's words."""
+    sources = sorted((MEDPIX / "images").glob("*.jpg"))
+    words = " ".join(captions).split()
     rng = random.Random(seed)
     images = root / "images"
     images.mkdir(parents=True)
@@ -70,13 +75,11 @@ def make_pmc_oa(root: Path, n: int, seed: int = 0) -> None:
             fh.write(json.dumps({"image": name, "caption": " ".join(words[start:start + length])}) + "\n")
 
 
-def fitted_tokenizer(folder: Path) -> None:
-    """A WordPiece vocabulary fitted to MedPix's captions (nothing is downloaded)."""
+def fitted_tokenizer(folder: Path, captions: list[str]) -> None:
+    """A WordPiece vocabulary fitted to the captions (nothing is downloaded)."""
     from unimlip_fast.config import TextConfig
     from unimlip_fast.model import build_tokenizer
 
-    captions = [json.loads(line)["Description"]["Caption"]
-                for line in (MEDPIX / "splitted_dataset" / "descriptions_train.jsonl").open()]
     build_tokenizer(TextConfig(encoder="random-bert", vocab_size=8192), captions).save_pretrained(str(folder))
 
 
@@ -112,8 +115,9 @@ def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4, csv
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        make_pmc_oa(tmp / "pmc_oa", n_records)
-        fitted_tokenizer(tmp / "tokenizer")
+        captions = medpix_captions()
+        make_pmc_oa(tmp / "pmc_oa", n_records, captions)
+        fitted_tokenizer(tmp / "tokenizer", captions)
         per_record = record_list_bytes(tmp / "pmc_oa", n_records)
         print(f"made {n_records:,} PMC-OA-format pairs in {time.perf_counter() - t0:.1f} s", flush=True)
         out = tmp / "shards"
@@ -133,6 +137,7 @@ def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4, csv
         first.wait()
         killed_after = time.perf_counter() - t0
         done_before = {p.name: p.stat().st_mtime_ns for p in markers(out)}
+        records_before = sum(json.loads(p.read_text())["records"] for p in markers(out))
         print(f"killed the packer after {killed_after:.1f} s with {len(done_before)}/{n_shards} shards done",
               flush=True)
 
@@ -154,7 +159,7 @@ def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4, csv
         assert len(packed_keys) == len(set(packed_keys)) == n_records, "a record is missing or packed twice"
         size = sum(p.stat().st_size for p in out.glob("shard-*.tar"))
 
-    rate = packed_again * shard_size / resumed  # records per second of the resumed run, all processes
+    rate = (n_records - records_before) / resumed  # records per second of the resumed run, all processes
     per_process = rate / workers
     result = {"records": n_records, "workers": workers, "shard_size": shard_size, "shards": n_shards,
               "shards_before_kill": len(done_before), "shards_resumed": packed_again, "resumed_s": round(resumed, 1),
@@ -162,14 +167,14 @@ def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4, csv
               "peak_parent_mib": round(peak_parent), "peak_worker_mib": round(peak_worker),
               "record_list_bytes_per_record": round(per_record),
               "shard_bytes": size}
-    hours = PMC_OA_PAIRS / (per_process * 16) / 3600
+    minutes = PMC_OA_PAIRS / (per_process * 16) / 60
     parent_gib = (peak_parent * 2**20 + per_record * (PMC_OA_PAIRS - n_records)) / 2**30
     print(f"resumed: packed the {packed_again} missing shards in {resumed:.1f} s ({rate:,.0f} records/s on "
           f"{workers} processes, {per_process:,.0f} per process); finished shards untouched; manifest: "
           f"{manifest['n_samples']:,} samples, none skipped; {size / 2**20:,.0f} MiB of shards")
     print(f"peak memory: packer parent {peak_parent:,.0f} MiB, largest worker {peak_worker:,.0f} MiB; the record "
           f"list the parent holds: {per_record:,.0f} bytes per record")
-    print(f"for PMC-OA's {PMC_OA_PAIRS:,} pairs on 16 such processes: about {hours * 60:.0f} min, with about "
+    print(f"for PMC-OA's {PMC_OA_PAIRS:,} pairs on 16 such processes: about {minutes:.0f} min, with about "
           f"{parent_gib:.1f} GiB in the parent (its peak here plus the record list for the other pairs), writing "
           f"{size / n_records * PMC_OA_PAIRS / 2**30:,.0f} GiB of shards at these images' sizes")
     if csv_path:
