@@ -103,3 +103,52 @@ def one_blas_thread():
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 # --- end kernels -------------------------------------------------------------------------------------
+
+
+# --- trained-model use -------------------------------------------------------------------------------
+def make_run_folder(run_dir: Path, overrides: list[str], captions: list[str] = CAPTIONS, seed: int = 0) -> Path:
+    """A finished run folder as pretraining leaves it (config, weights, tokenizer, text config,
+    summary), holding a freshly initialised model: what loading needs, in seconds."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from unimlip_fast.config import load_config, save_config
+    from unimlip_fast.model import build_model, build_tokenizer, save_text_artifacts
+
+    cfg = load_config(None, overrides)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(cfg.model.text, captions)
+    model = build_model(cfg.model, cfg.loss, tokenizer)
+    for m in model.modules():  # non-trivial BatchNorm statistics and last-BN weights, as after training
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    save_text_artifacts(model, tokenizer, run_dir)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 0, "retrieval": {}}))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    return make_run_folder(tmp_path_factory.mktemp("tiny_run"), TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """Six small PNG/JPEG scans of different sizes and modes, and one file that is not an image."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(80, 96), (64, 64), (120, 70), (50, 90), (100, 100), (72, 130)]):
+        pixels = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        image = Image.fromarray(pixels, "L") if i % 2 else Image.fromarray(np.stack([pixels] * 3, -1), "RGB")
+        image.save(folder / (f"scan{i}.png" if i % 3 else f"scan{i}.jpg"))
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder

@@ -1,3 +1,11 @@
 """unimlip-fast: a high-throughput trainer for Uni-Mlip medical vision-language pre-training."""
 
 __version__ = "0.1.0"
+
+
+def load(path, device=None):
+    """A finished run folder or an export -> a model with ``encode_image``, ``encode_text``,
+    ``preprocess`` and ``tokenizer`` (see :mod:`unimlip_fast.inference`)."""
+    from .inference import load as load_model
+
+    return load_model(path, device)

@@ -69,8 +69,20 @@ def decode_image(path: str, target: int) -> np.ndarray:
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft("RGB", (target, target))  # DCT scaling: decodes at 1/2, 1/4, 1/8 when that still covers target
-        im = _to_uint8_rgb(im)
-        return _shrink(im, target)
+        return fit_image(im, target)
+
+
+def fit_image(im: Image.Image, target: int) -> np.ndarray:
+    """A decoded PIL image -> ``HxWx3`` uint8 RGB, short side shrunk to ``target`` (never enlarged)."""
+    return _shrink(_to_uint8_rgb(im), target)
+
+
+def eval_image(image, image_size: int) -> torch.Tensor:
+    """The evaluation transform of one image (a path or a PIL image) -> normalised ``[3,S,S]``:
+    the same decode and eval view as an eval loader's batch."""
+    target = round(image_size * DECODE_MARGIN)
+    array = fit_image(image, target) if isinstance(image, Image.Image) else decode_image(str(image), target)
+    return eval_view_one(array, image_size)
 
 
 def _shrink(im: Image.Image, target: int) -> np.ndarray:

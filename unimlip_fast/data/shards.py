@@ -276,7 +276,7 @@ class ShardDataset:
         return np.frombuffer(self._read(int(row["shard"]), int(row["ids_off"]), int(row["ids_size"])), "<i4")
 
     def __getitem__(self, j: int) -> dict:
-        from .loader import _shrink, _to_uint8_rgb
+        from .loader import fit_image
 
         row = self.shards.samples[j]
         shard = int(row["shard"])
@@ -291,5 +291,5 @@ class ShardDataset:
         with Image.open(io.BytesIO(data)) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (self.decode_size, self.decode_size))
-            sample["image"] = _shrink(_to_uint8_rgb(im), self.decode_size)
+            sample["image"] = fit_image(im, self.decode_size)
         return sample

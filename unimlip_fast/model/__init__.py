@@ -26,6 +26,9 @@ def load_trained(checkpoint: str | Path, device: torch.device | str = "cpu") -> 
     path = Path(checkpoint)
     weights = path / "model.safetensors" if path.is_dir() else path
     run_dir = weights.parent
+    if path.is_dir() and not weights.exists() and (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{checkpoint} is not a finished run: no model.safetensors yet (training writes it "
+                                "at the end; `unimlip-fast pretrain ... --resume latest` finishes it)")
     for needed in (weights, run_dir / "config.yaml", run_dir / "tokenizer", run_dir / "text_encoder_config.json"):
         if not needed.exists():
             raise FileNotFoundError(f"checkpoint incomplete: {needed} not found (is {checkpoint} a finished run?)")

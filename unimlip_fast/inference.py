@@ -1,0 +1,92 @@
+"""A trained model for use: ``unimlip_fast.load(run_or_export)`` -> :class:`TrainedModel`.
+
+``encode_image`` and ``encode_text`` return L2-normalised float32 embeddings on the CPU, computed in
+batches on the model's device. ``preprocess`` is the evaluation transform that retrieval uses (short
+side resized, centre crop, CLIP normalisation) and ``tokenizer`` the run's own tokenizer.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data.loader import eval_image, tokenize_captions, trim_padding
+from .model import UniMlip, load_trained
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA where there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TrainedModel:
+    """The image and text towers of a trained Uni-Mlip, with their preprocessing."""
+
+    def __init__(self, model: UniMlip, tokenizer, cfg: Config, device: torch.device, source: Path):
+        self.model, self.tokenizer, self.cfg, self.device, self.source = model.eval(), tokenizer, cfg, device, source
+        self.image_size = cfg.model.image_size
+        self.context_length = cfg.model.text.context_length
+        self.embed_dim = cfg.model.embed_dim
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A path or PIL image -> the normalised ``[3,S,S]`` tensor the image tower takes."""
+        return eval_image(image, self.image_size)
+
+    @torch.no_grad()
+    def encode_image(self, images, batch_size: int = 64) -> torch.Tensor:
+        """A preprocessed ``[B,3,S,S]`` tensor, or one or a list of paths / PIL images -> ``[B,D]``."""
+        if isinstance(images, torch.Tensor):
+            batches = [images[s : s + batch_size] for s in range(0, len(images), batch_size)]
+        else:
+            items = [images] if isinstance(images, (str, Path)) or not isinstance(images, Sequence) else list(images)
+            batches = (torch.stack([self.preprocess(x) for x in items[s : s + batch_size]])
+                       for s in range(0, len(items), batch_size))
+        return _concat([self.embed_image_batch(b) for b in batches], self.embed_dim)
+
+    def embed_image_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """One preprocessed batch -> normalised float32 embeddings on the CPU."""
+        with torch.no_grad():
+            out = self.model.encode_image(images.to(self.device, non_blocking=True))
+        return F.normalize(out.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """One string or a list of strings -> ``[N,D]``, tokenised as evaluation does (unmasked)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = []
+        for s in range(0, len(texts), batch_size):
+            ids, mask = tokenize_captions(self.tokenizer, texts[s : s + batch_size], self.context_length)
+            batch = trim_padding({"input_ids": torch.from_numpy(ids).long(),
+                                  "attention_mask": torch.from_numpy(mask).long()})
+            out.append(self.embed_text_batch(batch["input_ids"], batch["attention_mask"]))
+        return _concat(out, self.embed_dim)
+
+    def embed_text_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One tokenised batch -> normalised float32 embeddings on the CPU."""
+        with torch.no_grad():
+            out = self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device))
+        return F.normalize(out.float(), dim=-1).cpu()
+
+    def __repr__(self) -> str:
+        return (f"TrainedModel({self.source}, device={self.device}, image_size={self.image_size}, "
+                f"embed_dim={self.embed_dim}, text={self.cfg.model.text.encoder})")
+
+
+def _concat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dim)
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> TrainedModel:
+    """A finished run folder (or its ``model.safetensors``), or a folder written by
+    ``unimlip-fast export`` -> a :class:`TrainedModel` in eval mode on ``device`` (default: CUDA
+    where there is one)."""
+    dev = resolve_device(device)
+    path = Path(path)
+    model, tokenizer, cfg = load_trained(path, dev)
+    return TrainedModel(model, tokenizer, cfg, dev, path)
+
