@@ -151,6 +151,108 @@ def data_pack(
                   f"skipped: {skipped}", highlight=False)
 
 
+def _progress_reporter(label: str):
+    """``(done, total)`` -> a rich bar on a terminal, a plain line per 10% otherwise; and its closer."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    if console.is_terminal:
+        bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn(), console=console)
+        task = bar.add_task(label, total=None)
+        bar.start()
+        return (lambda done, total: bar.update(task, completed=done, total=total)), bar.stop
+    last = [-1]
+
+    def report(done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth != last[0]:
+            last[0] = tenth
+            console.print(f"{label}: {done}/{total}", highlight=False)
+
+    return report, lambda: None
+
+
+@app.command()
+def embed(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
+    output: Annotated[Path, typer.Option("--output", help="Index folder (created; an unfinished one resumes).")],
+    data: Annotated[Optional[str], typer.Option("--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2.")] = None,
+    shards: Annotated[Optional[Path], typer.Option("--shards", help="A `data pack` folder instead of --data.")] = None,
+    split: Annotated[str, typer.Option("--split", help="With --data: train, dev, test or all.")] = "all",
+    storage: Annotated[str, typer.Option("--format", help="npy, or parquet (needs pyarrow).")] = "npy",
+    part_size: Annotated[int, typer.Option("--part-size", help="Records per part file.")] = 4096,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 2,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Image and caption embeddings with their keys, in resumable parts.
+
+    Example: unimlip-fast embed --checkpoint runs/medpix_cpu --data medpix:../shared/data/medpix2 --output emb/medpix
+    """
+    if (data is None) == (shards is None):
+        raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
+    data_cfg = parse_data_spec(data) if data else None
+    _quiet_libraries()
+    from .embed import embed_to_index, packed_source, records_source
+    from .inference import load
+
+    model = load(checkpoint, device)
+    if data_cfg is not None:
+        items, n, read_skipped = records_source(data_cfg, split)
+        source = f"{data} split={split}"
+    else:
+        items, n, read_skipped = packed_source(shards)
+        source = f"shards:{shards.resolve()}"
+    report, close = _progress_reporter("embedding")
+    try:
+        index = embed_to_index(model, items, n, source, output, read_skipped, part_size, batch_size, workers,
+                               storage, report)
+    finally:
+        close()
+    skipped = {**index["read_skipped"], **index["skipped"]}
+    console.print(f"{index['n_images']} images and {index['n_texts']} captions in {len(index['parts'])} parts at "
+                  f"{output}; skipped: {', '.join(f'{k}={v}' for k, v in skipped.items()) or 'none'}", highlight=False)
+
+
+@app.command()
+def search(
+    index: Annotated[Path, typer.Option("--index", help="Folder written by `unimlip-fast embed`.")],
+    text: Annotated[Optional[str], typer.Option("--text", help="Query text.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Query image.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Results to show.")] = 10,
+    over: Annotated[Optional[str], typer.Option("--over", help="image or text embeddings (default: the other "
+                                                 "modality than the query's).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Model for the query (default: the "
+                                                       "index's).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Nearest images or captions to a text or an image query.
+
+    Example: unimlip-fast search --index emb/medpix --text "axial ct, hepatic lesion" -k 10
+    """
+    if (text is None) == (image is None):
+        raise typer.BadParameter("give exactly one of --text and --image")
+    over = over or ("image" if text is not None else "text")
+    if over not in ("image", "text"):
+        raise typer.BadParameter("--over must be image or text")
+    _quiet_libraries()
+    from .embed import read_index, search_index
+    from .inference import load
+
+    model = load(checkpoint or read_index(index)["checkpoint"], device)
+    query = model.encode_text(text)[0] if text is not None else model.encode_image(image)[0]
+    hits = search_index(index, query, over, k)
+    table = Table(title=f"{over}s nearest to {text!r}" if text is not None else f"{over}s nearest to {image}")
+    for col in ("rank", "score", "key", "caption"):
+        table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+    for hit in hits:
+        table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["key"], hit["caption"][:100])
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps(hits, indent=2))
+
+
 def print_retrieval(results: dict) -> None:
     table = Table(title=f"retrieval on {results.get('split', '?')}: n={results['n']} "
                         f"({results.get('n_duplicates_dropped', 0)} duplicate captions dropped)")

@@ -20,6 +20,7 @@ number of workers, and a run resumed with ``skip_batches`` sees the batches it w
 from __future__ import annotations
 
 import collections
+import io
 
 import numpy as np
 import torch
@@ -64,8 +65,9 @@ def _to_uint8_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(path: str, target: int) -> np.ndarray:
-    """``HxWx3`` uint8 with the short side shrunk to ``target`` (never enlarged). Raises on a bad file."""
+def decode_image(path, target: int) -> np.ndarray:
+    """A file (path or file object) -> ``HxWx3`` uint8 with the short side shrunk to ``target`` (never
+    enlarged). Raises on a bad file."""
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft("RGB", (target, target))  # DCT scaling: decodes at 1/2, 1/4, 1/8 when that still covers target
@@ -78,10 +80,13 @@ def fit_image(im: Image.Image, target: int) -> np.ndarray:
 
 
 def eval_image(image, image_size: int) -> torch.Tensor:
-    """The evaluation transform of one image (a path or a PIL image) -> normalised ``[3,S,S]``:
-    the same decode and eval view as an eval loader's batch."""
+    """The evaluation transform of one image (a path, a PIL image or an encoded file's bytes) ->
+    normalised ``[3,S,S]``: the same decode and eval view as an eval loader's batch."""
     target = round(image_size * DECODE_MARGIN)
-    array = fit_image(image, target) if isinstance(image, Image.Image) else decode_image(str(image), target)
+    if isinstance(image, Image.Image):
+        array = fit_image(image, target)
+    else:
+        array = decode_image(io.BytesIO(image) if isinstance(image, bytes) else str(image), target)
     return eval_view_one(array, image_size)
 
 
