@@ -34,7 +34,7 @@ step "bench_losses" timeout 130 python3 bench/bench_losses.py --csv "$out/losses
 step "bench_data" timeout 140 python3 bench/bench_data.py --csv "$out/data.csv"
 for ds in zero2 zero2_bf16; do  # bf16 by torch_autocast, then DeepSpeed's own bf16 mode (bf16 weights)
   step "pretrain smoke, $ds (triton kernels, torch GPU data path)" timeout 60 python3 -m unimlip_fast.cli pretrain \
-    configs/demo.yaml --ds-config "configs/$ds.json" --run-dir "/tmp/unimlip_gpu_$ds" train.max_steps=30 \
+    configs/demo.yaml --ds-config "configs/$ds.json" --run-dir "/tmp/unimlip_gpu_$ds" --overwrite train.max_steps=30 \
     model.kernels=triton data.backend=torch data.num_workers=4
   cp "/tmp/unimlip_gpu_$ds/metrics.jsonl" "$out/metrics_$ds.jsonl" 2>/dev/null
 done

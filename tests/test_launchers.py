@@ -35,4 +35,4 @@ def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path):
              if "loss/total" in line]
     assert steps == [1, 2, 3, 4]
     assert json.loads((run / "summary.json").read_text())["retrieval"]["n"] > 0
-    assert (run / "checkpoints" / "step_0000004" / "rng_rank1.pt").is_file()
+    assert (run / "checkpoints" / "step_0000004" / "rng_rank1.safetensors").is_file()

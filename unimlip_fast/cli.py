@@ -47,6 +47,8 @@ def pretrain(
     ds_config: DsConfigOpt = None,
     run_dir: RunDirOpt = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint tag.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a run folder that holds a run "
+                                            "(deletes its checkpoints and metrics).")] = False,
 ) -> None:
     """Pretrain Uni-Mlip.
 
@@ -58,7 +60,7 @@ def pretrain(
     _quiet_libraries()
     from .train.engine import pretrain as run_pretrain
 
-    summary = run_pretrain(cfg, str(ds_config) if ds_config else None, run_dir, resume)
+    summary = run_pretrain(cfg, str(ds_config) if ds_config else None, run_dir, resume, overwrite)
     if os.environ.get("RANK", "0") != "0":
         return
     if "retrieval" in summary:
@@ -285,7 +287,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the one place exceptions become a message
         if os.environ.get("UNIMLIP_DEBUG") == "1":
             raise
-        console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {e}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

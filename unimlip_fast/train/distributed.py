@@ -65,3 +65,12 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def broadcast_from_main(value):
+    """Rank 0's ``value`` on every rank (a picklable object; a collective every rank must call)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value

@@ -26,10 +26,11 @@ from ..kernels import resolve_ops
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
 from ..model.pmc_clip import load_pmc_clip
 from ..objective import compute_terms, total_loss
-from .checkpoint import export_weights, latest_tag, load_checkpoint, save_checkpoint
+from .checkpoint import export_weights, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_ranks_agree, barrier, init_distributed
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
 from .monitor import Monitor
+from .run_folder import claim_run_folder
 from .schedule import build_optimizer, phase_start_step, warmup_cosine
 
 
@@ -54,11 +55,17 @@ def seed_everything(seed: int) -> None:
 
 
 def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path | None = None,
-             resume: str | None = None) -> dict[str, Any]:
+             resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """``resume``: ``latest`` or a checkpoint tag; ``overwrite``: start over in a folder holding a run."""
     env = init_distributed()
     run_dir = Path(run_dir or Path("runs") / cfg.name)
+    with claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
+        return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
+
+
+def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, resume_tag: str | None,
+                     resume_notes: list[str], env: DistEnv) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
-    resume_tag = _resume_tag(resume, ckpt_dir)
     if env.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -69,7 +76,7 @@ def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path
     tokenizer = _tokenizer(cfg, [r.caption for r in records.records], run_dir, env, resume_tag is not None)
     model = build_model(cfg.model, cfg.loss, tokenizer)
     model.ops = resolve_ops(cfg.model.kernels, env.device)
-    monitor_notes = [f"kernels: {model.ops.name} (model.kernels={cfg.model.kernels}, device {env.device.type})"]
+    monitor_notes = resume_notes + [f"kernels: {model.ops.name} (model.kernels={cfg.model.kernels}, device {env.device.type})"]
     if env.device.type == "cpu" and cfg.train.cpu_precision == "fp32":
         monitor_notes.append("CPU run: reduced precision from the DeepSpeed config is replaced by fp32, several "
                              "times faster here (train.cpu_precision=as-configured keeps it)")
@@ -97,7 +104,7 @@ def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path
     if resume_tag is not None:
         state = TrainerState(**load_checkpoint(engine, ckpt_dir, resume_tag, env))
 
-    monitor = Monitor(run_dir, total_steps, enabled=env.is_main)
+    monitor = Monitor(run_dir, total_steps, enabled=env.is_main, resume_step=state.step if resume_tag else None)
     for note in monitor_notes:
         monitor.info(note)
     monitor.info(f"{len(dataset)} pairs ({_format_counts(records.skipped) or 'none'} skipped while reading); "
@@ -252,19 +259,6 @@ def _memory_gb() -> float:
 
 def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if n)
-
-
-def _resume_tag(resume: str | None, ckpt_dir: Path) -> str | None:
-    if not resume:
-        return None
-    if resume != "latest":
-        if not (ckpt_dir / resume).is_dir():
-            raise FileNotFoundError(f"no checkpoint {resume!r} in {ckpt_dir}")
-        return resume
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"--resume latest: no complete checkpoint in {ckpt_dir}")
-    return tag
 
 
 def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, resuming: bool):

@@ -5,6 +5,7 @@ Only rank 0 writes. The progress display is a rich bar on a terminal and plain l
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,13 +15,39 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+def open_metrics(path: Path, resume_step: int | None):
+    """``metrics.jsonl`` opened for appending, holding each step once.
+
+    A fresh run starts it empty. A run resumed at step S keeps the rows up to S and drops later ones
+    (the steps after the checkpoint are trained, and logged, again), and a line cut short by a kill.
+    """
+    kept = []
+    if resume_step is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the end of a line whose write a kill interrupted
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resume_step:
+                kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.open("a")
+
+
 class Monitor:
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, console: Console | None = None):
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, console: Console | None = None,
+                 resume_step: int | None = None):
+        """``resume_step``: the step a resumed run continues from (None: a fresh run, empty metrics)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.console = console or Console(stderr=True)
-        self._metrics = (run_dir / "metrics.jsonl").open("a") if enabled else None
-        self._tb = self._open_tensorboard(run_dir / "tb") if enabled else None
+        self._metrics = open_metrics(run_dir / "metrics.jsonl", resume_step) if enabled else None
+        self._tb = self._open_tensorboard(run_dir / "tb", resume_step) if enabled else None
         self._interactive = enabled and sys.stderr.isatty()
         self._progress = None
         if self._interactive:
@@ -31,12 +58,13 @@ class Monitor:
             self._progress.start()
 
     @staticmethod
-    def _open_tensorboard(path: Path):
+    def _open_tensorboard(path: Path, resume_step: int | None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is an optional extra
             return None
-        return SummaryWriter(str(path))
+        # purge_step: TensorBoard hides earlier events from this step on (the steps logged again).
+        return SummaryWriter(str(path), purge_step=(resume_step or 0) + 1)
 
     def info(self, message: str) -> None:
         if self.enabled:

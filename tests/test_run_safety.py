@@ -1,0 +1,184 @@
+"""Run folders that nothing can spoil: no pickle on resume, incomplete checkpoints refused by name
+with a fall-back to the newest complete one, damaged files named, a fresh run refusing an old
+folder, one writer per folder, and each step once in metrics.jsonl after a resume."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from unimlip_fast.cli import main
+from unimlip_fast.train.checkpoint import (CheckpointError, choose_resume, incompleteness, load_weights_only,
+                                           read_trainer_state)
+from unimlip_fast.train.monitor import open_metrics
+from unimlip_fast.train.run_folder import RunFolderError, RunLock
+
+from .conftest import REPO
+from .test_train import TINY_RUN
+
+RUN_ARGS = ["pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2_fp32.json", *TINY_RUN,
+            "train.max_steps=4", "train.ckpt_every=2", "train.keep_last=3", "eval.split="]
+STEP2, STEP4 = "step_0000002", "step_0000004"
+OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+def cli(*args) -> int:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+            raise SystemExit(0)
+    return e.value.code
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss/total" in r]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
+    return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """4 steps, checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("safety") / "run"
+    assert cli(*RUN_ARGS, "--run-dir", run) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [STEP2, STEP4]
+    return run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+class Planted:
+    """Unpickling this creates a file: the proof that code from a checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(path, marker) -> None:
+    """Replace ``path`` by a pickle that would run code, keeping the manifest's record of it true."""
+    torch.save({"optimizer_state_dict": Planted(marker)}, path)
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][path.name] = path.stat().st_size
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_planted_pickle_is_refused_not_run(run_copy, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    plant(run_copy / "checkpoints" / STEP4 / OPTIM, marker)
+    # a pickled RNG file as older versions wrote it, which they loaded with weights_only=False
+    torch.save(Planted(marker), run_copy / "checkpoints" / STEP4 / "rng_rank0.pt")
+    assert cli(*RUN_ARGS, "--run-dir", run_copy, "--resume", "latest", "train.max_steps=6") != 0
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert OPTIM in err and "refused" in err and "Traceback" not in err
+
+
+def test_weights_only_loads_refuse_pickles_and_name_damaged_files(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"x": Planted(marker)}, tmp_path / "planted.pt")
+    with pytest.raises(CheckpointError, match=r"planted\.pt holds more than tensors"):
+        load_weights_only(tmp_path / "planted.pt")
+    assert not marker.exists()
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match=r"garbage\.pt is damaged"):
+        load_weights_only(tmp_path / "garbage.pt")
+    (tmp_path / "trainer_state.json").write_text('{"step": 4,')
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json is damaged: not valid JSON"):
+        read_trainer_state(tmp_path / "trainer_state.json")
+
+
+def test_rng_state_is_not_pickled(finished_run):
+    folder = finished_run / "checkpoints" / STEP4
+    assert (folder / "rng_rank0.safetensors").is_file() and not list(folder.glob("rng_rank*.pt"))
+    assert incompleteness(folder, world_size=1) is None
+
+
+def test_incomplete_checkpoints_are_named_and_the_newest_complete_one_used(run_copy):
+    ckpt = run_copy / "checkpoints"
+    (ckpt / STEP4 / "rng_rank0.safetensors").unlink()
+    tag, notes = choose_resume(ckpt, "latest", world_size=1)
+    assert tag == STEP2
+    assert any(STEP4 in n and "missing rng_rank0.safetensors" in n for n in notes)
+    with pytest.raises(CheckpointError, match=f"{STEP4} is incomplete: missing rng_rank0.safetensors"):
+        choose_resume(ckpt, STEP4, world_size=1)
+
+    with open(ckpt / STEP2 / OPTIM, "ab") as f:  # a damaged (here: longer) file
+        f.write(b"x")
+    with pytest.raises(CheckpointError, match=f"{OPTIM} is .* bytes, .* were written"):
+        choose_resume(ckpt, "latest", world_size=1)
+    (ckpt / STEP2 / "manifest.json").write_text("{")
+    assert "manifest.json is damaged" in incompleteness(ckpt / STEP2)
+
+
+def test_latest_naming_a_gone_folder_and_a_kill_before_the_rename(run_copy):
+    ckpt = run_copy / "checkpoints"
+    os.replace(ckpt / STEP4, ckpt / ("tmp-" + STEP4))  # the old folder removed, the new one not yet renamed
+    tag, notes = choose_resume(ckpt, "latest", world_size=1)
+    assert tag == STEP4 and (ckpt / STEP4).is_dir() and not (ckpt / ("tmp-" + STEP4)).exists()
+    assert any("gone" in n for n in notes) and any("renamed" in n for n in notes)
+
+    shutil.rmtree(ckpt / STEP4)
+    tag, notes = choose_resume(ckpt, "latest", world_size=1)
+    assert tag == STEP2 and any(f"`latest` names {STEP4}, which is gone" in n for n in notes)
+
+
+def test_resume_falls_back_says_so_and_matches_the_uninterrupted_run(finished_run, run_copy, capsys):
+    (run_copy / "checkpoints" / STEP4 / "rng_rank0.safetensors").unlink()
+    assert cli(*RUN_ARGS, "--run-dir", run_copy, "--resume", "latest") == 0
+    err = capsys.readouterr().err
+    assert "missing rng_rank0.safetensors" in err and f"resuming from {STEP2}" in err
+    whole, resumed = losses(finished_run), losses(run_copy)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6)
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(run_copy, capsys):
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    assert cli(*RUN_ARGS, "--run-dir", run_copy) != 0
+    err = capsys.readouterr().err
+    assert "already holds checkpoints" in err and "--resume latest" in err and "--run-dir" in err
+    assert "--overwrite" in err
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
+
+    assert cli(*RUN_ARGS, "--run-dir", run_copy, "--overwrite", "train.max_steps=2") == 0
+    assert sorted(losses(run_copy)) == [1, 2]
+    assert sorted(p.name for p in (run_copy / "checkpoints").glob("step_*")) == [STEP2]
+
+
+def test_a_second_process_cannot_write_a_locked_run(tmp_path, capsys):
+    holder = RunLock(tmp_path)
+    holder.acquire()
+    try:
+        with pytest.raises(RunFolderError, match=f"in use by pid {os.getpid()} on host"):
+            RunLock(tmp_path).acquire()
+        assert cli(*RUN_ARGS, "--run-dir", tmp_path) != 0
+        assert f"in use by pid {os.getpid()}" in capsys.readouterr().err
+    finally:
+        holder.release()
+    second = RunLock(tmp_path)
+    second.acquire()  # free again once released (a killed holder releases it too: the kernel drops flocks)
+    second.release()
+
+
+def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss/total": float(s)}) for s in range(1, 7)]
+    path.write_text("\n".join(rows) + '\n{"step": 7, "loss/to')  # the last line cut by a kill
+    open_metrics(path, resume_step=4).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    open_metrics(path, resume_step=None).close()
+    assert path.read_text() == ""

@@ -1,0 +1,123 @@
+"""A run folder protects itself: one writer at a time, and a fresh run never lands on an old one.
+
+- **Lock**: rank 0 holds an exclusive ``flock`` on ``<run>/run.lock`` (which records pid, host and
+  start time) for the whole run; a second process gets an error naming the holder. The kernel drops
+  the lock when its process dies, so a killed run leaves nothing to clean up.
+- **Refusal**: a run started without ``--resume`` in a folder that holds checkpoints is refused
+  (pruning would delete them and ``metrics.jsonl`` would mix two runs); the message says how to go
+  on: ``--resume latest``, another ``--run-dir``, or ``--overwrite`` (which deletes what a run wrote).
+- **Resume**: the checkpoint to resume from is chosen once, on rank 0 (see
+  :func:`.checkpoint.choose_resume`), and handed to every rank.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .checkpoint import checkpoint_folders, choose_resume
+from .distributed import DistEnv, broadcast_from_main
+
+LOCK_FILE = "run.lock"
+# What a run writes, deleted by --overwrite (config.yaml and the tokenizer are rewritten anyway).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "summary.json", "model.safetensors")
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that is in use, or holds another run."""
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            raise RunFolderError(f"run folder {self.path.parent} is in use by {_describe_holder(holder)}; "
+                                 f"wait for that run to end or choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.write(fd, json.dumps(record).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on host {holder['host']} (since {holder['since']})"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "another process (it has not yet written its pid)"
+
+
+def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
+    """A run without --resume: refuse a folder holding checkpoints, or (--overwrite) clear it."""
+    ckpt_dir = run_dir / "checkpoints"
+    found = [p.name for p in checkpoint_folders(ckpt_dir)]
+    if (ckpt_dir / "latest").is_file():
+        found.append("latest")
+    if not found:
+        return
+    if not overwrite:
+        raise RunFolderError(f"run folder {run_dir} already holds checkpoints ({', '.join(found[:3])}"
+                             f"{', ...' if len(found) > 3 else ''}): continue that run with --resume latest, "
+                             f"start a new one with another --run-dir, or pass --overwrite to delete them "
+                             f"and its metrics and start over")
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+@contextmanager
+def claim_run_folder(run_dir: Path, env: DistEnv, resume: str | None,
+                     overwrite: bool) -> Iterator[tuple[str | None, list[str]]]:
+    """Lock ``run_dir`` for this run (rank 0) and yield (tag to resume from or None, notes on the choice).
+
+    Rank 0 decides and every rank gets its decision, errors included, so no rank waits on one that failed.
+    """
+    if resume and overwrite:
+        raise RunFolderError("--overwrite starts a run over; it cannot be combined with --resume")
+    lock = RunLock(run_dir)
+    decision: dict = {}
+    if env.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            if resume:
+                tag, notes = choose_resume(run_dir / "checkpoints", resume, env.world_size)
+                decision = {"tag": tag, "notes": notes}
+            else:
+                check_fresh_start(run_dir, overwrite)
+                decision = {"tag": None, "notes": []}
+        except Exception as e:
+            lock.release()
+            broadcast_from_main({"error": f"{type(e).__name__}: {e}"})
+            raise
+    decision = broadcast_from_main(decision)
+    if "error" in decision:
+        raise RunFolderError(f"rank 0 could not open the run folder: {decision['error']}")
+    try:
+        yield decision["tag"], decision["notes"]
+    finally:
+        lock.release()
