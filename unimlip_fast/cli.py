@@ -21,6 +21,8 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained model.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets.")
 app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
+finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretraining run on a downstream task.")
+app.add_typer(finetune_app, name="finetune")
 console = Console(stderr=True)
 
 DATA_FORMATS = ("medpix", "pmc-oa", "roco", "csv", "jsonl", "phantom")
@@ -253,6 +255,129 @@ def search(
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps(hits, indent=2))
+
+
+FinetuneCheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint",
+                                                               help="A finished pretraining run folder.")]
+FinetuneConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Fine-tuning recipe YAML/JSON.")]
+FinetuneOverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.epochs=5.")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")]
+
+
+def _finetune_data(spec: str, formats: tuple[str, ...]) -> list[str]:
+    fmt, sep, path = spec.partition(":")
+    if not sep or fmt not in formats or not path:
+        raise typer.BadParameter(f"--data must be FORMAT:PATH with FORMAT one of {', '.join(formats)}")
+    return [f"data.format={fmt}", f"data.path={path}"]
+
+
+def _finetune_run_dir(run_dir: Optional[Path], *parts) -> Path:
+    return run_dir or Path("runs") / "-".join(str(p) for p in parts if p != "")
+
+
+@finetune_app.command("classify")
+def finetune_classify(
+    data: Annotated[str, typer.Option("--data", help="nih|chexpert|mimic:PATH, e.g. nih:../shared/data/nih1000.")],
+    checkpoint: FinetuneCheckpointOpt = None,
+    overrides: FinetuneOverridesArg = None,
+    fraction: Annotated[Optional[float], typer.Option("--fraction", help="Share of the training labels: "
+                                                      "0.01, 0.1, 1.0.")] = None,
+    config: FinetuneConfigOpt = None,
+    json_out: JsonOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Chest X-ray classification: image encoder + linear layer, macro AUC on the test split.
+
+    Example: unimlip-fast finetune classify --checkpoint runs/medpix_cpu --data nih:../shared/data/nih1000
+    --fraction 0.1 --config configs/finetune/classify_cpu.yaml
+    """
+    from .finetune.config import load_classify_config
+    from .finetune.readers import CLASSIFY_FORMATS
+
+    if checkpoint is None:
+        raise typer.BadParameter("--checkpoint RUN is required")
+    extra = _finetune_data(data, CLASSIFY_FORMATS) + ([f"data.fraction={fraction}"] if fraction is not None else [])
+    cfg = load_classify_config(config, extra + list(overrides or []))
+    _quiet_libraries()
+    from .finetune.classify import finetune_classify as run
+    from .train.distributed import init_distributed
+
+    env = init_distributed()
+    out = _finetune_run_dir(run_dir, cfg.name, cfg.data.format, f"f{cfg.data.fraction:g}", cfg.train.init,
+                            f"s{cfg.train.seed}")
+    results = run(cfg, checkpoint, out, env, json_out, echo=lambda m: console.print(m, highlight=False))
+    if env.is_main:
+        print_classify(results)
+
+
+@finetune_app.command("vqa")
+def finetune_vqa(
+    data: Annotated[str, typer.Option("--data", help="vqa-rad|slake:PATH, e.g. vqa-rad:../shared/data/vqa_rad.")],
+    checkpoint: FinetuneCheckpointOpt = None,
+    overrides: FinetuneOverridesArg = None,
+    config: FinetuneConfigOpt = None,
+    json_out: JsonOpt = None,
+    run_dir: RunDirOpt = None,
+    majority: Annotated[bool, typer.Option("--majority-baseline", help="No model: the most frequent training "
+                                           "answer of each answer type.")] = False,
+) -> None:
+    """Medical VQA as classification over the training answers: accuracy on open, closed, all.
+
+    Example: unimlip-fast finetune vqa --checkpoint runs/medpix_cpu --data vqa-rad:../shared/data/vqa_rad
+    --config configs/finetune/vqa_cpu.yaml
+    """
+    from .finetune.config import load_vqa_config
+    from .finetune.readers import VQA_FORMATS
+
+    if majority:
+        from .finetune.readers import read_qa
+        from .finetune.vqa import majority_baseline
+
+        fmt, _, path = data.partition(":")
+        _finetune_data(data, VQA_FORMATS)
+        results = majority_baseline(read_qa(fmt, path, "train").items, read_qa(fmt, path, "test").items)
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(results, indent=2))
+        print_vqa(results, "majority answer per answer type")
+        return
+    if checkpoint is None:
+        raise typer.BadParameter("--checkpoint RUN is required (or --majority-baseline)")
+    cfg = load_vqa_config(config, _finetune_data(data, VQA_FORMATS) + list(overrides or []))
+    _quiet_libraries()
+    from .finetune.vqa import finetune_vqa as run
+    from .train.distributed import init_distributed
+
+    env = init_distributed()
+    out = _finetune_run_dir(run_dir, cfg.name, cfg.data.format, cfg.train.init, f"s{cfg.train.seed}")
+    results = run(cfg, checkpoint, out, env, json_out, echo=lambda m: console.print(m, highlight=False))
+    if env.is_main:
+        print_vqa(results, f"{cfg.data.format}, init {cfg.train.init}, seed {cfg.train.seed}")
+
+
+def print_classify(results: dict) -> None:
+    table = Table(title=f"{results['data']} test: n={results['n_test']}, trained on {results['n_train']} images "
+                        f"(fraction {results['fraction']:g}), init {results['init']}, seed {results['seed']}")
+    table.add_column("label")
+    table.add_column("AUC", justify="right")
+    for label, auc in results["per_label"].items():
+        table.add_row(label, f"{auc:.4f}")
+    table.add_row("[bold]macro[/bold]", f"[bold]{results['macro_auc']:.4f}[/bold]")
+    Console().print(table)
+    if results["excluded_labels"]:
+        console.print(f"one class only in the test split, left out of the macro AUC: "
+                      f"{', '.join(results['excluded_labels'])}", highlight=False)
+    console.print(f"best validation macro AUC {results['val_macro_auc']:.4f} at epoch {results['best_epoch']} "
+                  f"of {results['epochs_run']}; run folder {results['run_dir']}", highlight=False)
+
+
+def print_vqa(results: dict, title: str) -> None:
+    table = Table(title=f"VQA test ({title}): n={results['n_test']}, "
+                        f"{results['n_unseen_answers']} answers unseen in training (counted wrong)")
+    for col in ("open", "closed", "overall"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{100 * results[c]:.2f}" for c in ("open", "closed", "overall")))
+    Console().print(table)
 
 
 def print_retrieval(results: dict) -> None:

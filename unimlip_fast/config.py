@@ -201,9 +201,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    if key not in valid_keys():
-        raise ConfigError(f"unknown config key {key}; valid keys: {', '.join(valid_keys())}")
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, schema: type = Config) -> None:
+    if key not in valid_keys(schema):
+        raise ConfigError(f"unknown config key {key}; valid keys: {', '.join(valid_keys(schema))}")
     *parents, leaf = key.split(".")
     node = tree
     for part in parents:
@@ -224,6 +224,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the recipe file (YAML or JSON), then dotted overrides."""
+    config = load_schema(Config, path, overrides)
+    validate(config)
+    return config
+
+
+def load_schema(schema: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Any config dataclass (pretraining's :class:`Config`, fine-tuning's recipes) from its
+    defaults, a recipe file (YAML or JSON) and dotted overrides; no cross-field validation."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -232,10 +240,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         text = path.read_text()
         tree = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
-    config = _build(Config, tree)
-    validate(config)
-    return config
+        _set_dotted(tree, key, value, schema)
+    return _build(schema, tree)
 
 
 def validate(config: Config) -> None:

@@ -1,0 +1,237 @@
+"""What both fine-tuning tasks share: the pretrained run, image batches, ranks, the output folder.
+
+Fine-tuning runs under plain PyTorch DistributedDataParallel (gloo on CPU, NCCL on GPU) rather than
+DeepSpeed: the models are small next to pretraining's global batch, and ZeRO buys nothing here. It
+launches the same way: one process, ``torchrun`` or ``deepspeed``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.formats import DataError
+from ..data.loader import DECODE_MARGIN, MAX_SUBSTITUTES, decode_image
+from ..data.views import eval_view_one, weak_view_one
+from ..model import UniMlip, load_trained
+from ..train.distributed import DistEnv
+
+
+class RunNotFinished(RuntimeError):
+    """A pretraining run folder without its final weights and summary."""
+
+
+def require_finished_run(run_dir: str | Path) -> Path:
+    """The run folder, if pretraining finished there; else :class:`RunNotFinished`."""
+    path = Path(run_dir)
+    folder = path if path.is_dir() else path.parent
+    for needed in ("summary.json", "model.safetensors", "config.yaml", "tokenizer"):
+        if not (folder / needed).exists():
+            raise RunNotFinished(f"{folder} is not a finished pretraining run: {needed} not found")
+    return folder
+
+
+def load_pretrained_run(run_dir: str | Path, init: str, seed: int, device: torch.device) -> tuple[UniMlip, Any, Any]:
+    """(model, tokenizer, pretraining config) from a finished run folder (``summary.json``,
+    ``model.safetensors``, ``config.yaml``, ``tokenizer/``). ``init="random"``: the same
+    architecture, every weight (text tower included) drawn afresh from ``seed``."""
+    folder = require_finished_run(run_dir)
+    model, tokenizer, cfg = load_trained(folder, device)
+    if init == "random":
+        from transformers import AutoModel
+
+        torch.manual_seed(seed)
+        encoder = AutoModel.from_config(model.text.encoder.config, add_pooling_layer=False)
+        model = UniMlip(cfg.model, cfg.loss, encoder, tokenizer.cls_token_id, len(tokenizer)).to(device)
+    for p in model.parameters():  # pretraining may have frozen text layers; fine-tuning trains all
+        p.requires_grad_(True)
+    return model.train(), tokenizer, cfg
+
+
+def resize_attention_pool(visual: nn.Module, image_size: int) -> None:
+    """Adapt the attention pool's learned positions to another input size (bicubic on the grid, the
+    mean token's position kept), as open_clip does for CLIP's ResNets."""
+    pos = visual.attnpool.positional_embedding.data  # [1 + g*g, C]
+    grid = int(round((pos.shape[0] - 1) ** 0.5))
+    new_grid = image_size // 32
+    if new_grid == grid:
+        return
+    cells = pos[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    cells = F.interpolate(cells.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    cells = cells.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos.dtype)
+    visual.attnpool.positional_embedding = nn.Parameter(torch.cat([pos[:1], cells]))
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def sample_generator(*entropy: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1)[0]))
+
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+class ImageCache:
+    """Images decoded once (short side shrunk to about 1.15x the model size, never enlarged).
+    Images that fail to decode are dropped with their reason counted."""
+
+    def __init__(self, paths: list[str], image_size: int, cache: bool = True):
+        self.image_size, self.decode_size = image_size, round(image_size * DECODE_MARGIN)
+        self.paths, self.failed = list(paths), {}
+        self.arrays: dict[str, np.ndarray] = {}
+        if cache:
+            for p in dict.fromkeys(self.paths):
+                try:
+                    self.arrays[p] = decode_image(p, self.decode_size)
+                except DECODE_ERRORS as err:
+                    self.failed[p] = "missing_image" if isinstance(err, FileNotFoundError) else "undecodable_image"
+
+    def load(self, path: str) -> np.ndarray:
+        return self.arrays[path] if path in self.arrays else decode_image(path, self.decode_size)
+
+    def view(self, path: str, train: bool, scale, generator: torch.Generator) -> torch.Tensor:
+        image = self.load(path)
+        if train:
+            return weak_view_one(image, self.image_size, generator, scale=tuple(scale))
+        return eval_view_one(image, self.image_size)
+
+
+class TensorFields:
+    """Per-sample fields from whole-split tensors: ``fields(i) -> {name: tensor[i]}`` (picklable)."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __call__(self, i: int) -> dict:
+        return {name: t[i] for name, t in self.tensors.items()}
+
+
+class ViewDataset(Dataset):
+    """Sample ``i`` -> ``{"image", "index", **fields(i)}``: the training view (seeded by seed, epoch,
+    index) or the eval view."""
+
+    def __init__(self, paths: list[str], cache: ImageCache, fields, train: bool, scale, seed: int = 0):
+        self.paths, self.cache, self.fields = paths, cache, fields
+        self.train, self.scale, self.seed, self.epoch = train, scale, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        if not self.train:  # evaluation scores every sample: a bad image is an error that names it
+            try:
+                image = self.cache.view(self.paths[i], False, self.scale, None)
+            except DECODE_ERRORS as err:
+                raise DataError(f"cannot read {self.paths[i]}: {err}") from err
+            return {"image": image, "index": i, "substituted": 0, **self.fields(i)}
+        # Training: an image that fails to decode (not cached) is replaced by the next good one, counted.
+        for k in range(MAX_SUBSTITUTES):
+            j = (i + k) % len(self.paths)
+            try:
+                image = self.cache.view(self.paths[j], True, self.scale, sample_generator(self.seed, self.epoch, j))
+            except DECODE_ERRORS:
+                continue
+            return {"image": image, "index": j, "substituted": k, **self.fields(j)}
+        raise DataError(f"{MAX_SUBSTITUTES} images in a row from {self.paths[i]} failed to decode")
+
+
+def epoch_batches(n: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's batches of one epoch: a seeded permutation cut into global batches, each split
+    evenly over the ranks. The last, partial global batch is kept when every rank gets two or more
+    samples of it (BatchNorm needs two), else dropped."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    batches = []
+    for start in range(0, n, global_batch):
+        chunk = order[start:start + global_batch]
+        if len(chunk) < 2 * world_size:
+            break
+        batches.append(np.array_split(chunk, world_size)[rank].tolist())
+    return batches
+
+
+def eval_indices(n: int, rank: int, world_size: int) -> list[int]:
+    return list(range(rank, n, world_size))
+
+
+def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                      prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
+
+
+def chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[s:s + size] for s in range(0, len(indices), size)]
+
+
+def gather_rows(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows computed on each rank for its dataset indices -> all ``n`` rows in index order, on every rank."""
+    parts = [(index.cpu(), values.cpu())]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (index.cpu(), values.cpu()))
+    out = torch.empty((n, *values.shape[1:]), dtype=values.dtype)
+    for idx, vals in parts:
+        out[idx] = vals
+    return out
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
+    if env.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+# --------------------------------------------------------------------------------------- run folder
+
+
+class RunLog:
+    """The fine-tuning folder: ``config.yaml``, ``metrics.jsonl`` (one line per epoch),
+    ``results.json``; written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, env: DistEnv):
+        self.run_dir, self.main, self.start = Path(run_dir), env.is_main, time.time()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "metrics.jsonl").write_text("")
+
+    def save_config(self, cfg) -> None:
+        if self.main:
+            from ..config import save_config
+
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            record = {**record, "elapsed_s": round(time.time() - self.start, 1)}
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_weights(self, model: nn.Module, name: str) -> None:
+        if not self.main:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tmp = self.run_dir / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(self.run_dir / name)
+
+    def finish(self, results: dict, json_out: Path | None) -> dict:
+        results = {**results, "wall_s": round(time.time() - self.start, 1), "run_dir": str(self.run_dir)}
+        if self.main:
+            text = json.dumps(results, indent=2)
+            (self.run_dir / "results.json").write_text(text)
+            if json_out:
+                Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_out).write_text(text)
+        return results
