@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.formats import DataError
 from ..data.loader import DECODE_MARGIN, MAX_SUBSTITUTES, decode_image
 from ..data.views import eval_view_one, weak_view_one
-from ..model import UniMlip, load_trained
+from ..model import UniMlip
 from ..train.distributed import DistEnv
 
 
@@ -43,8 +43,10 @@ def load_pretrained_run(run_dir: str | Path, init: str, seed: int, device: torch
     """(model, tokenizer, pretraining config) from a finished run folder (``summary.json``,
     ``model.safetensors``, ``config.yaml``, ``tokenizer/``). ``init="random"``: the same
     architecture, every weight (text tower included) drawn afresh from ``seed``."""
-    folder = require_finished_run(run_dir)
-    model, tokenizer, cfg = load_trained(folder, device)
+    from .. import load
+
+    trained = load(require_finished_run(run_dir), device)
+    model, tokenizer, cfg = trained.model, trained.tokenizer, trained.cfg
     if init == "random":
         from transformers import AutoModel
 
