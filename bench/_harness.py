@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data")
 if str(REPO) not in sys.path:  # run as a script from a checkout: import the package beside it
     sys.path.insert(0, str(REPO))
+
+from unimlip_fast.provenance import code_commit  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -78,22 +79,7 @@ def environment(device: torch.device) -> dict[str, str]:
     except ImportError:
         triton_version = "none"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "commit": commit()}
-
-
-def commit() -> str:
-    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files), or
-    ``$UNIMLIP_COMMIT``, which gpu_suite.sh sets where the checkout travelled without ``.git``."""
-    if os.environ.get("UNIMLIP_COMMIT"):
-        return os.environ["UNIMLIP_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "commit": code_commit()}
 
 
 def append_rows(csv_path: str | Path, rows: list[dict]) -> None:

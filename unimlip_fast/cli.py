@@ -380,6 +380,28 @@ def print_vqa(results: dict, title: str) -> None:
     Console().print(table)
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder.")],
+    output: Annotated[Path, typer.Option("--output", help="Folder to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="open_clip.")] = "open_clip",
+) -> None:
+    """Export a finished run for other tools (open_clip's local-dir folder, with a model card).
+
+    Example: unimlip-fast export --checkpoint runs/medpix_cpu --format open_clip --output export/medpix_cpu
+    """
+    from .export import EXPORT_FORMATS
+
+    if fmt not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"unknown export format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
+    _quiet_libraries()
+    from .export import export as run_export
+
+    folder = run_export(checkpoint, fmt, output)
+    console.print(f"{fmt} export at {folder}: open_clip.create_model_and_transforms('local-dir:{folder}')",
+                  highlight=False)
+
+
 def print_retrieval(results: dict) -> None:
     table = Table(title=f"retrieval on {results.get('split', '?')}: n={results['n']} "
                         f"({results.get('n_duplicates_dropped', 0)} duplicate captions dropped)")

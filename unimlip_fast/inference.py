@@ -85,8 +85,10 @@ def load(path: str | Path, device: str | torch.device | None = None) -> TrainedM
     """A finished run folder (or its ``model.safetensors``), or a folder written by
     ``unimlip-fast export`` -> a :class:`TrainedModel` in eval mode on ``device`` (default: CUDA
     where there is one)."""
+    from .export import is_export, load_export
+
     dev = resolve_device(device)
     path = Path(path)
-    model, tokenizer, cfg = load_trained(path, dev)
+    model, tokenizer, cfg = load_export(path, dev) if is_export(path) else load_trained(path, dev)
     return TrainedModel(model, tokenizer, cfg, dev, path)
 

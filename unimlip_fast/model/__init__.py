@@ -10,7 +10,7 @@ from ..config import Config, load_config
 from .text import build_tokenizer
 from .unimlip import SIMCLR, WARMUP, UniMlip, build_model
 
-__all__ = ["SIMCLR", "WARMUP", "UniMlip", "build_model", "build_tokenizer", "save_text_artifacts", "load_trained"]
+__all__ = ["SIMCLR", "WARMUP", "UniMlip", "build_model", "build_tokenizer", "save_text_artifacts", "load_trained", "assemble"]
 
 
 def save_text_artifacts(model: UniMlip, tokenizer, run_dir: Path) -> None:
@@ -35,9 +35,15 @@ def load_trained(checkpoint: str | Path, device: torch.device | str = "cpu") -> 
     cfg = load_config(run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     text_config = AutoConfig.from_pretrained(str(run_dir / "text_encoder_config.json"))
+    model = assemble(cfg, tokenizer, text_config, load_file(str(weights)), weights)
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def assemble(cfg: Config, tokenizer, text_config, state_dict: dict[str, torch.Tensor], source) -> UniMlip:
+    """The model of ``cfg`` with the text encoder of ``text_config``, holding exactly ``state_dict``."""
     encoder = AutoModel.from_config(text_config, add_pooling_layer=False)
     model = UniMlip(cfg.model, cfg.loss, encoder, tokenizer.cls_token_id, len(tokenizer))
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{weights} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(device).eval(), tokenizer, cfg
+        raise RuntimeError(f"{source} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model

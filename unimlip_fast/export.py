@@ -1,0 +1,181 @@
+"""Export a finished run for other tools; ``open_clip`` is the one format.
+
+An ``open_clip`` export folder is what ``open_clip.create_model_and_transforms("local-dir:DIR")``
+and ``open_clip.get_tokenizer("local-dir:DIR")`` load:
+
+- ``open_clip_config.json``: ``model_cfg`` (the modified ResNet as ``vision_cfg`` layers / width /
+  head_width / image_size; the text tower as an HF model: ``hf_model_name`` is this folder, which
+  holds the encoder's ``config.json``, pooled at the [CLS] token's last hidden state with a linear
+  projection without bias; the logit scale as a 1-element tensor) and ``preprocess_cfg`` (CLIP's
+  mean and std; resize of the short side and centre crop, bilinear);
+- ``open_clip_model.safetensors``: the weights under open_clip's names (``visual.*`` as they are,
+  ``text.transformer.*``, ``text.proj.weight``, ``logit_scale``); training-only parts (the SimCLR
+  head, the fusion MLM) are left out;
+- the tokenizer's files and the encoder's ``config.json``; ``unimlip_config.yaml`` (the run's
+  resolved config, so :func:`unimlip_fast.load` reads the folder too) and ``README.md``, the model
+  card (data, recipe, commit, metrics).
+
+``hf_model_name`` is written as this folder's absolute path (open_clip hands it to transformers'
+``AutoConfig``, which needs a path or a hub name): after moving the folder, edit it there or export
+again. ``unimlip_fast.load`` does not read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, load_config, save_config
+from .data.views import CLIP_MEAN, CLIP_STD
+from .model import UniMlip, assemble, load_trained
+from .provenance import code_commit
+
+EXPORT_FORMATS = ("open_clip",)
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+UNIMLIP_CONFIG = "unimlip_config.yaml"
+
+# Our parameter names -> open_clip's (prefix rewrites, first match wins); names not listed are dropped.
+_TO_OPEN_CLIP = (("visual.", "visual."), ("text.encoder.", "text.transformer."),
+                 ("text_projection.weight", "text.proj.weight"), ("logit_scale", "logit_scale"))
+
+
+def to_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        for ours, theirs in _TO_OPEN_CLIP:
+            if name.startswith(ours):
+                out[theirs + name[len(ours):]] = tensor.detach().cpu().contiguous()
+                break
+    return out
+
+
+def from_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        for ours, theirs in _TO_OPEN_CLIP:
+            if name.startswith(theirs):
+                out[ours + name[len(theirs):]] = tensor
+                break
+    return out
+
+
+def open_clip_config(cfg: Config, model: UniMlip, folder: Path) -> dict[str, Any]:
+    width = cfg.model.vision_width
+    heads = model.visual.attnpool.num_heads
+    return {
+        "model_cfg": {
+            "embed_dim": cfg.model.embed_dim,
+            "nonscalar_logit_scale": True,  # ours is [1], as DeepSpeed needs
+            "vision_cfg": {"image_size": cfg.model.image_size, "layers": list(cfg.model.vision_layers),
+                           "width": width, "head_width": width * 32 // heads},
+            "text_cfg": {"hf_model_name": str(folder.resolve()), "hf_tokenizer_name": str(folder.resolve()),
+                         "hf_proj_type": "linear", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                         "context_length": cfg.model.text.context_length},
+        },
+        "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bilinear",
+                           "resize_mode": "shortest"},
+    }
+
+
+def _inference_config(cfg: Config) -> Config:
+    """The run's config without the training-only heads (what an export holds weights for)."""
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, simclr=0.0, mlm=0.0))
+
+
+def model_card(cfg: Config, run_dir: Path, summary: dict[str, Any]) -> str:
+    m, t, tr, d = cfg.model, cfg.model.text, cfg.train, cfg.data
+    terms = ", ".join(f"{k} {v:g}" for k, v in dataclasses.asdict(cfg.loss).items()
+                      if k in ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm"))
+    metrics = {k: summary[k] for k in ("retrieval", "zeroshot") if k in summary}
+    extra_metrics = sorted(p.name for p in run_dir.glob("*.json") if p.name not in ("summary.json",))
+    lines = [
+        f"# {cfg.name}: Uni-Mlip (unimlip-fast)",
+        "",
+        "A CLIP-style medical vision-language model: a modified ResNet image encoder (three-conv stem,",
+        "anti-aliased strides, attention pooling) and a BERT-style text encoder, pretrained with Uni-Mlip's",
+        "objective. Load it with `open_clip.create_model_and_transforms(\"local-dir:THIS_FOLDER\")` or",
+        "`unimlip_fast.load(\"THIS_FOLDER\")`.",
+        "",
+        "## Data",
+        f"- format `{d.format}`, path `{d.path or '(built in)'}`, split `{d.split}`",
+        f"- records skipped while reading: {summary.get('skipped_records') or 'none recorded'}",
+        "",
+        "## Recipe",
+        f"- image tower: modified ResNet, layers {list(m.vision_layers)}, width {m.vision_width}, "
+        f"{m.image_size} px, embedding {m.embed_dim}",
+        f"- text tower: `{t.encoder}`, context {t.context_length} tokens, bottom {t.freeze_layers} layers frozen",
+        f"- loss weights: {terms}; SimCLR phase from `{tr.simclr_start}`, BatchNorm statistics frozen: "
+        f"{cfg.loss.freeze_bn_stats}",
+        f"- AdamW lr {tr.lr:g}, weight decay {tr.weight_decay:g}, warm-up {tr.warmup_steps} steps then cosine; "
+        f"global batch {tr.batch_size}; {summary.get('steps', '?')} steps",
+        "- the full resolved config: `unimlip_config.yaml`",
+        "",
+        "## Provenance",
+        f"- run folder: `{run_dir.resolve()}`",
+        f"- commit of the run: {summary.get('commit', 'not recorded in the run folder')}",
+        f"- exported with unimlip-fast commit {code_commit()}",
+        "",
+        "## Metrics (from the run folder)",
+        "```json",
+        json.dumps(metrics, indent=2) if metrics else "{}",
+        "```",
+    ]
+    if extra_metrics:
+        lines += ["", "Other result files in the run folder: " + ", ".join(f"`{n}`" for n in extra_metrics)]
+    return "\n".join(lines) + "\n"
+
+
+def export_open_clip(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write the open_clip folder for a finished run; returns it."""
+    from safetensors.torch import save_file
+
+    model, tokenizer, cfg = load_trained(checkpoint, "cpu")
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    model.text.encoder.config.save_pretrained(str(folder))  # config.json, for hf_model_name
+    tmp = folder / (OPEN_CLIP_WEIGHTS + ".tmp")
+    save_file(to_open_clip_state(model.state_dict()), str(tmp))
+    os.replace(tmp, folder / OPEN_CLIP_WEIGHTS)
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg, model, folder), indent=2))
+    save_config(_inference_config(cfg), folder / UNIMLIP_CONFIG)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    (folder / "README.md").write_text(model_card(cfg, run_dir, summary))
+    return folder
+
+
+def export(checkpoint: str | Path, fmt: str, output: str | Path) -> Path:
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
+    return export_open_clip(checkpoint, output)
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / OPEN_CLIP_CONFIG).is_file() and (Path(path) / UNIMLIP_CONFIG).is_file()
+
+
+def load_export(folder: str | Path, device: torch.device | str = "cpu") -> tuple[UniMlip, object, Config]:
+    """An open_clip export folder -> (model, tokenizer, cfg), as :func:`load_trained` gives for a run."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    weights = folder / OPEN_CLIP_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"export incomplete: {weights} not found")
+    cfg = load_config(folder / UNIMLIP_CONFIG)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    text_config = AutoConfig.from_pretrained(str(folder / "config.json"))
+    model = assemble(cfg, tokenizer, text_config, from_open_clip_state(load_file(str(weights))), weights)
+    return model.to(device).eval(), tokenizer, cfg
+
+
+__all__ = ["EXPORT_FORMATS", "export", "export_open_clip", "is_export", "load_export", "model_card"]
