@@ -92,6 +92,8 @@ def eval_retrieval(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder or its model.safetensors.")],
     data: Annotated[str, typer.Option("--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2.")],
     split: Annotated[str, typer.Option("--split")] = "test",
+    split_key: Annotated[str, typer.Option("--split-key", help="csv/jsonl: the column naming each row's split "
+                                           "(one file without it is training data).")] = "",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates", help="Keep pairs with repeated captions.")] = False,
     roco_protocol: Annotated[bool, typer.Option("--roco-2000", help="ROCO's 2,000-pair test protocol.")] = False,
@@ -103,6 +105,7 @@ def eval_retrieval(
     Example: unimlip-fast eval retrieval --checkpoint runs/medpix --data medpix:../shared/data/medpix2 --split test
     """
     data_cfg = parse_data_spec(data)
+    data_cfg.split_key = split_key
     _quiet_libraries()
     import torch
 

@@ -80,6 +80,7 @@ class DataConfig:
     image_root: str = ""  # csv/jsonl: folder the image column is relative to
     image_key: str = "image"
     caption_key: str = "caption"
+    split_key: str = ""  # csv/jsonl: the column naming each row's split (train/dev/test); "" : one file is train
     phantom_size: int = 2048  # number of phantom pairs
     num_workers: int = 2
     weak_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])

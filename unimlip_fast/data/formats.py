@@ -6,7 +6,7 @@ left is an error that names the path and the skip counts.
 
 Skip reasons: ``missing_image`` (no file with that name, whatever the extension), ``empty_caption``,
 ``nan_caption`` (NaN, None or a missing caption field), ``bad_row`` (unparseable line, wrong field
-count, no image field).
+count, no image field), ``no_split`` (``data.split_key`` set and the row's split cell empty).
 
 Images are found by name whatever the extension: each folder is listed once with ``os.scandir`` into
 a ``stem -> file`` table, so the MedPix copy here (JPEG) matches the release's PNG names.
@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import DataConfig
 
-SKIP_REASONS = ("missing_image", "empty_caption", "nan_caption", "bad_row")
+SKIP_REASONS = ("missing_image", "empty_caption", "nan_caption", "bad_row", "no_split")
 _SPLIT_ALIASES = {  # canonical split -> the names users type for it
     "train": ("train", "training"),
     "dev": ("dev", "val", "valid", "validation"),
@@ -217,14 +217,17 @@ def read_pmc_oa(path: str | os.PathLike, split: str | None = "train", image_root
     ``pmc_oa.jsonl``; rows ``{"image": name, "caption": text}``; images in ``image_root``, else
     ``images/`` beside the jsonl, else the jsonl's own folder."""
     p = _require(Path(path), "PMC-OA path")
+    s = canonical_split(split)
     if p.is_dir():
-        s = canonical_split(split)
         names = {"dev": ["valid", "val", "dev"], None: []}.get(s, [s])
-        candidates = [p / f"{n}.jsonl" for n in names] + [p / "pmc_oa.jsonl"]
+        # the whole release file stands for the training rows (or all), never for a held-out split
+        candidates = [p / f"{n}.jsonl" for n in names] + ([p / "pmc_oa.jsonl"] if s in (None, "train") else [])
         found = [c for c in candidates if c.is_file()]
         if not found:
             raise DataError(f"PMC-OA folder {p} has none of {', '.join(c.name for c in candidates)}")
         p = found[0]
+    else:
+        refuse_held_out_split(p, split, "")
     root = Path(image_root) if image_root else (p.parent / "images" if (p.parent / "images").is_dir() else p.parent)
     index = ImageIndex(root)
     skipped = collections.Counter()
@@ -274,6 +277,24 @@ def _table_file(path: Path, split: str | None, ext: str) -> Path:
     return path
 
 
+def refuse_held_out_split(path: Path, split: str | None, split_key: str) -> None:
+    """One file without a split column is training data: asking it for another split is an error,
+    never the same rows labelled test."""
+    if split_key or canonical_split(split) in (None, "train"):
+        return
+    raise DataError(f"{path} is one file with no split, so split {split!r} would be the training rows again: "
+                    f"set data.split_key to the column naming each row's split (--split-key), give a folder "
+                    f"holding train{path.suffix} and {split}{path.suffix}, or read every row with split all")
+
+
+def in_split(row: dict, split_key: str, split: str | None) -> bool | None:
+    """Whether ``row`` belongs to ``split`` by its ``split_key`` column; None when it names no split."""
+    value = row.get(split_key)
+    if value is None or not str(value).strip():
+        return None
+    return split is None or canonical_split(str(value)) == split
+
+
 def read_table(
     path: str | os.PathLike,
     fmt: str,
@@ -281,10 +302,17 @@ def read_table(
     caption_key: str = "caption",
     image_root: str = "",
     split: str | None = None,
+    split_key: str = "",
 ) -> RecordSet:
     """Generic ``csv`` or ``jsonl``: chosen image and caption columns; image paths relative to
-    ``image_root``, else to the file's folder. A folder path means ``{split}.{csv,jsonl}`` inside it."""
+    ``image_root``, else to the file's folder. A folder path means ``{split}.{csv,jsonl}`` inside it.
+    ``split_key``: the column naming each row's split (train/dev/test and their aliases); rows of
+    other splits are left out, rows naming none are counted as ``no_split``. One file without it is
+    the training set: any other split is an error."""
     p = _table_file(_require(Path(path), f"{fmt} path"), split, fmt)
+    if not Path(path).is_dir():
+        refuse_held_out_split(p, split, split_key)
+    wanted = canonical_split(split)
     index = ImageIndex(Path(image_root) if image_root else p.parent)
     skipped = collections.Counter()
     records: list[Record] = []
@@ -293,7 +321,7 @@ def read_table(
     else:
         f = open(p, encoding="utf-8", newline="")
         reader = csv.DictReader(f)
-        missing = [k for k in (image_key, caption_key) if k not in (reader.fieldnames or [])]
+        missing = [k for k in (image_key, caption_key, split_key) if k and k not in (reader.fieldnames or [])]
         if missing:
             f.close()
             raise DataError(f"{p}: no column {missing[0]!r}; columns are {reader.fieldnames}")
@@ -303,6 +331,12 @@ def read_table(
         if ragged or image_key not in row:
             skipped["bad_row"] += 1
             continue
+        if split_key:
+            member = in_split(row, split_key, wanted)
+            if member is None:
+                skipped["no_split"] += 1
+            if not member:
+                continue
         ref = row[image_key]
         _add(records, skipped, index, ref if isinstance(ref, str) else i, row.get(caption_key), ref)
     if fmt == "csv":
@@ -327,7 +361,7 @@ def read_records(cfg: DataConfig, split: str | None = None) -> RecordSet:
     if fmt == "roco":
         return read_roco(cfg.path, split)
     if fmt in ("csv", "jsonl"):
-        return read_table(cfg.path, fmt, cfg.image_key, cfg.caption_key, cfg.image_root, split)
+        return read_table(cfg.path, fmt, cfg.image_key, cfg.caption_key, cfg.image_root, split, cfg.split_key)
     raise DataError(f"unknown data format {fmt!r}; one of medpix, pmc-oa, roco, csv, jsonl, phantom")
 
 

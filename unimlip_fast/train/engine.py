@@ -73,10 +73,11 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     seed_everything(cfg.train.seed + env.rank)
 
     records = read_records(cfg.data, cfg.data.split)
+    eval_note = _check_eval_split(cfg, records.records)
     tokenizer = _tokenizer(cfg, [r.caption for r in records.records], run_dir, env, resume_tag is not None)
     model = build_model(cfg.model, cfg.loss, tokenizer)
     model.ops = resolve_ops(cfg.model.kernels, env.device)
-    monitor_notes = resume_notes + [f"kernels: {model.ops.name} (model.kernels={cfg.model.kernels}, device {env.device.type})"]
+    monitor_notes = resume_notes + eval_note + [f"kernels: {model.ops.name} (model.kernels={cfg.model.kernels}, device {env.device.type})"]
     if env.device.type == "cpu" and cfg.train.cpu_precision == "fp32":
         monitor_notes.append("CPU run: reduced precision from the DeepSpeed config is replaced by fp32, several "
                              "times faster here (train.cpu_precision=as-configured keeps it)")
@@ -259,6 +260,21 @@ def _memory_gb() -> float:
 
 def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if n)
+
+
+def _check_eval_split(cfg: Config, train_records) -> list[str]:
+    """Read the evaluation split now (a bad one fails before training, not after) and refuse one
+    whose pairs are all training pairs: evaluation never reads training data labelled as held out."""
+    if not cfg.eval.split:
+        return []
+    held_out = read_records(cfg.data, cfg.eval.split).records
+    pairs = lambda records: {(r.image, r.caption) for r in records if isinstance(r.image, str)}
+    shared = pairs(held_out) & pairs(train_records)
+    if held_out and len(shared) == len(held_out):
+        raise ConfigError(f"eval.split={cfg.eval.split} holds the same {len(held_out)} pairs as the training split "
+                          f"data.split={cfg.data.split}: choose a held-out split (or eval.split= for none)")
+    return [f"eval.split={cfg.eval.split}: {len(held_out)} pairs"
+            + (f", {len(shared)} of them also in the training split" if shared else "")]
 
 
 def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, resuming: bool):

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .checkpoint import checkpoint_folders, choose_resume
+from .checkpoint import TMP_PREFIX, checkpoint_folders, choose_resume, incompleteness
 from .distributed import DistEnv, broadcast_from_main
 
 LOCK_FILE = "run.lock"
@@ -71,7 +71,9 @@ def _describe_holder(text: str) -> str:
 def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
     """A run without --resume: refuse a folder holding checkpoints, or (--overwrite) clear it."""
     ckpt_dir = run_dir / "checkpoints"
-    found = [p.name for p in checkpoint_folders(ckpt_dir)]
+    # a tmp- folder counts once complete (its rename was cut off); an unfinished one holds nothing
+    found = [p.name for p in checkpoint_folders(ckpt_dir)
+             if not p.name.startswith(TMP_PREFIX) or incompleteness(p) is None]
     if (ckpt_dir / "latest").is_file():
         found.append("latest")
     if not found:
