@@ -4,9 +4,13 @@ Every reader returns a :class:`RecordSet`: the usable ``(key, caption, image)`` 
 counter of the rows it skipped, per reason. Nothing is dropped silently; a data set with nothing
 left is an error that names the path and the skip counts.
 
-Skip reasons: ``missing_image`` (no file with that name, whatever the extension), ``empty_caption``,
+Skip reasons: ``missing_image`` (no file with that name, whatever the extension), ``outside_root``
+(an image path leaving the image folder: ``../`` or an absolute path elsewhere), ``empty_caption``,
 ``nan_caption`` (NaN, None or a missing caption field), ``bad_row`` (unparseable line, wrong field
-count, no image field), ``no_split`` (``data.split_key`` set and the row's split cell empty).
+count, no image field), ``no_split`` (``data.split_key`` set and the row's split cell empty),
+``bad_encoding`` (a row with bytes that are not UTF-8; a byte-order mark is fine), ``duplicate_row``
+(csv/jsonl: the same image and caption again). The first row skipped for each reason is kept
+(file and line, or the path looked for) for the messages.
 
 Images are found by name whatever the extension: each folder is listed once with ``os.scandir`` into
 a ``stem -> file`` table, so the MedPix copy here (JPEG) matches the release's PNG names.
@@ -26,7 +30,8 @@ import numpy as np
 
 from ..config import DataConfig
 
-SKIP_REASONS = ("missing_image", "empty_caption", "nan_caption", "bad_row", "no_split")
+SKIP_REASONS = ("missing_image", "outside_root", "empty_caption", "nan_caption", "bad_row", "no_split",
+                "bad_encoding", "duplicate_row")
 _SPLIT_ALIASES = {  # canonical split -> the names users type for it
     "train": ("train", "training"),
     "dev": ("dev", "val", "valid", "validation"),
@@ -36,6 +41,24 @@ _SPLIT_ALIASES = {  # canonical split -> the names users type for it
 
 class DataError(ValueError):
     """A data set that cannot be read, or has nothing usable left."""
+
+
+class Skips(collections.Counter):
+    """Skipped rows per reason, and where the first of each was (for the messages)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first: dict[str, str] = {}
+
+    def note(self, reason: str, where: str = "") -> None:
+        self[reason] += 1
+        if where and reason not in self.first:
+            self.first[reason] = where
+
+    def describe(self) -> str:
+        """``"bad_encoding=2 (first: pairs.csv line 7), missing_image=1 (first: /data/a.png)"``."""
+        return ", ".join(f"{k}={v}" + (f" (first: {self.first[k]})" if k in self.first else "")
+                         for k, v in sorted(self.items()) if v)
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,7 +71,7 @@ class Record:
 @dataclass
 class RecordSet:
     records: list[Record]
-    skipped: collections.Counter = field(default_factory=collections.Counter)
+    skipped: collections.Counter = field(default_factory=Skips)
     source: str = ""
 
     def __len__(self) -> int:
@@ -62,8 +85,15 @@ class RecordSet:
 
     def summary(self) -> str:
         """``"1636 records from <source>; skipped: missing_image=3"``, for the log and run summary."""
-        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        skipped = describe_skips(self.skipped) or "none"
         return f"{len(self.records)} records from {self.source}; skipped: {skipped}"
+
+
+def describe_skips(skipped) -> str:
+    """Counts per reason, with where the first one was when known."""
+    if isinstance(skipped, Skips):
+        return skipped.describe()
+    return ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()) if v)
 
 
 def canonical_split(split: str | None) -> str | None:
@@ -125,6 +155,17 @@ class ImageIndex:
             self._dirs[folder] = (names, stems)
         return self._dirs[folder]
 
+    def resolve(self, ref: str) -> Path:
+        """Where ``ref`` points: relative to the root, or absolute."""
+        ref = str(ref).strip()
+        return Path(os.path.normpath(ref if os.path.isabs(ref) else self.root / ref))
+
+    def inside(self, ref: str) -> bool:
+        """Whether ``ref`` stays inside the root (no ``../`` out of it, no absolute path elsewhere);
+        by the path as written, so symbolic links inside the root may point anywhere."""
+        path = self.resolve(ref)
+        return path == self.root or self.root in path.parents
+
     def find(self, ref: str) -> str | None:
         """The path of ``ref`` (relative to the root, or absolute), by exact name, then by stem."""
         ref = str(ref).strip()
@@ -141,42 +182,60 @@ class ImageIndex:
         return None
 
 
-def _add(records: list[Record], skipped: collections.Counter, index: ImageIndex, key, caption_value, image_ref):
+def _add(records: list[Record], skipped: Skips, index: ImageIndex, key, caption_value, image_ref, where: str = ""):
     caption, reason = clean_caption(caption_value)
     if reason:
-        skipped[reason] += 1
+        skipped.note(reason, where)
         return
     if image_ref is None or (isinstance(image_ref, float) and math.isnan(image_ref)) or not str(image_ref).strip():
-        skipped["bad_row"] += 1
+        skipped.note("bad_row", where)
+        return
+    if not index.inside(str(image_ref)):
+        skipped.note("outside_root", f"{where}: {image_ref}" if where else str(image_ref))
         return
     path = index.find(str(image_ref))
     if path is None:
-        skipped["missing_image"] += 1
+        skipped.note("missing_image", str(index.resolve(str(image_ref))))
         return
     records.append(Record(key=str(key), caption=caption, image=path))
 
 
-def _finish(records: list[Record], skipped: collections.Counter, source) -> RecordSet:
+def _finish(records: list[Record], skipped: Skips, source) -> RecordSet:
     rs = RecordSet(records=records, skipped=skipped, source=str(source))
     if not records:
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "no rows at all"
-        raise DataError(f"no usable image-caption pairs in {source} (skipped: {counts})")
+        counts = describe_skips(skipped) or "no rows at all"
+        hint = ""
+        if set(k for k, v in skipped.items() if v) <= {"missing_image", "outside_root"}:
+            hint = ("; every image is missing or outside the image folder: set data.image_root to the folder "
+                    "the image paths are relative to")
+        raise DataError(f"no usable image-caption pairs in {source} (skipped: {counts}){hint}")
     return rs
 
 
-def _iter_jsonl(path: Path, skipped: collections.Counter):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+def _has_bad_bytes(text: str) -> bool:
+    """Bytes that are not UTF-8, read with ``errors="surrogateescape"``, show up as lone surrogates."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _iter_jsonl(path: Path, skipped: Skips):
+    """Rows of a JSONL file with ``_line`` (1-based); bad lines are counted with where they are."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
+                continue
+            where = f"{path.name} line {number}"
+            if _has_bad_bytes(line):
+                skipped.note("bad_encoding", where)
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                skipped["bad_row"] += 1
+                skipped.note("bad_row", where)
                 continue
             if not isinstance(row, dict):
-                skipped["bad_row"] += 1
+                skipped.note("bad_row", where)
                 continue
+            row["_line"] = number
             yield row
 
 
@@ -197,10 +256,10 @@ def read_medpix(path: str | os.PathLike, split: str | None = "train") -> RecordS
     if split is None:
         src = _require(root / "Descriptions.json", "MedPix-2.0 Descriptions.json")
         rows = json.loads(src.read_text(encoding="utf-8"))
-        skipped = collections.Counter()
+        skipped = Skips()
     else:
         src = _require(root / "splitted_dataset" / f"descriptions_{split}.jsonl", f"MedPix-2.0 split {split!r}")
-        skipped = collections.Counter()
+        skipped = Skips()
         rows = list(_iter_jsonl(src, skipped))
     index = ImageIndex(root / "images")
     records: list[Record] = []
@@ -230,7 +289,7 @@ def read_pmc_oa(path: str | os.PathLike, split: str | None = "train", image_root
         refuse_held_out_split(p, split, "")
     root = Path(image_root) if image_root else (p.parent / "images" if (p.parent / "images").is_dir() else p.parent)
     index = ImageIndex(root)
-    skipped = collections.Counter()
+    skipped = Skips()
     records: list[Record] = []
     for row in _iter_jsonl(p, skipped):
         if "image" not in row:
@@ -250,7 +309,7 @@ def read_roco(path: str | os.PathLike, split: str | None = "train", subset: str 
     folder = root / {"dev": "validation"}.get(s, s) / subset
     src = _require(folder / "captions.txt", f"ROCO captions for split {split!r}")
     index = ImageIndex(folder / "images")
-    skipped = collections.Counter()
+    skipped = Skips()
     records: list[Record] = []
     with open(src, encoding="utf-8") as f:
         for line in f:
@@ -314,31 +373,41 @@ def read_table(
         refuse_held_out_split(p, split, split_key)
     wanted = canonical_split(split)
     index = ImageIndex(Path(image_root) if image_root else p.parent)
-    skipped = collections.Counter()
+    skipped = Skips()
     records: list[Record] = []
     if fmt == "jsonl":
         rows = _iter_jsonl(p, skipped)
     else:
-        f = open(p, encoding="utf-8", newline="")
+        f = open(p, encoding="utf-8-sig", errors="surrogateescape", newline="")
         reader = csv.DictReader(f)
         missing = [k for k in (image_key, caption_key, split_key) if k and k not in (reader.fieldnames or [])]
         if missing:
             f.close()
             raise DataError(f"{p}: no column {missing[0]!r}; columns are {reader.fieldnames}")
-        rows = (r for r in reader)
+        rows = ({**r, "_line": reader.line_num} for r in reader)
+    seen: set[tuple[str, str]] = set()
     for i, row in enumerate(rows):
+        where = f"{p.name} line {row.pop('_line')}"
         ragged = fmt == "csv" and (None in row or None in row.values())  # too many / too few fields
         if ragged or image_key not in row:
-            skipped["bad_row"] += 1
+            skipped.note("bad_row", where)
+            continue
+        if fmt == "csv" and any(_has_bad_bytes(v) for v in row.values() if isinstance(v, str)):
+            skipped.note("bad_encoding", where)
             continue
         if split_key:
             member = in_split(row, split_key, wanted)
             if member is None:
-                skipped["no_split"] += 1
+                skipped.note("no_split", where)
             if not member:
                 continue
         ref = row[image_key]
-        _add(records, skipped, index, ref if isinstance(ref, str) else i, row.get(caption_key), ref)
+        pair = (str(ref), str(row.get(caption_key)))
+        if pair in seen:
+            skipped.note("duplicate_row", where)
+            continue
+        seen.add(pair)
+        _add(records, skipped, index, ref if isinstance(ref, str) else i, row.get(caption_key), ref, where)
     if fmt == "csv":
         f.close()
     return _finish(records, skipped, p)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, save_config
-from ..data.formats import read_records
+from ..data.formats import describe_skips, read_records
 from ..data.backends import build_train_loader
 from ..data.loader import build_dataset, trim_padding
 from ..data.masking import MaskingTables
@@ -108,7 +108,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     monitor = Monitor(run_dir, total_steps, enabled=env.is_main, resume_step=state.step if resume_tag else None)
     for note in monitor_notes:
         monitor.info(note)
-    monitor.info(f"{len(dataset)} pairs ({_format_counts(records.skipped) or 'none'} skipped while reading); "
+    monitor.info(f"{len(dataset)} pairs (skipped while reading: {describe_skips(records.skipped) or 'none'}); "
                  f"{env.world_size} rank(s) x {per_rank} = batch {cfg.train.batch_size}; {steps_per_epoch} "
                  f"steps/epoch; {total_steps} steps; SimCLR phase from step {simclr_step}; precision {precision_of(ds_config)}, ZeRO stage "
                  f"{ds_config.get('zero_optimization', {}).get('stage', 0)}"
@@ -256,10 +256,6 @@ def _memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if n)
 
 
 def _check_eval_split(cfg: Config, train_records) -> list[str]:
