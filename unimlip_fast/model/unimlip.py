@@ -2,7 +2,8 @@
 
 ``forward(batch, phase)`` returns the features of DESIGN.md, the seam between model and objective:
 ``img``, ``txt`` (and their perturbed versions), ``simclr_a``/``simclr_b`` in the SimCLR phase,
-``mlm_logits``/``mlm_targets`` when MLM is on, and ``logit_scale`` (exponentiated, clamped, [1]).
+``mlm_logits``/``mlm_targets`` when MLM is on, and ``logit_scale`` (exponentiated, [1]). The trainer clamps the parameter after each optimizer
+step (``train/replicas.py``), so the forward pass never cuts its gradient.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class UniMlip(nn.Module):
         return self.text_projection(sentence)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=math.log(self.cfg.logit_scale_max)).exp()
+        return self.logit_scale.exp()
 
     # --- training forward ----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], phase: str = WARMUP) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .distributed import DistEnv, barrier
+from .replicas import average_batchnorm_stats
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -238,6 +239,7 @@ def choose_resume(ckpt_dir: Path, requested: str, world_size: int) -> tuple[str,
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], env: DistEnv,
                     keep_last: int) -> Path:
+    average_batchnorm_stats(engine.module)  # what is saved is what every rank holds
     tag, tmp_tag = tag_of(step), TMP_PREFIX + tag_of(step)
     tmp, final = ckpt_dir / tmp_tag, ckpt_dir / tag
     if env.is_main and tmp.exists():  # left by a write that was killed
@@ -291,8 +293,11 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def export_weights(engine, path: Path, env: DistEnv) -> None:
-    """Final weights as one safetensors file (full fp32 tensors, ZeRO-3 shards gathered)."""
+    """Final weights as one safetensors file (full fp32 tensors, ZeRO-3 shards gathered; BatchNorm
+    statistics averaged over the ranks)."""
     from safetensors.torch import save_file
+
+    average_batchnorm_stats(engine.module)
 
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()

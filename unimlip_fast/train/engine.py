@@ -7,6 +7,7 @@ asked, the model freezes BatchNorm statistics when told.
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import time
@@ -30,6 +31,7 @@ from .checkpoint import export_weights, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_ranks_agree, barrier, init_distributed
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
 from .monitor import Monitor
+from .replicas import average_batchnorm_stats, clamp_parameter_
 from .run_folder import claim_run_folder
 from .schedule import build_optimizer, phase_start_step, warmup_cosine
 
@@ -142,6 +144,10 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
     described = None
     while state.step < stop_at:
         phase = phase_at(state.step)
+        if phase == SIMCLR and cfg.loss.freeze_bn_stats:
+            # The statistics freeze here (the phase switch, or a resume inside the frozen phase):
+            # every rank must freeze the same numbers.
+            average_batchnorm_stats(model.visual)
         loader = build_train_loader(cfg.data.backend, dataset, per_rank, env.rank, env.world_size, cfg.train.seed,
                                     state.epoch, strong_views=phase == SIMCLR, mlm=mlm_tables,
                                     mlm_prob=cfg.loss.mlm_prob, num_workers=cfg.data.num_workers,
@@ -175,6 +181,7 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
             state.nonfinite_in_row = 0
             engine.backward(loss)
             engine.step()
+            clamp_parameter_(model.logit_scale, math.log(cfg.model.logit_scale_max))
             state.step += 1
             interval.add(terms, loss, cfg.train.batch_size)
 
