@@ -24,7 +24,7 @@ class LossOps:
     """The implementations the objective calls; one set is chosen per run.
 
     infonce(img, txt, scale, img_all, txt_all, row_offset) -> loss
-    ntxent(za, zb, tau, za_all, zb_all, row_offset) -> loss
+    ntxent(za, zb, tau, za_all, zb_all, row_offset, negatives="cross-view" | "all") -> loss
     dropblock(x, p, block_size) -> x with blocks dropped
     itc_terms(imgs, txts, scale, imgs_all, txts_all, row_offset) -> [K] losses, term k on
         (imgs[k], txts[k]); the same as K infonce calls

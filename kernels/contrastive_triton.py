@@ -10,7 +10,8 @@ the gathered columns Z of its own side, itself excluded:
     loss = 0.5 / B * sum over both sides and the B local rows of (lse_i - scale * X_i . Y_off+i)
 
     InfoNCE: (img, txt, img_all, txt_all), scale = the exponentiated logit scale
-    NT-Xent: (za, zb, za_all, zb_all),     scale = 1 / tau, with the self terms
+    NT-Xent: (za, zb, za_all, zb_all),     scale = 1 / tau; with the self terms for SLIP's 2N - 1
+             candidates (``negatives="all"``), without them for the paper's cross-view Eq. 2
 
 Several losses run in the same launches (``itc_terms``), reading their features in place: the
 kernels take int64 tables of tensor addresses, so a feature shared by several losses is neither
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .ntxent import check_negatives
 
 
 @dataclass(frozen=True)
@@ -435,12 +438,17 @@ def infonce_triton(img, txt, scale, img_all=None, txt_all=None, row_offset: int 
     return contrastive_losses([(img, txt, img_all, txt_all)], scale, row_offset, blocks=blocks)[0]
 
 
-def ntxent_triton(za, zb, tau: float, za_all=None, zb_all=None, row_offset: int = 0, blocks: Blocks | None = None):
-    """Fused ``ntxent_reference``: same arguments, same value, gradients for every input."""
+def ntxent_triton(za, zb, tau: float, za_all=None, zb_all=None, row_offset: int = 0, negatives: str = "cross-view",
+                  blocks: Blocks | None = None):
+    """Fused ``ntxent_reference``: same arguments, same value, gradients for every input.
+    ``cross-view`` (the paper's Eq. 2) is InfoNCE between the views at scale 1 / tau: the same
+    kernels without the self terms; ``all`` adds each side's own views (itself excluded)."""
+    check_negatives(negatives)
     za_all = za if za_all is None else za_all
     zb_all = zb if zb_all is None else zb_all
     scale = torch.full((1,), 1.0 / tau, device=za.device)
-    return contrastive_losses([(za, zb, za_all, zb_all)], scale, row_offset, self_terms=True, blocks=blocks)[0]
+    return contrastive_losses([(za, zb, za_all, zb_all)], scale, row_offset, self_terms=negatives == "all",
+                              blocks=blocks)[0]
 
 
 def itc_terms_triton(imgs, txts, scale, imgs_all=None, txts_all=None, row_offset: int = 0,

@@ -23,13 +23,15 @@ def infonce_reference(
     txt_all: torch.Tensor | None = None,  # [N, D] gathered text features (columns)
     row_offset: int = 0,
 ) -> torch.Tensor:
-    """Mean over local rows of (CE(image -> texts) + CE(text -> images)) / 2, in fp32."""
+    """Mean over local rows of (CE(image -> texts) + CE(text -> images)) / 2, in at least fp32
+    (float64 inputs stay float64: the tests' exact oracle)."""
     img_all = img if img_all is None else img_all
     txt_all = txt if txt_all is None else txt_all
     targets = torch.arange(img.shape[0], device=img.device) + row_offset
-    scale = scale.float()
-    logits_per_image = scale * (img.float() @ txt_all.float().T)
-    logits_per_text = scale * (txt.float() @ img_all.float().T)
+    acc = torch.promote_types(img.dtype, torch.float32)
+    scale = scale.to(acc)
+    logits_per_image = scale * (img.to(acc) @ txt_all.to(acc).T)
+    logits_per_text = scale * (txt.to(acc) @ img_all.to(acc).T)
     return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
 
 

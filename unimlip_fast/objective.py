@@ -52,7 +52,8 @@ def compute_terms(features: dict[str, torch.Tensor], cfg: LossConfig, ops: LossO
         terms.update(zip(pairs, losses.unbind(0)))
     if cfg.simclr > 0 and "simclr_a" in features:
         za, zb = F.normalize(features["simclr_a"], dim=-1), F.normalize(features["simclr_b"], dim=-1)
-        terms["simclr"] = ops.ntxent(za, zb, cfg.simclr_tau, gather_with_grad(za), gather_with_grad(zb), offset)
+        terms["simclr"] = ops.ntxent(za, zb, cfg.simclr_tau, gather_with_grad(za), gather_with_grad(zb), offset,
+                                     negatives=cfg.simclr_negatives)
     if cfg.mlm > 0 and "mlm_logits" in features:
         terms["mlm"] = _mlm_loss(features["mlm_logits"], features["mlm_targets"])
     return terms

