@@ -51,11 +51,11 @@ def test_ablate_runs_stops_and_resumes_row_by_row(tmp_path, monkeypatch):
     calls = []
     pretrain = engine.pretrain
 
-    def interrupted_after_one_row(cfg, ds_config, run_dir, resume):
+    def interrupted_after_one_row(cfg, ds_config, run_dir, resume, overwrite):
         calls.append(run_dir)
         if len(calls) == 3:
             raise KeyboardInterrupt  # stopped at the start of the second row
-        return pretrain(cfg, ds_config, run_dir, resume)
+        return pretrain(cfg, ds_config, run_dir, resume, overwrite)
 
     monkeypatch.setattr(engine, "pretrain", interrupted_after_one_row)
     out = tmp_path / "ablation"

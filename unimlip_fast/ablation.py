@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,12 +110,11 @@ def run_ablation(config: str | Path, table: int, seeds: int, overrides: list[str
             run_dir = out / row.key / f"seed{cfg.train.seed}"
             results = finished_retrieval(run_dir)
             if results is None:
-                resume = "latest" if (run_dir / "checkpoints" / "latest").is_file() else None
-                if resume is None and run_dir.exists() and _is_main():
-                    shutil.rmtree(run_dir)  # stopped before its first checkpoint: start it again
+                # Stopped with a complete checkpoint: resume; before its first one: start it again.
+                resume = "latest" if has_complete_checkpoint(run_dir / "checkpoints") else None
                 log(f"Table {table}, row {row.key} ({row.label}), seed {cfg.train.seed}"
                     + (": resuming" if resume else ""))
-                train(cfg, ds_config, run_dir, resume)
+                train(cfg, ds_config, run_dir, resume, overwrite=resume is None)
                 results = finished_retrieval(run_dir)
                 if results is None:
                     raise RuntimeError(f"{run_dir} finished without retrieval results in summary.json")
@@ -126,6 +124,12 @@ def run_ablation(config: str | Path, table: int, seeds: int, overrides: list[str
             if _is_main():
                 write_tables(out, table, rows, runs, config, overrides, seeds)
     return tabulate(table, rows, runs, config, overrides, seeds)
+
+
+def has_complete_checkpoint(ckpt_dir: Path) -> bool:
+    from .train.checkpoint import checkpoint_folders, incompleteness
+
+    return any(incompleteness(folder) is None for folder in checkpoint_folders(ckpt_dir))
 
 
 def _is_main() -> bool:
