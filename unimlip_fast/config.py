@@ -225,14 +225,29 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, schema: type = Confi
     node[leaf] = value
 
 
+def _takes_text(key: str) -> bool:
+    """Whether the dotted ``key`` is a string field (or a choice of strings)."""
+    cls, *parents, leaf = [Config, *key.split(".")]
+    for part in parents:
+        cls = _field_types(cls).get(part)
+        if not dataclasses.is_dataclass(cls):
+            return False
+    tp = _field_types(cls).get(leaf)
+    choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+    return tp is str or bool(choices) and all(isinstance(c, str) for c in choices)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["train.max_steps=30", "data.path=/x"]`` -> ``[("train.max_steps", 30), ...]``."""
+    """``["train.max_steps=30", "data.path=/x"]`` -> ``[("train.max_steps", 30), ...]``. A string
+    field takes the text as typed (YAML would read ``off`` or ``no`` as false), unless quoted."""
     pairs = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=30)")
         key, raw = item.split("=", 1)
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        key = key.strip()
+        text = _takes_text(key) and not raw.strip().startswith(("'", '"'))
+        pairs.append((key, raw.strip() if text else yaml.safe_load(raw) if raw.strip() else ""))
     return pairs
 
 
