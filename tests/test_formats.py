@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from unimlip_fast.config import DataConfig
-from unimlip_fast.data.formats import DataError, ImageIndex, Record, read_records, roco_eval_subset
+from unimlip_fast.data.formats import DataError, ImageIndex, read_records, roco_eval_subset
 from unimlip_fast.data.phantom import phantom_records, phantom_sample, phantom_split
 
 from .conftest import medpix_path
@@ -166,15 +166,47 @@ def test_jsonl_generic_relative_to_its_folder(tmp_path):
     assert dict(rs.skipped) == {"missing_image": 1, "nan_caption": 1, "bad_row": 1}
 
 
-def test_roco_eval_subset_protocol():
-    records = [Record(str(i), " ".join(["w"] * (1 + i % 5)), "x") for i in range(50)]
-    expected = list(records)
-    random.Random(42).shuffle(expected)
-    expected = [r for r in expected if len(r.caption.split()) >= 3][:20]
-    got = roco_eval_subset(records, n=20)
-    assert [r.key for r in got] == [r.key for r in expected]
-    assert all(len(r.caption.split()) >= 3 for r in got)
-    assert [r.key for r in records] == [str(i) for i in range(50)]  # the input is not shuffled in place
+def test_roco_eval_subset_is_the_published_protocol(tmp_path):
+    """M3AE's prepro_irtr_roco, written out: random.seed(42) once, the raw lines of train, validation
+    and test shuffled in that order, then the first n test lines of two fields and >= 3 words."""
+    root = tmp_path / "roco" / "data"
+    lines = {"train": [f"ROCO_1{i:04d}\t train caption number {i}" for i in range(37)],
+             "validation": [f"ROCO_2{i:04d}\t val caption {i}" for i in range(11)],
+             "test": [f"ROCO_3{i:04d}\t {' '.join(['word'] * (1 + i % 5))} {i % 4}" for i in range(60)]
+             + ["a line without a tab", "ROCO_39998\t the same caption", "ROCO_39999\t the same caption"]}
+    for split, rows in lines.items():
+        folder = root / split / "radiology"
+        folder.mkdir(parents=True)
+        (folder / "captions.txt").write_text("\n".join(rows) + "\n")
+    state = random.getstate()
+    random.seed(42)
+    for split in ("train", "validation", "test"):
+        shuffled = (root / split / "radiology" / "captions.txt").read_text().strip().split("\n")
+        random.shuffle(shuffled)
+    expected = []
+    for line in shuffled:
+        fields = line.strip().split("\t")
+        if len(fields) == 2 and len(fields[1].split()) >= 3:
+            expected.append(fields[0])
+            if len(expected) == 20:
+                break
+    random.setstate(state)
+    missing = expected[3]  # one chosen pair's image is missing: skipped and counted, not replaced
+    for row in lines["test"]:
+        key = row.split("\t")[0]
+        if "\t" in row and key != missing:
+            _img(root / "test" / "radiology" / "images" / f"{key}.jpg")
+
+    got = roco_eval_subset(tmp_path / "roco", n=20)
+    assert [r.key for r in got.records] == [k for k in expected if k != missing]
+    assert dict(got.skipped) == {"missing_image": 1}
+    assert all(len(r.caption.split()) >= 3 for r in got.records)
+    whole = roco_eval_subset(tmp_path / "roco", n=2000)  # fewer than n: all that qualify, duplicates kept
+    assert {"ROCO_39998", "ROCO_39999"} <= {r.key for r in whole.records}
+    # Shuffling test alone (without train and validation first) chooses differently.
+    alone = list(lines["test"])
+    random.Random(42).shuffle(alone)
+    assert [r.split("\t")[0] for r in alone if len(r.split("\t")) == 2][:20] != expected
 
 
 def test_real_medpix_counts():

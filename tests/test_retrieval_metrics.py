@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +37,11 @@ def test_dedupe_keeps_first_of_each_caption():
     records = [Record(str(i), c, "") for i, c in enumerate(["a  b", "a b", "c", "a b", "d"])]
     kept, dropped = dedupe_captions(records)
     assert [r.key for r in kept] == ["0", "2", "4"] and dropped == 2
+
+
+def test_one_positive_per_query_ignores_caption_duplicates():
+    img = torch.eye(3)
+    txt = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # items 0 and 1 swapped
+    captions = ["same", "same", "other"]
+    assert retrieval_metrics(img, txt, captions)["i2t"]["R@1"] == 100.0  # any pair with the caption counts
+    assert retrieval_metrics(img, txt, captions, one_positive=True)["i2t"]["R@1"] == pytest.approx(33.33)

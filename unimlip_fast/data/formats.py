@@ -434,10 +434,33 @@ def read_records(cfg: DataConfig, split: str | None = None) -> RecordSet:
     raise DataError(f"unknown data format {fmt!r}; one of medpix, pmc-oa, roco, csv, jsonl, phantom")
 
 
-def roco_eval_subset(records, seed: int = 42, n: int = 2000, min_words: int = 3) -> list[Record]:
-    """ROCO's 2,000-pair retrieval protocol: shuffle with ``random.Random(seed)``, keep captions of at
-    least ``min_words`` words, take the first ``n``. Pass the whole test split: the shuffle permutes
-    the list it is given, so records skipped for missing images change which pairs are chosen."""
-    records = list(records.records if isinstance(records, RecordSet) else records)
-    random.Random(seed).shuffle(records)
-    return [r for r in records if len(r.caption.split()) >= min_words][:n]
+def roco_eval_subset(path: str | os.PathLike, n: int = 2000, min_words: int = 3, seed: int = 42,
+                     subset: str = "radiology") -> RecordSet:
+    """ROCO's 2,000-pair retrieval test set as published (M3AE's ``prepro_irtr_roco``, on which
+    PMC-CLIP and Uni-Mlip report): one RNG seeded with 42; the raw lines of the train, validation
+    and test ``captions.txt`` shuffled in that order (each shuffle moves the RNG on, so the chosen
+    pairs depend on all three files); then, in the test lines' shuffled order, those with two
+    tab-separated fields and a caption of at least ``min_words`` words (whitespace collapsed), the
+    first ``n``. Pairs whose image is missing are skipped and counted after the choice, not
+    replaced, so the set stays the published one. ``path``: the ROCO root or its ``data/``."""
+    root = _require(Path(path), "ROCO folder")
+    if (root / "data").is_dir():
+        root = root / "data"
+    rng = random.Random(seed)
+    for split in ("train", "validation", "test"):
+        src = _require(root / split / subset / "captions.txt", f"ROCO captions for split {split!r}")
+        lines = src.read_text(encoding="utf-8").strip().split("\n")
+        rng.shuffle(lines)
+    chosen = []
+    for line in lines:  # the test split's, shuffled
+        fields = line.strip().split("\t")
+        if len(fields) == 2 and len(fields[1].split()) >= min_words:
+            chosen.append((fields[0], " ".join(fields[1].split())))
+            if len(chosen) == n:
+                break
+    index = ImageIndex(root / "test" / subset / "images")
+    skipped = Skips()
+    records: list[Record] = []
+    for key, caption in chosen:
+        _add(records, skipped, index, key, caption, key)
+    return _finish(records, skipped, src)

@@ -3,6 +3,8 @@
 Identical captions make a query ambiguous (MedPix repeats a case's caption over its images), so by
 default the evaluation set keeps the first pair of each distinct caption and reports how many it
 dropped. With duplicates kept, every item sharing the query's caption counts as a correct answer.
+ROCO's published 2,000-pair test set (``roco_protocol``) is taken as it is: no de-duplication, and
+each query has exactly one positive, its own pair.
 """
 from __future__ import annotations
 
@@ -57,9 +59,14 @@ def embed_pairs(model, dataset, device: torch.device, batch_size: int) -> tuple[
     return torch.cat(images), torch.cat(texts)
 
 
-def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str]) -> dict[str, Any]:
-    ids = {c: i for i, c in enumerate(dict.fromkeys(" ".join(c.split()) for c in captions))}
-    group = torch.tensor([ids[" ".join(c.split())] for c in captions])
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str],
+                      one_positive: bool = False) -> dict[str, Any]:
+    """Every pair with the query's caption counts as correct, or (``one_positive``) its own pair only."""
+    if one_positive:
+        group = torch.arange(len(captions))
+    else:
+        ids = {c: i for i, c in enumerate(dict.fromkeys(" ".join(c.split()) for c in captions))}
+        group = torch.tensor([ids[" ".join(c.split())] for c in captions])
     positives = group[:, None] == group[None, :]
     sim = img @ txt.T
     return {"n": len(captions), "i2t": recall_metrics(ranks_of_positives(sim, positives)),
@@ -73,17 +80,20 @@ def evaluate_retrieval(model, data: DataConfig, split: str, device: torch.device
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(Path(run_dir) / "tokenizer"))
-    record_set = read_records(data, split)
+    if roco_protocol:  # the published 2,000 test pairs, as they are: one positive each, no de-duplication
+        if data.format != "roco":
+            raise ValueError(f"the ROCO 2,000-pair protocol needs ROCO data, got format {data.format!r}")
+        record_set = roco_eval_subset(data.path)
+    else:
+        record_set = read_records(data, split)
     records = list(record_set.records)
-    if roco_protocol:
-        records = roco_eval_subset(records)
     n_dropped = 0
-    if not keep_duplicates:
+    if not keep_duplicates and not roco_protocol:
         records, n_dropped = dedupe_captions(records)
     dataset = build_dataset(records, tokenizer, model.cfg.image_size, model.cfg.text.context_length)
     img, txt = embed_pairs(model, dataset, device, batch_size)
-    results = retrieval_metrics(img, txt, [r.caption for r in records])
+    results = retrieval_metrics(img, txt, [r.caption for r in records], one_positive=roco_protocol)
     results["n_duplicates_dropped"] = n_dropped
     results["skipped_records"] = dict(record_set.skipped)
-    results["split"] = split
+    results["split"] = "test (ROCO 2,000-pair protocol)" if roco_protocol else split
     return results
