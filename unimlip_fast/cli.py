@@ -152,6 +152,52 @@ def eval_retrieval(
         json_out.write_text(json.dumps(results, indent=2))
 
 
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
+    data: Annotated[str, typer.Option("--data", help="nih|chexpert|mimic|csv:PATH, e.g. nih:../shared/data/nih1000.")],
+    split: Annotated[str, typer.Option("--split", help="train, valid or test (not for csv).")] = "test",
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts JSON (templates and/or per label).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Zero-shot classification: positive vs negative prompt ensembles per label, macro AUC.
+
+    Example: unimlip-fast eval zeroshot --checkpoint runs/medpix_cpu --data nih:../shared/data/nih1000
+    """
+    from .eval.zeroshot import ZEROSHOT_FORMATS
+
+    fmt, sep, path = data.partition(":")
+    if not sep or fmt not in ZEROSHOT_FORMATS or not path:
+        raise typer.BadParameter(f"--data must be FORMAT:PATH with FORMAT one of {', '.join(ZEROSHOT_FORMATS)}")
+    _quiet_libraries()
+    from .eval.zeroshot import evaluate_zeroshot, read_prompts, read_zeroshot_data
+    from .inference import load
+
+    labelled = read_zeroshot_data(fmt, path, split)
+    prompt_sets = read_prompts(prompts, labelled.labels) if prompts else None
+    model = load(checkpoint, device)
+    results = evaluate_zeroshot(model, labelled, prompt_sets, batch_size, workers)
+    results["split"] = split if fmt != "csv" else "all"
+    table = Table(title=f"zero-shot on {data} ({results['split']}): n={results['n_test']}, macro AUC "
+                        f"{results['macro_auc']:.4f} (chance 0.5; random rankings: 5th-95th percentile "
+                        f"{results['chance_macro_auc_p05']:.4f}-{results['chance_macro_auc_p95']:.4f})")
+    table.add_column("label")
+    table.add_column("positives", justify="right")
+    table.add_column("AUC", justify="right")
+    for label, auc in results["per_label"].items():
+        table.add_row(label, str(results["n_positive"][label]), f"{auc:.4f}")
+    Console().print(table)
+    skipped = ", ".join(f"{k}={v}" for k, v in results["skipped"].items()) or "none"
+    excluded = ", ".join(results["excluded_labels"]) or "none"
+    console.print(f"skipped: {skipped}; labels without both classes (no AUC): {excluded}", highlight=False)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+
+
 @data_app.command("pack")
 def data_pack(
     fmt: Annotated[str, typer.Option("--format", help="medpix, pmc-oa, roco, csv or jsonl.")],

@@ -103,18 +103,18 @@ def _packed_item(sample: dict[str, bytes], image_exts, skipped: collections.Coun
 # ---------------------------------------------------------------------------------------- embedding
 
 
-class _PartImages(Dataset):
-    """One part's images through the evaluation transform; a failure is returned as its reason."""
+class _ImageFiles(Dataset):
+    """Images through the evaluation transform; a failure is returned as its reason."""
 
-    def __init__(self, items: list[Item], preprocess: Callable):
-        self.items, self.preprocess = items, preprocess
+    def __init__(self, images: list, preprocess: Callable):
+        self.images, self.preprocess = images, preprocess
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.images)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(self.items[i].image)
+            return i, self.preprocess(self.images[i])
         except FileNotFoundError:
             return i, "missing_image"
         except Exception:  # noqa: BLE001 - any image that does not decode is skipped and counted
@@ -128,23 +128,29 @@ def _collate(samples):
     return index, (torch.stack([x for _, x in good]) if good else None), failed
 
 
+def embed_images(model: TrainedModel, images: list, batch_size: int = 64, workers: int = 0,
+                 on_batch: Callable[[int], None] = lambda n: None) -> tuple[list[int], np.ndarray, dict[str, int]]:
+    """Images (paths, bytes or PIL images), decoded in ``workers`` processes and embedded in batches ->
+    ``(positions of the images that loaded, their embeddings [n,D] float32, images skipped per reason)``."""
+    loader = DataLoader(_ImageFiles(images, model.preprocess), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, pin_memory=model.device.type == "cuda")
+    kept, rows, skipped = [], [], collections.Counter()
+    for index, batch, failed in loader:
+        skipped.update(failed)
+        if batch is not None:
+            rows.append(model.embed_image_batch(batch).numpy())
+            kept += index
+        on_batch(len(index) + sum(failed.values()))
+    return kept, (np.concatenate(rows) if rows else np.zeros((0, model.embed_dim), np.float32)), dict(skipped)
+
+
 def embed_part(model: TrainedModel, items: list[Item], batch_size: int, workers: int,
                on_batch: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     """Image and caption embeddings of one part, and the images skipped per reason."""
-    loader = DataLoader(_PartImages(items, model.preprocess), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, pin_memory=model.device.type == "cuda")
-    image_rows, image_keys, skipped = [], [], collections.Counter()
-    for index, images, failed in loader:
-        skipped.update(failed)
-        if images is not None:
-            image_rows.append(model.embed_image_batch(images).numpy())
-            image_keys += [items[i].key for i in index]
-        on_batch(len(index) + sum(failed.values()))
+    kept, image_rows, skipped = embed_images(model, [it.image for it in items], batch_size, workers, on_batch)
     texts = model.encode_text([it.caption for it in items], batch_size=max(batch_size, 64)).numpy()
-    dim = model.embed_dim
-    return {"image": np.concatenate(image_rows) if image_rows else np.zeros((0, dim), np.float32),
-            "image_keys": image_keys, "text": texts, "text_keys": [it.key for it in items],
-            "captions": [it.caption for it in items], "skipped": dict(skipped)}
+    return {"image": image_rows, "image_keys": [items[i].key for i in kept], "text": texts,
+            "text_keys": [it.key for it in items], "captions": [it.caption for it in items], "skipped": skipped}
 
 
 def _part_name(k: int) -> str:
