@@ -1,5 +1,6 @@
 """embed and search: parts with keys, bad images counted, resume by part, packed shards, parquet."""
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -29,10 +30,12 @@ def run_cli(monkeypatch, *args) -> int:
 def table(image_folder, tmp_path_factory):
     """A CSV of the six scans and the file that is not an image, one caption each."""
     names = sorted(p.name for p in image_folder.glob("scan*")) + ["broken.png"]
-    path = tmp_path_factory.mktemp("csv") / "pairs.csv"
-    rows = ["image,caption"] + [f"{image_folder / n},\"{c}\"" for n, c in zip(names, CAPTIONS)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    folder = tmp_path_factory.mktemp("csv")
+    for name in names:
+        shutil.copy(image_folder / name, folder / name)
+    rows = ["image,caption"] + [f"{n},\"{c}\"" for n, c in zip(names, CAPTIONS)]
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.csv"
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_embed_cli_writes_parts_counts_bad_images_and_searches(tiny_run, table, 
     texts, text_keys, captions = read_all(out, "text")
     assert len(image_keys) == 6 and not any(k.endswith("broken.png") for k in image_keys)
     assert captions == CAPTIONS and len(text_keys) == 7
-    np.testing.assert_allclose(images, model.encode_image(image_keys).numpy(), atol=1e-5)
+    np.testing.assert_allclose(images, model.encode_image([table.parent / k for k in image_keys]).numpy(), atol=1e-5)
     np.testing.assert_allclose(texts, model.encode_text(CAPTIONS).numpy(), atol=1e-5)
 
     # search: the best image for a caption is the brute-force argmax over the index, best first
@@ -78,10 +81,11 @@ def test_embed_cli_writes_parts_counts_bad_images_and_searches(tiny_run, table, 
     assert run_cli(monkeypatch, "search", "--index", out, "--text", CAPTIONS[2], "-k", 4, "--json", results,
                    "--device", "cpu") == 0
     assert [h["key"] for h in json.loads(results.read_text())] == [h["key"] for h in hits]
-    assert run_cli(monkeypatch, "search", "--index", out, "--image", image_keys[0], "-k", 2, "--json", results,
-                   "--device", "cpu") == 0
+    assert run_cli(monkeypatch, "search", "--index", out, "--image", table.parent / image_keys[0], "-k", 2,
+                   "--json", results, "--device", "cpu") == 0
     text_scores = texts @ images[0]
-    assert [h["caption"] for h in json.loads(results.read_text())] == [captions[i] for i in np.argsort(-text_scores)[:2]]
+    nearest = [captions[i] for i in np.argsort(-text_scores)[:2]]
+    assert [h["caption"] for h in json.loads(results.read_text())] == nearest
 
 
 class Stop(Exception):
@@ -131,7 +135,7 @@ def test_embed_from_packed_shards_equals_embed_from_records(tiny_run, table, mod
                    "--part-size", 4, "--workers", 0, "--device", "cpu") == 0
     images, keys, captions = read_all(out, "image")
     assert len(keys) == 6  # packing already dropped the file that is not an image
-    np.testing.assert_allclose(images, model.encode_image(keys).numpy(), atol=1e-5)
+    np.testing.assert_allclose(images, model.encode_image([table.parent / k for k in keys]).numpy(), atol=1e-5)
     texts, text_keys, _ = read_all(out, "text")
     assert text_keys == keys
     np.testing.assert_allclose(texts, model.encode_text(captions).numpy(), atol=1e-5)

@@ -259,7 +259,7 @@ def _progress_reporter(label: str):
 def embed(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
     output: Annotated[Path, typer.Option("--output", help="Index folder (created; an unfinished one resumes).")],
-    data: Annotated[Optional[str], typer.Option("--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="FORMAT:PATH, e.g. medpix:PATH.")] = None,
     shards: Annotated[Optional[Path], typer.Option("--shards", help="A `data pack` folder instead of --data.")] = None,
     split: Annotated[str, typer.Option("--split", help="With --data: train, dev, test or all.")] = "all",
     storage: Annotated[str, typer.Option("--format", help="npy, or parquet (needs pyarrow).")] = "npy",

@@ -301,7 +301,8 @@ def iter_part_embeddings(folder: str | Path, kind: str) -> Iterator[tuple[np.nda
             table = pq.read_table(folder / f"{name}.{kind}.parquet")
             rows = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, index["embed_dim"])
             keys = table.column("key").to_pylist()
-            texts = table if kind == "text" else pq.read_table(folder / f"{name}.text.parquet", columns=["key", "caption"])
+            texts = table if kind == "text" else pq.read_table(folder / f"{name}.text.parquet",
+                                                               columns=["key", "caption"])
             text_keys, captions = texts.column("key").to_pylist(), texts.column("caption").to_pylist()
         caption_of = dict(zip(text_keys, captions))
         yield rows, keys, [caption_of.get(key, "") for key in keys]
