@@ -80,3 +80,18 @@ def test_shipped_finetune_recipes_load(recipe):
     load = load_classify_config if recipe.startswith("classify") else load_vqa_config
     cfg = load(REPO / "configs" / "finetune" / f"{recipe}.yaml", ["data.path=somewhere"])
     assert cfg.train.init == "pretrained" and cfg.data.image_size % 32 == 0
+
+
+def test_precomputed_question_states_match_the_live_text_tower(tmp_path):
+    from unimlip_fast.finetune.vqa import question_states
+
+    run = tiny_run(tmp_path / "run")
+    backbone, tokenizer, _ = load_pretrained_run(run, "pretrained", 0, torch.device("cpu"))
+    model = VQAModel(backbone.visual, backbone.text, n_answers=3, image_size=32, learnable_tokens=2).eval()
+    tok = tokenizer(["is there a lesion", "which side is it on"], padding="max_length", max_length=24,
+                    return_tensors="pt")
+    states = question_states(model.text, tok["input_ids"], tok["attention_mask"], torch.device("cpu"), batch_size=1)
+    image = torch.randn(2, 3, 32, 32)
+    live = model(image, tok["input_ids"], tok["attention_mask"])
+    cached = model(image, tok["input_ids"], tok["attention_mask"], states)
+    torch.testing.assert_close(cached, live)

@@ -81,6 +81,9 @@ class VQATrain:
     lr_fusion: float = 5e-4  # fusion layer, learnable tokens, projections and head
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    # Freeze the text tower and compute each question's states once (a compute budget choice for
+    # CPUs; the paper fine-tunes both encoders).
+    freeze_text: bool = False
     seed: int = 0
 
 

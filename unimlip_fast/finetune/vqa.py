@@ -68,13 +68,15 @@ class VQAModel(nn.Module):
     def encoder_parameters(self) -> list[nn.Parameter]:
         return [*self.visual.parameters(), *self.text.parameters()]
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                text_states: torch.Tensor | None = None) -> torch.Tensor:
+        """``text_states``: the question's token states computed beforehand (a frozen text tower)."""
         b = image.shape[0]
         feature_map = self.visual.trunk(image)
         pooled = self.visual.attnpool(feature_map)
         cells = self.image_proj(feature_map.flatten(2).transpose(1, 2))  # [B, g*g, W]
         image_tokens = torch.cat([self.pooled_proj(pooled)[:, None], cells], 1) + self.image_positions
-        states, _ = self.text(input_ids, attention_mask)  # [B, L, W], [CLS] first
+        states = self.text(input_ids, attention_mask)[0] if text_states is None else text_states  # [B, L, W]
         n_text, n_learn = states.shape[1], self.learnable.shape[0]
         tokens = torch.cat([states + self.token_type.weight[0],
                             self.learnable.expand(b, -1, -1) + self.token_type.weight[1],
@@ -106,11 +108,25 @@ def majority_baseline(train: list[QAItem], test: list[QAItem]) -> dict:
             "majority_answers": majority}
 
 
+@torch.no_grad()
+def question_states(text: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device,
+                    batch_size: int = 256) -> torch.Tensor:
+    """The frozen text tower's token states [N, L, W] for every question, once (eval mode)."""
+    was_training = text.training
+    text.eval()
+    states = [text(input_ids[s:s + batch_size].to(device), attention_mask[s:s + batch_size].to(device))[0].cpu()
+              for s in range(0, len(input_ids), batch_size)]
+    text.train(was_training)
+    return torch.cat(states)
+
+
 def _dataset(items: list[QAItem], tokenizer, vocab: dict[str, int], cfg: VQAConfig, train: bool,
-             cache: ImageCache) -> ViewDataset:
+             cache: ImageCache, frozen_text: nn.Module | None, device: torch.device) -> ViewDataset:
     ids, mask = tokenize_captions(tokenizer, [it.question for it in items], cfg.data.context_length)
-    fields = TensorFields(input_ids=torch.as_tensor(ids).long(), attention_mask=torch.as_tensor(mask).long(),
-                          answer=torch.tensor([vocab.get(it.answer, -1) for it in items]))
+    ids, mask = torch.as_tensor(ids).long(), torch.as_tensor(mask).long()
+    extra = {} if frozen_text is None else {"text_states": question_states(frozen_text, ids, mask, device)}
+    fields = TensorFields(input_ids=ids, attention_mask=mask,
+                          answer=torch.tensor([vocab.get(it.answer, -1) for it in items]), **extra)
     ds = ViewDataset([it.image for it in items], cache, fields, train, cfg.data.train_scale,
                      cfg.train.seed)
     ds.items = items
@@ -125,9 +141,16 @@ def _without_failed(qa: QASet, cache: ImageCache) -> list[QAItem]:
 
 
 def _trim(batch: dict) -> dict:
+    """Question columns cut to the longest question in the batch."""
     longest = int(batch["attention_mask"].sum(1).max())
-    return {**batch, "input_ids": batch["input_ids"][:, :longest],
-            "attention_mask": batch["attention_mask"][:, :longest]}
+    keys = ("input_ids", "attention_mask", "text_states")
+    return {**batch, **{k: batch[k][:, :longest] for k in keys if k in batch}}
+
+
+def _forward(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    states = batch.get("text_states")
+    return model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                 None if states is None else states.to(device))
 
 
 @torch.no_grad()
@@ -138,8 +161,7 @@ def predict(model: nn.Module, ds: ViewDataset, batch_size: int, env: DistEnv, nu
     index, predicted = [], []
     for batch in make_loader(ds, chunks(eval_indices(len(ds), env.rank, env.world_size), batch_size), num_workers):
         batch = _trim(batch)
-        logits = model(batch["image"].to(env.device), batch["input_ids"].to(env.device),
-                       batch["attention_mask"].to(env.device))
+        logits = _forward(model, batch, env.device)
         predicted.append(logits.argmax(-1).cpu())
         index.append(batch["index"])
     model.train(was_training)
@@ -182,11 +204,14 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
     model = VQAModel(backbone.visual, backbone.text, len(answers), cfg.data.image_size, m.learnable_tokens,
                      m.fusion_layers, m.fusion_heads, m.dropout).to(env.device)
     del backbone
-    datasets = {"train": _dataset(train_items, tokenizer, vocab, cfg, True, cache),
-                "test": _dataset(test_items, tokenizer, vocab, cfg, False, cache)}
+    frozen_text = None
+    if t.freeze_text:
+        frozen_text = model.text.requires_grad_(False)
+    datasets = {"train": _dataset(train_items, tokenizer, vocab, cfg, True, cache, frozen_text, env.device),
+                "test": _dataset(test_items, tokenizer, vocab, cfg, False, cache, frozen_text, env.device)}
     ddp = wrap_ddp(model, env)
     encoder_ids = {id(p) for p in model.encoder_parameters()}
-    groups = [{"params": model.encoder_parameters(), "lr": t.lr_encoders},
+    groups = [{"params": [p for p in model.encoder_parameters() if p.requires_grad], "lr": t.lr_encoders},
               {"params": [p for p in model.parameters() if id(p) not in encoder_ids], "lr": t.lr_fusion}]
     optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
     global_batch = min(t.batch_size, len(train_items))
@@ -196,7 +221,8 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
         optimizer, lambda step: linear_schedule(step, total, int(t.warmup_ratio * total)))
     say(f"init {t.init} from {checkpoint} (pretrained at {pre_cfg.model.image_size} px, fine-tuned at "
         f"{cfg.data.image_size} px); {env.world_size} rank(s), global batch {global_batch}, {t.epochs} epochs, "
-        f"AdamW lr {t.lr_encoders} (encoders) / {t.lr_fusion} (fusion, head)")
+        f"AdamW lr {t.lr_encoders} (encoders) / {t.lr_fusion} (fusion, head)"
+        f"{'; text tower frozen, question states computed once' if t.freeze_text else ''}")
 
     substituted = 0
     for epoch in range(t.epochs):
@@ -205,8 +231,7 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
         for batch in make_loader(datasets["train"], epoch_batches(len(train_items), global_batch, env.rank,
                                                                   env.world_size, seed, epoch), cfg.data.num_workers):
             batch = _trim(batch)
-            logits = ddp(batch["image"].to(env.device), batch["input_ids"].to(env.device),
-                         batch["attention_mask"].to(env.device))
+            logits = _forward(ddp, batch, env.device)
             loss = F.cross_entropy(logits.float(), batch["answer"].to(env.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
