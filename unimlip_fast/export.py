@@ -83,7 +83,7 @@ def open_clip_config(cfg: Config, model: UniMlip, folder: Path) -> dict[str, Any
 
 
 def _inference_config(cfg: Config) -> Config:
-    """The run's config without the training-only heads (what an export holds weights for)."""
+    """The run's config without the training-only heads (an export holds no weights for them)."""
     return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, simclr=0.0, mlm=0.0))
 
 
@@ -145,7 +145,7 @@ def export_open_clip(checkpoint: str | Path, output: str | Path) -> Path:
     save_file(to_open_clip_state(model.state_dict()), str(tmp))
     os.replace(tmp, folder / OPEN_CLIP_WEIGHTS)
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg, model, folder), indent=2))
-    save_config(_inference_config(cfg), folder / UNIMLIP_CONFIG)
+    save_config(cfg, folder / UNIMLIP_CONFIG)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     (folder / "README.md").write_text(model_card(cfg, run_dir, summary))
@@ -171,7 +171,7 @@ def load_export(folder: str | Path, device: torch.device | str = "cpu") -> tuple
     weights = folder / OPEN_CLIP_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"export incomplete: {weights} not found")
-    cfg = load_config(folder / UNIMLIP_CONFIG)
+    cfg = _inference_config(load_config(folder / UNIMLIP_CONFIG))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     text_config = AutoConfig.from_pretrained(str(folder / "config.json"))
     model = assemble(cfg, tokenizer, text_config, from_open_clip_state(load_file(str(weights))), weights)
