@@ -72,7 +72,7 @@ def test_vqa_slake_shaped(tmp_path, monkeypatch, run_dir):
     out, js = tmp_path / "ft", tmp_path / "r.json"
     code = run_cli(monkeypatch, "finetune", "vqa", "--checkpoint", run_dir, "--data", f"slake:{root}",
                    "--run-dir", out, "--json", js, *FAST, "train.epochs=2", "model.learnable_tokens=4",
-                   "train.freeze_text=true")
+                   "train.freeze_text=true", "train.freeze_image=true")
     assert code == 0
     results = json.loads(js.read_text())
     assert set(results) >= {"open", "closed", "overall", "n_test", "n_unseen_answers"}

@@ -82,7 +82,7 @@ def test_shipped_finetune_recipes_load(recipe):
     assert cfg.train.init == "pretrained" and cfg.data.image_size % 32 == 0
 
 
-def test_precomputed_question_states_match_the_live_text_tower(tmp_path):
+def test_precomputed_question_states_and_feature_maps_match_the_live_towers(tmp_path):
     from unimlip_fast.finetune.vqa import question_states
 
     run = tiny_run(tmp_path / "run")
@@ -95,3 +95,5 @@ def test_precomputed_question_states_match_the_live_text_tower(tmp_path):
     live = model(image, tok["input_ids"], tok["attention_mask"])
     cached = model(image, tok["input_ids"], tok["attention_mask"], states)
     torch.testing.assert_close(cached, live)
+    both = model(image, tok["input_ids"], tok["attention_mask"], states, model.visual.trunk(image))
+    torch.testing.assert_close(both, live)

@@ -84,6 +84,9 @@ class VQATrain:
     # Freeze the text tower and compute each question's states once (a compute budget choice for
     # CPUs; the paper fine-tunes both encoders).
     freeze_text: bool = False
+    # Freeze the image encoder and compute each image's feature map once, from the eval view (no
+    # augmentation); the same budget choice.
+    freeze_image: bool = False
     seed: int = 0
 
 

@@ -69,10 +69,11 @@ class VQAModel(nn.Module):
         return [*self.visual.parameters(), *self.text.parameters()]
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                text_states: torch.Tensor | None = None) -> torch.Tensor:
-        """``text_states``: the question's token states computed beforehand (a frozen text tower)."""
+                text_states: torch.Tensor | None = None, feature_map: torch.Tensor | None = None) -> torch.Tensor:
+        """``text_states`` / ``feature_map``: the question's token states / the image's last feature map
+        computed beforehand (a frozen text tower / image trunk)."""
         b = image.shape[0]
-        feature_map = self.visual.trunk(image)
+        feature_map = self.visual.trunk(image) if feature_map is None else feature_map
         pooled = self.visual.attnpool(feature_map)
         cells = self.image_proj(feature_map.flatten(2).transpose(1, 2))  # [B, g*g, W]
         image_tokens = torch.cat([self.pooled_proj(pooled)[:, None], cells], 1) + self.image_positions
@@ -111,20 +112,43 @@ def majority_baseline(train: list[QAItem], test: list[QAItem]) -> dict:
 @torch.no_grad()
 def question_states(text: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device,
                     batch_size: int = 256) -> torch.Tensor:
-    """The frozen text tower's token states [N, L, W] for every question, once (eval mode)."""
+    """The frozen text tower's token states [N, L, W] for every question, once (eval mode; each chunk
+    runs cut to its longest question, the padding positions stay zero)."""
     was_training = text.training
     text.eval()
-    states = [text(input_ids[s:s + batch_size].to(device), attention_mask[s:s + batch_size].to(device))[0].cpu()
-              for s in range(0, len(input_ids), batch_size)]
+    states = torch.zeros(*input_ids.shape, text.width)
+    for s in range(0, len(input_ids), batch_size):
+        mask = attention_mask[s:s + batch_size]
+        longest = int(mask.sum(1).max())
+        ids = input_ids[s:s + batch_size, :longest]
+        states[s:s + batch_size, :longest] = text(ids.to(device), mask[:, :longest].to(device))[0].cpu()
     text.train(was_training)
-    return torch.cat(states)
+    return states
+
+
+@torch.no_grad()
+def image_feature_maps(visual: nn.Module, cache: ImageCache, paths: list[str], device: torch.device,
+                       batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The frozen image trunk's last feature map of every image, once (eval view, eval mode)."""
+    was_training = visual.training
+    visual.eval()
+    maps = {}
+    for s in range(0, len(paths), batch_size):
+        chunk = paths[s:s + batch_size]
+        views = torch.stack([cache.view(p, False, (1.0, 1.0), None) for p in chunk]).to(device)
+        maps.update(zip(chunk, visual.trunk(views).cpu(), strict=True))
+    visual.train(was_training)
+    return maps
 
 
 def _dataset(items: list[QAItem], tokenizer, vocab: dict[str, int], cfg: VQAConfig, train: bool,
-             cache: ImageCache, frozen_text: nn.Module | None, device: torch.device) -> ViewDataset:
+             cache: ImageCache, frozen_text: nn.Module | None, feature_maps: dict[str, torch.Tensor] | None,
+             device: torch.device) -> ViewDataset:
     ids, mask = tokenize_captions(tokenizer, [it.question for it in items], cfg.data.context_length)
     ids, mask = torch.as_tensor(ids).long(), torch.as_tensor(mask).long()
     extra = {} if frozen_text is None else {"text_states": question_states(frozen_text, ids, mask, device)}
+    if feature_maps is not None:
+        extra["feature_map"] = torch.stack([feature_maps[it.image] for it in items])
     fields = TensorFields(input_ids=ids, attention_mask=mask,
                           answer=torch.tensor([vocab.get(it.answer, -1) for it in items]), **extra)
     ds = ViewDataset([it.image for it in items], cache, fields, train, cfg.data.train_scale,
@@ -148,9 +172,9 @@ def _trim(batch: dict) -> dict:
 
 
 def _forward(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    states = batch.get("text_states")
+    states, maps = batch.get("text_states"), batch.get("feature_map")
     return model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                 None if states is None else states.to(device))
+                 None if states is None else states.to(device), None if maps is None else maps.to(device))
 
 
 @torch.no_grad()
@@ -204,11 +228,16 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
     model = VQAModel(backbone.visual, backbone.text, len(answers), cfg.data.image_size, m.learnable_tokens,
                      m.fusion_layers, m.fusion_heads, m.dropout).to(env.device)
     del backbone
-    frozen_text = None
-    if t.freeze_text:
-        frozen_text = model.text.requires_grad_(False)
-    datasets = {"train": _dataset(train_items, tokenizer, vocab, cfg, True, cache, frozen_text, env.device),
-                "test": _dataset(test_items, tokenizer, vocab, cfg, False, cache, frozen_text, env.device)}
+    frozen_text = model.text.requires_grad_(False) if t.freeze_text else None
+    feature_maps = None
+    if t.freeze_image:
+        model.visual.requires_grad_(False)
+        images = sorted({it.image for it in train_items + test_items})
+        feature_maps = image_feature_maps(model.visual, cache, images, env.device)
+    datasets = {"train": _dataset(train_items, tokenizer, vocab, cfg, True, cache, frozen_text, feature_maps,
+                                  env.device),
+                "test": _dataset(test_items, tokenizer, vocab, cfg, False, cache, frozen_text, feature_maps,
+                                 env.device)}
     ddp = wrap_ddp(model, env)
     encoder_ids = {id(p) for p in model.encoder_parameters()}
     groups = [{"params": [p for p in model.encoder_parameters() if p.requires_grad], "lr": t.lr_encoders},
@@ -222,7 +251,8 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
     say(f"init {t.init} from {checkpoint} (pretrained at {pre_cfg.model.image_size} px, fine-tuned at "
         f"{cfg.data.image_size} px); {env.world_size} rank(s), global batch {global_batch}, {t.epochs} epochs, "
         f"AdamW lr {t.lr_encoders} (encoders) / {t.lr_fusion} (fusion, head)"
-        f"{'; text tower frozen, question states computed once' if t.freeze_text else ''}")
+        f"{'; text tower frozen, question states computed once' if t.freeze_text else ''}"
+        f"{'; image trunk frozen, feature maps computed once (eval view)' if t.freeze_image else ''}")
 
     substituted = 0
     for epoch in range(t.epochs):
