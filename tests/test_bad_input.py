@@ -78,4 +78,4 @@ def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
     code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", tmp_path / "run", *TINY_RUN,
                    "train.max_steps=10", "train.max_nonfinite=3", "eval.split=")
     err = capsys.readouterr().err
-    assert code != 0 and "3 non-finite losses in a row" in err
+    assert code != 0 and "3 non-finite steps in a row" in err

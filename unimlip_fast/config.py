@@ -127,6 +127,13 @@ class TrainConfig:
     # On a CPU, bf16/fp16 from the DeepSpeed config runs several times slower than fp32, so CPU runs
     # use fp32 unless this says "as-configured".
     cpu_precision: str = "fp32"
+    # The fast step (train/fast.py): true | false | auto (on for CUDA). With it on, each key below
+    # switches one speed-up, so each can be measured alone.
+    fast: bool | str = "auto"
+    channels_last: bool = True  # the image trunk in NHWC
+    compile: bool = True  # torch.compile of the image trunk and the text tower
+    sdpa: bool = True  # fused scaled-dot-product attention (text encoder, attention pool, fusion)
+    fused_adamw: bool = True  # torch's fused AdamW
 
 
 @dataclass
@@ -303,6 +310,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"data.{key} must be [low, high] with 0 < low <= high <= 1, got {scale}")
     if config.train.cpu_precision not in ("fp32", "as-configured"):
         raise ConfigError(f"train.cpu_precision must be fp32 or as-configured, got {config.train.cpu_precision!r}")
+    if config.train.fast not in (True, False, "auto"):
+        raise ConfigError(f"train.fast must be true, false or auto, got {config.train.fast!r}")
     if config.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
     if config.model.dropblock_size % 2 != 1:

@@ -122,6 +122,7 @@ class ModifiedResNet(nn.Module):
         self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
 
+        self.memory_format = torch.contiguous_format  # train.channels_last: torch.channels_last
         self.feature_dim = width * 32
         self.attnpool = AttentionPool2d(image_size // 32, self.feature_dim, heads or width * 32 // 64, output_dim)
         self._init_parameters()
@@ -141,7 +142,7 @@ class ModifiedResNet(nn.Module):
                 nn.init.zeros_(block.bn3.weight)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 32 * width, H / 32, W / 32]
-        x = x.to(self.conv1.weight.dtype)
+        x = x.to(self.conv1.weight.dtype, memory_format=self.memory_format)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.relu3(self.bn3(self.conv3(x)))

@@ -28,16 +28,14 @@ from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_arti
 from ..model.pmc_clip import load_pmc_clip
 from ..objective import compute_terms, total_loss
 from .checkpoint import export_weights, load_checkpoint, save_checkpoint
-from .distributed import DistEnv, all_ranks_agree, barrier, init_distributed
+from .distributed import DistEnv, barrier, init_distributed
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
+from .fast import apply_fast, resolve_fast
 from .monitor import Monitor
+from .nonfinite import deepspeed_skips_nonfinite, guard_note, loss_finite_everywhere, record_skipped_step
 from .replicas import average_batchnorm_stats, clamp_parameter_
 from .run_folder import claim_run_folder
 from .schedule import build_optimizer, phase_start_step, warmup_cosine
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -80,6 +78,9 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     model = build_model(cfg.model, cfg.loss, tokenizer)
     model.ops = resolve_ops(cfg.model.kernels, env.device)
     monitor_notes = resume_notes + eval_note + [f"kernels: {model.ops.name} (model.kernels={cfg.model.kernels}, device {env.device.type})"]
+    fast = resolve_fast(cfg.train, env.device)
+    apply_fast(model, fast)
+    monitor_notes.append(fast.note(cfg.train.fast, env.device))
     if env.device.type == "cpu" and cfg.train.cpu_precision == "fp32":
         monitor_notes.append("CPU run: reduced precision from the DeepSpeed config is replaced by fp32, several "
                              "times faster here (train.cpu_precision=as-configured keeps it)")
@@ -108,7 +109,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
         state = TrainerState(**load_checkpoint(engine, ckpt_dir, resume_tag, env))
 
     monitor = Monitor(run_dir, total_steps, enabled=env.is_main, resume_step=state.step if resume_tag else None)
-    for note in monitor_notes:
+    for note in monitor_notes + [guard_note(ds_config)]:
         monitor.info(note)
     monitor.info(f"{len(dataset)} pairs (skipped while reading: {describe_skips(records.skipped) or 'none'}); "
                  f"{env.world_size} rank(s) x {per_rank} = batch {cfg.train.batch_size}; {steps_per_epoch} "
@@ -144,6 +145,8 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
     engine.train()
     stop_at = min(total_steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps else total_steps
     described = None
+    checked_in_step, loss_scaled = deepspeed_skips_nonfinite(engine.config), precision_of(engine.config) == "fp16"
+    to_compile = {WARMUP, SIMCLR} if resolve_fast(cfg.train, env.device).compile else set()
     while state.step < stop_at:
         phase = phase_at(state.step)
         if phase == SIMCLR and cfg.loss.freeze_bn_stats:
@@ -177,16 +180,24 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
             state.batch_in_epoch += 1
             if state.batch_in_epoch == steps_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            # The one host sync per step: every rank must agree to skip a non-finite step together.
-            if not all_ranks_agree(bool(torch.isfinite(loss.detach())), env.device):
-                _count_nonfinite(state, cfg, monitor, terms)
+            if not (checked_in_step or loss_finite_everywhere(loss, env.device)):  # configs DeepSpeed does not check
+                record_skipped_step(state, cfg.train.max_nonfinite, terms, loss, False, env.device, monitor.info)
+                continue
+            engine.backward(loss)
+            # The one host sync per step is DeepSpeed's, inside step(): it reads the all-reduced gradient
+            # norm and, when it is not finite, skips the update on every rank (train/nonfinite.py).
+            engine.step()
+            if not engine.was_step_applied():
+                record_skipped_step(state, cfg.train.max_nonfinite, terms, loss, loss_scaled, env.device, monitor.info)
                 continue
             state.nonfinite_in_row = 0
-            engine.backward(loss)
-            engine.step()
             clamp_parameter_(model.logit_scale, 0.0, math.log(cfg.model.logit_scale_max))  # as open_clip, PMC-CLIP
             state.step += 1
             interval.add(terms, loss, cfg.train.batch_size)
+            if phase in to_compile:  # this step compiled the graphs: its time is reported apart
+                to_compile.discard(phase)
+                monitor.info(f"compile: the first {phase} step took {interval.exclude_step(cfg.train.batch_size):.1f} s "
+                             "(kept out of samples/s)")
 
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 monitor.log(state.step, interval.flush(engine, model, phase, state))
@@ -222,15 +233,23 @@ class _Interval:
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.samples, self.data_time = 0, 0, 0.0
+        self.steps, self.samples, self.data_time, self.excluded = 0, 0, 0.0, 0.0
         self.start = time.perf_counter()
-        self._data_start = self.start
+        self._data_start = self._step_start = self.start
 
     def mark_data(self) -> None:
         self._data_start = time.perf_counter()
 
     def data_done(self) -> None:
-        self.data_time += time.perf_counter() - self._data_start
+        self._step_start = time.perf_counter()
+        self.data_time += self._step_start - self._data_start
+
+    def exclude_step(self, samples: int) -> float:
+        """Keep the step just taken (a compiling one) out of samples/s; -> its seconds."""
+        seconds = time.perf_counter() - self._step_start
+        self.excluded += seconds
+        self.samples -= samples
+        return seconds
 
     def add(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, samples: int) -> None:
         for name, value in {**terms, "total": loss}.items():
@@ -240,7 +259,7 @@ class _Interval:
         self.samples += samples
 
     def flush(self, engine, model, phase: str, state: TrainerState) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start - self.excluded
         record: dict[str, Any] = {f"loss/{k}": float(v) / max(1, self.steps) for k, v in self.sums.items()}
         record.update({
             "lr": engine.get_lr()[0], "logit_scale": float(model.scale().detach()), "phase": phase, "epoch": state.epoch,
@@ -250,16 +269,6 @@ class _Interval:
         })
         self.__init__()
         return record
-
-
-def _count_nonfinite(state: TrainerState, cfg: Config, monitor: Monitor, terms: dict[str, torch.Tensor]) -> None:
-    state.nonfinite_total += 1
-    state.nonfinite_in_row += 1
-    values = {k: float(v.detach()) for k, v in terms.items()}
-    monitor.info(f"[yellow]non-finite loss at step {state.step}, step skipped[/yellow] ({values})")
-    if state.nonfinite_in_row >= cfg.train.max_nonfinite:
-        raise NonFiniteLossError(f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step} "
-                                 f"(train.max_nonfinite={cfg.train.max_nonfinite}); last terms: {values}")
 
 
 def _memory_gb() -> float:
@@ -300,7 +309,7 @@ def _deepspeed_engine(model, cfg: Config, ds_config_path: str | None, env: DistE
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, env.world_size)
     if env.device.type == "cpu" and cfg.train.cpu_precision == "fp32" and precision_of(ds_config) != "fp32":
         ds_config = fp32_variant(ds_config)
-    optimizer = build_optimizer(model, cfg.train, env.device)
+    optimizer = build_optimizer(model, cfg.train, env.device, fused=resolve_fast(cfg.train, env.device).fused_adamw)
     schedule = lambda step: warmup_cosine(step, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
