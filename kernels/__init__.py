@@ -48,18 +48,42 @@ def triton_ops() -> LossOps:
     return LossOps("triton", infonce_triton, ntxent_triton, dropblock_triton, itc_terms_triton)
 
 
+# The kernels are tuned for, and their bf16 tl.dot needs, Ampere or newer (V100, sm_70, has no bf16 Tensor
+# Cores); on older GPUs ``auto`` takes the reference.
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def reference_reason(device: torch.device) -> str | None:
+    """Why ``model.kernels=auto`` takes the reference on ``device``; None when it takes Triton."""
+    if device.type != "cuda":
+        return "no CUDA device"
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(device)
+        if capability < TRITON_MIN_CAPABILITY:
+            return (f"{torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}, older than the "
+                    f"sm_{TRITON_MIN_CAPABILITY[0]}{TRITON_MIN_CAPABILITY[1]} the Triton kernels need")
+    return None
+
+
 def resolve_ops(choice: str, device: torch.device) -> LossOps:
-    """``auto`` takes Triton on CUDA and the reference elsewhere. ``triton`` off CUDA needs
-    Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported; for tests)."""
+    """``auto`` takes Triton on CUDA GPUs of sm_80 or newer and the reference elsewhere
+    (``reference_reason`` says why). ``triton`` off CUDA needs Triton's interpreter
+    (``TRITON_INTERPRET=1``, set before triton is imported; for tests)."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"model.kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
-    if choice == "reference" or (choice == "auto" and device.type != "cuda"):
+    if choice == "reference" or (choice == "auto" and reference_reason(device) is not None):
         return REFERENCE_OPS
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"model.kernels=triton needs a CUDA device (this run is on {device.type}); use "
                          "model.kernels=reference or auto, or TRITON_INTERPRET=1 to run the kernels in Triton's "
                          "slow interpreter")
     return triton_ops()
+
+
+def kernels_note(choice: str, ops: LossOps, device: torch.device) -> str:
+    """The "kernels: ..." line of the run's log."""
+    reason = reference_reason(device) if choice == "auto" and ops.name == "reference" else None
+    return f"kernels: {ops.name} (model.kernels={choice}, device {device.type}" + (f": {reason})" if reason else ")")
 
 
 def __getattr__(name: str) -> LossOps:

@@ -34,6 +34,24 @@ def test_auto_takes_triton_on_cuda_only():
         resolve_ops("fast", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 0), "reference"), ((7, 5), "reference"), ((8, 0), "triton"),
+                                                  ((9, 0), "triton")])
+def test_auto_takes_the_reference_below_sm80_and_says_why(monkeypatch, capability, expected):
+    """A V100 (sm_70, faked here) gets the reference under auto, and the log line names the card and why."""
+    from unimlip_fast.kernels import kernels_note
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    ops = resolve_ops("auto", torch.device("cuda"))
+    assert ops.name == expected
+    note = kernels_note("auto", ops, torch.device("cuda"))
+    if expected == "reference":
+        assert f"sm_{capability[0]}{capability[1]}" in note and "V100" in note and "sm_80" in note, note
+    else:
+        assert note == "kernels: triton (model.kernels=auto, device cuda)"
+
+
 def test_triton_off_cuda_runs_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_ops("triton", torch.device("cpu")).name == "triton"

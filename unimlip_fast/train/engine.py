@@ -23,7 +23,7 @@ from ..data.formats import describe_skips, read_records
 from ..data.backends import build_train_loader
 from ..data.loader import build_dataset, trim_padding
 from ..data.masking import MaskingTables
-from ..kernels import resolve_ops
+from ..kernels import kernels_note, resolve_ops
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
 from ..model.pmc_clip import load_pmc_clip
 from ..objective import compute_terms, total_loss
@@ -77,7 +77,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     tokenizer = _tokenizer(cfg, [r.caption for r in records.records], run_dir, env, resume_tag is not None)
     model = build_model(cfg.model, cfg.loss, tokenizer)
     model.ops = resolve_ops(cfg.model.kernels, env.device)
-    monitor_notes = resume_notes + eval_note + [f"kernels: {model.ops.name} (model.kernels={cfg.model.kernels}, device {env.device.type})"]
+    monitor_notes = resume_notes + eval_note + [kernels_note(cfg.model.kernels, model.ops, env.device)]
     fast = resolve_fast(cfg.train, env.device)
     apply_fast(model, fast)
     monitor_notes.append(fast.note(cfg.train.fast, env.device))
@@ -103,7 +103,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     simclr_step = phase_start_step(cfg.train.simclr_start, steps_per_epoch, total_steps)
     mlm_tables = MaskingTables.from_tokenizer(tokenizer) if cfg.loss.mlm > 0 else None
 
-    engine, ds_config = _deepspeed_engine(model, cfg, ds_config_path, env, total_steps)
+    engine, ds_config = deepspeed_engine(model, cfg, ds_config_path, env, total_steps)
     state = TrainerState(skipped=dict(records.skipped))
     if resume_tag is not None:
         state = TrainerState(**load_checkpoint(engine, ckpt_dir, resume_tag, env))
@@ -303,7 +303,8 @@ def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, re
     return AutoTokenizer.from_pretrained(str(saved))
 
 
-def _deepspeed_engine(model, cfg: Config, ds_config_path: str | None, env: DistEnv, total_steps: int):
+def deepspeed_engine(model, cfg: Config, ds_config_path: str | None, env: DistEnv, total_steps: int):
+    """The DeepSpeed engine of the trainer (and of bench/bench_step.py): ZeRO config, AdamW, warm-up + cosine."""
     import deepspeed
 
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, env.world_size)

@@ -16,7 +16,6 @@ on, each of these keys takes effect, so each can be measured alone:
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,19 +62,28 @@ def apply_fast(model: nn.Module, choices: FastChoices, compile_backend: str = "i
     if choices.sdpa:
         model.text.encoder.set_attn_implementation("sdpa")
     else:
-        model.forward = _with_plain_attention(model.forward)
+        hooks = _PlainAttention()
+        model.register_forward_pre_hook(hooks.enter)
+        model.register_forward_hook(hooks.exit, always_call=True)
     if choices.compile:
         # The trunk is a method (its weights keep their names under ``visual.``); the tower a module.
         model.visual.trunk = torch.compile(model.visual.trunk, backend=compile_backend)
         model.text.compile(backend=compile_backend)
 
 
-def _with_plain_attention(forward):
-    @functools.wraps(forward)
-    def plain(*args, **kwargs):
+class _PlainAttention:
+    """Forward hooks that run the model's forward under SDPA's math backend (hooks rather than a
+    wrapped ``forward``: a deep copy of the model gets its own)."""
+
+    def __init__(self):
+        self.open = []
+
+    def enter(self, module, args):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.MATH):
-            return forward(*args, **kwargs)
+        context = sdpa_kernel(SDPBackend.MATH)
+        context.__enter__()
+        self.open.append(context)
 
-    return plain
+    def exit(self, module, args, output):
+        self.open.pop().__exit__(None, None, None)
