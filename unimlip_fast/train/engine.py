@@ -27,6 +27,7 @@ from ..kernels import kernels_note, resolve_ops
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
 from ..model.pmc_clip import load_pmc_clip
 from ..objective import compute_terms, total_loss
+from ..provenance import code_commit
 from .checkpoint import export_weights, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, barrier, init_distributed
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
@@ -128,7 +129,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
         monitor.close()
     summary = {"steps": state.step, "epochs": state.epoch, "wall_s": round(time.time() - started, 1),
                "skipped_records": dict(records.skipped), "skipped_samples": state.skipped,
-               "nonfinite_steps": state.nonfinite_total, "run_dir": str(run_dir)}
+               "nonfinite_steps": state.nonfinite_total, "run_dir": str(run_dir), "commit": code_commit()}
     if env.is_main and state.step >= total_steps:
         summary.update(_final_eval(engine.module, cfg, env, run_dir))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
