@@ -9,8 +9,15 @@ import torch
 import unimlip_fast
 from unimlip_fast.cli import main
 from unimlip_fast.data.formats import DataError
-from unimlip_fast.eval.zeroshot import (chance_macro_auc, default_prompts, evaluate_zeroshot, prompt_ensembles,
-                                        read_labelled_csv, read_prompts, zeroshot_scores)
+from unimlip_fast.eval.zeroshot import (
+    chance_macro_auc,
+    default_prompts,
+    evaluate_zeroshot,
+    prompt_ensembles,
+    read_labelled_csv,
+    read_prompts,
+    zeroshot_scores,
+)
 from unimlip_fast.finetune.readers import NIH_LABELS
 
 from .conftest import SHARED_DATA

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..data.formats import DataError, ImageIndex
 from ..embed import embed_images
 from ..finetune.metrics import macro_auc
-from ..finetune.readers import (CLASSIFY_FORMATS, LabelledImage, LabelledSet, read_csv_rows, read_labelled)
+from ..finetune.readers import CLASSIFY_FORMATS, LabelledImage, LabelledSet, read_csv_rows, read_labelled
 from ..inference import TrainedModel
 
 ZEROSHOT_FORMATS = CLASSIFY_FORMATS + ("csv",)

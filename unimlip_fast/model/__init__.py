@@ -10,7 +10,8 @@ from ..config import Config, load_config
 from .text import build_tokenizer
 from .unimlip import SIMCLR, WARMUP, UniMlip, build_model
 
-__all__ = ["SIMCLR", "WARMUP", "UniMlip", "build_model", "build_tokenizer", "save_text_artifacts", "load_trained", "assemble"]
+__all__ = ["SIMCLR", "WARMUP", "UniMlip", "assemble", "build_model", "build_tokenizer", "load_trained",
+           "save_text_artifacts"]
 
 
 def save_text_artifacts(model: UniMlip, tokenizer, run_dir: Path) -> None:
