@@ -4,8 +4,8 @@
 on, each of these keys takes effect, so each can be measured alone:
 
 - ``train.channels_last``: the image trunk runs channels-last (NHWC), the layout cuDNN's Tensor
-  Core convolutions want. (ZeRO's flat buffers keep the weights NCHW; the activations, and so the
-  convolutions, run NHWC.)
+  Core convolutions want: the images enter NHWC and every convolution follows its input. (The
+  weights stay NCHW: ZeRO keeps them in flat buffers, and DeepSpeed's broadcast needs them dense.)
 - ``train.compile``: ``torch.compile`` of the image trunk and the text tower. The first step of
   each phase compiles; the trainer logs its time apart and keeps it out of samples/s.
 - ``train.sdpa``: attention through ``scaled_dot_product_attention``'s fused kernels (flash,
@@ -56,9 +56,8 @@ def resolve_fast(train: TrainConfig, device: torch.device) -> FastChoices:
 def apply_fast(model: nn.Module, choices: FastChoices, compile_backend: str = "inductor") -> None:
     """Set up ``model`` (a UniMlip, before DeepSpeed wraps it) for the chosen step. The weights and
     their names do not change, so checkpoints are the same either way."""
-    if choices.channels_last:
-        model.visual.to(memory_format=torch.channels_last)
-        model.visual.memory_format = torch.channels_last
+    if choices.channels_last:  # the input's layout: convolutions follow it (the weights stay NCHW, as ZeRO
+        model.visual.memory_format = torch.channels_last  # flattens them, and its broadcast needs them dense)
     if choices.sdpa:
         model.text.encoder.set_attn_implementation("sdpa")
     else:
