@@ -106,6 +106,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 768  # global batch
+    # Per rank: the batch is run in micro-batches of this size and the gradients accumulated, the
+    # contrastive terms still over the whole global batch (train/accumulate.py). 0: the whole per-rank batch.
+    micro_batch_size: int = 0
     max_steps: int = 0  # 0: run `epochs` epochs
     # End this invocation after this many more steps, with a checkpoint, while the schedule still runs to
     # max_steps/epochs (to fit a job's time limit; `--resume latest` continues). 0: run to the end.
@@ -314,6 +317,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.fast must be true, false or auto, got {config.train.fast!r}")
     if config.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
+    if config.train.micro_batch_size < 0 or config.train.micro_batch_size == 1:
+        raise ConfigError("train.micro_batch_size must be 0 (the whole per-rank batch) or at least 2 "
+                          "(BatchNorm needs two samples)")
     if config.model.dropblock_size % 2 != 1:
         raise ConfigError("model.dropblock_size must be odd")
     if not 0.0 <= config.model.dropblock_p < 1.0 or not 0.0 <= config.model.text_dropout < 1.0:

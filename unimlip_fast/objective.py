@@ -55,15 +55,16 @@ def compute_terms(features: dict[str, torch.Tensor], cfg: LossConfig, ops: LossO
         terms["simclr"] = ops.ntxent(za, zb, cfg.simclr_tau, gather_with_grad(za), gather_with_grad(zb), offset,
                                      negatives=cfg.simclr_negatives)
     if cfg.mlm > 0 and "mlm_logits" in features:
-        terms["mlm"] = _mlm_loss(features["mlm_logits"], features["mlm_targets"])
+        terms["mlm"] = mlm_loss(features["mlm_logits"], features["mlm_targets"])
     return terms
 
 
-def _mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean CE over this rank's masked tokens. A batch with none masked contributes 0, with grad."""
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """CE over this rank's masked tokens, their mean (or ``reduction="sum"``: a micro-batch's share
+    of the batch's mean, before the division). None masked contributes 0, with grad."""
     if targets.numel() == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
 def weights(cfg: LossConfig) -> dict[str, float]:

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
+from .accumulate import micro_batch_plan
 
-_OWNED_BY_RECIPE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping")
+_OWNED_BY_RECIPE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "gradient_clipping")
 
 
 def default_ds_config() -> dict[str, Any]:
@@ -33,25 +35,21 @@ def load_ds_config(path: str | None) -> dict[str, Any]:
 
 def resolve_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[str, Any]:
     ds = dict(ds)
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world_size} ranks")
+    micro, accumulation = micro_batch_plan(cfg.train.batch_size, world_size, cfg.train.micro_batch_size)
     wanted = {
         "train_batch_size": cfg.train.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size // world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        # Micro-batches are accumulated contrastive-exactly (train/accumulate.py), never as
+        # independent losses: the recipe's train.micro_batch_size sets this.
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.train.grad_clip,
     }
     for key in _OWNED_BY_RECIPE:
         if key in ds and ds[key] != "auto" and ds[key] != wanted[key]:
             raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but the recipe says {wanted[key]}; "
-                              f"set it in the recipe (or 'auto' in the JSON)")
+                              f"set it in the recipe (train.batch_size, train.micro_batch_size, "
+                              f"train.grad_clip) or 'auto' in the JSON")
         ds[key] = wanted[key]
-    accumulation = ds.get("gradient_accumulation_steps", 1)
-    if accumulation not in (1, "auto"):
-        raise ConfigError(
-            "gradient_accumulation_steps > 1 is not supported: the contrastive terms are losses over the "
-            "global batch, which accumulating micro-batches would silently shrink (and ZeRO-2 forbids "
-            "no_sync). Use more ranks, or model.kernels=triton to fit a larger batch per rank.")
-    ds["gradient_accumulation_steps"] = 1
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"DeepSpeed config has an '{key}' section; the optimizer and schedule come "

@@ -28,6 +28,7 @@ from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_arti
 from ..model.pmc_clip import load_pmc_clip
 from ..objective import compute_terms, total_loss
 from ..provenance import code_commit
+from .accumulate import build_accumulator
 from .checkpoint import export_weights, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, barrier, init_distributed
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
@@ -143,6 +144,9 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
     second_phase = cfg.loss.simclr > 0 or cfg.data.strong_views == "on"
     phase_at = lambda step: SIMCLR if step >= simclr_step and second_phase else WARMUP
     interval = _Interval()
+    accumulator = build_accumulator(engine, cfg, model.ops, env.world_size, env.device)
+    if accumulator is not None:
+        monitor.info(accumulator.describe())
     engine.train()
     stop_at = min(total_steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps else total_steps
     described = None
@@ -175,16 +179,22 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
             batch = {k: v.to(env.device, non_blocking=True) for k, v in trim_padding(batch).items()}
             interval.data_done()
 
-            features = engine(batch, phase)
-            terms = compute_terms(features, cfg.loss, model.ops)
-            loss = total_loss(terms, cfg.loss)
+            if accumulator is None:
+                features = engine(batch, phase)
+                terms = compute_terms(features, cfg.loss, model.ops)
+                loss = total_loss(terms, cfg.loss)
+            else:  # micro-batches without autograd; the terms over the whole batch's features
+                terms, loss = accumulator.forward(batch, phase)
             state.batch_in_epoch += 1
             if state.batch_in_epoch == steps_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if not (checked_in_step or loss_finite_everywhere(loss, env.device)):  # configs DeepSpeed does not check
                 record_skipped_step(state, cfg.train.max_nonfinite, terms, loss, False, env.device, monitor.info)
                 continue
-            engine.backward(loss)
+            if accumulator is None:
+                engine.backward(loss)
+            else:  # each micro-batch again, backpropagating its cached feature gradients
+                accumulator.backward()
             # The one host sync per step is DeepSpeed's, inside step(): it reads the all-reduced gradient
             # norm and, when it is not finite, skips the update on every rank (train/nonfinite.py).
             engine.step()
@@ -201,7 +211,8 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
                              "(kept out of samples/s)")
 
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                monitor.log(state.step, interval.flush(engine, model, phase, state))
+                record = interval.flush(engine, model, phase, state)
+                monitor.log(state.step, {**record, **(accumulator.flush() if accumulator else {})})
             else:
                 monitor.advance(state.step)
             if cfg.eval.split and cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total_steps:

@@ -89,6 +89,9 @@ class Monitor:
         else:
             extra = " ".join(f"{k}={v:g}" for k, v in record.items() if k.startswith("retrieval/"))
             speed = f"{record['samples_per_s']:.1f} samples/s" if "samples_per_s" in record else ""
+            if "accum/extra_forward_samples_per_s" in record:  # gradient accumulation's first pass
+                speed += (f" (its extra forward: {record['accum/extra_forward_samples_per_s']:.1f} samples/s, "
+                          f"{record['accum/extra_forward_share']:.0%} of the step)")
             self.console.print(f"step {step} {status} {extra} {speed}".strip(), highlight=False)
 
     def advance(self, step: int) -> None:
