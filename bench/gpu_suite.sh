@@ -3,8 +3,10 @@
 #   1. the GPU-only tests (fused kernels with true bf16 dots, CUDA decode paths),
 #   2. bench_losses.py (fused contrastive terms and DropBlock against the references),
 #   3. bench_data.py (CPU loader vs torch-GPU path vs DALI where installed, and the train step),
-#   4. two short pretraining runs through the CLI (bf16 by autocast, then DeepSpeed's bf16 mode) with
-#      Triton kernels and the torch GPU data path.
+#   4. two short pretraining runs through the CLI (bf16 by autocast with the batch in 4 accumulated
+#      micro-batches, then DeepSpeed's bf16 mode) with Triton kernels and the torch GPU data path,
+#   5. bench_accum.py (the paper's model at global batch 768 on this GPU, whole and in micro-batches of
+#      96; the largest global batch micro-batches of 96 reach, within its budget).
 # The GPU machine has no network and gets only the checkout: first run `bash bench/gpu_carry.sh`
 # here, which puts DeepSpeed's wheels in .whl/ and the MedPix data and commit in .gpu_data/, then
 # run this there with both folders carried. Copy what it prints, with the card's name, into
@@ -29,13 +31,15 @@ status=0
 step() { echo; echo "=== $1"; shift; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
 step "GPU tests" timeout 90 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
   tests/test_kernels_contrastive.py tests/test_kernels_dropblock.py tests/test_kernels_ops.py tests/test_masking.py \
-  tests/test_views.py tests/test_shards.py tests/test_dali.py
-step "bench_losses" timeout 130 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 80
-step "bench_data" timeout 140 python3 bench/bench_data.py --csv "$out/data.csv"
-for ds in zero2 zero2_bf16; do  # bf16 by torch_autocast, then DeepSpeed's own bf16 mode (bf16 weights)
-  step "pretrain smoke, $ds (triton kernels, torch GPU data path)" timeout 60 python3 -m unimlip_fast.cli pretrain \
-    configs/demo.yaml --ds-config "configs/$ds.json" --run-dir "/tmp/unimlip_gpu_$ds" --overwrite train.max_steps=30 \
-    model.kernels=triton data.backend=torch data.num_workers=4
+  tests/test_views.py tests/test_shards.py tests/test_dali.py tests/test_accumulate.py
+step "bench_losses" timeout 105 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 60
+step "bench_data" timeout 105 python3 bench/bench_data.py --csv "$out/data.csv" --seconds 8
+for ds in zero2 zero2_bf16; do  # bf16 by torch_autocast (the batch of 64 as 4 x 16), then DeepSpeed's bf16 mode
+  micro=$([ "$ds" = zero2 ] && echo 16 || echo 0)
+  step "pretrain smoke, $ds (triton kernels, torch GPU data path, micro-batch ${micro/#0/whole})" timeout 45 \
+    python3 -m unimlip_fast.cli pretrain configs/demo.yaml --ds-config "configs/$ds.json" --run-dir "/tmp/unimlip_gpu_$ds" \
+    --overwrite train.max_steps=20 train.micro_batch_size="$micro" model.kernels=triton data.backend=torch data.num_workers=4
   cp "/tmp/unimlip_gpu_$ds/metrics.jsonl" "$out/metrics_$ds.jsonl" 2>/dev/null
 done
+step "bench_accum" timeout 90 python3 bench/bench_accum.py --gpu --csv "$out/accum.csv" --budget 55
 exit $status
