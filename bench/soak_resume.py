@@ -10,6 +10,8 @@ the uninterrupted run ends, every logged step once.
    - ``startup``: while the process is still importing, building the model or loading a checkpoint;
    - ``training``: at a random time within 1.5 checkpoint intervals after the session's first step;
    - ``checkpoint``: inside the session's first checkpoint write (while a ``tmp-step_*`` folder exists).
+   Within two checkpoints of the end, only startup and checkpoint kills, so the run cannot finish
+   before the last kill.
 3. After the last kill the run finishes; its ``metrics.jsonl`` must hold steps 1..N once each and
    every logged loss term must equal the reference's (the largest difference is reported).
 
@@ -150,7 +152,11 @@ def soak(args) -> dict:
         cmd = command(soaked, args, resume) + (["--overwrite"] if first else [])
         first = False
         start_steps = latest_step(soaked) if resume else 0
-        mode = rng.choices(["startup", "training", "checkpoint"], weights=[0.15, 0.45, 0.4])[0]
+        # near the end a training kill could let the run finish before the last kill: startup and
+        # checkpoint kills only (a kill inside a write loses that checkpoint, so the run stays put)
+        near_end = latest_step(soaked) + 2 * args.ckpt_every >= args.max_steps
+        mode = (rng.choices(["startup", "checkpoint"], weights=[0.3, 0.7]) if near_end else
+                rng.choices(["startup", "training", "checkpoint"], weights=[0.15, 0.45, 0.4]))[0]
         t0 = time.time()
         proc = launch(cmd, log)
         alive = wait_for_moment(proc, soaked, mode, rng, args, start_steps)
