@@ -60,10 +60,17 @@ def logged_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def writing_checkpoint(run_dir: Path) -> str | None:
+def writing_checkpoint(run_dir: Path, since: float) -> str | None:
+    """The checkpoint being written: a ``tmp-step_*`` folder made after ``since`` (one left by an
+    earlier kill does not count: the next write of that step replaces it)."""
     ckpt = run_dir / "checkpoints"
-    found = sorted(p.name for p in ckpt.glob("tmp-step_*")) if ckpt.is_dir() else []
-    return found[0] if found else None
+    for path in sorted(ckpt.glob("tmp-step_*")) if ckpt.is_dir() else []:
+        try:
+            if path.stat().st_mtime >= since:
+                return path.name
+        except FileNotFoundError:  # renamed meanwhile
+            continue
+    return None
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -105,10 +112,11 @@ def wait_for_moment(proc: subprocess.Popen, run_dir: Path, mode: str, rng: rando
             time.sleep(0.02)
         return True
     # "checkpoint": inside this session's first checkpoint write
+    launched = time.time()
     while True:
         if proc.poll() is not None or time.time() > deadline:
             return proc.poll() is None
-        if writing_checkpoint(run_dir):
+        if writing_checkpoint(run_dir, launched):
             time.sleep(rng.uniform(0, args.ckpt_write_s))
             return True
         time.sleep(0.002)
@@ -165,7 +173,7 @@ def soak(args) -> dict:
             if code == 0:
                 raise SystemExit(f"the run finished after {len(report['kills'])} kills; raise --max-steps")
             raise SystemExit(f"session {session} failed with exit code {code}: see {log}")
-        inside = writing_checkpoint(soaked)
+        inside = writing_checkpoint(soaked, t0)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         report["kills"].append({"session": session, "mode": mode, "after_s": round(time.time() - t0, 2),
