@@ -39,8 +39,9 @@ from unimlip_fast.config import Config, DataConfig, TextConfig  # noqa: E402
 from unimlip_fast.data.backends import build_train_loader  # noqa: E402
 from unimlip_fast.data.dali import dali_available  # noqa: E402
 from unimlip_fast.data.formats import read_records  # noqa: E402
-from unimlip_fast.data.loader import build_dataset  # noqa: E402
+from unimlip_fast.data.dataset import build_dataset  # noqa: E402
 from unimlip_fast.data.masking import MaskingTables  # noqa: E402
+from unimlip_fast.data.spec import LoaderSpec  # noqa: E402
 from unimlip_fast.data.pack import pack  # noqa: E402
 from unimlip_fast.data.shards import ShardSet, open_shards  # noqa: E402
 
@@ -190,9 +191,9 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
         def make(backend: str, dtype=torch.float32):
             def loader():
                 epoch[0] += 1
-                return build_train_loader(backend, dataset, BATCH, seed=0, epoch=epoch[0], strong_views=True, mlm=mlm,
-                                          num_workers=workers, device=device, dtype=dtype,
-                                          shards=None if backend == "cpu" else shards)
+                spec = LoaderSpec(BATCH, IMAGE_SIZE, seed=0, epoch=epoch[0], strong_views=True, mlm=mlm,
+                                  num_workers=workers, device=device, dtype=dtype)
+                return build_train_loader(backend, dataset, spec, shards=None if backend == "cpu" else shards)
             return loader
 
         cpu_seconds = seconds if device.type == "cuda" or smoke else min(seconds, 5.0)

@@ -7,16 +7,18 @@ Triton ops are asked for, so the package imports where triton is not installed.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from unimlip_fast.config import Kernels  # absolute: transformers may import this folder as `kernels`
 from .dropblock import dropblock_reference
 from .infonce import infonce_reference, itc_terms_reference
 from .ntxent import ntxent_reference
 
-KERNEL_CHOICES = ("auto", "reference", "triton")
+KERNEL_CHOICES: tuple[str, ...] = typing.get_args(Kernels)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def reference_reason(device: torch.device) -> str | None:
     return None
 
 
-def resolve_ops(choice: str, device: torch.device) -> LossOps:
+def resolve_ops(choice: Kernels, device: torch.device) -> LossOps:
     """``auto`` takes Triton on CUDA GPUs of sm_80 or newer and the reference elsewhere
     (``reference_reason`` says why). ``triton`` off CUDA needs Triton's interpreter
     (``TRITON_INTERPRET=1``, set before triton is imported; for tests)."""

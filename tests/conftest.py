@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,31 +9,10 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
-REPO = Path(__file__).resolve().parents[1]
-# The real data sets (MedPix, VQA-RAD, NIH): ../shared/data beside the checkout, or wherever
-# UNIMLIP_SHARED_DATA points (a GPU machine gets them carried into the checkout: bench/gpu_carry.sh).
-SHARED_DATA = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data")
+# Shared constants live in helpers.py; re-exported here for modules that read them from conftest.
+from .helpers import CAPTIONS, REPO, SHARED_DATA, TINY_OVERRIDES, medpix_path  # noqa: E402
 
-TINY_OVERRIDES = [
-    "model.embed_dim=32", "model.image_size=64", "model.vision_layers=[1,1,1,1]", "model.vision_width=16",
-    "model.fusion_layers=1", "model.fusion_heads=4", "model.simclr_hidden=64", "model.simclr_out=16",
-    "model.text.encoder=random-bert", "model.text.context_length=24", "model.text.vocab_size=256",
-    "model.text.hidden_size=32", "model.text.num_layers=1", "model.text.num_heads=4",
-    "model.kernels=reference",
-]
-
-CAPTIONS = [
-    f"{modality} of the {region} showing {count} {size} lesions in the {position}"
-    for modality in ("ct", "mri") for region in ("head", "chest", "abdomen") for count in ("one", "two")
-    for size in ("small", "large") for position in ("upper left", "lower right")
-]  # 48 distinct captions
-
-
-def medpix_path() -> Path:
-    path = SHARED_DATA / "medpix2"
-    if not path.is_dir():
-        pytest.skip(f"real MedPix data not found at {path} (../shared/data beside the repo, or $UNIMLIP_SHARED_DATA)")
-    return path
+__all__ = ["CAPTIONS", "REPO", "SHARED_DATA", "TINY_OVERRIDES", "medpix_path"]
 
 
 @pytest.fixture
@@ -70,7 +48,7 @@ def tiny_batch(tiny_cfg, tiny_tokenizer):
     }
 
 
-# --- kernels (issue 3) -------------------------------------------------------------------------------
+# --- kernels -------------------------------------------------------------------------------
 # Without a GPU the Triton kernels run in Triton's interpreter; this must be set before anything
 # imports triton, which is why it lives here and not in the kernel test modules.
 if not torch.cuda.is_available():

@@ -10,7 +10,7 @@ from PIL import Image
 
 from unimlip_fast.finetune.readers import CHEXPERT_LABELS
 
-from .conftest import CAPTIONS, TINY_OVERRIDES
+from .helpers import CAPTIONS, TINY_OVERRIDES
 
 
 def write_image(path: Path, seed: int, size: int = 40, bright: bool = False) -> None:

@@ -7,8 +7,7 @@ from PIL import Image
 from unimlip_fast.data.phantom import phantom_split
 from unimlip_fast.train import engine
 
-from .conftest import REPO
-from .test_train import TINY_RUN, run_cli
+from .helpers import REPO, TINY_RUN, run_cli
 
 
 def write_csv_dataset(root, n_good=40):

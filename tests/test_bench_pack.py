@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 
-from .conftest import medpix_path
+from .helpers import medpix_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 

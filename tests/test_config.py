@@ -4,7 +4,7 @@ import pytest
 from unimlip_fast.config import ConfigError, load_config, save_config, valid_keys
 from unimlip_fast.train.ds_config import load_ds_config, resolve_ds_config
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 def test_unknown_override_lists_valid_keys():

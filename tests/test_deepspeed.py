@@ -11,7 +11,7 @@ from unimlip_fast.config import load_config
 from unimlip_fast.model import SIMCLR, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 
-from .conftest import CAPTIONS, TINY_OVERRIDES
+from .helpers import CAPTIONS, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 

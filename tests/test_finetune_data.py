@@ -22,7 +22,7 @@ from unimlip_fast.finetune.readers import (
     read_vqa_rad,
 )
 
-from .conftest import SHARED_DATA
+from .helpers import SHARED_DATA
 from .finetune_helpers import write_chexpert, write_mimic, write_slake
 
 

@@ -75,7 +75,7 @@ def test_majority_baseline_and_vocabulary():
 def test_shipped_finetune_recipes_load(recipe):
     from unimlip_fast.finetune.config import load_classify_config, load_vqa_config
 
-    from .conftest import REPO
+    from .helpers import REPO
 
     load = load_classify_config if recipe.startswith("classify") else load_vqa_config
     cfg = load(REPO / "configs" / "finetune" / f"{recipe}.yaml", ["data.path=somewhere"])

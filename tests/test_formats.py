@@ -12,7 +12,7 @@ from unimlip_fast.config import DataConfig
 from unimlip_fast.data.formats import DataError, ImageIndex, read_records, roco_eval_subset
 from unimlip_fast.data.phantom import phantom_records, phantom_sample, phantom_split
 
-from .conftest import medpix_path
+from .helpers import medpix_path
 
 
 def _img(path, size=(8, 8)):

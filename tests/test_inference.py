@@ -11,7 +11,7 @@ import unimlip_fast
 from unimlip_fast.data import Record, build_dataset, build_eval_loader
 from unimlip_fast.eval.retrieval import embed_pairs
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO
-from .test_train import TINY_RUN
+from .helpers import REPO, TINY_RUN
 
 pytestmark = pytest.mark.slow
 

@@ -8,21 +8,27 @@ from PIL import Image
 
 from unimlip_fast.config import DataConfig
 from unimlip_fast.data import (
+    CPULoader,
     DataError,
     DistributedBatchSampler,
+    LoaderSpec,
     MaskingTables,
     build_dataset,
     build_eval_loader,
-    build_loader,
     decode_image,
     phantom_records,
     read_records,
     tokenize_captions,
 )
 
-from .test_masking import wordpiece_tokenizer
+from .helpers import wordpiece_tokenizer
 
 SIZE, LENGTH = 32, 16
+
+
+def build_loader(dataset, batch_size: int, **spec) -> CPULoader:
+    """The cpu backend over ``dataset`` with views of SIZE; ``spec``: LoaderSpec fields."""
+    return CPULoader(dataset, LoaderSpec(batch_size, SIZE, **spec))
 
 
 @pytest.fixture

@@ -3,24 +3,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertTokenizerFast
 
 from unimlip_fast.data.masking import MaskingTables, mask_tokens
 
-WORDS = "the of a ct mri chest head lesion small large left right upper lower showing in on x ray two one".split()
-PIECES = ["##s", "##ing", "##al", "##do", "##men", "ab", "-", ".", ",", ":"]
+from .helpers import wordpiece_tokenizer
+
 CAPTIONS = [
     "mri of the head showing two small lesions in the upper left.",
     "abdomen ct: one large lesion, lower right",
     "x-ray of the chestal abdomens showings",
     "",
 ]
-
-
-def wordpiece_tokenizer(tmp_path) -> BertTokenizerFast:
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + PIECES
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(str(tmp_path / "vocab.txt"))
 
 
 @pytest.fixture

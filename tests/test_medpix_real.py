@@ -10,8 +10,7 @@ import json
 
 import pytest
 
-from .conftest import REPO, medpix_path
-from .test_train import run_cli
+from .helpers import REPO, medpix_path, run_cli
 
 pytestmark = pytest.mark.slow
 

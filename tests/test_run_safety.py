@@ -15,8 +15,7 @@ from unimlip_fast.train.checkpoint import (CheckpointError, choose_resume, incom
 from unimlip_fast.train.monitor import open_metrics
 from unimlip_fast.train.run_folder import RunFolderError, RunLock
 
-from .conftest import REPO
-from .test_train import TINY_RUN
+from .helpers import REPO, TINY_RUN
 
 RUN_ARGS = ["pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2_fp32.json", *TINY_RUN,
             "train.max_steps=4", "train.ckpt_every=2", "train.keep_last=3", "eval.split="]

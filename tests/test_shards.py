@@ -1,7 +1,7 @@
-"""Packed shards read back, and the torch backend (decode in workers, views as batched tensor ops) on
-them: the batch contract, determinism, ranks, bad samples inside a shard, ids unchanged, a run.
-
-The same checks run on the DALI backend in test_dali.py (``backend_checks`` below is shared)."""
+"""Packed shards read back, and the GPU backends on them, each test parametrised over ``torch``
+(decode in workers, views as batched tensor ops) and ``dali`` (skipped where nvidia.dali does not
+import): the batch contract, determinism, ranks, bad samples inside a shard, ids unchanged, resume,
+a run."""
 import json
 import sys
 
@@ -9,16 +9,33 @@ import pytest
 import torch
 
 from unimlip_fast.cli import main
-from unimlip_fast.data.backends import build_train_loader, resolve_backend
+from unimlip_fast.data.backends import resolve_backend
+from unimlip_fast.data.dali import dali_available
 from unimlip_fast.data.formats import DataError
-from unimlip_fast.data.shards import open_shards
-from unimlip_fast.data.torch_loader import canvas, crop_boxes, make_views
-from unimlip_fast.data.views import random_resized_crop_boxes
+from unimlip_fast.data.shards import check_against_dataset, open_shards
+from unimlip_fast.data.spec import LoaderSpec
+from unimlip_fast.data.torch_loader import TorchLoader, canvas, make_views
+from unimlip_fast.data.views import crop_boxes, random_resized_crop_boxes
 
-from .shard_helpers import (CONTEXT, IMAGE_SIZE, N_PACKED, check_contract, epoch, first_member_names, pack_medpix,
-                            rewrite_shard, run_args, same_batches, tokenised_captions, unpadded)
-
-B = 16
+from .helpers import (
+    CONTEXT,
+    GPU_BACKENDS,
+    IMAGE_SIZE,
+    N_PACKED,
+    B,
+    check_contract,
+    copy_packed,
+    epoch,
+    first_member_names,
+    pack_medpix,
+    rewrite_shard,
+    run_args,
+    same_batches,
+    shard_loader,
+    tokenised_captions,
+    train_loader,
+    unpadded,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,65 +52,62 @@ def mlm_tables(packed):
     return MaskingTables.from_tokenizer(AutoTokenizer.from_pretrained(str(packed / "tokenizer")))
 
 
-class _Dataset:  # what build_train_loader reads off the trainer's dataset when shards are given
-    image_size = IMAGE_SIZE
+# ------------------------------------------------------------------------ every GPU backend
 
 
-def loader(backend, shards, **kw):
-    kw.setdefault("strong_views", False)
-    return build_train_loader(backend, _Dataset(), kw.pop("batch", B), shards=open_shards(shards), **kw)
-
-
-# ------------------------------------------------------------------ checks shared with test_dali.py
-
-
-def check_contract_and_phases(backend, packed, mlm_tables):
-    warm = epoch(loader(backend, packed, mlm=mlm_tables))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_contract_and_phases(backend, packed, mlm_tables):
+    warm = epoch(shard_loader(backend, packed, mlm=mlm_tables))
     assert len(warm) == N_PACKED // B
     for batch in warm:
         check_contract(batch, B, strong=False, mlm=True)
-    strong = epoch(loader(backend, packed, strong_views=True, dtype=torch.bfloat16))
+    strong = epoch(shard_loader(backend, packed, strong_views=True, dtype=torch.bfloat16))
     for batch in strong:
         check_contract(batch, B, strong=True, mlm=False, dtype=torch.bfloat16)
 
 
-def check_determinism(backend, packed):
-    a = epoch(loader(backend, packed, seed=3, epoch=1, strong_views=True))
-    b = epoch(loader(backend, packed, seed=3, epoch=1, strong_views=True))
-    c = epoch(loader(backend, packed, seed=3, epoch=2, strong_views=True))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_same_seed_same_batches(backend, packed):
+    a = epoch(shard_loader(backend, packed, seed=3, epoch=1, strong_views=True))
+    b = epoch(shard_loader(backend, packed, seed=3, epoch=1, strong_views=True))
+    c = epoch(shard_loader(backend, packed, seed=3, epoch=2, strong_views=True))
     assert same_batches(a, b)
     assert not same_batches(a, c)
     assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in c]  # reshuffled per epoch
 
 
-def check_ranks(backend, packed):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_two_ranks_disjoint_and_covering(backend, packed):
     seen = []
     for rank in range(2):
-        batches = epoch(loader(backend, packed, batch=8, rank=rank, world_size=2, seed=5))
+        batches = epoch(shard_loader(backend, packed, batch=8, rank=rank, world_size=2, seed=5))
         assert len(batches) == N_PACKED // 16  # the same count on every rank
         seen.append([i for b in batches for i in b["index"].tolist()])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(N_PACKED))  # 96 = 6 global batches of 16: nothing dropped
 
 
-def check_ids_unchanged(backend, packed):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_ids_unchanged(backend, packed):
     expected = tokenised_captions(packed)
     got = {}
-    for batch in epoch(loader(backend, packed)):
+    for batch in epoch(shard_loader(backend, packed)):
         for i, ids in zip(batch["index"].tolist(), unpadded(batch["input_ids"], batch["attention_mask"])):
             got[i] = ids
     assert sorted(got) == list(range(N_PACKED))
     assert all(got[i] == expected[i][0] for i in got)
 
 
-def check_bad_samples_inside_a_shard(backend, packed_copy):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bad_samples_inside_a_shard(backend, packed, tmp_path):
+    packed_copy = copy_packed(packed, tmp_path / "copy")
     names = first_member_names(packed_copy)
     corrupt, no_caption = names[3], names[7]
     rewrite_shard(packed_copy / "shard-000000.tar", corrupt={f"{corrupt}.jpg"}, drop={f"{no_caption}.ids"})
     shards = open_shards(packed_copy)
     assert dict(shards.read_skipped) == {"undecodable_image": 1, "missing_caption": 1}
     assert len(shards) == N_PACKED - 2
-    batches = epoch(loader(backend, packed_copy, batch=8))
+    batches = epoch(shard_loader(backend, packed_copy, batch=8))
     assert batches[0]["skipped"] == {"undecodable_image": 1, "missing_caption": 1}  # once per epoch, rank 0
     assert all(not b["skipped"] for b in batches[1:])
     seen = {i for b in batches for i in b["index"].tolist()}
@@ -103,7 +117,8 @@ def check_bad_samples_inside_a_shard(backend, packed_copy):
     assert open_shards(packed_copy).read_skipped == shards.read_skipped
 
 
-def check_pretrain_run(backend, packed, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_pretrain_run_on_medpix_shards(backend, packed, tmp_path, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, run_args(packed, backend, run))])
     with pytest.raises(SystemExit) as e:
@@ -117,38 +132,12 @@ def check_pretrain_run(backend, packed, tmp_path, monkeypatch):
     assert (run / "model.safetensors").is_file()
 
 
-def copy_packed(packed, dest):
-    import shutil
-
-    shutil.copytree(packed, dest)
-    return dest
-
-
-# ------------------------------------------------------------------------------- the torch backend
-
-
-def test_torch_contract_and_phases(packed, mlm_tables):
-    check_contract_and_phases("torch", packed, mlm_tables)
-
-
-def test_torch_same_seed_same_batches(packed):
-    check_determinism("torch", packed)
-
-
-def test_torch_two_ranks_disjoint_and_covering(packed):
-    check_ranks("torch", packed)
-
-
-def test_torch_ids_unchanged(packed):
-    check_ids_unchanged("torch", packed)
-
-
-def test_torch_bad_samples_inside_a_shard(packed, tmp_path):
-    check_bad_samples_inside_a_shard("torch", copy_packed(packed, tmp_path / "copy"))
-
-
-def test_torch_pretrain_run_on_medpix_shards(packed, tmp_path, monkeypatch):
-    check_pretrain_run("torch", packed, tmp_path, monkeypatch)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_resume_skips_the_batches_already_seen(backend, packed):
+    whole = [b["index"].tolist() for b in shard_loader(backend, packed, seed=1, epoch=0)]
+    resumed = shard_loader(backend, packed, seed=1, epoch=0, skip_batches=2)
+    assert len(resumed) == len(whole) - 2
+    assert [b["index"].tolist() for b in resumed] == whole[2:]
 
 
 # ------------------------------------------------------------------------------------ the pieces
@@ -177,15 +166,13 @@ def test_backend_choice():
     assert resolve_backend("torch", "cpu", None)[0] == "torch"
     # auto on a CUDA device (only the device's type is read): DALI needs shards, else the torch path
     assert resolve_backend("auto", "cuda", None) == ("torch", "auto: CUDA, no packed shards (data.shards)")
-    if _dali():
+    if dali_available():
         assert resolve_backend("auto", "cuda", "shards")[0] == "dali"
         with pytest.raises(DataError, match="data.shards"):
             resolve_backend("dali", "cpu", None)
 
 
 def test_shards_from_another_tokenizer_are_refused(packed):
-    from unimlip_fast.data.backends import check_against_dataset
-
     class Dataset:
         input_ids = torch.zeros(N_PACKED, CONTEXT, dtype=torch.int32).numpy() + 7
         attention_mask = torch.ones(N_PACKED, CONTEXT, dtype=torch.uint8).numpy()
@@ -197,23 +184,17 @@ def test_shards_from_another_tokenizer_are_refused(packed):
         check_against_dataset(open_shards(packed), Dataset())
 
 
-def _dali():
-    from unimlip_fast.data.dali import dali_available
-
-    return dali_available()
-
-
 def test_torch_backend_on_records_without_shards(tiny_tokenizer):
     """Without shards the torch backend reads the trainer's dataset (phantom images here) and keeps
     the CPU loader's sample order; captions are the dataset's tokenised ids."""
     from unimlip_fast.config import DataConfig
+    from unimlip_fast.data.dataset import build_dataset
     from unimlip_fast.data.formats import read_records
-    from unimlip_fast.data.loader import build_dataset
 
     ds = build_dataset(read_records(DataConfig(format="phantom", phantom_size=64), "train"), tiny_tokenizer,
                        IMAGE_SIZE, CONTEXT)
-    gpu = epoch(build_train_loader("torch", ds, 8, seed=1, strong_views=True))
-    cpu = epoch(build_train_loader("cpu", ds, 8, seed=1))
+    gpu = epoch(train_loader("torch", ds, batch=8, seed=1, strong_views=True))
+    cpu = epoch(train_loader("cpu", ds, batch=8, seed=1))
     assert [b["index"].tolist() for b in gpu] == [b["index"].tolist() for b in cpu]
     for batch in gpu:
         check_contract(batch, 8, strong=True, mlm=False)
@@ -250,8 +231,6 @@ def test_torch_jpeg_bytes_decoded_in_the_main_process(packed, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from unimlip_fast.data.torch_loader import TorchGPULoader
-
     shards = open_shards(packed)
     bad = int(shards.samples["index"][5])
     bad_bytes = int(shards.samples["img_size"][5])  # the stand-in recognises the image by its length
@@ -271,8 +250,7 @@ def test_torch_jpeg_bytes_decoded_in_the_main_process(packed, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision.io", fake)
 
     def run(on_device):
-        return epoch(TorchGPULoader(shards, 16, 0, 1, 0, 0, True, None, 0.15, 0, (0.5, 1), (0.08, 1), 0,
-                                    torch.device("cpu"), torch.float32, IMAGE_SIZE, jpeg_on_device=on_device))
+        return epoch(TorchLoader(shards, LoaderSpec(16, IMAGE_SIZE, strong_views=True), jpeg_on_device=on_device))
 
     raw, pil = run(True), run(False)
     skipped = [b["skipped"] for b in raw]
@@ -285,19 +263,17 @@ def test_torch_jpeg_bytes_decoded_in_the_main_process(packed, monkeypatch):
             assert (a["image"] - b["image"]).abs().mean() < 0.1
 
 
-def check_on_cuda(backend, packed, mlm_tables):
-    batches = epoch(loader(backend, packed, mlm=mlm_tables, strong_views=True, device="cuda", dtype=torch.bfloat16))
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda(backend, packed, mlm_tables):
+    batches = epoch(shard_loader(backend, packed, mlm=mlm_tables, strong_views=True, device="cuda",
+                                 dtype=torch.bfloat16))
     assert len(batches) == N_PACKED // B
     for batch in batches:
         check_contract({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}, B, strong=True, mlm=True,
                        dtype=torch.bfloat16)
         assert all(v.is_cuda for v in batch.values() if torch.is_tensor(v))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_torch_on_cuda(packed, mlm_tables):
-    check_on_cuda("torch", packed, mlm_tables)
 
 
 def test_changed_shards_verified_in_parallel(packed, tmp_path):
@@ -308,12 +284,9 @@ def test_changed_shards_verified_in_parallel(packed, tmp_path):
     assert dict(shards.read_skipped) == {"missing_caption": 3} and len(shards) == N_PACKED - 3
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_resumed_run_matches_uninterrupted(backend, packed, tmp_path, monkeypatch):
     """The trainer's exact resume (test_train.py) through a GPU backend: mid-epoch, SimCLR phase included."""
-    if backend == "dali" and not _dali():
-        pytest.skip("nvidia.dali does not import")
-
     def run(run_dir, *extra):
         args = [str(a) for a in run_args(packed, backend, run_dir)]
         k = args.index("--ds-config") + 1

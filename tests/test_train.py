@@ -1,31 +1,12 @@
 """End to end through the CLI's entry point on tiny synthetic data: train, checkpoint, resume, evaluate."""
 import json
-import sys
 
 import pytest
 import torch
 
-from unimlip_fast.cli import main
+from .helpers import REPO, TINY_RUN, read_metrics, run_cli
 
-from .conftest import REPO, TINY_OVERRIDES
-
-TINY_RUN = TINY_OVERRIDES + [
-    "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",
-    "train.log_every=1", "train.warmup_steps=2", "train.simclr_start=3", "train.lr=1e-3",
-]
-
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    return e.value.code
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
+__all__ = ["TINY_RUN", "run_cli"]  # read from here by older test modules; helpers.py is their home
 
 def test_pretrain_then_eval_retrieval(tmp_path, monkeypatch):
     run = tmp_path / "run"

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .config import DATA_FORMATS, PACK_FORMATS
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="High-throughput Uni-Mlip pretraining and evaluation.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained model.")
@@ -25,7 +27,6 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretraining r
 app.add_typer(finetune_app, name="finetune")
 console = Console(stderr=True)
 
-DATA_FORMATS = ("medpix", "pmc-oa", "roco", "csv", "jsonl", "phantom")
 DsConfigOpt = Annotated[Optional[Path], typer.Option("--ds-config", help="DeepSpeed JSON (ZeRO stage, precision).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
 
@@ -200,7 +201,7 @@ def eval_zeroshot(
 
 @data_app.command("pack")
 def data_pack(
-    fmt: Annotated[str, typer.Option("--format", help="medpix, pmc-oa, roco, csv or jsonl.")],
+    fmt: Annotated[str, typer.Option("--format", help=f"{', '.join(PACK_FORMATS)}.")],
     input_path: Annotated[Path, typer.Option("--input", help="The data set's folder (or CSV/JSONL file).")],
     output: Annotated[Path, typer.Option("--output", help="Folder for the shards, their indices and manifest.json.")],
     split: Annotated[str, typer.Option("--split", help="train, dev, test or all.")] = "train",
@@ -220,10 +221,10 @@ def data_pack(
     --tokenizer minilm
     """
     from .config import DataConfig
-    from .data.pack import PACKABLE_FORMATS, pack
+    from .data.pack import pack
 
-    if fmt not in PACKABLE_FORMATS:
-        raise typer.BadParameter(f"--format must be one of {', '.join(PACKABLE_FORMATS)}")
+    if fmt not in PACK_FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}")
     _quiet_libraries()
     data = DataConfig(format=fmt, path=str(input_path), split=split, image_root=image_root)
     manifest = pack(data, output, tokenizer, split, shard_size, context_length, workers,

@@ -11,9 +11,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+# The allowed values of each choice, written once: the config checks them, the CLI offers them.
+DataFormat = Literal["medpix", "pmc-oa", "roco", "csv", "jsonl", "phantom"]
+PackFormat = Literal["medpix", "pmc-oa", "roco", "csv", "jsonl"]  # what `data pack` reads (phantom is generated)
+DataBackend = Literal["cpu", "torch", "dali", "auto"]
+Kernels = Literal["auto", "reference", "triton"]  # auto: Triton on CUDA, the reference elsewhere
+CpuPrecision = Literal["fp32", "as-configured"]
+StrongViews = Literal["auto", "on", "off"]
+
+DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
+PACK_FORMATS: tuple[str, ...] = typing.get_args(PackFormat)
 
 
 class ConfigError(ValueError):
@@ -58,7 +69,7 @@ class ModelConfig:
     text_dropout: float = 0.75
     logit_scale_init: float = 14.285714285714286  # 1 / 0.07
     logit_scale_max: float = 100.0
-    kernels: str = "auto"  # triton | reference | auto (Triton on CUDA)
+    kernels: Kernels = "auto"
     init_from: str = ""  # a PMC-CLIP checkpoint to start from
     unmasked_itc_pass: bool = False  # a second, unmasked text pass for ITC (costs a BERT pass)
 
@@ -80,7 +91,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "phantom"  # medpix | pmc-oa | roco | csv | jsonl | phantom
+    format: DataFormat = "phantom"
     path: str = ""
     split: str = "train"
     image_root: str = ""  # csv/jsonl: folder the image column is relative to
@@ -97,8 +108,8 @@ class DataConfig:
     # The two strong views: "auto", made in the SimCLR phase when SimCLR is on; "on", made from
     # train.simclr_start even with loss.simclr=0 (they pass through the image encoder, its BatchNorm
     # sees them, no SimCLR term); "off", never (SimCLR then cannot run).
-    strong_views: str = "auto"
-    backend: str = "cpu"  # cpu | torch | dali | auto
+    strong_views: StrongViews = "auto"
+    backend: DataBackend = "cpu"
     shards: str = ""  # a `unimlip-fast data pack` folder of the same records, read by the torch and dali backends
     cache_images: bool = False  # keep decoded, resized images in memory (small data sets)
 
@@ -129,7 +140,7 @@ class TrainConfig:
     max_nonfinite: int = 5  # non-finite losses in a row that stop the run
     # On a CPU, bf16/fp16 from the DeepSpeed config runs several times slower than fp32, so CPU runs
     # use fp32 unless this says "as-configured".
-    cpu_precision: str = "fp32"
+    cpu_precision: CpuPrecision = "fp32"
     # The fast step (train/fast.py): true | false | auto (on for CUDA). With it on, each key below
     # switches one speed-up, so each can be measured alone.
     fast: bool | str = "auto"
@@ -182,6 +193,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -285,15 +301,8 @@ def load_schema(schema: type, path: str | Path | None = None, overrides: list[st
 
 def validate(config: Config) -> None:
     """Checks across fields that the types alone do not catch."""
-    formats = ("medpix", "pmc-oa", "roco", "csv", "jsonl", "phantom")
-    if config.data.format not in formats:
-        raise ConfigError(f"data.format must be one of {formats}, got {config.data.format!r}")
     if config.data.format != "phantom" and not config.data.path:
         raise ConfigError(f"data.path is required for data.format={config.data.format}")
-    if config.data.backend not in ("cpu", "torch", "dali", "auto"):
-        raise ConfigError(f"data.backend must be cpu, torch, dali or auto, got {config.data.backend!r}")
-    if config.model.kernels not in ("auto", "reference", "triton"):
-        raise ConfigError(f"model.kernels must be auto, reference or triton, got {config.model.kernels!r}")
     from .kernels.ntxent import SIMCLR_NEGATIVES
     from .model.fusion import FUSION_HEADS
 
@@ -303,16 +312,12 @@ def validate(config: Config) -> None:
     if config.loss.simclr_negatives not in SIMCLR_NEGATIVES:
         raise ConfigError(f"loss.simclr_negatives must be one of {SIMCLR_NEGATIVES}, "
                           f"got {config.loss.simclr_negatives!r}")
-    if config.data.strong_views not in ("auto", "on", "off"):
-        raise ConfigError(f"data.strong_views must be auto, on or off, got {config.data.strong_views!r}")
     if config.data.strong_views == "off" and config.loss.simclr > 0:
         raise ConfigError("data.strong_views=off leaves SimCLR without its views; set loss.simclr=0 too")
     for key in ("weak_scale", "strong_scale"):
         scale = getattr(config.data, key)
         if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ConfigError(f"data.{key} must be [low, high] with 0 < low <= high <= 1, got {scale}")
-    if config.train.cpu_precision not in ("fp32", "as-configured"):
-        raise ConfigError(f"train.cpu_precision must be fp32 or as-configured, got {config.train.cpu_precision!r}")
     if config.train.fast not in (True, False, "auto"):
         raise ConfigError(f"train.fast must be true, false or auto, got {config.train.fast!r}")
     if config.train.batch_size < 2:

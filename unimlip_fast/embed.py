@@ -70,7 +70,7 @@ def packed_source(folder: str | os.PathLike) -> tuple[Iterable[Item], int, dict[
 
 def _stream_tars(tars: list[Path], skipped: collections.Counter) -> Iterator[Item]:
     """Samples in tar order; a tar that cannot be read (to its end) is counted as ``unreadable_shard``."""
-    from .data.shards import IMAGE_EXTS
+    from .data.shard_format import IMAGE_EXTS
 
     for path in tars:
         try:

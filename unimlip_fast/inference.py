@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config
-from .data.loader import eval_image, tokenize_captions, trim_padding
+from .data.cpu_loader import eval_image
+from .data.dataset import tokenize_captions
+from .data.spec import trim_padding
 from .model import UniMlip, load_trained
 
 

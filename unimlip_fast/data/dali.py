@@ -1,4 +1,4 @@
-"""The DALI pipeline: packed shards -> the batch contract, decoded and augmented on the GPU.
+"""The ``dali`` backend (optional dependency): packed shards -> the batch, decoded and augmented on the GPU.
 
 Install: ``pip install 'unimlip-fast[dali]'`` (``nvidia-dali-cuda130``, CUDA 13 drivers); on a
 CUDA 12 driver ``pip install nvidia-dali-cuda120`` instead. The same wheels run the CPU operators.
@@ -37,15 +37,13 @@ batch's ``skipped`` of each epoch (rank 0).
 """
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import torch
 
-from .formats import DataError
-from .masking import MaskingTables, mask_tokens
-from .shards import IMAGE_EXTS, ShardSet
-from .views import CLIP_MEAN, CLIP_STD
+from .shard_format import IMAGE_EXTS
+from .shards import ShardSet
+from .spec import LoaderSpec, count_epoch_losses
+from .views import CLIP_MEAN, CLIP_STD, RATIO
 
 BLUR_WINDOW = 13  # 2 * ceil(3 * max sigma) + 1 for sigma up to 2
 
@@ -72,7 +70,7 @@ def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int
 
     gpu = device_id is not None
     out_type = types.FLOAT16 if half else types.FLOAT
-    ratio = [3 / 4, 4 / 3]
+    ratio = list(RATIO)
     mean = [255 * m for m in CLIP_MEAN]
     std = [255 * s for s in CLIP_STD]
     length = shards.context_length
@@ -122,56 +120,51 @@ def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int
 
 
 class DALILoader:
-    """An epoch's batches on one rank, in the batch contract (tensors on the pipeline's device)."""
+    """The ``dali`` backend: an epoch's batches on one rank (tensors on ``spec.device``; a CPU
+    device runs the same pipeline with DALI's CPU operators)."""
 
-    def __init__(self, shards: ShardSet, per_rank: int, rank: int, world_size: int, seed: int, epoch: int,
-                 strong_views: bool, mlm: MaskingTables | None, mlm_prob: float, image_size: int,
-                 weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0), skip_batches: int = 0,
-                 device: torch.device | str = "cuda", dtype: torch.dtype = torch.float32, num_threads: int = 4):
+    name = "dali"
+
+    def __init__(self, source: ShardSet, spec: LoaderSpec):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.device = torch.device(device)
-        device_id = None if self.device.type == "cpu" else (self.device.index or 0)
-        self.shards, self.dtype, self.strong, self.mlm, self.mlm_prob = shards, dtype, strong_views, mlm, mlm_prob
-        self.seed, self.epoch, self.skip_batches = seed, epoch, skip_batches
-        self.num_batches = (len(shards) // world_size) // per_rank
-        if self.num_batches == 0:
-            raise DataError(f"{len(shards)} samples do not fill one global batch of {per_rank} x {world_size} ranks")
-        self.first_skipped = shards.epoch_skipped if rank == 0 and skip_batches == 0 else {}
-        shard_order = np.random.default_rng([seed, epoch]).permutation(len(shards.tars))  # rank-free
-        pipe = build_pipeline(shards, per_rank, rank, world_size, _epoch_seed(seed, epoch, rank), strong_views,
-                              image_size, weak_scale, strong_scale, device_id, half=dtype == torch.float16,
-                              num_threads=num_threads, shard_order=shard_order)
+        self.source, self.spec = source, spec
+        device_id = None if spec.device.type == "cpu" else (spec.device.index or 0)
+        self.num_batches = spec.batches_per_epoch(len(source))
+        shard_order = np.random.default_rng([spec.seed, spec.epoch]).permutation(len(source.tars))  # rank-free
+        pipe = build_pipeline(source, spec.batch_size, spec.rank, spec.world_size,
+                              _epoch_seed(spec.seed, spec.epoch, spec.rank), spec.strong_views, spec.image_size,
+                              spec.weak_scale, spec.strong_scale, device_id, half=spec.dtype == torch.float16,
+                              num_threads=max(1, spec.num_workers), shard_order=shard_order)
         pipe.build()
-        self.keys = ["image"] + (["image_a", "image_b"] if strong_views else []) + ["ids", "length", "index"]
+        self.keys = ["image"] + (["image_a", "image_b"] if spec.strong_views else []) + ["ids", "length", "index"]
         self.iterator = DALIGenericIterator([pipe], self.keys, reader_name="reader",
                                             last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
         where = "GPU (mixed nvJPEG decode)" if device_id is not None else "CPU operators (device_id=None)"
-        self.description = f"dali backend: {where}, shards {shards.root}"
+        self.description = f"dali backend: {where}, shards {source.root}"
 
     def __len__(self) -> int:
-        return max(0, self.num_batches - self.skip_batches)
+        return max(0, self.num_batches - self.spec.skip_batches)
 
     def __iter__(self):
+        return count_epoch_losses(self._batches(), self.spec, self.source.epoch_skipped)
+
+    def _batches(self):
         for k, out in enumerate(self.iterator):
             if k >= self.num_batches:
                 break
-            if k < self.skip_batches:  # resuming mid-epoch: the batches already trained on
+            if k < self.spec.skip_batches:  # resuming mid-epoch: the batches already trained on
                 continue
-            yield self._contract(out[0], first=k == self.skip_batches)
+            yield self._contract(out[0])
 
-    def _contract(self, out: dict, first: bool) -> dict:
+    def _contract(self, out: dict) -> dict:
+        device = self.spec.device
         index = out["index"].view(-1).to(torch.int64)
-        lengths = out["length"].view(-1).to(self.device)
-        ids = out["ids"].to(self.device, torch.int64, non_blocking=True)
-        positions = torch.arange(ids.shape[1], device=self.device)
+        lengths = out["length"].view(-1).to(device)
+        ids = out["ids"].to(device, torch.int64, non_blocking=True)
+        positions = torch.arange(ids.shape[1], device=device)
         mask = (positions[None, :] < lengths[:, None]).to(torch.int64)
-        batch = {key: out[key].to(self.device).to(self.dtype) for key in ("image", "image_a", "image_b") if key in out}
-        if self.mlm is not None:
-            from .loader import _generator
-
-            g = _generator(self.seed, self.epoch, 1 << 30, *index.cpu().tolist())
-            ids, batch["mlm_labels"] = mask_tokens(ids, mask, self.mlm, self.mlm_prob, g)
-        batch.update(input_ids=ids, attention_mask=mask, index=index.to(self.device),
-                     skipped=dict(collections.Counter(self.first_skipped)) if first else {})
+        batch = {key: out[key].to(device).to(self.spec.dtype) for key in ("image", "image_a", "image_b") if key in out}
+        batch.update(self.spec.mask_captions(ids, mask, index))
+        batch.update(index=index.to(device), skipped={})
         return batch

@@ -23,7 +23,7 @@ class MaskingTables:
     random_ids: torch.Tensor  # [R] int64: the ids a random replacement is drawn from
 
     @classmethod
-    def from_tokenizer(cls, tok) -> "MaskingTables":
+    def from_tokenizer(cls, tok) -> MaskingTables:
         """From a HF tokenizer: WordPiece (``##`` continuations), or SentencePiece/byte-level BPE
         (``▁``/``Ġ`` mark word starts) when the vocabulary has no ``##`` tokens."""
         if tok.mask_token_id is None:
@@ -47,7 +47,7 @@ class MaskingTables:
             random_ids=torch.nonzero(~special).squeeze(1),
         )
 
-    def to(self, device) -> "MaskingTables":
+    def to(self, device) -> MaskingTables:
         return MaskingTables(
             self.word_start.to(device), self.special.to(device), self.mask_id, self.vocab_size,
             self.random_ids.to(device),

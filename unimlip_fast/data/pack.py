@@ -1,23 +1,6 @@
 """``unimlip-fast data pack``: records -> webdataset tar shards with pre-tokenised captions.
 
-A packed folder holds:
-
-- ``shard-000000.tar``, ...: one sample per record, members named ``<n>.<ext>`` with ``n`` the
-  record's index in the source split (nine digits; the reader's key, so no dots in it):
-  ``<n>.jpg`` (or ``.png``, ...: the original image bytes and extension), ``<n>.ids`` (the caption's
-  token ids up to its attention length, int32 little-endian, no padding), ``<n>.idx`` (``n`` as
-  int64 little-endian: the batch's ``index``), ``<n>.txt`` (the caption, UTF-8) and ``<n>.key``
-  (the record's key in the source);
-- ``shard-000000.idx``: DALI's webdataset index of the shard (``v1.2 <samples>``, then one line per
-  sample: ``<ext> <data offset> <size> <member name>`` for each member);
-- ``shard-000000.json``: the shard's completion marker (samples, skips, size, mtime and BLAKE2b
-  digest of the tar);
-- ``tokenizer/``: the tokenizer the ids come from (``save_pretrained``);
-- ``plan.json``: what the folder is made from (source, record count, shard size, tokenizer,
-  context length, shuffle seed); a re-run with another plan is refused;
-- ``manifest.json``: the plan, counts, tokenizer (name, vocab size, pad id, context length), the
-  shard list and the records skipped, per reason: ``skipped`` (the reader's and packing's) and
-  ``pack_skipped`` (packing's alone: the samples a loader counts as lost each epoch).
+The folder's layout and file formats are in :mod:`.shard_format`.
 
 Packing streams: shard ``k`` holds records ``[k*S, (k+1)*S)`` of the split in a seeded shuffled
 order; a process pool packs shards independently (two per worker in flight), each worker reading,
@@ -41,13 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DataConfig
+from ..config import PACK_FORMATS, DataConfig
+from .dataset import tokenize_captions
+from .decoding import check_image_bytes
 from .formats import DataError, Record, clean_caption, read_records
-
-PACK_VERSION = 1
-KEY_DIGITS = 9
-SHARD_NAME = "shard-{:06d}"
-PACKABLE_FORMATS = ("medpix", "pmc-oa", "roco", "csv", "jsonl")
+from .shard_format import PACK_VERSION, SHARD_NAME, file_digest, member_name, write_atomic, write_index
 
 
 @dataclass(frozen=True)
@@ -74,26 +55,12 @@ def load_tokenizer(name_or_path: str):
                         "a run saved (runs/<name>/tokenizer) or one saved with build_tokenizer(...).save_pretrained")
     from transformers import AutoTokenizer
 
-    from ..model.text import _resolve
+    from ..model.text import resolve_encoder
 
     try:
-        return AutoTokenizer.from_pretrained(_resolve(name_or_path))
+        return AutoTokenizer.from_pretrained(resolve_encoder(name_or_path))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot load the tokenizer {name_or_path!r}: {e}") from e
-
-
-def check_image_bytes(data: bytes) -> bool:
-    """A cheap decode check: PIL parses the header, then decodes (JPEG at 1/8 scale, so ~1 ms)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-            im.load()
-        return True
-    except Exception:  # noqa: BLE001 - any failure to decode means the image is unusable
-        return False
 
 
 # ------------------------------------------------------------------------------------- one shard
@@ -116,32 +83,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]
     start = tar.offset
     tar.addfile(info, io.BytesIO(data))
     return start + header, len(data)
-
-
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    """BLAKE2b-128 of a file (about 1 GB/s): tells a copied shard (new mtime) from an edited one."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_index(path: Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
-    """DALI's webdataset index (v1.2): ``v1.2 <n>``, then per sample ``ext offset size name`` per member."""
-    lines = [f"v1.2 {len(samples)}"]
-    lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) for sample in samples]
-    write_atomic(path, "\n".join(lines) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name of this process, then rename: readers (other ranks) see the old
-    file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]], context_length: int,
@@ -172,19 +113,16 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
         ext = Path(image_path).suffix.lower().lstrip(".") or "img"
         good.append((i, key, caption, data, ext))
 
-    from .loader import tokenize_captions
-
     ids, mask = tokenize_captions(tokenizer, [g[2] for g in good], context_length)
     lengths = mask.sum(axis=1)
     tmp_tar = out / f"{name}.tar.tmp"
     index = []
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for (i, key, caption, data, ext), row, n in zip(good, ids, lengths):
-            base = f"{i:0{KEY_DIGITS}d}"
             members = [(ext, data), ("ids", row[:n].astype("<i4").tobytes()),
                        ("idx", np.int64(i).astype("<i8").tobytes()), ("txt", caption.encode()),
                        ("key", str(key).encode())]
-            index.append([(e, *_add_member(tar, f"{base}.{e}", d), f"{base}.{e}") for e, d in members])
+            index.append([(e, *_add_member(tar, member_name(i, e), d), member_name(i, e)) for e, d in members])
     os.replace(tmp_tar, out / f"{name}.tar")
     write_index(out / f"{name}.idx", index)
     stat = (out / f"{name}.tar").stat()
@@ -222,8 +160,8 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
     Records are spread over the shards in an order shuffled with ``shuffle_seed`` (``None``: the
     source's order): sources group similar pairs (a case's images, a paper's subfigures, often with
     one caption), and a reader's shuffle buffer only mixes nearby samples."""
-    if data.format not in PACKABLE_FORMATS:
-        raise DataError(f"data pack reads {', '.join(PACKABLE_FORMATS)}; got {data.format!r}")
+    if data.format not in PACK_FORMATS:
+        raise DataError(f"data pack reads {', '.join(PACK_FORMATS)}; got {data.format!r}")
     if shard_size < 1 or context_length < 2:
         raise DataError("--shard-size must be >= 1 and --context-length >= 2")
     split = data.split if split is None else split

@@ -58,7 +58,7 @@ def _lesion_centres(rng, count: int, r: float, vert: int, horiz: int) -> list[tu
     sx = -1.0 if horiz == 0 else 1.0  # image left = negative x
     sy = -1.0 if vert == 0 else 1.0  # upper = negative y (row 0 at the top)
     best: list = []
-    for attempt in range(200):
+    for _attempt in range(200):
         pts = [(sx * rng.uniform(0.12, 0.66 - r), sy * rng.uniform(0.12, 0.6 - r)) for _ in range(count)]
         gap = min(
             (np.hypot(a[0] - b[0], a[1] - b[1]) for i, a in enumerate(pts) for b in pts[i + 1 :]),

@@ -1,4 +1,4 @@
-"""Reading a packed folder (see :mod:`.pack`): the verified sample list both GPU backends read.
+"""Reading a packed folder (format: :mod:`.shard_format`): the verified sample list both GPU backends read.
 
 :func:`open_shards` reads the manifest and, for each shard, the sample list of its index file. A
 shard whose tar no longer has the size and mtime its marker recorded is checked: the same size and
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -28,11 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .decoding import check_image_bytes, decode_image_bytes
 from .formats import DataError
-from .pack import check_image_bytes, file_digest, write_atomic, write_index
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "img")
-JPEG_EXTS = ("jpg", "jpeg")
+from .shard_format import IMAGE_EXTS, JPEG_EXTS, file_digest, parse_index, write_atomic, write_index
 
 # One row per usable sample.
 SAMPLE_DTYPE = np.dtype([("shard", np.int32), ("index", np.int64), ("img_off", np.int64), ("img_size", np.int64),
@@ -74,22 +71,6 @@ class ShardSet:
         return self.root / self.manifest["tokenizer"]["path"]
 
 
-def _parse_index(path: Path) -> list[list[tuple[str, int, int, str]]]:
-    lines = path.read_text().split("\n")
-    head = lines[0].split()
-    if len(head) != 2 or head[0] not in ("v1.1", "v1.2"):
-        raise DataError(f"{path}: not a webdataset index (first line {lines[0]!r})")
-    samples = []
-    for line in lines[1:]:
-        parts = line.split()
-        if parts:
-            samples.append([(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3])
-                            for k in range(0, len(parts), 4)])
-    if len(samples) != int(head[1]):
-        raise DataError(f"{path}: the header says {head[1]} samples, the file lists {len(samples)}")
-    return samples
-
-
 def _rows(shard: int, samples) -> list[tuple]:
     rows = []
     for sample in samples:
@@ -118,7 +99,7 @@ def scan_tar(path: Path, check_images: bool = True) -> tuple[list, collections.C
                     order.append(base)
                 groups[base][ext] = (m.offset_data, m.size, m.name)
     except (tarfile.ReadError, EOFError, OSError) as e:
-        raise DataError(f"{path}: unreadable tar ({e}); repack it (delete its .json marker and run data pack again)")
+        raise DataError(f"{path}: unreadable tar ({e}); repack it (delete its .json marker and run data pack again)") from e
     good = []
     with open(path, "rb") as fh:
         for base in order:
@@ -168,13 +149,13 @@ def _verify(root: Path, entry: dict, st: os.stat_result) -> tuple[Path, list, co
         meta = json.loads(meta_path.read_text())
         if meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
             if meta.get("unchanged"):
-                return root / entry["index"], _parse_index(root / entry["index"]), collections.Counter()
+                return root / entry["index"], parse_index(root / entry["index"]), collections.Counter()
             if index_path.is_file():
-                return index_path, _parse_index(index_path), collections.Counter(meta["skipped"])
+                return index_path, parse_index(index_path), collections.Counter(meta["skipped"])
     tar = root / entry["tar"]
     if st.st_size == entry["size"] and entry.get("blake2b") and file_digest(tar) == entry["blake2b"]:
         write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "unchanged": True}))
-        return root / entry["index"], _parse_index(root / entry["index"]), collections.Counter()
+        return root / entry["index"], parse_index(root / entry["index"]), collections.Counter()
     samples, skipped = scan_tar(tar)
     write_index(index_path, samples)
     write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "skipped": dict(skipped)}))
@@ -215,7 +196,7 @@ def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardS
             read_skipped.update(skipped)
         else:
             index_path = root / entry["index"]
-            samples = _parse_index(index_path)
+            samples = parse_index(index_path)
         tar = root / entry["tar"]
         if samples:  # DALI rejects a tar with no samples
             tars.append(tar)
@@ -276,8 +257,6 @@ class ShardDataset:
         return np.frombuffer(self._read(int(row["shard"]), int(row["ids_off"]), int(row["ids_size"])), "<i4")
 
     def __getitem__(self, j: int) -> dict:
-        from .loader import fit_image
-
         row = self.shards.samples[j]
         shard = int(row["shard"])
         ids = self.read_ids(j)
@@ -286,10 +265,47 @@ class ShardDataset:
         if self.raw_jpeg and row["jpeg"]:
             sample["jpeg"] = np.frombuffer(data, np.uint8)
             return sample
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (self.decode_size, self.decode_size))
-            sample["image"] = fit_image(im, self.decode_size)
+        sample["image"] = decode_image_bytes(data, self.decode_size)
         return sample
+
+
+# ----------------------------------------------------------------------- opened once, checked
+
+
+_OPENED: dict[tuple, ShardSet] = {}
+
+
+def load_shards(shards: str | os.PathLike | ShardSet, dataset=None) -> ShardSet:
+    """Open (once per process and manifest version) a packed folder, checked against ``dataset``."""
+    if isinstance(shards, ShardSet):
+        return shards
+    root = Path(shards)
+    manifest = root / "manifest.json"
+    key = (str(root.resolve()), manifest.stat().st_mtime_ns if manifest.is_file() else 0, id(dataset))
+    if key not in _OPENED:
+        opened = open_shards(root)
+        if dataset is not None:
+            check_against_dataset(opened, dataset)
+        _OPENED[key] = opened
+    return _OPENED[key]
+
+
+def check_against_dataset(shards: ShardSet, dataset, n: int = 256) -> None:
+    """Refuse shards that are not the run's records with the run's tokenizer (up to ``n`` samples compared)."""
+    if int(shards.samples["index"].max()) >= len(dataset):
+        raise DataError(f"{shards.root} holds record indices beyond the {len(dataset)} records of the run's data: "
+                        "it was packed from another data set or split")
+    if shards.context_length != dataset.input_ids.shape[1]:
+        raise DataError(f"{shards.root} was packed with context length {shards.context_length}, the run uses "
+                        f"{dataset.input_ids.shape[1]} (model.text.context_length); repack with --context-length")
+    reader = ShardDataset(shards, 1)
+    picks = np.linspace(0, len(shards) - 1, min(n, len(shards))).astype(int)
+    packed, packed_mask = ids_to_tokens([reader.read_ids(j) for j in picks], shards.context_length,
+                                        shards.pad_token_id)
+    index = [int(shards.samples[j]["index"]) for j in picks]
+    mask = dataset.attention_mask[index].astype(bool)
+    if not (np.array_equal(packed_mask.astype(bool), mask)
+            and np.array_equal(packed[mask], dataset.input_ids[index][mask])):
+        raise DataError(f"the caption ids in {shards.root} differ from the run's tokenizer "
+                        f"({shards.manifest['tokenizer']['name']} when packed): repack with --tokenizer pointing at "
+                        "the run's tokenizer (runs/<name>/tokenizer, or the model.text.encoder name)")

@@ -1,4 +1,4 @@
-"""The torch GPU path: decode in DataLoader workers (or on the GPU), augment as batched device ops.
+"""The ``torch`` backend: decode in DataLoader workers (or on the GPU), augment as batched device ops.
 
 Workers only read and decode: a packed shard's sample (:class:`.shards.ShardDataset`) or a record
 of the CPU loader's dataset, PIL-decoded and shrunk to about 1.15x the image size, and the batch
@@ -13,7 +13,7 @@ Images of different sizes share one batch: each is placed at the top left of a c
 the largest (its last row and column repeated once, so bilinear sampling at its edge sees itself),
 and its crop box is drawn from its own height and width, so the batched crop never reads the
 padding. Sample order, rank split and last-batch policy are the CPU loader's
-(:class:`.loader.DistributedBatchSampler`: a permutation per ``(seed, epoch)``, global batches cut
+(:class:`.dataset.DistributedBatchSampler`: a permutation per ``(seed, epoch)``, global batches cut
 into per-rank slices, the tail dropped so every rank has as many batches). View parameters come
 from a generator seeded with ``(seed, epoch, indices of the batch)``: the same seed gives the same
 batches. A sample that fails to load is replaced by the next good one and counted in ``skipped``.
@@ -21,19 +21,20 @@ batches. A sample that fails to load is replaced by the next good one and counte
 from __future__ import annotations
 
 import collections
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .dataset import CaptionImageDataset, DistributedBatchSampler, Substitutes
+from .decoding import decode_size
 from .formats import DataError
-from .loader import (DECODE_MARGIN, MAX_SUBSTITUTES, _DECODE_ERRORS, CaptionImageDataset, DistributedBatchSampler,
-                     _failure_reason, _generator)
-from .masking import MaskingTables, mask_tokens
 from .shards import ShardDataset, ShardSet, ids_to_tokens
-from .views import RATIO, crop_resize, normalize, strong_photometric
+from .spec import LoaderSpec, count_epoch_losses, merge_counts
+from .views import RATIO, crop_boxes, crop_resize, normalize, strong_photometric
+
+VIEW_STREAM = 1 << 31  # salt of the views' generator (per batch), apart from the masking's
 
 
 def gpu_jpeg_decode_available(device: torch.device) -> bool:
@@ -47,34 +48,6 @@ def gpu_jpeg_decode_available(device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------ views on a device
-
-
-def _u(n: int, lo: float, hi: float, g, shape=()) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand((n, *shape), generator=g)
-
-
-def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale, ratio=RATIO, generator=None) -> torch.Tensor:
-    """:func:`.views.random_resized_crop_boxes` for images of different sizes (``heights``,
-    ``widths`` [n] float, on the CPU): ten tries each, the first that fits, else the centre crop at
-    the clamped aspect. ``[n,4]`` ``(x0, y0, w, h)`` in each image's pixels."""
-    n, tries = len(heights), 10
-    hh, ww = heights.double(), widths.double()
-    area = (hh * ww)[:, None] * _u(n, scale[0], scale[1], generator, (tries,)).double()
-    aspect = torch.exp(_u(n, math.log(ratio[0]), math.log(ratio[1]), generator, (tries,)).double())
-    w = torch.sqrt(area * aspect).round()
-    h = torch.sqrt(area / aspect).round()
-    ok = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])
-    first = ok.double().argmax(dim=1, keepdim=True)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    in_ratio = ww / hh
-    fw = torch.where(in_ratio > ratio[1], (hh * ratio[1]).round(), ww)
-    fh = torch.where(in_ratio < ratio[0], (ww / ratio[0]).round(), hh)
-    any_ok = ok.any(dim=1)
-    w, h = torch.where(any_ok, w, fw), torch.where(any_ok, h, fh)
-    ux, uy = _u(n, 0.0, 1.0, generator).double(), _u(n, 0.0, 1.0, generator).double()
-    x0 = torch.where(any_ok, torch.minimum(torch.floor(ux * (ww - w + 1)), ww - w), (ww - w) / 2)
-    y0 = torch.where(any_ok, torch.minimum(torch.floor(uy * (hh - h + 1)), hh - h), (hh - h) / 2)
-    return torch.stack([x0, y0, w, h], dim=1).float()
 
 
 def shrink_on_device(image: torch.Tensor, target: int) -> torch.Tensor:
@@ -126,14 +99,13 @@ def make_views(x: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, size: int, g
 
 
 class _Items(Dataset):
-    """Index -> ``{"index", "ids" | row of input ids, "image" | "jpeg"}`` with bad samples
-    substituted by the next good one and counted by the reason they failed."""
+    """Index -> ``{"index", "ids" | "row", "image" | "jpeg", "skipped"}``, bad samples substituted
+    by the next good one and counted by the reason they failed."""
 
     def __init__(self, source, image_size: int, raw_jpeg: bool):
         self.source = source
-        decode = round(image_size * DECODE_MARGIN)
-        self.shards = ShardDataset(source, decode, raw_jpeg) if isinstance(source, ShardSet) else None
-        self._bad: dict[int, str] = {}
+        self.shards = ShardDataset(source, decode_size(image_size), raw_jpeg) if isinstance(source, ShardSet) else None
+        self.load = Substitutes(len(source), self._load)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -145,19 +117,8 @@ class _Items(Dataset):
         return {"index": j, "image": np.asarray(base.load_image(j)), "row": j}
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self)
-        for k in range(min(n, MAX_SUBSTITUTES)):
-            j = (i + k) % n
-            if j in self._bad:
-                continue
-            try:
-                sample = self._load(j)
-                break
-            except _DECODE_ERRORS as err:
-                self._bad[j] = _failure_reason(err)
-        else:
-            raise DataError(f"{min(n, MAX_SUBSTITUTES)} samples in a row from {i} failed to load")
-        sample["skipped"] = {self._bad[i]: 1} if j != i else {}
+        _, sample, skipped = self.load(i)
+        sample["skipped"] = skipped
         return sample
 
 
@@ -180,42 +141,36 @@ def _collate(samples: list[dict]) -> dict:
         batch["ids"] = [s["ids"] for s in samples]
     else:
         batch["rows"] = [s["row"] for s in samples]
-    skipped = collections.Counter()
-    for s in samples:
-        skipped.update(s["skipped"])
-    batch["skipped"] = dict(skipped)
+    batch["skipped"] = merge_counts(*(s["skipped"] for s in samples))
     return batch
 
 
 # ------------------------------------------------------------------------------------- the loader
 
 
-class TorchGPULoader:
-    """An epoch's batches in the batch contract, tensors on ``device``, images in ``dtype``."""
+class TorchLoader:
+    """The ``torch`` backend: an epoch's batches on one rank, tensors on ``spec.device``, images in
+    ``spec.dtype``. ``source``: a :class:`.shards.ShardSet` or the trainer's dataset.
+    ``jpeg_on_device``: decode shards' JPEGs with nvJPEG (default: where torchvision and CUDA are)."""
 
-    def __init__(self, source, per_rank: int, rank: int, world_size: int, seed: int, epoch: int, strong_views: bool,
-                 mlm: MaskingTables | None, mlm_prob: float, num_workers: int, weak_scale, strong_scale,
-                 skip_batches: int, device: torch.device, dtype: torch.dtype, image_size: int,
-                 jpeg_on_device: bool | None = None):
-        self.source, self.device, self.dtype, self.image_size = source, torch.device(device), dtype, image_size
-        self.seed, self.epoch, self.strong, self.mlm, self.mlm_prob = seed, epoch, strong_views, mlm, mlm_prob
-        self.weak_scale, self.strong_scale = tuple(weak_scale), tuple(strong_scale)
-        if jpeg_on_device is None:  # JPEGs from shards decoded by nvJPEG where torchvision and CUDA are there
-            jpeg_on_device = gpu_jpeg_decode_available(self.device)
-        self.gpu_decode = isinstance(source, ShardSet) and jpeg_on_device
-        self.sampler = DistributedBatchSampler(len(source), per_rank, rank, world_size, seed, epoch, skip_batches)
-        if self.sampler.num_batches == 0:
-            raise DataError(f"{len(source)} samples do not fill one global batch of {per_rank} x {world_size} ranks")
-        self.first_skipped = (source.epoch_skipped if isinstance(source, ShardSet) and rank == 0 and skip_batches == 0
-                              else {})
-        self.loader = DataLoader(_Items(source, image_size, self.gpu_decode), batch_sampler=self.sampler,
-                                 collate_fn=_collate, num_workers=num_workers,
-                                 pin_memory=self.device.type == "cuda",
-                                 prefetch_factor=4 if num_workers > 0 else None,
+    name = "torch"
+
+    def __init__(self, source, spec: LoaderSpec, jpeg_on_device: bool | None = None):
+        self.source, self.spec = source, spec
+        if jpeg_on_device is None:
+            jpeg_on_device = gpu_jpeg_decode_available(spec.device)
+        from_shards = isinstance(source, ShardSet)
+        self.gpu_decode = from_shards and jpeg_on_device
+        self.sampler = DistributedBatchSampler.for_spec(len(source), spec)
+        self.lost = source.epoch_skipped if from_shards else {}
+        self.loader = DataLoader(_Items(source, spec.image_size, self.gpu_decode), batch_sampler=self.sampler,
+                                 collate_fn=_collate, num_workers=spec.num_workers,
+                                 pin_memory=spec.device.type == "cuda",
+                                 prefetch_factor=4 if spec.num_workers > 0 else None,
                                  persistent_workers=False)
         decode = "GPU nvJPEG (torchvision)" if self.gpu_decode else "PIL in workers"
-        self.description = (f"torch backend: {decode} decode, views on {self.device.type} "
-                            f"({'packed shards ' + str(source.root) if isinstance(source, ShardSet) else 'records'})")
+        self.description = (f"torch backend: {decode} decode, views on {spec.device.type} "
+                            f"({'packed shards ' + str(source.root) if from_shards else 'records'})")
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -223,24 +178,17 @@ class TorchGPULoader:
     def __iter__(self):
         # The DataLoader's iterator (which draws the workers' base seed from torch's global RNG) is
         # made here, not on the first next(): the trainer makes it under fork_rng.
-        return self._batches(iter(self.loader))
-
-    def _batches(self, cpu_batches):
-        first = True
-        for cpu_batch in cpu_batches:
-            batch = self._to_device(cpu_batch)
-            if first and self.first_skipped:
-                batch["skipped"] = dict(collections.Counter(batch["skipped"]) + collections.Counter(self.first_skipped))
-            first = False
-            yield batch
+        cpu_batches = iter(self.loader)
+        return count_epoch_losses(map(self._to_device, cpu_batches), self.spec, self.lost)
 
     def _decode(self, cpu_batch: dict) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], collections.Counter]:
         """The batch's float [0,1] canvas on the device (images about 1.15x the image size)."""
         if "canvas" in cpu_batch:
             x, hs, ws = cpu_batch["canvas"]
-            return (x.to(self.device, non_blocking=True).float().div_(255), hs, ws), collections.Counter()
-        target = round(self.image_size * DECODE_MARGIN)
-        images = [None if x is None else x.to(self.device, non_blocking=True) for x in cpu_batch["images"]]
+            return (x.to(self.spec.device, non_blocking=True).float().div_(255), hs, ws), collections.Counter()
+        device = self.spec.device
+        target = decode_size(self.spec.image_size)
+        images = [None if x is None else x.to(device, non_blocking=True) for x in cpu_batch["images"]]
         failed = collections.Counter()
         jpegs = cpu_batch["jpegs"]
         if jpegs:
@@ -248,12 +196,12 @@ class TorchGPULoader:
 
             keys = list(jpegs)
             try:
-                decoded = decode_jpeg([jpegs[k] for k in keys], mode=ImageReadMode.RGB, device=self.device)
+                decoded = decode_jpeg([jpegs[k] for k in keys], mode=ImageReadMode.RGB, device=device)
             except RuntimeError:  # one bad JPEG fails the batched call: decode one by one
                 decoded = []
                 for k in keys:
                     try:
-                        decoded.append(decode_jpeg(jpegs[k], mode=ImageReadMode.RGB, device=self.device))
+                        decoded.append(decode_jpeg(jpegs[k], mode=ImageReadMode.RGB, device=device))
                     except RuntimeError:
                         decoded.append(None)
                         failed["undecodable_image"] += 1
@@ -267,11 +215,12 @@ class TorchGPULoader:
         return (x.float().div_(255), hs, ws), failed
 
     def _to_device(self, cpu_batch: dict) -> dict:
+        spec, device = self.spec, self.spec.device
         index = cpu_batch["index"]
         (x, hs, ws), failed = self._decode(cpu_batch)
-        g = _generator(self.seed, self.epoch, 1 << 31, *index.tolist())
-        views = make_views(x, hs, ws, self.image_size, g, self.strong, self.weak_scale, self.strong_scale)
-        batch = {k: v.to(self.dtype) for k, v in views.items()}
+        g = spec.generator(VIEW_STREAM, *index.tolist())
+        views = make_views(x, hs, ws, spec.image_size, g, spec.strong_views, spec.weak_scale, spec.strong_scale)
+        batch = {k: v.to(spec.dtype) for k, v in views.items()}
         if "ids" in cpu_batch:
             ids, mask = ids_to_tokens(cpu_batch["ids"], self.source.context_length, self.source.pad_token_id)
             ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
@@ -279,10 +228,7 @@ class TorchGPULoader:
             rows = cpu_batch["rows"]
             ids = torch.from_numpy(self.source.input_ids[rows]).long()
             mask = torch.from_numpy(self.source.attention_mask[rows]).long()
-        ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
-        if self.mlm is not None:
-            mg = _generator(self.seed, self.epoch, 1 << 30, *index.tolist())
-            ids, batch["mlm_labels"] = mask_tokens(ids, mask, self.mlm, self.mlm_prob, mg)
-        batch.update(input_ids=ids, attention_mask=mask, index=index.to(self.device, non_blocking=True),
-                     skipped=dict(collections.Counter(cpu_batch["skipped"]) + failed))
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        batch.update(spec.mask_captions(ids, mask, index))
+        batch.update(index=index.to(device, non_blocking=True), skipped=merge_counts(cpu_batch["skipped"], failed))
         return batch

@@ -79,37 +79,39 @@ def grey(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------- crop and resize
 
 
-def random_resized_crop_boxes(n, height, width, scale, ratio=RATIO, generator=None, device="cpu"):
-    """torchvision's RandomResizedCrop parameters for ``n`` samples, vectorised: ten tries per
-    sample, the first that fits, else the centre crop at the clamped aspect. ``[n,4]``
-    float ``(x0, y0, w, h)`` in pixels (sub-pixel boxes are fine for grid_sample)."""
-    tries = 10
-    area = height * width * _uniform(n, scale[0], scale[1], generator, device, (tries,))
-    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device, (tries,))
-    aspect = torch.exp(log_r)
+def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale, ratio=RATIO, generator=None, device=None):
+    """torchvision's RandomResizedCrop parameters for images of sizes ``heights`` x ``widths``
+    ([n] tensors), vectorised: ten tries per sample, the first that fits, else the whole image
+    clamped to the aspect range, centred. ``[n,4]`` float32 ``(x0, y0, w, h)`` in each image's
+    pixels, on ``device`` (default: the sizes'); sub-pixel boxes are fine for grid_sample."""
+    device = heights.device if device is None else torch.device(device)
+    n, tries = len(heights), 10
+    hh, ww = heights.to(device, torch.float64), widths.to(device, torch.float64)
+    area = (hh * ww)[:, None] * _uniform(n, scale[0], scale[1], generator, device, (tries,)).double()
+    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device, (tries,)).double())
     w = torch.sqrt(area * aspect).round()
     h = torch.sqrt(area / aspect).round()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.float().argmax(dim=1, keepdim=True)  # first fitting try (0 when none fit)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
+    ok = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])
+    first = ok.double().argmax(dim=1, keepdim=True)  # first fitting try (0 when none fit)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     # Fallback when no try fits: the whole image clamped to the aspect range, centred.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
+    in_ratio = ww / hh
+    fw = torch.where(in_ratio > ratio[1], (hh * ratio[1]).round(), ww)
+    fh = torch.where(in_ratio < ratio[0], (ww / ratio[0]).round(), hh)
     any_ok = ok.any(dim=1)
-    w = torch.where(any_ok, w, torch.full_like(w, fw))
-    h = torch.where(any_ok, h, torch.full_like(h, fh))
-    ux = _uniform(n, 0.0, 1.0, generator, device)
-    uy = _uniform(n, 0.0, 1.0, generator, device)
+    w, h = torch.where(any_ok, w, fw), torch.where(any_ok, h, fh)
+    ux = _uniform(n, 0.0, 1.0, generator, device).double()
+    uy = _uniform(n, 0.0, 1.0, generator, device).double()
     # torchvision draws integer offsets in [0, W - w]; a continuous offset is the same distribution's hull.
-    x0 = torch.where(any_ok, torch.floor(ux * (width - w + 1)).clamp(max=width - w), (width - w) / 2)
-    y0 = torch.where(any_ok, torch.floor(uy * (height - h + 1)).clamp(max=height - h), (height - h) / 2)
-    return torch.stack([x0, y0, w, h], dim=1)
+    x0 = torch.where(any_ok, torch.minimum(torch.floor(ux * (ww - w + 1)), ww - w), (ww - w) / 2)
+    y0 = torch.where(any_ok, torch.minimum(torch.floor(uy * (hh - h + 1)), hh - h), (hh - h) / 2)
+    return torch.stack([x0, y0, w, h], dim=1).float()
+
+
+def random_resized_crop_boxes(n, height, width, scale, ratio=RATIO, generator=None, device="cpu"):
+    """:func:`crop_boxes` for ``n`` images of one size ``height`` x ``width``."""
+    sizes = torch.ones(n, dtype=torch.float64, device=device)
+    return crop_boxes(sizes * height, sizes * width, scale, ratio, generator)
 
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:

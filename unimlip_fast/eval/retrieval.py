@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
+from ..data.cpu_loader import build_eval_loader
+from ..data.dataset import build_dataset
 from ..data.formats import Record, read_records, roco_eval_subset
-from ..data.loader import build_dataset, build_eval_loader, trim_padding
+from ..data.spec import trim_padding
 
 
 def dedupe_captions(records: list[Record]) -> tuple[list[Record], int]:

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.formats import DataError
-from ..data.loader import DECODE_MARGIN, MAX_SUBSTITUTES, decode_image
+from ..data.dataset import MAX_SUBSTITUTES
+from ..data.decoding import DECODE_ERRORS, decode_image, decode_size, failure_reason
 from ..data.views import eval_view_one, weak_view_one
 from ..model import UniMlip
 from ..train.distributed import DistEnv
@@ -79,15 +80,12 @@ def sample_generator(*entropy: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1)[0]))
 
 
-DECODE_ERRORS = (OSError, ValueError, SyntaxError)
-
-
 class ImageCache:
     """Images decoded once (short side shrunk to about 1.15x the model size, never enlarged).
     Images that fail to decode are dropped with their reason counted."""
 
     def __init__(self, paths: list[str], image_size: int, cache: bool = True):
-        self.image_size, self.decode_size = image_size, round(image_size * DECODE_MARGIN)
+        self.image_size, self.decode_size = image_size, decode_size(image_size)
         self.paths, self.failed = list(paths), {}
         self.arrays: dict[str, np.ndarray] = {}
         if cache:
@@ -95,7 +93,7 @@ class ImageCache:
                 try:
                     self.arrays[p] = decode_image(p, self.decode_size)
                 except DECODE_ERRORS as err:
-                    self.failed[p] = "missing_image" if isinstance(err, FileNotFoundError) else "undecodable_image"
+                    self.failed[p] = failure_reason(err)
 
     def load(self, path: str) -> np.ndarray:
         return self.arrays[path] if path in self.arrays else decode_image(path, self.decode_size)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.formats import DataError
-from ..data.loader import tokenize_captions
+from ..data.dataset import tokenize_captions
 from ..train.distributed import DistEnv
 from .common import (
     ImageCache,

