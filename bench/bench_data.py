@@ -33,17 +33,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SHARED_DATA, append_rows, environment, measure  # noqa: E402
+from _harness import SHARED_DATA, append_rows, environment, measure
 
-from unimlip_fast.config import Config, DataConfig, TextConfig  # noqa: E402
-from unimlip_fast.data.backends import build_train_loader  # noqa: E402
-from unimlip_fast.data.dali import dali_available  # noqa: E402
-from unimlip_fast.data.formats import read_records  # noqa: E402
-from unimlip_fast.data.dataset import build_dataset  # noqa: E402
-from unimlip_fast.data.masking import MaskingTables  # noqa: E402
-from unimlip_fast.data.spec import LoaderSpec  # noqa: E402
-from unimlip_fast.data.pack import pack  # noqa: E402
-from unimlip_fast.data.shards import ShardSet, open_shards  # noqa: E402
+from unimlip_fast.config import Config, DataConfig, TextConfig
+from unimlip_fast.data.backends import build_train_loader
+from unimlip_fast.data.dali import dali_available
+from unimlip_fast.data.dataset import build_dataset
+from unimlip_fast.data.formats import read_records
+from unimlip_fast.data.masking import MaskingTables
+from unimlip_fast.data.pack import pack
+from unimlip_fast.data.shards import ShardSet, open_shards
+from unimlip_fast.data.spec import LoaderSpec
 
 REPO = Path(__file__).resolve().parents[1]
 MEDPIX = SHARED_DATA / "medpix2"

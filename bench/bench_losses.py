@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Measurement, append_rows, environment, measure  # noqa: E402
+from _harness import Measurement, append_rows, environment, measure
 
-from unimlip_fast.kernels import REFERENCE_OPS, LossOps  # noqa: E402
+from unimlip_fast.kernels import REFERENCE_OPS, LossOps
 
 SIZES = (768, 1536, 8192, 32768, 65536, 131072)
 ITC_DIM, SIMCLR_DIM, TAU, LOGIT_SCALE = 768, 256, 0.1, 1 / 0.07

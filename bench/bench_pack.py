@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO, SHARED_DATA, append_rows, environment  # noqa: E402
+from _harness import REPO, SHARED_DATA, append_rows, environment
 
 MEDPIX = SHARED_DATA / "medpix2"
 PMC_OA_PAIRS = 1_650_000
@@ -55,7 +55,8 @@ print("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 def medpix_captions() -> list[str]:
     path = MEDPIX / "splitted_dataset" / "descriptions_train.jsonl"
     if not path.is_file():
-        raise SystemExit(f"MedPix not found at {MEDPIX} (../shared/data beside the repository, or $UNIMLIP_SHARED_DATA)")
+        raise SystemExit(f"MedPix not found at {MEDPIX} "
+                         "(../shared/data beside the repository, or $UNIMLIP_SHARED_DATA)")
     return [json.loads(line)["Description"]["Caption"] for line in path.open()]
 
 
@@ -111,7 +112,8 @@ def markers(out: Path) -> list[Path]:
     return sorted(out.glob("shard-*.json"))
 
 
-def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4, csv_path: str | Path | None = None) -> dict:
+def run(n_records: int, workers: int, shard_size: int, kill_at: float = 0.4,
+        csv_path: str | Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()

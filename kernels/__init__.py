@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from unimlip_fast.config import Kernels  # absolute: transformers may import this folder as `kernels`
+
 from .dropblock import dropblock_reference
 from .infonce import infonce_reference, itc_terms_reference
 from .ntxent import ntxent_reference

@@ -65,7 +65,7 @@ def default_blocks(dim: int, dtype: torch.dtype, self_terms: bool = False) -> Bl
     device). InfoNCE takes 256 output features per program (4 products per tile at D = 768, not
     7); NT-Xent's second accumulator leaves room for 128. Interpreter: fewer, larger numpy steps,
     as it has no register file to respect."""
-    fit = lambda cap: max(16, min(cap, triton.next_power_of_2(dim)))  # noqa: E731
+    fit = lambda cap: max(16, min(cap, triton.next_power_of_2(dim)))
     if _interpreting():
         return Blocks(m=128, n=128, k=fit(256), d=fit(1024))
     if dtype == torch.float32:
@@ -376,7 +376,7 @@ class _ContrastiveFn(torch.autograd.Function):
         scale32 = scale.detach().float().reshape(1).contiguous()
         lse, loss_rows, dscale_rows = contrastive_forward(features, losses, scale32, row_offset, self_terms, blocks)
         half_mean = 0.5 / features[losses[0][0]].shape[0]
-        per_loss = lambda rows: rows.view(len(losses), -1).sum(dim=1) * half_mean  # noqa: E731
+        per_loss = lambda rows: rows.view(len(losses), -1).sum(dim=1) * half_mean
         ctx.save_for_backward(scale32, lse, per_loss(dscale_rows), *features)
         ctx.args = (losses, row_offset, self_terms, blocks, scale.shape, scale.dtype)
         return per_loss(loss_rows)

@@ -9,7 +9,7 @@ column ``row_offset + i``. With one process, rows and columns are the same tenso
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 # Shared constants live in helpers.py; re-exported here for modules that read them from conftest.
-from .helpers import CAPTIONS, REPO, SHARED_DATA, TINY_OVERRIDES, medpix_path  # noqa: E402
+from .helpers import CAPTIONS, REPO, SHARED_DATA, TINY_OVERRIDES, medpix_path
 
 __all__ = ["CAPTIONS", "REPO", "SHARED_DATA", "TINY_OVERRIDES", "medpix_path"]
 

@@ -38,7 +38,7 @@ def test_dali_strong_views_follow_the_recipe(tmp_path):
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     strong = torch.cat([torch.cat([b["image_a"], b["image_b"]]) for b in batches]) * std + mean
     weak = torch.cat([b["image"] for b in batches]) * std + mean
-    is_grey = lambda x: (x.amax(1) - x.amin(1)).flatten(1).amax(1) < 2e-2  # noqa: E731
+    is_grey = lambda x: (x.amax(1) - x.amin(1)).flatten(1).amax(1) < 2e-2
     assert 0.08 <= is_grey(strong).float().mean() <= 0.35  # 192 views, p 0.2
     assert not is_grey(weak).any()
     assert strong.min() >= -1e-3 and strong.max() <= 1 + 1e-3

@@ -41,7 +41,7 @@ def test_one_file_without_a_split_column_is_training_data_only(table, fmt):
     cfg = DataConfig(format=fmt, path=str(table / f"pairs.{fmt}"))
     assert len(read_records(cfg, "train")) == len(read_records(cfg, "all")) == len(SPLITS)
     for split in ("test", "dev", "val"):
-        with pytest.raises(DataError, match=r"no split.*data\.split_key.*train\.%s and %s\.%s" % (fmt, split, fmt)):
+        with pytest.raises(DataError, match=rf"no split.*data\.split_key.*train\.{fmt} and {split}\.{fmt}"):
             read_records(cfg, split)
 
 

@@ -1,5 +1,6 @@
 """The fast step equals the reference step: the same five terms and every gradient (and, fused AdamW
-against torch's default, the weights after one step), on the same batch, with each speed-up on alone and all together (fp32 on CPU: tight).
+against torch's default, the weights after one step), on the same batch, with each speed-up on alone and
+all together (fp32 on CPU: tight).
 Compilation here uses the ``aot_eager`` backend (dynamo's graph capture and AOT autograd, as
 inductor gets them, without the C++ build that takes minutes on a CPU); the GPU check compiles with
 inductor. The image trunk and the text tower compile to one graph each, with no break."""

@@ -22,8 +22,8 @@ from unimlip_fast.finetune.readers import (
     read_vqa_rad,
 )
 
-from .helpers import SHARED_DATA
 from .finetune_helpers import write_chexpert, write_mimic, write_slake
+from .helpers import SHARED_DATA
 
 
 def shared(name: str):

@@ -61,7 +61,7 @@ def test_vqa_model_shapes_and_gradients(tmp_path):
 
 
 def test_majority_baseline_and_vocabulary():
-    q = lambda a, t: QAItem("x.jpg", "q?", a, t)  # noqa: E731
+    q = lambda a, t: QAItem("x.jpg", "q?", a, t)
     train = [q("yes", "CLOSED"), q("no", "CLOSED"), q("no", "CLOSED"), q("left", "OPEN"), q("liver", "OPEN"),
              q("liver", "OPEN")]
     test = [q("no", "CLOSED"), q("yes", "CLOSED"), q("liver", "OPEN"), q("spleen", "OPEN")]

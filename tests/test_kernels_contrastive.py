@@ -74,8 +74,8 @@ def test_infonce_matches_reference(b, d, scale, dtype):
 @pytest.mark.parametrize("b,d,tau,dtype", _cases([1.0, 0.01]))
 def test_ntxent_matches_reference(b, d, tau, dtype, negatives):
     za, zb = _unit_rows(b, d, dtype, 2), _unit_rows(b, d, dtype, 3)
-    kernel = lambda a, b_: triton_ops.ntxent_triton(a, b_, tau, negatives=negatives)  # noqa: E731
-    reference = lambda a, b_: ntxent_reference(a, b_, tau, negatives=negatives)  # noqa: E731
+    kernel = lambda a, b_: triton_ops.ntxent_triton(a, b_, tau, negatives=negatives)
+    reference = lambda a, b_: ntxent_reference(a, b_, tau, negatives=negatives)
     assert_close_to_fp64(kernel, reference, [za, zb], FLOOR[dtype])
 
 
@@ -132,12 +132,12 @@ def test_small_tiles_cover_every_loop(op):
     blocks = triton_ops.Blocks(m=16, n=16, k=16, d=16)
     x, y = _unit_rows(37, 40, torch.float32, 4), _unit_rows(37, 40, torch.float32, 5)
     if op == "infonce":
-        kernel = lambda a, b, s: triton_ops.infonce_triton(a, b, s, blocks=blocks)  # noqa: E731
+        kernel = lambda a, b, s: triton_ops.infonce_triton(a, b, s, blocks=blocks)
         inputs, reference = [x, y, torch.tensor([30.0])], infonce_reference
     else:
         negatives = "all" if op == "ntxent-all" else "cross-view"
-        kernel = lambda a, b: triton_ops.ntxent_triton(a, b, 0.1, negatives=negatives, blocks=blocks)  # noqa: E731
-        inputs, reference = [x, y], lambda a, b: ntxent_reference(a, b, 0.1, negatives=negatives)  # noqa: E731
+        kernel = lambda a, b: triton_ops.ntxent_triton(a, b, 0.1, negatives=negatives, blocks=blocks)
+        inputs, reference = [x, y], lambda a, b: ntxent_reference(a, b, 0.1, negatives=negatives)
     assert_close_to_fp64(kernel, reference, inputs, FLOOR[torch.float32])
 
 
@@ -154,7 +154,7 @@ def test_local_rows_against_gathered_columns(op):
     kernel, reference, scale = ops[op]
     for rank in range(world):
         rows = slice(rank * b, (rank + 1) * b)
-        leaves = lambda: [t.clone().requires_grad_() for t in (x[rows], y[rows], x, y)]  # noqa: E731
+        leaves = lambda rows=rows: [t.clone().requires_grad_() for t in (x[rows], y[rows], x, y)]
         results = []
         for fn in (kernel, reference):
             xr, yr, xa, ya = leaves()
@@ -208,11 +208,11 @@ def test_matches_reference_on_gpu(op, b):
     if op == "infonce":
         kernel, reference, inputs = triton_ops.infonce_triton, infonce_reference, [x, y, scale]
     elif op == "ntxent":
-        kernel = lambda a, b_: triton_ops.ntxent_triton(a, b_, 0.05)  # noqa: E731
-        reference, inputs = (lambda a, b_: ntxent_reference(a, b_, 0.05)), [x, y]  # noqa: E731
+        kernel = lambda a, b_: triton_ops.ntxent_triton(a, b_, 0.05)
+        reference, inputs = (lambda a, b_: ntxent_reference(a, b_, 0.05)), [x, y]
     else:
-        kernel = lambda i, t, tf, s: triton_ops.itc_terms_triton([i, i], [t, tf], s).sum()  # noqa: E731
-        reference = lambda i, t, tf, s: itc_terms_reference([i, i], [t, tf], s).sum()  # noqa: E731
+        kernel = lambda i, t, tf, s: triton_ops.itc_terms_triton([i, i], [t, tf], s).sum()
+        reference = lambda i, t, tf, s: itc_terms_reference([i, i], [t, tf], s).sum()
         inputs = [x, y, z, scale]
     assert_close_to_fp64(kernel, reference, inputs, FLOOR[torch.bfloat16])
 

@@ -82,7 +82,7 @@ def _rank_main(rank: int, init_file: str) -> None:
                 torch.testing.assert_close(mean_dscale / WORLD, want_dscale, rtol=1e-5, atol=1e-6, msg=where)
                 for i, (x, want) in enumerate(zip(local, want_grads)):
                     torch.testing.assert_close(x.grad / WORLD, want[rows], rtol=1e-5, atol=1e-6,
-                                               msg=lambda m, i=i: f"{where} input {i}: {m}")
+                                               msg=lambda m, i=i, where=where: f"{where} input {i}: {m}")
     finally:
         dist.destroy_process_group()
 

@@ -12,8 +12,7 @@ from unimlip_fast.config import DataConfig
 from unimlip_fast.data.formats import DataError, read_records
 from unimlip_fast.data.pack import pack
 
-from .helpers import CAPTIONS, medpix_path
-from .helpers import CONTEXT, manifest, pack_medpix, tiny_tokenizer_dir, tokenised_captions
+from .helpers import CAPTIONS, CONTEXT, manifest, medpix_path, pack_medpix, tiny_tokenizer_dir, tokenised_captions
 
 
 def _jsonl_dataset(root, tokenizer_dir):

@@ -13,7 +13,7 @@ def pmc_clip_checkpoint(model, vocab: int, width: int, embed: int, layers: int, 
     """PMC-CLIP's state dict: its ModifiedResNet and BERT (the same architectures as ours, taken from
     ``model``), and its own fusion, projections and logit scale at PMC-CLIP's shapes, random values."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
     state = {f"module.{k}": v.clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
     state.update({f"module.text_encoder.{k.removeprefix('text.encoder.')}": v.clone()
                   for k, v in model.state_dict().items() if k.startswith("text.encoder.")})

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from unimlip_fast.cli import main
-from unimlip_fast.train.checkpoint import (CheckpointError, choose_resume, incompleteness, load_weights_only,
-                                           read_trainer_state)
+from unimlip_fast.train.checkpoint import (
+    CheckpointError,
+    choose_resume,
+    incompleteness,
+    load_weights_only,
+    read_trainer_state,
+)
 from unimlip_fast.train.monitor import open_metrics
 from unimlip_fast.train.run_folder import RunFolderError, RunLock
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .config import DATA_FORMATS, PACK_FORMATS
+from .config import DATA_FORMATS, DEFAULT_RECIPE, PACK_FORMATS
+from .console import make_console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="High-throughput Uni-Mlip pretraining and evaluation.")
@@ -25,9 +25,10 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
 finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretraining run on a downstream task.")
 app.add_typer(finetune_app, name="finetune")
-console = Console(stderr=True)
+console = make_console()
 
-DsConfigOpt = Annotated[Optional[Path], typer.Option("--ds-config", help="DeepSpeed JSON (ZeRO stage, precision).")]
+DsConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--ds-config", help="DeepSpeed JSON (ZeRO stage, precision): a path, or the name of a shipped one (zero2.json).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
 
 
@@ -45,7 +46,9 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def pretrain(
-    config: Annotated[Path, typer.Argument(help="Recipe YAML/JSON, e.g. configs/demo.yaml.")],
+    config: Annotated[Optional[str], typer.Argument(
+        help=f"Recipe YAML/JSON: a path, or the name of a shipped one (demo.yaml, medpix_cpu.yaml, paper.yaml); "
+             f"left out: {DEFAULT_RECIPE}.", show_default=False)] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.max_steps=30.")] = None,
     ds_config: DsConfigOpt = None,
     run_dir: RunDirOpt = None,
@@ -55,20 +58,25 @@ def pretrain(
 ) -> None:
     """Pretrain Uni-Mlip.
 
-    Example: unimlip-fast pretrain configs/demo.yaml --ds-config configs/zero2.json train.max_steps=30
+    Example: unimlip-fast pretrain configs/demo.yaml --ds-config zero2.json train.max_steps=30
     """
-    from .config import load_config
+    from .config import find_config_file, load_config
 
-    cfg = load_config(config, overrides or [])
+    overrides = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).exists():  # an override, CONFIG left out
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config or DEFAULT_RECIPE, overrides)
     _quiet_libraries()
     from .train.engine import pretrain as run_pretrain
 
-    summary = run_pretrain(cfg, str(ds_config) if ds_config else None, run_dir, resume, overwrite)
+    ds_path = find_config_file(ds_config) if ds_config else None
+    summary = run_pretrain(cfg, str(ds_path) if ds_path else None, run_dir, resume, overwrite)
     if os.environ.get("RANK", "0") != "0":
         return
     if "retrieval" in summary:
         print_retrieval(summary["retrieval"])
     console.print(f"run folder: {summary['run_dir']}  steps: {summary['steps']}  "
+                  f"wall time: {_duration(summary['wall_s'])}  "
                   f"skipped records: {summary['skipped_records'] or 'none'}  "
                   f"skipped samples: {summary['skipped_samples'] or 'none'}  "
                   f"non-finite steps: {summary['nonfinite_steps']}", highlight=False)
@@ -104,14 +112,26 @@ def ablate(
         console.print(f"tables: {folder / 'table.md'}, {folder / 'results.json'}", highlight=False)
 
 
+def _duration(seconds: float) -> str:
+    """``1h02m03s``, ``21m41s`` or ``7.5s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
 def parse_data_spec(spec: str):
-    """``FORMAT:PATH`` -> DataConfig; ``phantom:N`` sets the phantom size."""
+    """``FORMAT:PATH`` -> DataConfig; ``phantom:N`` is N generated phantom pairs (no files)."""
     from .config import DataConfig
 
     fmt, sep, path = spec.partition(":")
     if not sep or fmt not in DATA_FORMATS:
-        raise typer.BadParameter(f"--data must be FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}")
+        raise typer.BadParameter(f"--data must be FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)} "
+                                 "(phantom:N for N generated phantom pairs)")
     if fmt == "phantom":
+        if path and not path.isdigit():
+            raise typer.BadParameter(f"--data phantom:N takes a number of pairs, got {path!r}")
         return DataConfig(format="phantom", phantom_size=int(path) if path else 2048)
     if not path:
         raise typer.BadParameter("--data needs a path after the colon")
@@ -121,12 +141,15 @@ def parse_data_spec(spec: str):
 @eval_app.command("retrieval")
 def eval_retrieval(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder or its model.safetensors.")],
-    data: Annotated[str, typer.Option("--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2.")],
-    split: Annotated[str, typer.Option("--split")] = "test",
+    data: Annotated[str, typer.Option("--data", help=f"FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}, "
+                                      "e.g. medpix:../shared/data/medpix2; phantom:N for N generated phantom pairs.")],
+    split: Annotated[str, typer.Option("--split", help="train, dev, test or all (the data set's own split files).")
+                     ] = "test",
     split_key: Annotated[str, typer.Option("--split-key", help="csv/jsonl: the column naming each row's split "
                                            "(one file without it is training data).")] = "",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
-    keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates", help="Keep pairs with repeated captions.")] = False,
+    keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates",
+                                                  help="Keep pairs with repeated captions.")] = False,
     roco_protocol: Annotated[bool, typer.Option("--roco-2000", help="ROCO's 2,000-pair test protocol.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
@@ -143,7 +166,9 @@ def eval_retrieval(
     from .eval.retrieval import evaluate_retrieval
     from .model import load_trained
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     model, tokenizer, _ = load_trained(checkpoint, dev)
     results = evaluate_retrieval(model, data_cfg, split, dev, batch_size, tokenizer=tokenizer,
                                  keep_duplicates=keep_duplicates, roco_protocol=roco_protocol)
@@ -158,7 +183,8 @@ def eval_zeroshot(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
     data: Annotated[str, typer.Option("--data", help="nih|chexpert|mimic|csv:PATH, e.g. nih:../shared/data/nih1000.")],
     split: Annotated[str, typer.Option("--split", help="train, valid or test (not for csv).")] = "test",
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts JSON (templates and/or per label).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts",
+                                                    help="Prompts JSON (templates and/or per label).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
@@ -190,7 +216,7 @@ def eval_zeroshot(
     table.add_column("AUC", justify="right")
     for label, auc in results["per_label"].items():
         table.add_row(label, str(results["n_positive"][label]), f"{auc:.4f}")
-    Console().print(table)
+    make_console(stderr=False).print(table)
     skipped = ", ".join(f"{k}={v}" for k, v in results["skipped"].items()) or "none"
     excluded = ", ".join(results["excluded_labels"]) or "none"
     console.print(f"skipped: {skipped}; labels without both classes (no AUC): {excluded}", highlight=False)
@@ -217,8 +243,7 @@ def data_pack(
 ) -> None:
     """Pack image-caption pairs into webdataset shards with pre-tokenised captions (resumable).
 
-    Example: unimlip-fast data pack --format medpix --input ../shared/data/medpix2 --output shards/medpix
-    --tokenizer minilm
+    Example: unimlip-fast data pack --format medpix --input data/medpix2 --output shards/medpix --tokenizer minilm
     """
     from .config import DataConfig
     from .data.pack import pack
@@ -260,7 +285,8 @@ def _progress_reporter(label: str):
 def embed(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
     output: Annotated[Path, typer.Option("--output", help="Index folder (created; an unfinished one resumes).")],
-    data: Annotated[Optional[str], typer.Option("--data", help="FORMAT:PATH, e.g. medpix:PATH.")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2; phantom:N for N generated pairs.")] = None,
     shards: Annotated[Optional[Path], typer.Option("--shards", help="A `data pack` folder instead of --data.")] = None,
     split: Annotated[str, typer.Option("--split", help="With --data: train, dev, test or all.")] = "all",
     storage: Annotated[str, typer.Option("--format", help="npy, or parquet (needs pyarrow).")] = "npy",
@@ -332,7 +358,7 @@ def search(
         table.add_column(col, justify="right" if col in ("rank", "score") else "left")
     for hit in hits:
         table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["key"], hit["caption"][:100])
-    Console().print(table)
+    make_console(stderr=False).print(table)
     if json_out:
         json_out.write_text(json.dumps(hits, indent=2))
 
@@ -443,7 +469,7 @@ def print_classify(results: dict) -> None:
     for label, auc in results["per_label"].items():
         table.add_row(label, f"{auc:.4f}")
     table.add_row("[bold]macro[/bold]", f"[bold]{results['macro_auc']:.4f}[/bold]")
-    Console().print(table)
+    make_console(stderr=False).print(table)
     if results["excluded_labels"]:
         console.print(f"one class only in the test split, left out of the macro AUC: "
                       f"{', '.join(results['excluded_labels'])}", highlight=False)
@@ -457,7 +483,7 @@ def print_vqa(results: dict, title: str) -> None:
     for col in ("open", "closed", "overall"):
         table.add_column(col, justify="right")
     table.add_row(*(f"{100 * results[c]:.2f}" for c in ("open", "closed", "overall")))
-    Console().print(table)
+    make_console(stderr=False).print(table)
 
 
 @app.command()
@@ -491,33 +517,50 @@ def print_retrieval(results: dict) -> None:
     for direction in ("i2t", "t2i"):
         m = results[direction]
         table.add_row(direction, *(f"{m[c]:g}" for c in ("R@1", "R@5", "R@10", "median_rank", "mean_rank")))
-    Console().print(table)
+    make_console(stderr=False).print(table)
 
 
 def main() -> None:
-    """Entry point: one clear line per error (UNIMLIP_DEBUG=1 for the traceback)."""
+    """Entry point: one clear line per error (UNIMLIP_DEBUG=1 for the traceback); a command line
+    that does not parse exits 2 with its usage, as click's convention."""
     import click
 
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:  # in this mode typer returns an exit's code (Ctrl-C: 130)
             sys.exit(code)
-    except click.exceptions.Exit as e:
+    except (typer.Exit, click.exceptions.Exit) as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except (typer.Abort, click.exceptions.Abort):
         console.print("aborted")
         sys.exit(130)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - the one place exceptions become a message
+    except Exception as e:
+        if _is_click_error(e):  # typer vendors its own click: recognised by what it offers
+            e.show()
+            sys.exit(e.exit_code)
         if os.environ.get("UNIMLIP_DEBUG") == "1":
             raise
-        console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/bold red] {_in_words(e)}", highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _is_click_error(e: Exception) -> bool:
+    import click
+
+    return isinstance(e, click.ClickException) or (callable(getattr(e, "show", None)) and hasattr(e, "exit_code"))
+
+
+def _in_words(e: Exception) -> str:
+    """The error's message; the class name only where the message alone would not say what went wrong."""
+    message = str(e)
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in message:
+        return f"file not found: {e.filename}"
+    if isinstance(e, (ValueError, OSError, RuntimeError)) and message:  # ConfigError, DataError, ...: worded
+        return message
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
 if __name__ == "__main__":

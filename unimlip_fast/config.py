@@ -6,6 +6,7 @@ type-checked against the field they replace. The resolved config is saved into t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -25,6 +26,10 @@ StrongViews = Literal["auto", "on", "off"]
 
 DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
 PACK_FORMATS: tuple[str, ...] = typing.get_args(PackFormat)
+
+# The recipes and DeepSpeed JSONs shipped inside the package (configs/ in the source tree).
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_RECIPE = "demo.yaml"
 
 
 class ConfigError(ValueError):
@@ -222,15 +227,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    """The error for an unknown key: the closest valid keys first, then every valid key."""
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    return ConfigError(f"unknown config key {key}{hint} (valid keys: {', '.join(valid)})")
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys: {', '.join(valid_keys(cls, prefix))}"
-        )
+        raise _unknown_key(f"{prefix}{unknown[0]}", valid_keys(cls, prefix))
     kwargs = {}
     for name, value in data.items():
         tp = types_[name]
@@ -243,7 +253,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, schema: type = Config) -> None:
     if key not in valid_keys(schema):
-        raise ConfigError(f"unknown config key {key}; valid keys: {', '.join(valid_keys(schema))}")
+        raise _unknown_key(key, valid_keys(schema))
     *parents, leaf = key.split(".")
     node = tree
     for part in parents:
@@ -289,14 +299,43 @@ def load_schema(schema: type, path: str | Path | None = None, overrides: list[st
     defaults, a recipe file (YAML or JSON) and dotted overrides; no cross-field validation."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = find_config_file(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
-        tree = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+        tree = _read_tree(path)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value, schema)
     return _build(schema, tree)
+
+
+def _read_tree(path: Path) -> dict[str, Any]:
+    """A recipe file's contents; a syntax error names the file, the line and what is wrong."""
+    text = path.read_text()
+    try:
+        return (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def find_config_file(path: str | Path) -> Path:
+    """``path`` when it exists; else, for a bare name or a path under ``configs/``, the recipe or
+    DeepSpeed JSON shipped with the package (so ``--ds-config zero2.json`` works from any folder)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts
+    if len(parts) == 1:
+        shipped = SHIPPED_CONFIGS / path
+    elif parts[0] == "configs":
+        shipped = SHIPPED_CONFIGS.joinpath(*parts[1:])
+    else:
+        return path
+    return shipped if shipped.is_file() else path
 
 
 def validate(config: Config) -> None:

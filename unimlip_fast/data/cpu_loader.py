@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
-
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .dataset import CaptionImageDataset, DistributedBatchSampler, Substitutes
 from .decoding import decode_image, decode_image_bytes, decode_size, fit_image

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DataConfig
+from ..config import DATA_FORMATS, DataConfig
 
 SKIP_REASONS = ("missing_image", "outside_root", "empty_caption", "nan_caption", "bad_row", "no_split",
                 "bad_encoding", "duplicate_row")
@@ -431,7 +431,7 @@ def read_records(cfg: DataConfig, split: str | None = None) -> RecordSet:
         return read_roco(cfg.path, split)
     if fmt in ("csv", "jsonl"):
         return read_table(cfg.path, fmt, cfg.image_key, cfg.caption_key, cfg.image_root, split, cfg.split_key)
-    raise DataError(f"unknown data format {fmt!r}; one of medpix, pmc-oa, roco, csv, jsonl, phantom")
+    raise DataError(f"unknown data format {fmt!r}; one of {', '.join(DATA_FORMATS)}")
 
 
 def roco_eval_subset(path: str | os.PathLike, n: int = 2000, min_words: int = 3, seed: int = 42,

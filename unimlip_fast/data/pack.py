@@ -255,10 +255,11 @@ class _Progress:
     """A rich progress bar on a terminal; elsewhere a plain line every tenth of the way."""
 
     def __init__(self, enabled: bool, description: str, total: int, completed: int):
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.console = Console(stderr=True)
+        from ..console import make_console
+
+        self.console = make_console()
         self.enabled, self.total, self.done, self.description = enabled, max(1, total), completed, description
         self.rich = enabled and self.console.is_terminal
         self.next_line = completed + self.total / 10

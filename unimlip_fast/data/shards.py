@@ -99,7 +99,8 @@ def scan_tar(path: Path, check_images: bool = True) -> tuple[list, collections.C
                     order.append(base)
                 groups[base][ext] = (m.offset_data, m.size, m.name)
     except (tarfile.ReadError, EOFError, OSError) as e:
-        raise DataError(f"{path}: unreadable tar ({e}); repack it (delete its .json marker and run data pack again)") from e
+        raise DataError(f"{path}: unreadable tar ({e}); repack it (delete its .json marker and run data pack "
+                        "again)") from e
     good = []
     with open(path, "rb") as fh:
         for base in order:

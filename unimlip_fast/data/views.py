@@ -167,7 +167,7 @@ def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
 def color_jitter(images, brightness, contrast, saturation, hue) -> torch.Tensor:
     """Per-sample factors ``[B]`` (1, 1, 1, 0 = unchanged), applied in torchvision's order
     brightness, contrast, saturation, hue, clamped to [0,1] after each."""
-    v = lambda t: t.to(images.device, images.dtype).view(-1, 1, 1, 1)  # noqa: E731
+    v = lambda t: t.to(images.device, images.dtype).view(-1, 1, 1, 1)
     x = (images * v(brightness)).clamp(0, 1)
     c = v(contrast)
     x = (c * x + (1 - c) * grey(x).mean(dim=(2, 3), keepdim=True)).clamp(0, 1)

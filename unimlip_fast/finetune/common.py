@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.formats import DataError
 from ..data.dataset import MAX_SUBSTITUTES
 from ..data.decoding import DECODE_ERRORS, decode_image, decode_size, failure_reason
+from ..data.formats import DataError
 from ..data.views import eval_view_one, weak_view_one
 from ..model import UniMlip
 from ..train.distributed import DistEnv

@@ -14,15 +14,15 @@ such questions is reported. There is no validation split in VQA-RAD: the last ep
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.formats import DataError
 from ..data.dataset import tokenize_captions
+from ..data.formats import DataError
 from ..train.distributed import DistEnv
 from .common import (
     ImageCache,

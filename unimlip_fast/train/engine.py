@@ -10,6 +10,7 @@ import json
 import math
 import random
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,11 +60,24 @@ def seed_everything(seed: int) -> None:
 
 def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path | None = None,
              resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """``resume``: ``latest`` or a checkpoint tag; ``overwrite``: start over in a folder holding a run."""
+    """``resume``: ``latest`` or a checkpoint tag; ``overwrite``: start over in a folder holding a run.
+    A run that fails before its first step leaves no run folder behind when it made the folder itself."""
     env = init_distributed()
     run_dir = Path(run_dir or Path("runs") / cfg.name)
-    with claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
-        return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
+    made_here = not run_dir.exists()
+    try:
+        with claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
+            return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
+    except BaseException:
+        if made_here and env.is_main and _never_started(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _never_started(run_dir: Path) -> bool:
+    """No metrics and no checkpoint: what a failed start leaves (config, tokenizer, empty folders)."""
+    metrics, ckpts = run_dir / "metrics.jsonl", run_dir / "checkpoints"
+    return not (metrics.is_file() and metrics.stat().st_size) and not (ckpts.is_dir() and any(ckpts.iterdir()))
 
 
 def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, resume_tag: str | None,
@@ -113,7 +127,8 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
         monitor.info(note)
     monitor.info(f"{len(dataset)} pairs (skipped while reading: {describe_skips(records.skipped) or 'none'}); "
                  f"{env.world_size} rank(s) x {per_rank} = batch {cfg.train.batch_size}; {steps_per_epoch} "
-                 f"steps/epoch; {total_steps} steps; SimCLR phase from step {simclr_step}; precision {precision_of(ds_config)}, ZeRO stage "
+                 f"steps/epoch; {total_steps} steps; SimCLR phase from step {simclr_step}; "
+                 f"precision {precision_of(ds_config)}, ZeRO stage "
                  f"{ds_config.get('zero_optimization', {}).get('stage', 0)}"
                  + (f"; resumed from {resume_tag} at step {state.step}" if resume_tag else ""))
 
@@ -204,8 +219,8 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, sta
             interval.add(terms, loss, cfg.train.batch_size)
             if phase in to_compile:  # this step compiled the graphs: its time is reported apart
                 to_compile.discard(phase)
-                monitor.info(f"compile: the first {phase} step took {interval.exclude_step(cfg.train.batch_size):.1f} s "
-                             "(kept out of samples/s)")
+                took = interval.exclude_step(cfg.train.batch_size)
+                monitor.info(f"compile: the first {phase} step took {took:.1f} s (kept out of samples/s)")
 
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 record = interval.flush(engine, model, phase, state)
@@ -271,7 +286,8 @@ class _Interval:
         elapsed = time.perf_counter() - self.start - self.excluded
         record: dict[str, Any] = {f"loss/{k}": float(v) / max(1, self.steps) for k, v in self.sums.items()}
         record.update({
-            "lr": engine.get_lr()[0], "logit_scale": float(model.scale().detach()), "phase": phase, "epoch": state.epoch,
+            "lr": engine.get_lr()[0], "logit_scale": float(model.scale().detach()), "phase": phase,
+            "epoch": state.epoch,
             "samples_per_s": self.samples / elapsed, "step_time_s": elapsed / max(1, self.steps),
             "data_time_s": self.data_time / max(1, self.steps), "memory_gb": _memory_gb(),
             "skipped_samples": sum(state.skipped.values()), "nonfinite_steps": state.nonfinite_total,

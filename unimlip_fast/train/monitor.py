@@ -14,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..console import make_console
+
 
 def open_metrics(path: Path, resume_step: int | None):
     """``metrics.jsonl`` opened for appending, holding each step once.
@@ -45,7 +47,7 @@ class Monitor:
         """``resume_step``: the step a resumed run continues from (None: a fresh run, empty metrics)."""
         self.enabled = enabled
         self.run_dir = run_dir
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console()
         self._metrics = open_metrics(run_dir / "metrics.jsonl", resume_step) if enabled else None
         self._tb = self._open_tensorboard(run_dir / "tb", resume_step) if enabled else None
         self._interactive = enabled and sys.stderr.isatty()
@@ -85,7 +87,8 @@ class Monitor:
         if self._interactive and status:
             self._progress.update(self._task, completed=step, status=status)
         elif self._interactive:
-            self._progress.console.print(" ".join(f"{k}={v:g}" for k, v in record.items() if k.startswith("retrieval/")))
+            retrieval = " ".join(f"{k}={v:g}" for k, v in record.items() if k.startswith("retrieval/"))
+            self._progress.console.print(retrieval)
         else:
             extra = " ".join(f"{k}={v:g}" for k, v in record.items() if k.startswith("retrieval/"))
             speed = f"{record['samples_per_s']:.1f} samples/s" if "samples_per_s" in record else ""

@@ -17,9 +17,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .checkpoint import TMP_PREFIX, checkpoint_folders, choose_resume, incompleteness
 from .distributed import DistEnv, broadcast_from_main

@@ -49,4 +49,5 @@ def phase_start_step(spec: str, steps_per_epoch: int, total_steps: int) -> int:
             return int(fraction * total_steps)
         return int(spec)
     except ValueError:
-        raise ConfigError(f"train.simclr_start must be steps (500), epochs (2ep) or a fraction (0.5), got {spec!r}")
+        raise ConfigError(f"train.simclr_start must be steps (500), epochs (2ep) or a fraction (0.5), "
+                          f"got {spec!r}") from None

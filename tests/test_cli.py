@@ -1,0 +1,67 @@
+"""The command line as a user meets it: usage errors, messages in words, shipped configs found by
+name, logs that are not wrapped, no run folder left by a failed start."""
+import pytest
+
+from unimlip_fast.config import ConfigError, find_config_file, load_config
+
+from .helpers import REPO, TINY_RUN, run_cli
+
+
+def test_missing_argument_exits_2_with_usage(monkeypatch, capsys):
+    assert run_cli(monkeypatch, "eval", "retrieval", "--data", "phantom:8") == 2
+    err = capsys.readouterr().err
+    assert "Usage:" in err and "--checkpoint" in err and "MissingParameter" not in err
+
+
+def test_bad_value_is_worded_not_a_class_name(monkeypatch, capsys):
+    assert run_cli(monkeypatch, "data", "pack", "--format", "dicom", "--input", "x", "--output", "y") == 2
+    err = capsys.readouterr().err
+    assert "medpix, pmc-oa, roco, csv, jsonl" in err and "BadParameter" not in err
+
+
+def test_unknown_key_names_the_closest_first():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.bach_size=8"])
+    message = str(e.value)
+    assert message.index("train.batch_size") < message.index("valid keys")
+
+
+def test_choices_come_from_the_literal_types():
+    with pytest.raises(ConfigError, match="data.backend must be one of cpu, torch, dali, auto"):
+        load_config(None, ["data.backend=gpu"])
+    with pytest.raises(ConfigError, match="model.kernels must be one of auto, reference, triton"):
+        load_config(None, ["model.kernels=fast"])
+
+
+def test_yaml_error_names_the_file(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("train:\n  batch_size: [8\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML at line \d+"):
+        load_config(recipe)
+
+
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_config_file("zero2.json").read_text() == (REPO / "configs/zero2.json").read_text()
+    assert find_config_file("configs/demo.yaml").read_text() == (REPO / "configs/demo.yaml").read_text()
+    (tmp_path / "zero2.json").write_text("{}")
+    assert find_config_file("zero2.json") == tmp_path.joinpath("zero2.json").relative_to(tmp_path)  # a local file wins
+    assert not find_config_file("elsewhere/zero2.json").exists()  # a path with a folder is taken as given
+
+
+def test_long_lines_are_not_wrapped_off_a_terminal(capsys):
+    from unimlip_fast.console import make_console
+
+    line = " ".join(f"step {k} loss/itc=4.15 30.2 samples/s /a/long/path/to/runs/folder_{k}" for k in range(4))
+    make_console().print(line, highlight=False)
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "pairs.csv").write_text("file,text\nnope.png,a caption\n")
+    run = tmp_path / "run"
+    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", run, *TINY_RUN,
+                   "data.format=csv", f"data.path={tmp_path / 'pairs.csv'}", "data.image_key=file",
+                   "data.caption_key=text", "data.split=")
+    assert code == 1 and "missing_image" in capsys.readouterr().err
+    assert not run.exists()
