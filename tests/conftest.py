@@ -11,9 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 # Shared constants live in helpers.py; re-exported here for modules that read them from conftest.
-from .helpers import CAPTIONS, REPO, SHARED_DATA, TINY_OVERRIDES, medpix_path
+from .helpers import CAPTIONS, REPO, SHARED_DATA, TINY_OVERRIDES, make_run_folder, medpix_path
 
-__all__ = ["CAPTIONS", "REPO", "SHARED_DATA", "TINY_OVERRIDES", "medpix_path"]
+__all__ = ["CAPTIONS", "REPO", "SHARED_DATA", "TINY_OVERRIDES", "make_run_folder", "medpix_path"]
 
 
 @pytest.fixture
@@ -85,33 +85,6 @@ def one_blas_thread():
 
 
 # --- trained-model use -------------------------------------------------------------------------------
-def make_run_folder(run_dir: Path, overrides: list[str], captions: list[str] = CAPTIONS, seed: int = 0) -> Path:
-    """A finished run folder as pretraining leaves it (config, weights, tokenizer, text config,
-    summary), holding a freshly initialised model: what loading needs, in seconds."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from unimlip_fast.config import load_config, save_config
-    from unimlip_fast.model import build_model, build_tokenizer, save_text_artifacts
-
-    cfg = load_config(None, overrides)
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(cfg.model.text, captions)
-    model = build_model(cfg.model, cfg.loss, tokenizer)
-    for m in model.modules():  # non-trivial BatchNorm statistics and last-BN weights, as after training
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    save_text_artifacts(model, tokenizer, run_dir)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
-    (run_dir / "summary.json").write_text(json.dumps({"steps": 0, "retrieval": {}}))
-    return run_dir
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     return make_run_folder(tmp_path_factory.mktemp("tiny_run"), TINY_OVERRIDES)

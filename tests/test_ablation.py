@@ -8,7 +8,7 @@ import pytest
 from unimlip_fast.ablation import TABLES, markdown_table, run_config, summarise
 from unimlip_fast.cli import main
 
-from .conftest import REPO, TINY_OVERRIDES
+from .helpers import REPO, TINY_OVERRIDES
 
 TINY_ABLATION = TINY_OVERRIDES + [
     "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",

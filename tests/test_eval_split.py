@@ -10,7 +10,7 @@ from unimlip_fast.cli import main
 from unimlip_fast.config import DataConfig
 from unimlip_fast.data.formats import DataError, read_records
 
-from .conftest import REPO, TINY_OVERRIDES
+from .helpers import REPO, TINY_OVERRIDES
 
 SPLITS = ["train"] * 6 + ["test"] * 3 + ["val"] * 2 + [""]
 

@@ -8,7 +8,7 @@ import torch
 import unimlip_fast
 from unimlip_fast.cli import main
 
-from .conftest import TINY_OVERRIDES, make_run_folder
+from .helpers import TINY_OVERRIDES, make_run_folder
 
 MINILM_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("model.text.")] + [
     "model.text.encoder=minilm", "model.text.context_length=32"]

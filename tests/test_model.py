@@ -107,7 +107,7 @@ def test_strong_views_fed_without_simclr_reach_the_batchnorm_statistics(tiny_cfg
     the image encoder, so unfrozen statistics see them (Table 3's views-without-SimCLR row)."""
     from unimlip_fast.config import load_config
 
-    from .conftest import TINY_OVERRIDES
+    from .helpers import TINY_OVERRIDES
 
     cfg = load_config(None, TINY_OVERRIDES + ["loss.simclr=0", "loss.freeze_bn_stats=false", "data.strong_views=on"])
     stats = []

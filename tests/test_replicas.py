@@ -12,7 +12,7 @@ from unimlip_fast.config import load_config
 from unimlip_fast.model import SIMCLR, WARMUP, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 
-from .conftest import CAPTIONS, REPO, TINY_OVERRIDES
+from .helpers import CAPTIONS, REPO, TINY_OVERRIDES
 
 TINY_RUN = TINY_OVERRIDES + [
     "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",

@@ -20,7 +20,7 @@ from unimlip_fast.eval.zeroshot import (
 )
 from unimlip_fast.finetune.readers import NIH_LABELS
 
-from .conftest import SHARED_DATA
+from .helpers import SHARED_DATA
 
 
 def run_cli(monkeypatch, *args) -> int:
