@@ -15,7 +15,7 @@ from unimlip_fast.objective import compute_terms
 from unimlip_fast.train.fast import REFERENCE_STEP, FastChoices, apply_fast, resolve_fast
 from unimlip_fast.train.schedule import build_optimizer
 
-from .conftest import CAPTIONS, TINY_OVERRIDES
+from .helpers import CAPTIONS, TINY_OVERRIDES
 
 # Dropout inside the compiled text tower would draw from inductor's own generator: off here. The
 # text-embedding dropout and DropBlock run outside the compiled parts and stay on.
@@ -150,7 +150,7 @@ def test_fast_step_trains_through_the_trainer(tmp_path, monkeypatch, capsys):
 
     from unimlip_fast.train import engine
 
-    from .conftest import REPO
+    from .helpers import REPO
 
     monkeypatch.setattr(engine, "apply_fast", functools.partial(apply_fast, compile_backend="aot_eager"))
     cfg = load_config(REPO / "configs/demo.yaml", OVERRIDES + [

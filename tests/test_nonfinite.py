@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from .conftest import CAPTIONS, REPO, TINY_OVERRIDES
+from .helpers import CAPTIONS, REPO, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 
