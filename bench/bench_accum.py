@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO, SHARED_DATA, Measurement, append_rows, environment, measure  # noqa: E402
+from _harness import REPO, SHARED_DATA, Measurement, append_rows, environment, measure
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 GLOBAL_BATCH = 768
@@ -153,7 +153,7 @@ def child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, bud
         accumulator = build_accumulator(engine, cfg, model.ops, env.world_size, env.device)
         batch = tile(first, global_batch)
 
-        def step() -> None:
+        def step(batch=batch, accumulator=accumulator, cfg=cfg) -> None:  # this iteration's, bound
             if accumulator is None:
                 loss = total_loss(compute_terms(engine(batch, SIMCLR), cfg.loss, model.ops), cfg.loss)
                 engine.backward(loss)
@@ -186,7 +186,7 @@ def child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, bud
                 result["extra_forward_samples_per_s"] = round(extra["accum/extra_forward_samples_per_s"], 2)
                 result["extra_forward_share"] = round(extra["accum/extra_forward_share"], 3)
         print(json.dumps(result), flush=True)
-        del batch
+        del batch, step  # step holds this iteration's batch too
         if m.status != "ok":
             engine.zero_grad()
             searching = searching and global_batch <= GLOBAL_BATCH  # the whole batch may not fit: search on

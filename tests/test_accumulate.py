@@ -46,7 +46,7 @@ def make_everything(world: int, deterministic: bool, device: str = "cpu"):
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
     g = torch.Generator().manual_seed(1)
-    smooth = lambda n: F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=64, mode="bilinear")  # noqa: E731
+    smooth = lambda n: F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=64, mode="bilinear")
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:  # running statistics of one batch exactly: the features of a fresh model then differ
         m.momentum = 1.0
@@ -268,7 +268,7 @@ def test_stopped_and_resumed_accumulated_run_matches_uninterrupted(tmp_path, mon
     run(whole, *common)
     run(parts, *common, "train.stop_after_steps=2")
     run(parts, *common, "--resume", "latest")
-    read = lambda d: {m["step"]: m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+    read = lambda d: {m["step"]: m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
                       if "loss/total" in m}
     a, b = read(whole), read(parts)
     assert sorted(b) == [1, 2, 3, 4] and b[4]["phase"] == "simclr"

@@ -28,9 +28,10 @@ phase) and the head's in eval mode, the step is the whole batch's, to rounding.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ class _RandomState:
     device: torch.Tensor | None
 
     @classmethod
-    def capture(cls, device: torch.device) -> "_RandomState":
+    def capture(cls, device: torch.device) -> _RandomState:
         on_cuda = device.type == "cuda"
         return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None)
 
