@@ -93,3 +93,47 @@ def append_rows(csv_path: str | Path, rows: list[dict]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+class StageClock:
+    """Time by stage within one iteration: ``start()``, then ``mark(stage)`` after each stage;
+    ``times_ms()`` -> {stage: ms}. Device events on CUDA (one sync, in ``times_ms``), the host's
+    clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.marks = [("start", self._now())]
+
+    def mark(self, stage: str) -> None:
+        self.marks.append((stage, self._now()))
+
+    def times_ms(self) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+            return {b[0]: a[1].elapsed_time(b[1]) for a, b in zip(self.marks, self.marks[1:])}
+        return {b[0]: (b[1] - a[1]) * 1e3 for a, b in zip(self.marks, self.marks[1:])}
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """The best of ``repeats`` square [n, n] x [n, n] matrix products, in TFLOP/s: the peak that model
+    FLOPs utilisation is measured against, taken in the same run."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        clock = StageClock(device)
+        clock.start()
+        torch.mm(a, b)
+        clock.mark("mm")
+        best = min(best, clock.times_ms()["mm"])
+    return 2 * n**3 / (best / 1e3) / 1e12

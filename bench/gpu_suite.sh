@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: everything GPU-side in a single run of < 8 minutes (the steps' timeouts sum to 480 s).
+# The one prepared GPU check: everything GPU-side in a single run of < 8 minutes (the steps' timeouts sum to 470 s).
 #   1. the GPU-only tests (fused kernels with true bf16 dots, CUDA decode paths),
-#   2. bench_losses.py (fused contrastive terms and DropBlock against the references),
-#   3. bench_data.py (CPU loader vs torch-GPU path vs DALI where installed, and the train step),
-#   4. two short pretraining runs through the CLI (bf16 by autocast with the batch in 4 accumulated
-#      micro-batches, then DeepSpeed's bf16 mode) with Triton kernels and the torch GPU data path,
-#   5. bench_accum.py (the paper's model at global batch 768 on this GPU, whole and in micro-batches of
+#   2. bench_losses.py (fused contrastive terms and DropBlock against the references; time-boxed to 30 s),
+#   3. bench_data.py (CPU loader vs torch-GPU path vs DALI where installed, and the train step; 3 s per path),
+#   4. bench_step.py (the full phase-2 step, reference vs the trainer's fast path through DeepSpeed, at the
+#      paper's model and per-GPU batch 96, then larger batches until one does not fit; time-boxed to 100 s),
+#   5. two short pretraining runs through the CLI (bf16 by autocast with the batch in 4 accumulated
+#      micro-batches, then DeepSpeed's bf16 mode) with the fast step as CUDA gets it (train.fast=auto:
+#      channels-last, torch.compile, SDPA, fused AdamW), Triton kernels and the torch GPU data path,
+#   6. bench_accum.py (the paper's model at global batch 768 on this GPU, whole and in micro-batches of
 #      96; the largest global batch micro-batches of 96 reach, within its budget).
 # The GPU machine has no network and gets only the checkout: first run `bash bench/gpu_carry.sh`
 # here, which puts DeepSpeed's wheels in .whl/ and the MedPix data and commit in .gpu_data/, then
@@ -29,17 +32,19 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "commit ${UNIMLIP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 status=0
 step() { echo; echo "=== $1"; shift; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
-step "GPU tests" timeout 90 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
+step "GPU tests" timeout 75 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
   tests/test_kernels_contrastive.py tests/test_kernels_dropblock.py tests/test_kernels_ops.py tests/test_masking.py \
   tests/test_views.py tests/test_shards.py tests/test_dali.py tests/test_accumulate.py
-step "bench_losses" timeout 100 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 55
-step "bench_data" timeout 100 python3 bench/bench_data.py --csv "$out/data.csv" --seconds 8
+step "bench_losses" timeout 50 python3 bench/bench_losses.py --csv "$out/losses.csv" --budget 30
+step "bench_data" timeout 60 python3 bench/bench_data.py --csv "$out/data.csv" --seconds 3
+step "bench_step" timeout 130 python3 bench/bench_step.py --csv "$out/step.csv" --batches 96,max --warmup 2 \
+  --repeats 5 --budget 100
 for ds in zero2 zero2_bf16; do  # bf16 by torch_autocast (the batch of 64 as 4 x 16), then DeepSpeed's bf16 mode
   micro=$([ "$ds" = zero2 ] && echo 16 || echo 0)
-  step "pretrain smoke, $ds (triton kernels, torch GPU data path, micro-batch ${micro/#0/whole})" timeout 55 \
+  step "pretrain smoke, $ds (fast step, triton kernels, torch GPU data path, micro-batch ${micro/#0/whole})" timeout 50 \
     python3 -m unimlip_fast.cli pretrain configs/demo.yaml --ds-config "configs/$ds.json" --run-dir "/tmp/unimlip_gpu_$ds" \
     --overwrite train.max_steps=20 train.micro_batch_size="$micro" model.kernels=triton data.backend=torch data.num_workers=4
   cp "/tmp/unimlip_gpu_$ds/metrics.jsonl" "$out/metrics_$ds.jsonl" 2>/dev/null
 done
-step "bench_accum" timeout 80 python3 bench/bench_accum.py --gpu --csv "$out/accum.csv" --budget 50
+step "bench_accum" timeout 55 python3 bench/bench_accum.py --gpu --csv "$out/accum.csv" --budget 30
 exit $status
