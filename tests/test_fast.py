@@ -142,6 +142,7 @@ def test_fast_setting_resolves_per_device_and_key():
         load_config(None, ["train.fast=sometimes"])
 
 
+@pytest.mark.slow
 def test_fast_step_trains_through_the_trainer(tmp_path, monkeypatch, capsys):
     """train.fast=true through pretrain and DeepSpeed (ZeRO-2): both phases compile (aot_eager here),
     the choices and the compile times are logged, and it trains."""
