@@ -46,17 +46,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO, SHARED_DATA, StageClock, append_rows, environment, matmul_peak_tflops  # noqa: E402
+from _harness import REPO, SHARED_DATA, StageClock, append_rows, environment, matmul_peak_tflops
 
-from unimlip_fast.config import Config, DataConfig, TextConfig, load_config  # noqa: E402
-from unimlip_fast.data.backends import build_train_loader  # noqa: E402
-from unimlip_fast.data.formats import read_records  # noqa: E402
-from unimlip_fast.data.loader import build_dataset, trim_padding  # noqa: E402
-from unimlip_fast.data.masking import MaskingTables  # noqa: E402
-from unimlip_fast.kernels import REFERENCE_OPS, resolve_ops  # noqa: E402
-from unimlip_fast.model import SIMCLR, build_model, build_tokenizer  # noqa: E402
-from unimlip_fast.objective import compute_terms, total_loss  # noqa: E402
-from unimlip_fast.train.fast import REFERENCE_STEP, apply_fast, resolve_fast  # noqa: E402
+from unimlip_fast.config import Config, DataConfig, TextConfig, load_config
+from unimlip_fast.data.backends import build_train_loader
+from unimlip_fast.data.dataset import build_dataset
+from unimlip_fast.data.formats import read_records
+from unimlip_fast.data.masking import MaskingTables
+from unimlip_fast.data.spec import LoaderSpec, trim_padding
+from unimlip_fast.kernels import REFERENCE_OPS, resolve_ops
+from unimlip_fast.model import SIMCLR, build_model, build_tokenizer
+from unimlip_fast.objective import compute_terms, total_loss
+from unimlip_fast.train.fast import REFERENCE_STEP, apply_fast, resolve_fast
 
 MEDPIX = SHARED_DATA / "medpix2"
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
@@ -261,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         mlm = MaskingTables.from_tokenizer(tokenizer)
 
         def loader(batch_size: int, dtype: torch.dtype, epoch: int = 0):
-            return build_train_loader("torch" if cuda else "cpu", dataset, batch_size, seed=0, epoch=epoch,
-                                      strong_views=True, mlm=mlm, num_workers=workers if cuda else min(workers, 2),
-                                      device=device, dtype=dtype, shards=shards)
+            spec = LoaderSpec(batch_size, image_size, seed=0, epoch=epoch, strong_views=True, mlm=mlm,
+                              num_workers=workers if cuda else min(workers, 2), device=device, dtype=dtype)
+            return build_train_loader("torch" if cuda else "cpu", dataset, spec, shards=shards)
 
         def endless(batch_size: int, dtype: torch.dtype):
             epoch = 0
