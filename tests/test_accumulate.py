@@ -34,11 +34,11 @@ PER_RANK, MICRO, SEED = 8, 2, 123
 RANDOMNESS_OFF = ["model.dropblock_p=0.0", "model.text_dropout=0.0", "model.text.hidden_dropout=0.0"]
 
 
-def make_everything(world: int, deterministic: bool, device: str = "cpu"):
+def make_everything(world: int, deterministic: bool, device: str = "cpu", kernels: str = "reference"):
     """The same config, model (with realistic frozen statistics) and global batch in every process."""
     cfg = load_config(None, TINY_OVERRIDES + [f"train.batch_size={PER_RANK * world}", f"train.micro_batch_size={MICRO}",
                                               "train.grad_clip=0.0"] + (RANDOMNESS_OFF if deterministic else [])
-                      + (["model.kernels=triton"] if device == "cuda" else []))
+                      + [f"model.kernels={kernels}"])
     tokenizer = build_tokenizer(cfg.model.text, CAPTIONS)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.loss, tokenizer)
@@ -79,9 +79,9 @@ def _concat(features: list[dict]) -> dict:
     return {**joined, "logit_scale": features[0]["logit_scale"]}
 
 
-def reference(world: int, rank: int, deterministic: bool, device: str = "cpu"):
+def reference(world: int, rank: int, deterministic: bool, device: str = "cpu", kernels: str = "reference"):
     """Plain PyTorch on this rank's share of the batch: (terms, total, {name: grad averaged over ranks})."""
-    cfg, model, batch = make_everything(world, deterministic, device)
+    cfg, model, batch = make_everything(world, deterministic, device, kernels)
     local = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
     model.train()
     model.simclr_head.eval()
@@ -102,7 +102,8 @@ def reference(world: int, rank: int, deterministic: bool, device: str = "cpu"):
     return {k: v.item() for k, v in terms.items()}, total.item(), grads
 
 
-def accumulated(world: int, rank: int, deterministic: bool, ds_json: str, phase: str = SIMCLR, device: str = "cpu"):
+def accumulated(world: int, rank: int, deterministic: bool, ds_json: str, phase: str = SIMCLR, device: str = "cpu",
+                kernels: str = "reference"):
     """The same through DeepSpeed and the accumulator: (terms, total, grads, engine, model)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
@@ -111,7 +112,7 @@ def accumulated(world: int, rank: int, deterministic: bool, ds_json: str, phase:
     from unimlip_fast.train.ds_config import load_ds_config
     from unimlip_fast.train.schedule import build_optimizer
 
-    cfg, model, batch = make_everything(world, deterministic, device)
+    cfg, model, batch = make_everything(world, deterministic, device, kernels)
     local = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
     ds = fp32_variant(resolve_ds_config(load_ds_config(str(REPO / "configs" / ds_json)), cfg, world))
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train, torch.device(device)),
@@ -193,16 +194,21 @@ def _running_statistics(world: int, rank: int) -> list[str]:
     return problems
 
 
-def _cuda_worker(rank: int, port: int, out_dir: str) -> None:
+def _fused_worker(rank: int, port: int, out_dir: str, device: str) -> None:
+    """The fused kernels (DropBlock's Philox seed comes from the CPU generator): on CUDA, or on CPU
+    tensors in Triton's interpreter."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cuda")
+                      DS_ACCELERATOR=device)
+    torch.set_num_threads(1)
     from unimlip_fast.train.distributed import init_distributed
 
     init_distributed()
-    got = accumulated(1, 0, False, "zero2_fp32.json", device="cuda")
-    # TF32 convolutions and Triton dots: rounding well above fp32's, far below a wrong dropout mask's effect.
-    report = {"same draws on CUDA, Triton kernels": compare(got[:3], reference(1, 0, False, "cuda"), rel=2e-3)}
-    with open(os.path.join(out_dir, "cuda.json"), "w") as fh:
+    got = accumulated(1, 0, False, "zero2_fp32.json", device=device, kernels="triton")
+    # On CUDA, TF32 convolutions and Triton dots: rounding well above fp32's, far below what a
+    # wrong dropout or DropBlock mask does to the gradients (several percent).
+    rel = 2e-3 if device == "cuda" else 1e-5
+    report = {f"same draws, Triton kernels, {device}": compare(got[:3], reference(1, 0, False, device, "triton"), rel)}
+    with open(os.path.join(out_dir, "fused.json"), "w") as fh:
         json.dump(report, fh)
     torch.distributed.destroy_process_group()
 
@@ -227,8 +233,17 @@ def test_accumulated_step_matches_the_whole_batch(tmp_path, world):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU cases cover the algorithm)")
 def test_accumulated_step_on_cuda_replays_the_random_draws(tmp_path):
     """The CUDA generator's state restored for each micro-batch's second forward, the fused kernels."""
-    mp.spawn(_cuda_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
-    report = json.loads((tmp_path / "cuda.json").read_text())
+    mp.spawn(_fused_worker, args=(_free_port(), str(tmp_path), "cuda"), nprocs=1, join=True)
+    report = json.loads((tmp_path / "fused.json").read_text())
+    assert {case: problems for case, problems in report.items() if problems} == {}
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_accumulated_step_with_the_fused_kernels_interpreted(tmp_path):
+    pytest.importorskip("triton", reason="triton is not installed")
+    mp.spawn(_fused_worker, args=(_free_port(), str(tmp_path), "cpu"), nprocs=1, join=True)
+    report = json.loads((tmp_path / "fused.json").read_text())
     assert {case: problems for case, problems in report.items() if problems} == {}
 
 
