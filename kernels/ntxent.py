@@ -11,12 +11,16 @@ gathered views of the global batch; row ``i`` pairs with column ``row_offset + i
 """
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 
+from unimlip_fast.config import SimclrNegatives  # absolute: transformers may import this folder as `kernels`
+
 from .infonce import infonce_reference
 
-SIMCLR_NEGATIVES = ("cross-view", "all")
+SIMCLR_NEGATIVES: tuple[str, ...] = typing.get_args(SimclrNegatives)
 
 
 def check_negatives(negatives: str) -> None:

@@ -23,6 +23,8 @@ DataBackend = Literal["cpu", "torch", "dali", "auto"]
 Kernels = Literal["auto", "reference", "triton"]  # auto: Triton on CUDA, the reference elsewhere
 CpuPrecision = Literal["fp32", "as-configured"]
 StrongViews = Literal["auto", "on", "off"]
+SimclrNegatives = Literal["cross-view", "all"]  # the paper's Eq. 2 | SLIP's 2B - 1
+FusionHead = Literal["pmc-clip", "mlp"]
 
 DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
 PACK_FORMATS: tuple[str, ...] = typing.get_args(PackFormat)
@@ -66,7 +68,7 @@ class ModelConfig:
     fusion_heads: int = 8
     # "pmc-clip": PMC-CLIP's fusion and MLM head (takes its released weights); "mlp": this project's
     # earlier head (image projection, final norm, transform MLP), which older run folders hold.
-    fusion_head: str = "pmc-clip"
+    fusion_head: FusionHead = "pmc-clip"
     simclr_hidden: int = 4096
     simclr_out: int = 256
     dropblock_p: float = 0.5
@@ -89,7 +91,7 @@ class LossConfig:
     simclr_tau: float = 0.1
     # Each view's SimCLR denominator: "cross-view", the paper's Eq. 2 (the B views of the other side),
     # or "all", SLIP's 2B - 1 other views of both sides.
-    simclr_negatives: str = "cross-view"
+    simclr_negatives: SimclrNegatives = "cross-view"
     mlm_prob: float = 0.15
     freeze_bn_stats: bool = True  # in the SimCLR phase: BatchNorm running statistics frozen
 
@@ -342,15 +344,6 @@ def validate(config: Config) -> None:
     """Checks across fields that the types alone do not catch."""
     if config.data.format != "phantom" and not config.data.path:
         raise ConfigError(f"data.path is required for data.format={config.data.format}")
-    from .kernels.ntxent import SIMCLR_NEGATIVES
-    from .model.fusion import FUSION_HEADS
-
-    if config.model.fusion_head not in FUSION_HEADS:
-        raise ConfigError(f"model.fusion_head must be one of {FUSION_HEADS}, got {config.model.fusion_head!r}")
-
-    if config.loss.simclr_negatives not in SIMCLR_NEGATIVES:
-        raise ConfigError(f"loss.simclr_negatives must be one of {SIMCLR_NEGATIVES}, "
-                          f"got {config.loss.simclr_negatives!r}")
     if config.data.strong_views == "off" and config.loss.simclr > 0:
         raise ConfigError("data.strong_views=off leaves SimCLR without its views; set loss.simclr=0 too")
     for key in ("weak_scale", "strong_scale"):

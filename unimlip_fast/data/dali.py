@@ -61,7 +61,7 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int, seed: int, strong_views: bool,
-                   image_size: int, weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0), device_id: int | None = 0,
+                   image_size: int, weak_scale=(0.9, 1.0), strong_scale=(0.9, 1.0), device_id: int | None = 0,
                    half: bool = False, num_threads: int = 4, initial_fill: int = 4096, prefetch: int = 2,
                    shard_order=None):
     """The DALI pipeline (not yet built); outputs ``image[, image_a, image_b], ids, length, index``.

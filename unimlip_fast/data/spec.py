@@ -47,8 +47,8 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
-    weak_scale: tuple[float, float] = (0.5, 1.0)  # crop area of the weak view
-    strong_scale: tuple[float, float] = (0.08, 1.0)  # crop area of the strong views
+    weak_scale: tuple[float, float] = (0.9, 1.0)  # crop area of the weak view (data.weak_scale)
+    strong_scale: tuple[float, float] = (0.9, 1.0)  # crop area of the strong views (data.strong_scale)
     num_workers: int = 0
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # of the GPU backends' images

@@ -80,7 +80,7 @@ def canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def make_views(x: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, size: int, generator: torch.Generator,
-               strong: bool, weak_scale=(0.5, 1.0), strong_scale=(0.08, 1.0)) -> dict[str, torch.Tensor]:
+               strong: bool, weak_scale=(0.9, 1.0), strong_scale=(0.9, 1.0)) -> dict[str, torch.Tensor]:
     """The weak view (and the two strong views when ``strong``) of a float [0,1] :func:`canvas`
     ``x`` on any device, images ``hs`` x ``ws``, as one batched op each; normalised float32
     ``[B,3,size,size]``."""

@@ -5,8 +5,9 @@ batch ``[B,3,size,size]``. Random parameters are drawn per sample from the ``tor
 in (on any device; the few parameter tensors are moved to the images' device), so a seeded
 generator gives the same views on every device.
 
-- weak view (ITC, MLM): random resized crop, scale ``weak_scale`` (0.5-1), aspect 3/4-4/3.
-- strong view (SimCLR, SLIP's recipe): random resized crop 0.08-1; colour jitter brightness,
+- weak view (ITC, MLM): random resized crop, area ``weak_scale`` (default 0.9-1, PMC-CLIP's), aspect 3/4-4/3.
+- strong view (SimCLR): random resized crop, area ``strong_scale`` (default 0.9-1, near the whole
+  image as the paper keeps small findings; SLIP's is 0.08-1); colour jitter brightness,
   contrast, saturation 0.4, hue 0.1 with p 0.8 (fixed order); greyscale p 0.2; Gaussian blur sigma
   U(0.1, 2) px with p 0.5; horizontal flip p 0.5.
 - eval view: resize the short side to ``size``, centre crop.
@@ -208,7 +209,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float = 
 # ------------------------------------------------------------------------------------------- views
 
 
-def weak_view(images, size: int, generator=None, scale=(0.5, 1.0), ratio=RATIO) -> torch.Tensor:
+def weak_view(images, size: int, generator=None, scale=(0.9, 1.0), ratio=RATIO) -> torch.Tensor:
     """Random resized crop (``scale``, ``ratio``) to ``size``, then CLIP normalisation."""
     x = to_float(images)
     boxes = random_resized_crop_boxes(x.shape[0], x.shape[2], x.shape[3], scale, ratio, generator, x.device)
@@ -219,7 +220,7 @@ def strong_view(
     images,
     size: int,
     generator=None,
-    scale=(0.08, 1.0),
+    scale=(0.9, 1.0),
     ratio=RATIO,
     jitter=(0.4, 0.4, 0.4, 0.1),
     p_jitter: float = 0.8,
@@ -228,9 +229,10 @@ def strong_view(
     p_blur: float = 0.5,
     p_flip: float = 0.5,
 ) -> torch.Tensor:
-    """SLIP's SimCLR view: crop 0.08-1, colour jitter (p 0.8), greyscale (p 0.2), blur (p 0.5),
-    horizontal flip (p 0.5), CLIP normalisation. The flip is folded into the crop's grid, which is
-    exact because colour ops are per pixel and the blur kernel is symmetric."""
+    """The SimCLR view (SLIP's, with the crop near the whole image): crop ``scale``, colour jitter
+    (p 0.8), greyscale (p 0.2), blur (p 0.5), horizontal flip (p 0.5), CLIP normalisation. The
+    flip is folded into the crop's grid, which is exact because colour ops are per pixel and the
+    blur kernel is symmetric."""
     x = to_float(images)
     n, dev = x.shape[0], x.device
     boxes = random_resized_crop_boxes(n, x.shape[2], x.shape[3], scale, ratio, generator, dev)
@@ -294,7 +296,7 @@ def crop_resize_one(image: torch.Tensor, box, size: int, flip: bool = False) -> 
     return (crop.flip(-1) if flip else crop)[0].clamp(0, 1)
 
 
-def weak_view_one(image, size: int, generator=None, scale=(0.5, 1.0), ratio=RATIO) -> torch.Tensor:
+def weak_view_one(image, size: int, generator=None, scale=(0.9, 1.0), ratio=RATIO) -> torch.Tensor:
     """One image (HxWx3 or HxW uint8 numpy, or [3,H,W] tensor) -> ``[3,size,size]``; the same
     parameters as :func:`weak_view` draws, cropped with :func:`crop_resize_one`."""
     x = to_chw(image)
@@ -303,7 +305,7 @@ def weak_view_one(image, size: int, generator=None, scale=(0.5, 1.0), ratio=RATI
 
 
 def strong_views_one(
-    image, size: int, generator=None, scale=(0.08, 1.0), ratio=RATIO
+    image, size: int, generator=None, scale=(0.9, 1.0), ratio=RATIO
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent strong views of one image: crops one at a time, the rest as a batch of two."""
     x = to_chw(image)

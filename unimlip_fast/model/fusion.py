@@ -1,11 +1,15 @@
 """The fusion module and MLM head: caption tokens attend with the image before predicting masks."""
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSION_HEADS = ("pmc-clip", "mlp")
+from ..config import FusionHead
+
+FUSION_HEADS: tuple[str, ...] = typing.get_args(FusionHead)
 
 
 class FusionMLM(nn.Module):
