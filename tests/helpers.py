@@ -167,8 +167,10 @@ def pack_medpix(root: Path, n: int = N_PACKED, shard_size: int = 40) -> Path:
     return out
 
 
-def rewrite_shard(tar_path: Path, corrupt: set[str] = frozenset(), drop: set[str] = frozenset()) -> None:
-    """Rewrite a tar in place: members named in ``corrupt`` get garbage bytes, those in ``drop`` go."""
+def rewrite_shard(tar_path: Path, corrupt: set[str] = frozenset(), drop: set[str] = frozenset(),
+                  replace: dict[str, bytes] | None = None) -> None:
+    """Rewrite a tar in place: members named in ``corrupt`` get garbage bytes, those in ``drop`` go,
+    those in ``replace`` get the bytes given."""
     with tarfile.open(tar_path, "r:") as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -177,7 +179,8 @@ def rewrite_shard(tar_path: Path, corrupt: set[str] = frozenset(), drop: set[str
                 continue
             if m.name in corrupt:
                 data = b"\x00garbage, not an image" * 20
-                m.size = len(data)
+            data = (replace or {}).get(m.name, data)
+            m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
 
 

@@ -1,5 +1,6 @@
 """Bad input through the real entry point: skipped and counted, or one clear error; never a crash mid-run."""
 import json
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -26,14 +27,21 @@ def write_csv_dataset(root, n_good=40):
 
 def test_corrupt_missing_and_empty_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
     table = write_csv_dataset(tmp_path / "data")
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / "data" / "images" / "huge.png")
+    with open(table, "a") as f:
+        f.write("images/huge.png,a scan above the pixel limit\n")
     run = tmp_path / "run"
-    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", run, *TINY_RUN,
-                   "data.format=csv", f"data.path={table}", "data.image_key=file", "data.caption_key=text",
-                   "data.split=", "train.batch_size=8", "train.max_steps=10", "eval.split=")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", run, *TINY_RUN,
+                       "data.format=csv", f"data.path={table}", "data.image_key=file", "data.caption_key=text",
+                       "data.split=", "train.batch_size=8", "train.max_steps=10", "eval.split=",
+                       "data.max_image_pixels=50000")
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_records"] == {"missing_image": 1, "empty_caption": 2}
-    assert sum(summary["skipped_samples"].values()) >= 1  # the corrupt JPEG, each time it was drawn
+    # each bad file once over two epochs: the corrupt JPEG, the image above the pixel limit
+    assert summary["skipped_samples"] == {"undecodable_image": 1, "too_large": 1}
     assert summary["steps"] == 10
     assert "missing_image" in capsys.readouterr().err
 

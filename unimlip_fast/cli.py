@@ -260,6 +260,27 @@ def data_pack(
                   f"skipped: {skipped}", highlight=False)
 
 
+@data_app.command("verify")
+def data_verify(
+    folder: Annotated[Path, typer.Argument(help="A folder made by `data pack`.")],
+) -> None:
+    """Read every byte of a packed folder: name the samples that changed since packing, the damaged
+    ones (ids outside the vocabulary, undecodable images) and missing index files.
+
+    Example: unimlip-fast data verify shards/medpix
+    """
+    from .data.formats import DataError
+    from .data.verify import verify_packed
+
+    reports = verify_packed(folder)
+    for report in reports:
+        console.print(report.describe(), highlight=False, soft_wrap=True)
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(reports)} shards changed or damaged since packing (listed above)")
+    console.print(f"{len(reports)} of {len(reports)} shards unchanged and whole", highlight=False)
+
+
 def _progress_reporter(label: str):
     """``(done, total)`` -> a rich bar on a terminal, a plain line per 10% otherwise; and its closer."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn

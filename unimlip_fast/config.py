@@ -119,6 +119,7 @@ class DataConfig:
     backend: DataBackend = "cpu"
     shards: str = ""  # a `unimlip-fast data pack` folder of the same records, read by the torch and dali backends
     cache_images: bool = False  # keep decoded, resized images in memory (small data sets)
+    max_image_pixels: int = 89_478_485  # larger images are skipped and counted as too_large (0: no limit)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from .decoding import DECODE_ERRORS, decode_image, decode_size, failure_reason, shrink_array
+from .decoding import DECODE_ERRORS, SampleError, decode_image, decode_size, failure_reason, shrink_array
 from .formats import DataError, Record, RecordSet
 from .spec import LoaderSpec
 
@@ -65,7 +65,7 @@ class CaptionImageDataset(Dataset):
     def load_image(self, i: int) -> np.ndarray:
         if self._cache is not None:
             if i in self._cache_errors:
-                raise OSError(self._cache_errors[i])
+                raise SampleError(self._cache_errors[i], "when the image cache was filled")
             return self._cache[i]
         image = self.records[i].image
         if isinstance(image, np.ndarray):

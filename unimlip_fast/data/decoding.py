@@ -6,6 +6,10 @@ while that still covers the target), then a resize of the short side to :func:`d
 1.15x the model's image size (room for the crop's resampling). 16-bit and float greyscale images
 (common in medical PNG/TIFF) are stretched to 8 bits, not clipped. A file that cannot be read or
 decoded raises one of :data:`DECODE_ERRORS`; :func:`failure_reason` names it for the counts.
+
+An image with more pixels than ``data.max_image_pixels`` (:func:`set_max_image_pixels`; PIL's own
+default, about 89 million, unless set) is refused from its header, before any decoding, as
+``too_large``: PIL's own check, a warning and gigabytes of memory up to twice its limit, is off.
 """
 from __future__ import annotations
 
@@ -15,7 +19,31 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DECODE_MARGIN = 1.15  # decode to this times image_size: room for the crop's resampling
+PIL_DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS
+_max_pixels = PIL_DEFAULT_MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = None  # replaced by the check in _check_pixels (a count, not a warning)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used, carrying the reason it is counted under (e.g. ``bad_token_ids``)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Images above ``limit`` pixels are refused as ``too_large`` (0: no limit). Set it before the
+    loader's workers start: they inherit it."""
+    global _max_pixels
+    _max_pixels = limit
+
+
+def _check_pixels(im: Image.Image) -> None:
+    w, h = im.size
+    if _max_pixels and w * h > _max_pixels:
+        raise SampleError("too_large", f"{w}x{h} pixels, above data.max_image_pixels={_max_pixels}")
 
 
 def decode_size(image_size: int) -> int:
@@ -25,6 +53,8 @@ def decode_size(image_size: int) -> int:
 
 def failure_reason(err: Exception) -> str:
     """The ``skipped`` reason for an image that failed to load."""
+    if isinstance(err, SampleError):
+        return err.reason
     return "missing_image" if isinstance(err, FileNotFoundError) else "undecodable_image"
 
 
@@ -54,6 +84,7 @@ def fit_image(im: Image.Image, target: int) -> np.ndarray:
 
 
 def _decode_open(im: Image.Image, target: int) -> np.ndarray:
+    _check_pixels(im)
     if im.format == "JPEG":
         im.draft("RGB", (target, target))  # DCT scaling: decodes at 1/2, 1/4, 1/8 when that still covers target
     return fit_image(im, target)
@@ -87,6 +118,7 @@ def check_image_bytes(data: bytes) -> bool:
     """A cheap decode check: PIL parses the header, then decodes (JPEG at 1/8 scale, so ~1 ms)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            _check_pixels(im)
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             im.load()

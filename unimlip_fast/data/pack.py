@@ -28,7 +28,16 @@ from ..config import PACK_FORMATS, DataConfig
 from .dataset import tokenize_captions
 from .decoding import check_image_bytes
 from .formats import DataError, Record, clean_caption, read_records
-from .shard_format import PACK_VERSION, SHARD_NAME, file_digest, member_name, write_atomic, write_index
+from .shard_format import (
+    PACK_VERSION,
+    SHARD_NAME,
+    file_digest,
+    member_name,
+    sample_digest,
+    sample_key,
+    write_atomic,
+    write_index,
+)
 
 
 @dataclass(frozen=True)
@@ -116,19 +125,21 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
     ids, mask = tokenize_captions(tokenizer, [g[2] for g in good], context_length)
     lengths = mask.sum(axis=1)
     tmp_tar = out / f"{name}.tar.tmp"
-    index = []
+    index, digests = [], {}
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for (i, key, caption, data, ext), row, n in zip(good, ids, lengths):
             members = [(ext, data), ("ids", row[:n].astype("<i4").tobytes()),
                        ("idx", np.int64(i).astype("<i8").tobytes()), ("txt", caption.encode()),
                        ("key", str(key).encode())]
             index.append([(e, *_add_member(tar, member_name(i, e), d), member_name(i, e)) for e, d in members])
+            digests[sample_key(i)] = sample_digest(dict(members))
     os.replace(tmp_tar, out / f"{name}.tar")
     write_index(out / f"{name}.idx", index)
     stat = (out / f"{name}.tar").stat()
     marker = {"shard": name, "tar": f"{name}.tar", "index": f"{name}.idx", "samples": len(good),
               "records": len(records), "skipped": dict(skipped),
-              "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": file_digest(out / f"{name}.tar")}
+              "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": file_digest(out / f"{name}.tar"),
+              "sample_digests": digests}
     write_atomic(out / f"{name}.json", json.dumps(marker))
     return marker
 

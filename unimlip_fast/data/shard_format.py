@@ -12,7 +12,8 @@ A packed folder holds:
 - ``shard-000000.idx``: DALI's webdataset index of the shard (``v1.2 <samples>``, then one line per
   sample: ``<ext> <data offset> <size> <member name>`` for each member);
 - ``shard-000000.json``: the shard's completion marker (samples, skips, size, mtime and BLAKE2b
-  digest of the tar);
+  digest of the tar, and one digest per sample, :func:`sample_digest`, by which ``data verify``
+  names the samples that changed);
 - ``tokenizer/``: the tokenizer the ids come from (``save_pretrained``);
 - ``plan.json``: what the folder is made from (source, record count, shard size, tokenizer,
   context length, shuffle seed); a re-run with another plan is refused;
@@ -26,6 +27,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .formats import DataError
 
 PACK_VERSION = 1
@@ -37,9 +40,14 @@ JPEG_EXTS = ("jpg", "jpeg")
 IndexSample = list[tuple[str, int, int, str]]  # per member: (ext, data offset, size, member name)
 
 
+def sample_key(index: int) -> str:
+    """The member base name of record ``index`` (its members are ``<key>.<ext>``)."""
+    return f"{index:0{KEY_DIGITS}d}"
+
+
 def member_name(index: int, ext: str) -> str:
     """The tar member of record ``index``'s ``ext`` part."""
-    return f"{index:0{KEY_DIGITS}d}.{ext}"
+    return f"{sample_key(index)}.{ext}"
 
 
 def write_index(path: Path, samples: list[IndexSample]) -> None:
@@ -72,6 +80,22 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def sample_digest(parts: dict[str, bytes]) -> str:
+    """BLAKE2b-128 of one sample's members (each extension, length and bytes, in extension order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for ext in sorted(parts):
+        h.update(ext.encode() + b"\0" + len(parts[ext]).to_bytes(8, "little") + parts[ext])
+    return h.hexdigest()
+
+
+def ids_in_vocabulary(data: bytes, vocab_size: int) -> bool:
+    """Whether ``.ids`` bytes are whole int32 token ids, each in ``[0, vocab_size)``."""
+    if not data or len(data) % 4:
+        return False
+    ids = np.frombuffer(data, "<i4")
+    return bool(ids.min() >= 0 and ids.max() < vocab_size)
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:

@@ -4,11 +4,16 @@
 shard whose tar no longer has the size and mtime its marker recorded is checked: the same size and
 BLAKE2b digest means a copy, and the pack's index stands; anything else (edited, truncated,
 corrupted after packing) is re-verified once: its members are listed from the tar headers, every sample
-needs an image and its ``.ids`` (else ``missing_caption`` / ``missing_image``), every image
-passes the pack's decode check (else ``undecodable_image``); the samples that pass are written to
+needs an image and its ``.ids`` (else ``missing_caption`` / ``missing_image``), the ids must lie in
+the tokenizer's vocabulary (else ``bad_token_ids``), every image passes the pack's decode check
+(else ``undecodable_image``); a shard whose index file is gone is rebuilt from its tar the same
+way. The samples that pass are written to
 a *verified index* in DALI's format (under ``<folder>/.verified``, or a temporary folder when the
 packed folder is read-only). That index is the skip list: DALI's webdataset reader and the torch
 dataset only ever see the samples it lists, so a bad sample inside a shard is counted, not fatal.
+A tar changed in place with its size and mtime kept is not noticed here (that would mean reading
+every byte of every shard at each start): ``unimlip-fast data verify`` reads them all and names the
+samples whose digest changed (:mod:`.verify`).
 
 :class:`ShardDataset` is the torch path's map-style dataset over the verified samples: it reads
 a sample's bytes with ``os.pread`` (random access, any worker), and returns the image decoded with
@@ -27,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .decoding import check_image_bytes, decode_image_bytes
+from .decoding import SampleError, check_image_bytes, decode_image_bytes
 from .formats import DataError
-from .shard_format import IMAGE_EXTS, JPEG_EXTS, file_digest, parse_index, write_atomic, write_index
+from .shard_format import IMAGE_EXTS, JPEG_EXTS, file_digest, ids_in_vocabulary, parse_index, write_atomic, write_index
 
 # One row per usable sample.
 SAMPLE_DTYPE = np.dtype([("shard", np.int32), ("index", np.int64), ("img_off", np.int64), ("img_size", np.int64),
@@ -46,6 +51,7 @@ class ShardSet:
     indices: list[Path]  # verified index per tar (the pack's own where the tar is unchanged)
     samples: np.ndarray  # SAMPLE_DTYPE, in index order, shard by shard
     read_skipped: collections.Counter = field(default_factory=collections.Counter)  # found while verifying
+    rebuilt: list[str] = field(default_factory=list)  # tars whose missing index was rebuilt
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -57,6 +63,10 @@ class ShardSet:
     @property
     def pad_token_id(self) -> int:
         return int(self.manifest["tokenizer"]["pad_token_id"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
 
     @property
     def epoch_skipped(self) -> dict[str, int]:
@@ -82,9 +92,10 @@ def _rows(shard: int, samples) -> list[tuple]:
     return rows
 
 
-def scan_tar(path: Path, check_images: bool = True) -> tuple[list, collections.Counter]:
-    """The samples of a tar that have an image (decodable) and caption ids, in index form, and the
-    rest counted by reason. Reads the headers, and the images' bytes when ``check_images``."""
+def scan_tar(path: Path, check_images: bool = True, vocab_size: int | None = None) -> tuple[list, collections.Counter]:
+    """The samples of a tar that have an image (decodable) and caption ids (within ``vocab_size``),
+    in index form, and the rest counted by reason. Reads the headers, the ids, and the images' bytes
+    when ``check_images``."""
     groups: dict[str, dict[str, tuple[int, int, str]]] = {}
     order: list[str] = []
     skipped: collections.Counter = collections.Counter()
@@ -115,6 +126,11 @@ def scan_tar(path: Path, check_images: bool = True) -> tuple[list, collections.C
             if "idx" not in parts:
                 skipped["bad_row"] += 1
                 continue
+            if vocab_size is not None:
+                off, size, _ = parts["ids"]
+                if not ids_in_vocabulary(os.pread(fh.fileno(), size, off), vocab_size):
+                    skipped["bad_token_ids"] += 1
+                    continue
             if check_images:
                 off, size, _ = parts[img]
                 if not check_image_bytes(os.pread(fh.fileno(), size, off)):
@@ -139,25 +155,28 @@ def _verified_dir(root: Path) -> Path:
         return d
 
 
-def _verify(root: Path, entry: dict, st: os.stat_result) -> tuple[Path, list, collections.Counter]:
-    """The index to read for a shard whose tar's mtime or size differs from the manifest's: the
-    pack's own when the content is unchanged (a copy: same size and digest), else a verified one.
-    The outcome is cached under the verified folder, keyed by the tar's size and mtime."""
+def _verify(root: Path, entry: dict, st: os.stat_result, vocab_size: int) -> tuple[Path, list, collections.Counter]:
+    """The index to read for a shard whose tar's mtime or size differs from the manifest's, or whose
+    index file is gone: the pack's own when it is there and the content is unchanged (a copy: same
+    size and digest), else a verified one, rebuilt from the tar. The outcome is cached under the
+    verified folder, keyed by the tar's size and mtime."""
     vdir = _verified_dir(root)
     stem = Path(entry["tar"]).stem
     index_path, meta_path = vdir / f"{stem}.idx", vdir / f"{stem}.json"
+    own_index = root / entry["index"]
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
-            if meta.get("unchanged"):
-                return root / entry["index"], parse_index(root / entry["index"]), collections.Counter()
-            if index_path.is_file():
+            if meta.get("unchanged") and own_index.is_file():
+                return own_index, parse_index(own_index), collections.Counter()
+            if not meta.get("unchanged") and index_path.is_file():
                 return index_path, parse_index(index_path), collections.Counter(meta["skipped"])
     tar = root / entry["tar"]
-    if st.st_size == entry["size"] and entry.get("blake2b") and file_digest(tar) == entry["blake2b"]:
+    if (own_index.is_file() and st.st_size == entry["size"] and entry.get("blake2b")
+            and file_digest(tar) == entry["blake2b"]):
         write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "unchanged": True}))
-        return root / entry["index"], parse_index(root / entry["index"]), collections.Counter()
-    samples, skipped = scan_tar(tar)
+        return own_index, parse_index(own_index), collections.Counter()
+    samples, skipped = scan_tar(tar, vocab_size=vocab_size)
     write_index(index_path, samples)
     write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "skipped": dict(skipped)}))
     return index_path, samples, skipped
@@ -178,8 +197,10 @@ def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardS
         except FileNotFoundError:
             raise DataError(f"{root / entry['tar']} listed in the manifest is missing") from None
     changed = [s for s, (entry, st) in enumerate(zip(manifest["shards"], stats))
-               if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"])]
-    jobs = [(root, manifest["shards"][s], stats[s]) for s in changed]
+               if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"])
+               or not (root / entry["index"]).is_file()]
+    vocab_size = int(manifest["tokenizer"]["vocab_size"])
+    jobs = [(root, manifest["shards"][s], stats[s], vocab_size) for s in changed]
     workers = min(len(jobs), workers or os.cpu_count() or 1)
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -205,7 +226,8 @@ def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardS
             rows += _rows(len(tars) - 1, samples)
     if not rows:
         raise DataError(f"{root}: no usable samples ({dict(read_skipped)} skipped)")
-    return ShardSet(root, manifest, tars, indices, np.array(rows, dtype=SAMPLE_DTYPE), read_skipped)
+    rebuilt = [entry["tar"] for entry in manifest["shards"] if not (root / entry["index"]).is_file()]
+    return ShardSet(root, manifest, tars, indices, np.array(rows, dtype=SAMPLE_DTYPE), read_skipped, rebuilt)
 
 
 # ------------------------------------------------------------------------------------ ids -> tokens
@@ -253,9 +275,13 @@ class ShardDataset:
         return data
 
     def read_ids(self, j: int) -> np.ndarray:
-        """Sample ``j``'s caption ids (int32, unpadded)."""
+        """Sample ``j``'s caption ids (int32, unpadded); ids outside the vocabulary (a shard damaged
+        in place) raise :class:`.decoding.SampleError` ``bad_token_ids``, which the loader counts."""
         row = self.shards.samples[j]
-        return np.frombuffer(self._read(int(row["shard"]), int(row["ids_off"]), int(row["ids_size"])), "<i4")
+        data = self._read(int(row["shard"]), int(row["ids_off"]), int(row["ids_size"]))
+        if not ids_in_vocabulary(data, self.shards.vocab_size):
+            raise SampleError("bad_token_ids", f"sample {int(row['index'])} of {self.shards.tars[int(row['shard'])]}")
+        return np.frombuffer(data, "<i4")
 
     def __getitem__(self, j: int) -> dict:
         row = self.shards.samples[j]
@@ -300,9 +326,16 @@ def check_against_dataset(shards: ShardSet, dataset, n: int = 256) -> None:
         raise DataError(f"{shards.root} was packed with context length {shards.context_length}, the run uses "
                         f"{dataset.input_ids.shape[1]} (model.text.context_length); repack with --context-length")
     reader = ShardDataset(shards, 1)
-    picks = np.linspace(0, len(shards) - 1, min(n, len(shards))).astype(int)
-    packed, packed_mask = ids_to_tokens([reader.read_ids(j) for j in picks], shards.context_length,
-                                        shards.pad_token_id)
+    picks, rows = [], []
+    for j in np.linspace(0, len(shards) - 1, min(n, len(shards))).astype(int):
+        try:
+            rows.append(reader.read_ids(j))
+            picks.append(j)
+        except SampleError:  # a damaged sample, counted when read: it says nothing about the tokenizer
+            continue
+    if not picks:
+        return
+    packed, packed_mask = ids_to_tokens(rows, shards.context_length, shards.pad_token_id)
     index = [int(shards.samples[j]["index"]) for j in picks]
     mask = dataset.attention_mask[index].astype(bool)
     if not (np.array_equal(packed_mask.astype(bool), mask)

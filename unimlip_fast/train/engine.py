@@ -22,6 +22,7 @@ import torch
 from ..config import Config, ConfigError, save_config
 from ..data.backends import build_train_loader
 from ..data.dataset import build_dataset
+from ..data.decoding import set_max_image_pixels
 from ..data.formats import describe_skips, read_records
 from ..data.masking import MaskingTables
 from ..data.spec import LoaderSpec, batches_per_epoch, loader_spec, trim_padding
@@ -49,7 +50,8 @@ class TrainerState:
     batch_in_epoch: int = 0  # batches consumed in this epoch (resume point)
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)  # samples that failed to load, by reason
+    skipped: dict[str, int] = field(default_factory=dict)  # samples that failed to load, by reason, each once
+    skipped_epoch: dict[str, int] = field(default_factory=dict)  # the same, in this epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -89,6 +91,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     barrier()
     seed_everything(cfg.train.seed + env.rank)
 
+    set_max_image_pixels(cfg.data.max_image_pixels)  # before the loader's workers start: they inherit it
     records = read_records(cfg.data, cfg.data.split)
     eval_note = _check_eval_split(cfg, records.records)
     tokenizer = _tokenizer(cfg, [r.caption for r in records.records], run_dir, env, resume_tag is not None)
@@ -118,7 +121,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     mlm_tables = MaskingTables.from_tokenizer(tokenizer) if cfg.loss.mlm > 0 else None
 
     engine, ds_config = deepspeed_engine(model, cfg, ds_config_path, env, total_steps)
-    state = TrainerState(skipped=dict(records.skipped))
+    state = TrainerState()
     if resume_tag is not None:
         state = TrainerState(**load_checkpoint(engine, ckpt_dir, resume_tag, env))
 
@@ -186,8 +189,7 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, sta
         consumed = 0
         for batch in batches:
             consumed += 1
-            for reason, count in batch.pop("skipped", {}).items():
-                state.skipped[reason] = state.skipped.get(reason, 0) + count
+            _count_skipped(state, batch.pop("skipped", {}))
             batch = {k: v.to(env.device, non_blocking=True) for k, v in trim_padding(batch).items()}
             interval.data_done()
 
@@ -199,7 +201,7 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, sta
                 terms, loss = accumulator.forward(batch, phase)
             state.batch_in_epoch += 1
             if state.batch_in_epoch == steps_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                state.epoch, state.batch_in_epoch, state.skipped_epoch = state.epoch + 1, 0, {}
             if not (checked_in_step or loss_finite_everywhere(loss, env.device)):  # configs DeepSpeed does not check
                 record_skipped_step(state, cfg.train.max_nonfinite, terms, loss, False, env.device, monitor.info)
                 continue
@@ -238,7 +240,15 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, sta
             if consumed == 0:
                 raise RuntimeError(f"the data loader yielded no batch in epoch {state.epoch}")
             if state.batch_in_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                state.epoch, state.batch_in_epoch, state.skipped_epoch = state.epoch + 1, 0, {}
+
+
+def _count_skipped(state: TrainerState, skipped: dict[str, int]) -> None:
+    """Samples that failed to load, each bad file counted once: every epoch meets the same bad files
+    again, so the count per reason is the most that one epoch met."""
+    for reason, count in skipped.items():
+        state.skipped_epoch[reason] = state.skipped_epoch.get(reason, 0) + count
+        state.skipped[reason] = max(state.skipped.get(reason, 0), state.skipped_epoch[reason])
 
 
 def _periodic_eval(model, cfg: Config, env: DistEnv, monitor: Monitor, step: int) -> None:
