@@ -62,17 +62,18 @@ def _one_batch(cfg, tokenizer, device: torch.device, loaded: int = GLOBAL_BATCH)
     """A SimCLR-phase batch of ``train.batch_size``: ``loaded`` samples from the recipe's data through
     the CPU loader, repeated on the device up to the size (the content does not change the cost)."""
     from unimlip_fast.data.backends import build_train_loader
+    from unimlip_fast.data.dataset import build_dataset
     from unimlip_fast.data.formats import read_records
-    from unimlip_fast.data.loader import build_dataset, trim_padding
     from unimlip_fast.data.masking import MaskingTables
+    from unimlip_fast.data.spec import LoaderSpec, trim_padding
 
     records = read_records(cfg.data, cfg.data.split).records
     n = min(loaded, cfg.train.batch_size)
     records = (records * (n // len(records) + 1))[:n]
     dataset = build_dataset(records, tokenizer, cfg.model.image_size, cfg.model.text.context_length)
-    loader = build_train_loader("cpu", dataset, n, 0, 1, 0, 0, strong_views=True,
-                                mlm=MaskingTables.from_tokenizer(tokenizer), mlm_prob=cfg.loss.mlm_prob,
-                                num_workers=cfg.data.num_workers)
+    spec = LoaderSpec(n, cfg.model.image_size, strong_views=True, mlm=MaskingTables.from_tokenizer(tokenizer),
+                      mlm_prob=cfg.loss.mlm_prob, num_workers=cfg.data.num_workers)
+    loader = build_train_loader("cpu", dataset, spec)
     batch = next(iter(loader))
     batch.pop("skipped", None)
     return tile({k: v.to(device) for k, v in trim_padding(batch).items()}, cfg.train.batch_size)
@@ -97,7 +98,8 @@ def _rss_mib() -> float:
 def child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, budget: float) -> None:
     """In this process, one engine for every (global batch, micro-batch) of ``plan``: one JSON line
     each. With more than one, the next is skipped when it would not end within ``budget`` seconds,
-    and an out-of-memory ends the list."""
+    and an out-of-memory ends the list. On the CPU the memory is the process's resident-set peak:
+    one entry per process there."""
     import dataclasses
 
     import deepspeed
