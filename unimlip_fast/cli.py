@@ -225,6 +225,34 @@ def eval_zeroshot(
         json_out.write_text(json.dumps(results, indent=2))
 
 
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folder(s); several are drawn on the same axes.")],
+    output: Annotated[Optional[Path], typer.Option("--output", help="The HTML file (default RUN/report.html for one "
+                                                   "run, ./report.html for several); PNGs go beside it.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="FORMAT:PATH for the gallery, when the run's own data "
+                                                "path does not resolve from here.")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Evaluation split for the gallery (default the "
+                                                 "run's eval.split).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N] (the gallery's embeddings).")] = "cpu",
+) -> None:
+    """An HTML report of a run: loss terms, throughput, retrieval, a retrieval gallery, the run's facts.
+
+    Example: unimlip-fast report runs/medpix_cpu --data medpix:../shared/data/medpix2
+    """
+    data_cfg = parse_data_spec(data) if data else None
+    _quiet_libraries()
+    import torch
+
+    from .report import write_report
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    files = write_report(runs, output, dev, data_cfg, split)
+    for problem in files.problems:
+        console.print(f"[yellow]{problem}[/yellow]", highlight=False)
+    console.print(f"report: {files.html} ({len(files.figures)} figures beside it)", highlight=False)
+
+
 @data_app.command("pack")
 def data_pack(
     fmt: Annotated[str, typer.Option("--format", help=f"{', '.join(PACK_FORMATS)}.")],

@@ -156,6 +156,9 @@ class TrainConfig:
     compile: bool = True  # torch.compile of the image trunk and the text tower
     sdpa: bool = True  # fused scaled-dot-product attention (text encoder, attention pool, fusion)
     fused_adamw: bool = True  # torch's fused AdamW
+    # Where metrics go besides metrics.jsonl: tensorboard and/or wandb (an optional extra; WANDB_MODE=offline
+    # keeps the run on disk). The HTML run report is written at the end whatever this says.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -353,6 +356,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"data.{key} must be [low, high] with 0 < low <= high <= 1, got {scale}")
     if config.train.fast not in (True, False, "auto"):
         raise ConfigError(f"train.fast must be true, false or auto, got {config.train.fast!r}")
+    unknown_sinks = sorted(set(config.train.report_to) - {"tensorboard", "wandb"})
+    if unknown_sinks:
+        raise ConfigError(f"train.report_to takes tensorboard and/or wandb, got {unknown_sinks[0]!r}")
     if config.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
     if config.train.micro_batch_size < 0 or config.train.micro_batch_size == 1:

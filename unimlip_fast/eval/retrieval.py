@@ -8,6 +8,7 @@ each query has exactly one positive, its own pair.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from ..config import DataConfig
 from ..data.cpu_loader import build_eval_loader
-from ..data.dataset import build_dataset
+from ..data.dataset import CaptionImageDataset, build_dataset
 from ..data.formats import Record, read_records, roco_eval_subset
 from ..data.spec import trim_padding
 
@@ -61,27 +62,38 @@ def embed_pairs(model, dataset, device: torch.device, batch_size: int) -> tuple[
     return torch.cat(images), torch.cat(texts)
 
 
-def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str],
-                      one_positive: bool = False) -> dict[str, Any]:
-    """Every pair with the query's caption counts as correct, or (``one_positive``) its own pair only."""
+def positive_pairs(captions: list[str], one_positive: bool = False) -> torch.Tensor:
+    """[N, N] bool, the correct answers: every pair with the query's caption (whitespace-normalised), or
+    (``one_positive``) its own pair only."""
     if one_positive:
         group = torch.arange(len(captions))
     else:
         ids = {c: i for i, c in enumerate(dict.fromkeys(" ".join(c.split()) for c in captions))}
         group = torch.tensor([ids[" ".join(c.split())] for c in captions])
-    positives = group[:, None] == group[None, :]
+    return group[:, None] == group[None, :]
+
+
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str],
+                      one_positive: bool = False) -> dict[str, Any]:
+    """Every pair with the query's caption counts as correct, or (``one_positive``) its own pair only."""
+    positives = positive_pairs(captions, one_positive)
     sim = img @ txt.T
     return {"n": len(captions), "i2t": recall_metrics(ranks_of_positives(sim, positives)),
             "t2i": recall_metrics(ranks_of_positives(sim.T, positives.T))}
 
 
-def evaluate_retrieval(model, data: DataConfig, split: str, device: torch.device, batch_size: int = 128,
-                       run_dir: str | Path | None = None, tokenizer=None, keep_duplicates: bool = False,
-                       roco_protocol: bool = False) -> dict[str, Any]:
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+@dataclass
+class EvalSet:
+    """The pairs a retrieval evaluation embeds, and what was left out on the way."""
 
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(run_dir) / "tokenizer"))
+    dataset: CaptionImageDataset  # its ``records`` in evaluation order
+    n_duplicates_dropped: int
+    skipped_records: dict[str, int]
+    one_positive: bool  # each query's own pair is its only correct answer (ROCO's protocol)
+
+
+def build_eval_set(model, data: DataConfig, split: str, tokenizer, keep_duplicates: bool = False,
+                   roco_protocol: bool = False) -> EvalSet:
     if roco_protocol:  # the published 2,000 test pairs, as they are: one positive each, no de-duplication
         if data.format != "roco":
             raise ValueError(f"the ROCO 2,000-pair protocol needs ROCO data, got format {data.format!r}")
@@ -93,9 +105,20 @@ def evaluate_retrieval(model, data: DataConfig, split: str, device: torch.device
     if not keep_duplicates and not roco_protocol:
         records, n_dropped = dedupe_captions(records)
     dataset = build_dataset(records, tokenizer, model.cfg.image_size, model.cfg.text.context_length)
-    img, txt = embed_pairs(model, dataset, device, batch_size)
-    results = retrieval_metrics(img, txt, [r.caption for r in records], one_positive=roco_protocol)
-    results["n_duplicates_dropped"] = n_dropped
-    results["skipped_records"] = dict(record_set.skipped)
+    return EvalSet(dataset, n_dropped, dict(record_set.skipped), one_positive=roco_protocol)
+
+
+def evaluate_retrieval(model, data: DataConfig, split: str, device: torch.device, batch_size: int = 128,
+                       run_dir: str | Path | None = None, tokenizer=None, keep_duplicates: bool = False,
+                       roco_protocol: bool = False) -> dict[str, Any]:
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(run_dir) / "tokenizer"))
+    eval_set = build_eval_set(model, data, split, tokenizer, keep_duplicates, roco_protocol)
+    img, txt = embed_pairs(model, eval_set.dataset, device, batch_size)
+    results = retrieval_metrics(img, txt, eval_set.dataset.captions, one_positive=eval_set.one_positive)
+    results["n_duplicates_dropped"] = eval_set.n_duplicates_dropped
+    results["skipped_records"] = eval_set.skipped_records
     results["split"] = "test (ROCO 2,000-pair protocol)" if roco_protocol else split
     return results

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, save_config, to_dict
 from ..data.backends import build_train_loader
 from ..data.dataset import build_dataset
 from ..data.decoding import set_max_image_pixels
@@ -34,6 +34,7 @@ from ..provenance import code_commit
 from .accumulate import build_accumulator
 from .checkpoint import export_weights, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, barrier, init_distributed
+from .facts import environment_facts
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
 from .fast import apply_fast, resolve_fast
 from .monitor import Monitor
@@ -125,7 +126,8 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     if resume_tag is not None:
         state = TrainerState(**load_checkpoint(engine, ckpt_dir, resume_tag, env))
 
-    monitor = Monitor(run_dir, total_steps, enabled=env.is_main, resume_step=state.step if resume_tag else None)
+    monitor = Monitor(run_dir, total_steps, enabled=env.is_main, resume_step=state.step if resume_tag else None,
+                      report_to=cfg.train.report_to, config=to_dict(cfg))
     for note in monitor_notes + [guard_note(ds_config)]:
         monitor.info(note)
     monitor.info(f"{len(dataset)} pairs (skipped while reading: {describe_skips(records.skipped) or 'none'}); "
@@ -134,6 +136,10 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
                  f"precision {precision_of(ds_config)}, ZeRO stage "
                  f"{ds_config.get('zero_optimization', {}).get('stage', 0)}"
                  + (f"; resumed from {resume_tag} at step {state.step}" if resume_tag else ""))
+    if env.is_main:
+        monitor.facts({**environment_facts(env, ds_config), "pairs": len(dataset), "skipped_records": dict(records.skipped),
+                       "batch_size": cfg.train.batch_size, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                       "simclr_step": simclr_step, "resumed_from": resume_tag, "resumed_at_step": state.step})
 
     started = time.time()
     try:
@@ -152,6 +158,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     if env.is_main and state.step >= total_steps:
         summary.update(_final_eval(engine.module, cfg, env, run_dir))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_report(run_dir, env, monitor)
     barrier()
     return summary
 
@@ -351,6 +358,17 @@ def deepspeed_engine(model, cfg: Config, ds_config_path: str | None, env: DistEn
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine, ds_config
+
+
+def _write_report(run_dir: Path, env: DistEnv, monitor: Monitor) -> None:
+    """The HTML run report; a failure here is logged and never fails the finished run."""
+    try:
+        from ..report import write_report
+
+        files = write_report([run_dir], device=env.device)
+        monitor.info(f"report: {files.html}" + "".join(f"; {problem}" for problem in files.problems))
+    except Exception as e:  # noqa: BLE001 - the run is done; its report is a convenience
+        monitor.info(f"[yellow]report not written[/yellow]: {type(e).__name__}: {e}")
 
 
 def _final_eval(model, cfg: Config, env: DistEnv, run_dir: Path) -> dict[str, Any]:

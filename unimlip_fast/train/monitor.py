@@ -1,6 +1,9 @@
-"""What a run reports: metrics.jsonl, TensorBoard events when installed, a progress display.
+"""What a run reports: metrics.jsonl, notes.jsonl, TensorBoard events when installed (and Weights &
+Biases when asked), a progress display.
 
 Only rank 0 writes. The progress display is a rich bar on a terminal and plain lines otherwise.
+``notes.jsonl`` keeps what the run said (every ``info`` line, markup removed, with the step) and its
+facts (commit, devices, precision, ...), one line each, so the run report can show them later.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import render
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..console import make_console
@@ -43,13 +47,19 @@ def open_metrics(path: Path, resume_step: int | None):
 
 class Monitor:
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool, console: Console | None = None,
-                 resume_step: int | None = None):
-        """``resume_step``: the step a resumed run continues from (None: a fresh run, empty metrics)."""
+                 resume_step: int | None = None, report_to: tuple[str, ...] | list[str] = ("tensorboard",),
+                 config: dict[str, Any] | None = None):
+        """``resume_step``: the step a resumed run continues from (None: a fresh run, empty metrics and notes)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.console = console or make_console()
+        self._step = resume_step or 0
         self._metrics = open_metrics(run_dir / "metrics.jsonl", resume_step) if enabled else None
-        self._tb = self._open_tensorboard(run_dir / "tb", resume_step) if enabled else None
+        if enabled and resume_step is None:
+            (run_dir / "notes.jsonl").unlink(missing_ok=True)
+        self._tb = (self._open_tensorboard(run_dir / "tb", resume_step)
+                    if enabled and "tensorboard" in report_to else None)
+        self._wandb = self._open_wandb(run_dir, config, resume_step) if enabled and "wandb" in report_to else None
         self._interactive = enabled and sys.stderr.isatty()
         self._progress = None
         if self._interactive:
@@ -68,20 +78,46 @@ class Monitor:
         # purge_step: TensorBoard hides earlier events from this step on (the steps logged again).
         return SummaryWriter(str(path), purge_step=(resume_step or 0) + 1)
 
+    @staticmethod
+    def _open_wandb(run_dir: Path, config: dict[str, Any] | None, resume_step: int | None):
+        """A wandb run in the run folder, continued by a resumed run; WANDB_MODE=offline (or WANDB_PROJECT,
+        ...) as wandb reads them."""
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("train.report_to includes wandb, which is not installed "
+                              "(pip install 'unimlip-fast[wandb]')") from e
+        name = (config or {}).get("name", run_dir.name)
+        return wandb.init(dir=str(run_dir), name=name, config=config, resume="allow",
+                          id=_wandb_id(run_dir, fresh=resume_step is None))
+
     def info(self, message: str) -> None:
         if self.enabled:
             self.console.print(message, highlight=False)
+            self._note({"note": render(message).plain})
+
+    def facts(self, facts: dict[str, Any]) -> None:
+        """What this start of the run is: kept in notes.jsonl for the run report."""
+        if self.enabled:
+            self._note({"facts": facts})
+
+    def _note(self, entry: dict[str, Any]) -> None:
+        with (self.run_dir / "notes.jsonl").open("a") as f:  # a few lines per run: opened for each
+            f.write(json.dumps({"step": self._step, "time": round(time.time(), 3), **entry}) + "\n")
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self._step = step
         record = {"step": step, "time": round(time.time(), 3), **record}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "time"):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
         status = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in record.items()
                           if k.startswith("loss/") and isinstance(v, float))
         if self._interactive and status:
@@ -98,6 +134,7 @@ class Monitor:
             self.console.print(f"step {step} {status} {extra} {speed}".strip(), highlight=False)
 
     def advance(self, step: int) -> None:
+        self._step = step
         if self._interactive:
             self._progress.update(self._task, completed=step)
 
@@ -108,3 +145,16 @@ class Monitor:
             self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_id(run_dir: Path, fresh: bool) -> str:
+    """One wandb run per run folder, resumed runs included: the id is kept in the folder."""
+    path = run_dir / "wandb_id.txt"
+    if fresh or not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
