@@ -79,6 +79,7 @@ def test_gallery_marks_the_true_matches(demo_run):
         assert len(query["top"]) == 5 and " ".join(query["caption"].split()) == data[query["key"]]
         for hit in query["top"]:
             assert hit["true"] == (data[hit["key"]] == data[query["key"]])
+        assert query["best_true"]["true"] and query["best_true"]["key"] == query["key"]  # duplicates are dropped
     # Ranked against the whole split every query has its one true match marked (duplicate captions are
     # dropped), at the position its rank says, and it is the query's own pair.
     whole = build_gallery(demo_run, top_k=PHANTOM_SIZE)

@@ -54,6 +54,8 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None, d
     for n, run in enumerate(runs):
         suffix = f"_{n + 1}" if len(runs) > 1 else ""
         try:
+            if not (split or run.config.get("eval", {}).get("split")):
+                raise ValueError("the run has no evaluation split (eval.split is empty); give one with --split")
             gallery = build_gallery(run.path, device, data, split)
         except (OSError, ValueError, RuntimeError) as e:  # no model yet, data not found, no eval split
             reason = f"{type(e).__name__}: {e}"

@@ -27,8 +27,10 @@ THUMBNAIL_PX = 192
 class Gallery:
     split: str
     n_pairs: int  # the evaluation set the queries were ranked against
-    image_queries: list[dict[str, Any]]  # {"index", "key", "caption", "rank", "top": [{"index", "key", "caption", "score", "true"}]}
-    caption_queries: list[dict[str, Any]]  # the same shape, "top" listing images
+    # {"index", "key", "caption", "rank", "top": [{"index", "key", "caption", "score", "true"}], "best_true": {...}}:
+    # the top hits, and the best-ranked true match (shown too when it is not among the top hits)
+    image_queries: list[dict[str, Any]]
+    caption_queries: list[dict[str, Any]]  # the same shape, the hits being images
     thumbnails: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # by evaluation index
 
     def to_json(self) -> dict[str, Any]:
@@ -59,18 +61,20 @@ def build_gallery(run_dir: str | Path, device: torch.device | str = "cpu", data:
 
     def queries(similarity: torch.Tensor, indices: list[int]) -> list[dict[str, Any]]:
         ranks = ranks_of_positives(similarity, positives)
+        hit = lambda q, j: {"index": j, "key": records[j].key, "caption": records[j].caption,
+                            "score": round(float(similarity[q, j]), 4), "true": bool(positives[q, j])}
         out = []
         for q in indices:
-            scores, order = similarity[q].topk(top_k)
+            best_true = int(similarity[q].masked_fill(~positives[q], float("-inf")).argmax())
             out.append({"index": q, "key": records[q].key, "caption": records[q].caption, "rank": int(ranks[q]),
-                        "top": [{"index": int(j), "key": records[j].key, "caption": records[j].caption,
-                                 "score": round(float(s), 4), "true": bool(positives[q, j])}
-                                for s, j in zip(scores, order.tolist())]})
+                        "top": [hit(q, j) for j in similarity[q].topk(top_k).indices.tolist()],
+                        "best_true": hit(q, best_true)})
         return out
 
     image_queries = queries(sim, spread_indices(len(records), n_images))
     caption_queries = queries(sim.T, spread_indices(len(records), n_captions))
-    shown = {q["index"] for q in image_queries} | {t["index"] for q in caption_queries for t in q["top"]}
+    shown = ({q["index"] for q in image_queries} | {t["index"] for q in caption_queries for t in q["top"]}
+             | {q["best_true"]["index"] for q in caption_queries})
     thumbnails = {i: _thumbnail(records[i].image) for i in sorted(shown)}
     return Gallery(split, len(records), image_queries, caption_queries, thumbnails)
 
@@ -95,9 +99,10 @@ def _show(ax, image: np.ndarray, frame: str | None = None) -> None:
 
 
 def image_queries_figure(gallery: Gallery) -> Figure:
-    """Each query image beside its top captions; the true caption in green with a check mark."""
+    """Each query image beside its top captions; the true caption in green with a check mark (below the
+    list, with its rank, when it is not among them)."""
     rows = len(gallery.image_queries)
-    fig = Figure(figsize=(13, 1.75 * rows), layout="constrained")
+    fig = Figure(figsize=(13, 1.9 * rows), layout="constrained")
     grid = fig.add_gridspec(rows, 2, width_ratios=[1, 8])
     for r, query in enumerate(gallery.image_queries):
         _show(fig.add_subplot(grid[r, 0]), gallery.thumbnails[query["index"]])
@@ -105,9 +110,12 @@ def image_queries_figure(gallery: Gallery) -> Figure:
         ax.axis("off")
         ax.text(0, 1, f"{query['key']}: its caption ranks {query['rank']} of {gallery.n_pairs}", fontsize=9,
                 fontweight="bold", va="top", transform=ax.transAxes, parse_math=False)
-        for n, hit in enumerate(query["top"]):
+        lines = [(f"{n + 1}.", hit) for n, hit in enumerate(query["top"])]
+        if not any(hit["true"] for hit in query["top"]):
+            lines.append((f"{query['rank']}.", query["best_true"]))
+        for n, (place, hit) in enumerate(lines):
             mark = "\u2713" if hit["true"] else " "
-            ax.text(0, 0.82 - n * 0.18, f"{mark} {n + 1}. ({hit['score']:.2f}) {_short(hit['caption'], 150, 1)}",
+            ax.text(0, 0.84 - n * 0.145, f"{mark} {place} ({hit['score']:.2f}) {_short(hit['caption'], 150, 1)}",
                     fontsize=8, va="top", transform=ax.transAxes, parse_math=False,
                     color=TRUE_COLOUR if hit["true"] else "black", fontweight="bold" if hit["true"] else "normal")
     fig.suptitle(f"Image -> text on the {gallery.split} split: top {len(gallery.image_queries[0]['top'])} captions "
@@ -116,7 +124,8 @@ def image_queries_figure(gallery: Gallery) -> Figure:
 
 
 def caption_queries_figure(gallery: Gallery) -> Figure:
-    """Each query caption above its top images; the true image framed in green."""
+    """Each query caption above its top images; the true image framed in green (after them, with its rank,
+    when it is not among them)."""
     rows = len(gallery.caption_queries)
     top_k = len(gallery.caption_queries[0]["top"])
     fig = Figure(figsize=(13, 3.0 * rows), layout="constrained")
@@ -124,9 +133,14 @@ def caption_queries_figure(gallery: Gallery) -> Figure:
                              gallery.caption_queries):
         subfig.suptitle(f"{query['key']} (its image ranks {query['rank']} of {gallery.n_pairs}): "
                         f"{_short(query['caption'], 140, 2)}", fontsize=9, x=0.01, ha="left")
-        for n, (ax, hit) in enumerate(zip(subfig.subplots(1, top_k), query["top"])):
+        panels = [(f"{n + 1}.", hit) for n, hit in enumerate(query["top"])]
+        panels.append(("", None) if any(hit["true"] for hit in query["top"]) else (f"{query['rank']}.", query["best_true"]))
+        for ax, (place, hit) in zip(subfig.subplots(1, top_k + 1), panels):
+            if hit is None:
+                ax.axis("off")
+                continue
             _show(ax, gallery.thumbnails[hit["index"]], TRUE_COLOUR if hit["true"] else None)
-            ax.set_title(f"{n + 1}. ({hit['score']:.2f})" + (" \u2713 true image" if hit["true"] else ""), fontsize=8,
+            ax.set_title(f"{place} ({hit['score']:.2f})" + (" \u2713 true image" if hit["true"] else ""), fontsize=8,
                          color=TRUE_COLOUR if hit["true"] else "black")
     fig.suptitle("Text -> image: top images (similarity); the caption's own image framed in green", fontsize=11)
     return fig

@@ -146,7 +146,10 @@ class Monitor:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            wandb.teardown()  # finish() may return before an offline run's file is written; this waits for it
             self._wandb = None
 
 
