@@ -47,7 +47,8 @@ def test_pretrain_writes_a_self_contained_report_with_every_figure(demo_run):
         png = demo_run / f"report_{name}.png"
         image = np.asarray(Image.open(png).convert("L"))
         assert min(image.shape) > 200 and image.std() > 5, name  # drawn, not blank
-        assert f'data-file="{png.name}" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"' in page
+        embedded = base64.b64encode(png.read_bytes()).decode()
+        assert f'data-file="{png.name}" src="data:image/png;base64,{embedded}"' in page
     assert "<script" not in page and "http://" not in page and "https://" not in page  # opens from disk, offline
     embedded = page.split("base64,")[1].split('"')[0]
     assert Image.open(io.BytesIO(base64.b64decode(embedded))).size[0] > 200
@@ -106,7 +107,7 @@ def test_report_overlays_runs(demo_run, tmp_path):
     assert (out.parent / "ablation_gallery_i2t_2.png").is_file()  # one gallery per run
     runs = read_runs([demo_run, other])
     fig = loss_figure(runs)
-    for ax, term in zip(fig.axes, loss_terms(runs)):
+    for ax, term in zip(fig.axes, loss_terms(runs)):  # the term panels come first, lr and logit scale after
         assert {line.get_label() for line in ax.lines} >= {runs[0].label, runs[1].label}, term
 
 

@@ -41,7 +41,10 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None, d
     runs = read_runs(run_dirs)
     output = Path(output) if output else default_output(run_dirs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    png = lambda name: output.parent / f"{output.stem}_{name}.png"
+
+    def png(name: str) -> Path:
+        return output.parent / f"{output.stem}_{name}.png"
+
     files = ReportFiles(html=output, figures={}, gallery_json=output.parent / f"{output.stem}_gallery.json")
 
     drawn = [("losses", "Loss terms, learning rate and logit scale", loss_figure),

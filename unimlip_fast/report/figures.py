@@ -113,7 +113,7 @@ def throughput_figure(runs: list[RunRecord]) -> Figure:
 def retrieval_figure(runs: list[RunRecord]) -> Figure:
     """R@1/5/10 both ways over training (the periodic evaluation, ending at the final one) and at the end."""
     fig = Figure(figsize=(13, 3.8), layout="constrained")
-    axes = dict(zip(("i2t", "t2i", "end"), fig.subplots(1, 3)))
+    axes = dict(zip(("i2t", "t2i", "end"), fig.subplots(1, 3), strict=True))
     for direction in _DIRECTIONS:
         ax = axes[direction]
         for i, run in enumerate(runs):
@@ -128,8 +128,11 @@ def retrieval_figure(runs: list[RunRecord]) -> Figure:
             _empty(ax, "no retrieval evaluation in this run\n(eval.split, eval.every)")
         else:
             _mark_simclr(ax, runs)
-            ax.legend(handles=[Line2D([], [], color="black", linestyle=_K_STYLES[k], label=f"R@{k}") for k in RECALL_KS],
-                      fontsize=8)
+            ax.set_xlim(left=0)
+            if not any(run.eval_rows for run in runs):
+                _empty(ax, "only the final evaluation\n(periodic ones: eval.every)")
+            styles = [Line2D([], [], color="black", linestyle=_K_STYLES[k], label=f"R@{k}") for k in RECALL_KS]
+            ax.legend(handles=styles, fontsize=8)
         ax.set_title(f"{_DIRECTIONS[direction]} over training (%)")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

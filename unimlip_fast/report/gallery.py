@@ -61,8 +61,11 @@ def build_gallery(run_dir: str | Path, device: torch.device | str = "cpu", data:
 
     def queries(similarity: torch.Tensor, indices: list[int]) -> list[dict[str, Any]]:
         ranks = ranks_of_positives(similarity, positives)
-        hit = lambda q, j: {"index": j, "key": records[j].key, "caption": records[j].caption,
-                            "score": round(float(similarity[q, j]), 4), "true": bool(positives[q, j])}
+
+        def hit(q: int, j: int) -> dict[str, Any]:
+            return {"index": j, "key": records[j].key, "caption": records[j].caption,
+                    "score": round(float(similarity[q, j]), 4), "true": bool(positives[q, j])}
+
         out = []
         for q in indices:
             best_true = int(similarity[q].masked_fill(~positives[q], float("-inf")).argmax())
@@ -129,13 +132,14 @@ def caption_queries_figure(gallery: Gallery) -> Figure:
     rows = len(gallery.caption_queries)
     top_k = len(gallery.caption_queries[0]["top"])
     fig = Figure(figsize=(13, 3.0 * rows), layout="constrained")
-    for subfig, query in zip(fig.subfigures(rows, 1, hspace=0.04) if rows > 1 else [fig.subfigures(1, 1)],
-                             gallery.caption_queries):
+    subfigs = fig.subfigures(rows, 1, hspace=0.04) if rows > 1 else [fig.subfigures(1, 1)]
+    for subfig, query in zip(subfigs, gallery.caption_queries, strict=True):
         subfig.suptitle(f"{query['key']} (its image ranks {query['rank']} of {gallery.n_pairs}): "
                         f"{_short(query['caption'], 140, 2)}", fontsize=9, x=0.01, ha="left")
         panels = [(f"{n + 1}.", hit) for n, hit in enumerate(query["top"])]
-        panels.append(("", None) if any(hit["true"] for hit in query["top"]) else (f"{query['rank']}.", query["best_true"]))
-        for ax, (place, hit) in zip(subfig.subplots(1, top_k + 1), panels):
+        found = any(hit["true"] for hit in query["top"])
+        panels.append(("", None) if found else (f"{query['rank']}.", query["best_true"]))
+        for ax, (place, hit) in zip(subfig.subplots(1, top_k + 1), panels, strict=True):
             if hit is None:
                 ax.axis("off")
                 continue

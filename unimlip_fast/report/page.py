@@ -15,7 +15,8 @@ from .runs import RunRecord
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1320px;
        color: #1f2328; padding: 0 1em; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #d0d7de; padding-bottom: .2em; margin-top: 1.6em; }
+h1 { font-size: 1.5em; }
+h2 { font-size: 1.2em; border-bottom: 1px solid #d0d7de; padding-bottom: .2em; margin-top: 1.6em; }
 table { border-collapse: collapse; font-size: .9em; margin: .5em 0; }
 th, td { border: 1px solid #d0d7de; padding: .25em .6em; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; }
@@ -31,10 +32,11 @@ def render_page(runs: list[RunRecord], figures: list[tuple[str, str, Path]],
                 galleries: list[tuple[RunRecord, list[tuple[str, Path]], str | None]]) -> str:
     """``figures``: (anchor, title, png); ``galleries``: (run, [(title, png)], reason it is missing or None)."""
     title = "Run report: " + ", ".join(run.label for run in runs)
+    written = datetime.datetime.now(datetime.timezone.utc)
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>",
              "<link rel=\"icon\" href=\"data:,\">", f"<style>{_STYLE}</style></head><body>",
              f"<h1>{_e(title)}</h1>",
-             f"<p class=\"muted\">unimlip-fast, written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
+             f"<p class=\"muted\">unimlip-fast, written {written:%Y-%m-%d %H:%M} UTC "
              f"from {', '.join(_e(str(run.path)) for run in runs)}</p>",
              "<h2 id=\"results\">Retrieval at the end</h2>", _final_table(runs)]
     for anchor, heading, png in figures:
@@ -109,7 +111,8 @@ def _facts_of(run: RunRecord) -> dict[str, str]:
         "status": _e(status),
         "commit": _commits(run) or missing,
         "started": _e(first["started"]) if first else missing,
-        "resumed": _e(", ".join(f"{f['resumed_from']} at step {f['resumed_at_step']}" for f in run.facts[1:])) or "no",
+        "resumed": (_e(", ".join(f"{f['resumed_from']} at step {f['resumed_at_step']}" for f in run.facts[1:])) or "no"
+                    if facts else missing),
         "devices": _e(f"{facts['world_size']} x {facts['device']}") if facts else missing,
         "precision": _e(facts["precision"]) if facts else missing,
         "ZeRO stage": _e(facts["zero_stage"]) if facts else missing,
@@ -123,8 +126,8 @@ def _facts_of(run: RunRecord) -> dict[str, str]:
                            + (f", {facts['steps_per_epoch']} steps/epoch, {total} steps" if total else "")),
         "SimCLR phase from step": _e(run.simclr_step() if run.simclr_step() is not None else "none"),
         "records skipped while reading": _counts(summary.get("skipped_records", facts.get("skipped_records"))),
-        "samples skipped in training": _counts(summary["skipped_samples"]) if summary
-                                        else _e(f"{last_row.get('skipped_samples', 0)} (by reason at the end of the run)"),
+        "samples skipped in training": (_counts(summary["skipped_samples"]) if summary else
+                                        _e(f"{last_row.get('skipped_samples', 0)} (by reason at the end of the run)")),
         "non-finite steps (skipped)": _e(nonfinite if nonfinite is not None else "?")
                                       + "".join(f"<br>{_e(n)}" for n in nonfinite_notes),
         "versions": _e(", ".join(f"{k} {v}" for k, v in facts.get("versions", {}).items())) or missing,
