@@ -1,19 +1,17 @@
 """The run report of a tiny pretraining run: every figure a real image embedded in one offline page,
 the gallery's marked matches checked against the data, overlays, and runs that recorded less."""
 import base64
+import html
 import io
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from unimlip_fast.cli import main
-
-from .conftest import REPO, TINY_OVERRIDES
+from .helpers import REPO, TINY_OVERRIDES, run_cli
 
 FIGURES = ("losses", "throughput", "retrieval", "gallery_i2t", "gallery_t2i")
 PHANTOM_SIZE = 96
@@ -23,21 +21,14 @@ TINY_RUN = TINY_OVERRIDES + [
 ]
 
 
-def run_cli(*args) -> int:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            main()
-            raise SystemExit(0)
-    return e.value.code
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """Six steps, SimCLR from step 3, retrieval on the phantom test split every 3 steps and at the end."""
     run = tmp_path_factory.mktemp("report") / "run"
-    assert run_cli("pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2.json", "--run-dir", run,
-                   *TINY_RUN, "train.max_steps=6", "eval.split=test", "eval.every=3") == 0
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2.json",
+                       "--run-dir", run, *TINY_RUN, "train.max_steps=6", "eval.split=test", "eval.every=3")
+    assert code == 0
     return run
 
 
@@ -59,10 +50,14 @@ def test_report_states_the_run_facts(demo_run):
     facts = next(e["facts"] for e in entries if "facts" in e)
     assert facts["precision"] == "fp32" and facts["zero_stage"] == 2 and facts["simclr_step"] == 3
     assert facts["world_size"] == 1 and facts["total_steps"] == 6
+    said = {topic: next(e["note"].removeprefix(f"{topic}:").strip() for e in entries
+                        if e.get("note", "").startswith(f"{topic}:")) for topic in ("kernels", "data")}
+    assert "model.kernels=reference" in said["kernels"] and "cpu" in said["data"]  # what was chosen, and why
     page = (demo_run / "report.html").read_text()
-    for fact in (facts["commit"], "reference (model.kernels=reference, device cpu)",  # kernels chosen and why
-                 "cpu backend (as configured)", "ZeRO stage", "non-finite steps", "records skipped while reading"):
-        assert fact in page, fact
+    for name, value in (("commit", facts["commit"]), ("kernels (chosen, why)", said["kernels"]),
+                        ("data backend (chosen, why)", said["data"]), ("precision", "fp32"), ("ZeRO stage", "2"),
+                        ("non-finite steps (skipped)", "0"), ("records skipped while reading", "none")):
+        assert f"<td>{name}</td><td>{html.escape(value)}" in page, name
     final = json.loads((demo_run / "summary.json").read_text())["retrieval"]
     assert f"<td>{final['i2t']['R@10']:g}</td>" in page
 
@@ -90,7 +85,7 @@ def test_gallery_marks_the_true_matches(demo_run):
         assert marked + 1 == query["rank"]
 
 
-def test_report_overlays_runs(demo_run, tmp_path):
+def test_report_overlays_runs(demo_run, tmp_path, monkeypatch):
     from unimlip_fast.report.figures import loss_figure, loss_terms
     from unimlip_fast.report.runs import read_runs
 
@@ -100,7 +95,7 @@ def test_report_overlays_runs(demo_run, tmp_path):
     cfg["train"]["lr"] = 5e-4
     (other / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = tmp_path / "compare" / "ablation.html"
-    assert run_cli("report", demo_run, other, "--output", out) == 0
+    assert run_cli(monkeypatch, "report", demo_run, other, "--output", out) == 0
     page = out.read_text()
     assert "Keys that differ" in page and "<td>train.lr</td>" in page
     assert all((out.parent / f"ablation_{name}.png").is_file() for name in ("losses", "throughput", "retrieval"))
@@ -136,8 +131,8 @@ def test_a_failing_report_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(unimlip_fast.report, "write_report", broken)
     run = tmp_path / "run"
-    assert run_cli("pretrain", REPO / "configs/demo.yaml", "--run-dir", run, *TINY_RUN, "train.max_steps=2",
-                   "eval.split=") == 0
+    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", run, *TINY_RUN,
+                   "train.max_steps=2", "eval.split=") == 0
     assert (run / "summary.json").is_file() and (run / "model.safetensors").is_file()
     assert "report not written: RuntimeError: drawing failed" in (run / "notes.jsonl").read_text()
 

@@ -246,8 +246,9 @@ def report(
 
     from .report import write_report
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    files = write_report(runs, output, dev, data_cfg, split)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    files = write_report(runs, output, torch.device(device), data_cfg, split)
     for problem in files.problems:
         console.print(f"[yellow]{problem}[/yellow]", highlight=False)
     console.print(f"report: {files.html} ({len(files.figures)} figures beside it)", highlight=False)

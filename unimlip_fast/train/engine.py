@@ -34,8 +34,8 @@ from ..provenance import code_commit
 from .accumulate import build_accumulator
 from .checkpoint import export_weights, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, barrier, init_distributed
-from .facts import environment_facts
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
+from .facts import environment_facts
 from .fast import apply_fast, resolve_fast
 from .monitor import Monitor
 from .nonfinite import deepspeed_skips_nonfinite, guard_note, loss_finite_everywhere, record_skipped_step
@@ -137,9 +137,10 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
                  f"{ds_config.get('zero_optimization', {}).get('stage', 0)}"
                  + (f"; resumed from {resume_tag} at step {state.step}" if resume_tag else ""))
     if env.is_main:
-        monitor.facts({**environment_facts(env, ds_config), "pairs": len(dataset), "skipped_records": dict(records.skipped),
-                       "batch_size": cfg.train.batch_size, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                       "simclr_step": simclr_step, "resumed_from": resume_tag, "resumed_at_step": state.step})
+        monitor.facts({**environment_facts(env, ds_config), "pairs": len(dataset),
+                       "skipped_records": dict(records.skipped), "batch_size": cfg.train.batch_size,
+                       "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "simclr_step": simclr_step,
+                       "resumed_from": resume_tag, "resumed_at_step": state.step})
 
     started = time.time()
     try:
