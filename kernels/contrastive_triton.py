@@ -297,7 +297,9 @@ def _bwd_cols_kernel(
 
 # --- host launches ----------------------------------------------------------------------------------
 Loss = tuple  # (r1, r2, c1, c2) as indices into the list of distinct features
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# The jitted kernels by name, for tools that compile them ahead of time (tests/test_kernels_compile.py).
+JIT_KERNELS = {"fwd": _fwd_kernel, "bwd_rows": _bwd_rows_kernel, "bwd_cols": _bwd_cols_kernel}
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _tables(device: torch.device, *tables: list[list[int]]) -> list[torch.Tensor]:
@@ -310,7 +312,7 @@ def _tables(device: torch.device, *tables: list[list[int]]) -> list[torch.Tensor
 
 def _flags(features: list[torch.Tensor], self_terms: bool, blocks: Blocks) -> dict:
     upcast, precision = _dot_flags(features[0].dtype)
-    return dict(DTYPE=_TL_DTYPES[features[0].dtype], SELF_TERMS=self_terms, UPCAST=upcast, PRECISION=precision,
+    return dict(DTYPE=TL_DTYPES[features[0].dtype], SELF_TERMS=self_terms, UPCAST=upcast, PRECISION=precision,
                 BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, num_warps=blocks.warps)
 
 

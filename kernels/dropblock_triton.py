@@ -84,13 +84,17 @@ def _centre_uniforms_kernel(
 
 
 # --- host launches ----------------------------------------------------------------------------------
+# The jitted kernel by name, for tools that compile it ahead of time (tests/test_kernels_compile.py).
+JIT_KERNELS = {"dropblock": _dropblock_kernel}
+
+
 def effective_block(block_size: int, height: int, width: int) -> int:
     """As the reference: the block shrinks to the map, and to the largest odd size that fits."""
     b = min(block_size, height, width)
     return b - (1 - b % 2)
 
 
-def _layout(height: int, width: int, block: int) -> tuple[dict[str, int], int]:
+def launch_layout(height: int, width: int, block: int) -> tuple[dict[str, int], int]:
     """(tile sizes, warps): sizes that compile for sm_90 without spilling (checked with ptxas for
     7x7, 14x14 and 32x32 maps; untuned on a device)."""
     pixels = max(16, triton.next_power_of_2(height * width))
@@ -107,7 +111,7 @@ def dropblock_apply(x: torch.Tensor, p: float, block_size: int, seed: int, offse
     assert x.is_contiguous() and h * w <= MAX_PIXELS and x.numel() < 2**31
     b = effective_block(block_size, h, w)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    layout, warps = _layout(h, w, b)
+    layout, warps = launch_layout(h, w, b)
     args = (seed, offset, n * c, h, w, dropblock_gamma(p, b, h, w), float(x.numel()))
     flags = dict(BLOCK=b, DOT_DTYPE=tl.float32 if interpreting else tl.float16, num_warps=warps, **layout)
     grid = (triton.cdiv(n * c, layout["PLANES"]),)

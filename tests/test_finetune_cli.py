@@ -9,8 +9,7 @@ import pytest
 
 from unimlip_fast.cli import main
 
-from .finetune_helpers import tiny_run, write_chexpert, write_slake
-from .helpers import REPO, SHARED_DATA
+from .helpers import REPO, SHARED_DATA, tiny_run, write_chexpert, write_slake
 
 FAST = ["data.image_size=32", "data.num_workers=0", "train.batch_size=8"]
 

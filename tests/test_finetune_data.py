@@ -22,8 +22,7 @@ from unimlip_fast.finetune.readers import (
     read_vqa_rad,
 )
 
-from .finetune_helpers import write_chexpert, write_mimic, write_slake
-from .helpers import SHARED_DATA
+from .helpers import SHARED_DATA, write_chexpert, write_mimic, write_slake
 
 
 def shared(name: str):
@@ -59,7 +58,7 @@ def test_nih1000_folder_split_with_labels_from_the_csv():
 
 def test_nih_official_lists(tmp_path):
     """Data_Entry_2017.csv (the first release: a trailing empty column) with train_val_list/test_list."""
-    from .finetune_helpers import write_image
+    from .helpers import write_image
 
     header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position," \
              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"

@@ -9,7 +9,7 @@ from unimlip_fast.finetune.readers import QAItem
 from unimlip_fast.finetune.vqa import VQAModel, answer_vocabulary, majority_baseline
 from unimlip_fast.model.visual import ModifiedResNet
 
-from .finetune_helpers import tiny_run
+from .helpers import tiny_run
 
 
 def test_pretrained_and_random_initialisation(tmp_path):

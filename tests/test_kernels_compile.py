@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = pytest.mark.slow
 
 CONTRASTIVE = [(kernel, self_terms, dtype)
-               for kernel in ("_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel")
+               for kernel in ("fwd", "bwd_rows", "bwd_cols")
                for self_terms in (False, True) for dtype in ("bf16", "fp32")
                if not (dtype == "fp32" and self_terms)]  # the slowest compile (20 s), same code as the rest
 DROPBLOCK = ["count", "apply"]
@@ -44,7 +44,7 @@ def _compile(fn, pointer_types, scalar_types, constexprs, num_warps, must_contai
     assert must_contain in compiled.asm["ptx"], f"no {must_contain} in the PTX"
 
 
-def _compile_all() -> dict[str, str]:
+def compile_all_cases() -> dict[str, str]:
     """In the child: compile every case, -> {case: "ok" or the error}."""
     import torch
 
@@ -55,26 +55,26 @@ def _compile_all() -> dict[str, str]:
     for kernel, self_terms, dtype in CONTRASTIVE:
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         blocks = ct.default_blocks(768, torch_dtype, self_terms)
-        constexprs = dict(DTYPE=ct._TL_DTYPES[torch_dtype], SELF_TERMS=self_terms, UPCAST=False,
+        constexprs = dict(DTYPE=ct.TL_DTYPES[torch_dtype], SELF_TERMS=self_terms, UPCAST=False,
                           PRECISION="tf32x3" if dtype == "fp32" else "tf32",
                           BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k)
-        if kernel != "_fwd_kernel":
+        if kernel != "fwd":
             constexprs["BLOCK_D"] = blocks.d
         pointers = {"*": "*fp32", "table_ptr": "*i64", "out_ptr": "*i64", "use_ptr": "*i64"}
         scalars = {name: "i32" for name in ("B", "N", "D", "row_offset")}
         results[f"{kernel}-{self_terms}-{dtype}"] = _try(
-            _compile, getattr(ct, kernel), pointers, scalars, constexprs, blocks.warps,
+            _compile, ct.JIT_KERNELS[kernel], pointers, scalars, constexprs, blocks.warps,
             # Asynchronous, vectorised copies: the features' addresses come from tables, and without
             # the alignment hint the loads fall back to one 2-byte load per element.
             "cp.async" if dtype == "bf16" else "")
     for mode in DROPBLOCK:
         for height, width, block in DROPBLOCK_MAPS:
-            layout, warps = dbt._layout(height, width, block)
+            layout, warps = dbt.launch_layout(height, width, block)
             constexprs = dict(BLOCK=block, APPLY=mode == "apply", DOT_DTYPE=dbt.tl.float16, **layout)
             scalars = {"seed": "i32", "offset": "i32", "P": "i32", "H": "i32", "W": "i32", "gamma": "fp32",
                        "numel": "fp32"}
             results[f"dropblock-{mode}-{height}x{width}"] = _try(
-                _compile, dbt._dropblock_kernel, {"*": "*bf16", "kept_ptr": "*i32"}, scalars, constexprs, warps)
+                _compile, dbt.JIT_KERNELS["dropblock"], {"*": "*bf16", "kept_ptr": "*i32"}, scalars, constexprs, warps)
     return results
 
 
@@ -89,7 +89,7 @@ def _try(fn, *args) -> str:
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, str]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    code = "import json, tests.test_kernels_compile as t; print(json.dumps(t._compile_all()))"
+    code = "import json, tests.test_kernels_compile as t; print(json.dumps(t.compile_all_cases()))"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     if "No module named 'triton.backends.nvidia'" in run.stderr:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.dataset import MAX_SUBSTITUTES
+from ..data.dataset import Substitutes
 from ..data.decoding import DECODE_ERRORS, decode_image, decode_size, failure_reason
 from ..data.formats import DataError
 from ..data.views import eval_view_one, weak_view_one
@@ -122,6 +122,7 @@ class ViewDataset(Dataset):
     def __init__(self, paths: list[str], cache: ImageCache, fields, train: bool, scale, seed: int = 0):
         self.paths, self.cache, self.fields = paths, cache, fields
         self.train, self.scale, self.seed, self.epoch = train, scale, seed, 0
+        self.substitutes = Substitutes(len(paths), self.train_view, self.describe)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -134,14 +135,14 @@ class ViewDataset(Dataset):
                 raise DataError(f"cannot read {self.paths[i]}: {err}") from err
             return {"image": image, "index": i, "substituted": 0, **self.fields(i)}
         # Training: an image that fails to decode (not cached) is replaced by the next good one, counted.
-        for k in range(MAX_SUBSTITUTES):
-            j = (i + k) % len(self.paths)
-            try:
-                image = self.cache.view(self.paths[j], True, self.scale, sample_generator(self.seed, self.epoch, j))
-            except DECODE_ERRORS:
-                continue
-            return {"image": image, "index": j, "substituted": k, **self.fields(j)}
-        raise DataError(f"{MAX_SUBSTITUTES} images in a row from {self.paths[i]} failed to decode")
+        j, image, _ = self.substitutes(i)
+        return {"image": image, "index": j, "substituted": (j - i) % len(self.paths), **self.fields(j)}
+
+    def train_view(self, j: int) -> torch.Tensor:
+        return self.cache.view(self.paths[j], True, self.scale, sample_generator(self.seed, self.epoch, j))
+
+    def describe(self, j: int) -> str:
+        return self.paths[j]
 
 
 def epoch_batches(n: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
