@@ -25,6 +25,9 @@ CpuPrecision = Literal["fp32", "as-configured"]
 StrongViews = Literal["auto", "on", "off"]
 SimclrNegatives = Literal["cross-view", "all"]  # the paper's Eq. 2 | SLIP's 2B - 1
 FusionHead = Literal["pmc-clip", "mlp"]
+ClassifyFormat = Literal["nih", "chexpert", "mimic"]  # what `finetune classify` reads
+VqaFormat = Literal["vqa-rad", "slake"]  # what `finetune vqa` reads
+UncertaintyPolicy = Literal["u-ones", "u-zeros", "u-ignore"]  # CheXpert / MIMIC's -1.0 labels
 
 DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
 PACK_FORMATS: tuple[str, ...] = typing.get_args(PackFormat)

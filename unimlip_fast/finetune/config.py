@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, load_schema
-from .readers import CLASSIFY_FORMATS, UNCERTAINTY_POLICIES, VQA_FORMATS
+from ..config import ClassifyFormat, ConfigError, UncertaintyPolicy, VqaFormat, load_schema
 
 INITS = ("pretrained", "random")
 PAPER_BATCH = {"nih": 150, "mimic": 150, "chexpert": 190}
@@ -22,10 +21,10 @@ PAPER_BATCH = {"nih": 150, "mimic": 150, "chexpert": 190}
 
 @dataclass
 class ClassifyData:
-    format: str = "nih"  # nih | chexpert | mimic
+    format: ClassifyFormat = "nih"
     path: str = ""
     fraction: float = 1.0  # share of the training images with labels, drawn by patient
-    uncertainty: str = "u-ones"  # CheXpert/MIMIC -1.0: u-ones | u-zeros | u-ignore
+    uncertainty: UncertaintyPolicy = "u-ones"  # CheXpert/MIMIC -1.0
     frontal_only: bool = True  # CheXpert/MIMIC: frontal views only
     val_fraction: float = 0.1  # patients held out of the training pool where the release has no validation split
     split_seed: int = 0  # that hold-out's draw (fixed, so seeds vary the run, not the splits)
@@ -55,7 +54,7 @@ class ClassifyConfig:
 
 @dataclass
 class VQAData:
-    format: str = "vqa-rad"  # vqa-rad | slake
+    format: VqaFormat = "vqa-rad"
     path: str = ""
     image_size: int = 224
     context_length: int = 40
@@ -114,10 +113,6 @@ def _check_common(data, train) -> None:
 
 def load_classify_config(path: str | Path | None, overrides: list[str]) -> ClassifyConfig:
     cfg = load_schema(ClassifyConfig, path, overrides)
-    if cfg.data.format not in CLASSIFY_FORMATS:
-        raise ConfigError(f"data.format must be one of {CLASSIFY_FORMATS}, got {cfg.data.format!r}")
-    if cfg.data.uncertainty not in UNCERTAINTY_POLICIES:
-        raise ConfigError(f"data.uncertainty must be one of {UNCERTAINTY_POLICIES}, got {cfg.data.uncertainty!r}")
     if not 0 < cfg.data.fraction <= 1:
         raise ConfigError(f"data.fraction must lie in (0, 1], got {cfg.data.fraction}")
     _check_common(cfg.data, cfg.train)
@@ -128,7 +123,5 @@ def load_classify_config(path: str | Path | None, overrides: list[str]) -> Class
 
 def load_vqa_config(path: str | Path | None, overrides: list[str]) -> VQAConfig:
     cfg = load_schema(VQAConfig, path, overrides)
-    if cfg.data.format not in VQA_FORMATS:
-        raise ConfigError(f"data.format must be one of {VQA_FORMATS}, got {cfg.data.format!r}")
     _check_common(cfg.data, cfg.train)
     return cfg

@@ -33,9 +33,11 @@ import math
 import os
 import random
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import ClassifyFormat, UncertaintyPolicy, VqaFormat
 from ..data.formats import DataError, ImageIndex
 
 NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -43,7 +45,7 @@ NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass",
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
                    "Pleural Other", "Fracture", "Support Devices")
-UNCERTAINTY_POLICIES = ("u-ones", "u-zeros", "u-ignore")
+UNCERTAINTY_POLICIES: tuple[str, ...] = typing.get_args(UncertaintyPolicy)
 CLASSIFY_SPLITS = ("train", "valid", "test")
 _SPLIT_NAMES = {"train": ("train", "training"), "valid": ("valid", "val", "validate", "validation", "dev"),
                 "test": ("test", "testing")}
@@ -309,7 +311,7 @@ def read_mimic(path: str | os.PathLike, split: str, policy: str = "u-ones", fron
     return _finish(items, CHEXPERT_LABELS, skipped, str(root), split)
 
 
-CLASSIFY_FORMATS = ("nih", "chexpert", "mimic")
+CLASSIFY_FORMATS: tuple[str, ...] = typing.get_args(ClassifyFormat)
 
 
 def read_labelled(fmt: str, path: str, split: str, policy: str = "u-ones", frontal_only: bool = True,
@@ -459,7 +461,7 @@ def read_slake(path: str | os.PathLike, split: str) -> QASet:
     return _finish_qa(items, skipped, str(src), split)
 
 
-VQA_FORMATS = ("vqa-rad", "slake")
+VQA_FORMATS: tuple[str, ...] = typing.get_args(VqaFormat)
 
 
 def read_qa(fmt: str, path: str, split: str) -> QASet:
