@@ -6,7 +6,7 @@ workers, or nvJPEG through torchvision where installed; views as batched CUDA op
 GPU where it imports. Then the samples per second of the training step: forward and backward of
 the default-size model (ResNet-50, width 64, at 224 px; a text tower of BiomedBERT-base's shape
 initialised at random; fusion and heads at their defaults), all five terms, bf16 autocast, at a
-per-GPU batch of 96 (the paper's 768 on 8 GPUs) and 256 (one GPU kept busier). Targets (issue 4):
+per-GPU batch of 96 (the paper's 768 on 8 GPUs) and 256 (one GPU kept busier). Targets:
 the GPU path at least 4x the CPU loader and at least 2x the faster training step.
 
 The MedPix train split (``../shared/data/medpix2``, or ``$UNIMLIP_SHARED_DATA/medpix2``) is packed

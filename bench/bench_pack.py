@@ -1,6 +1,6 @@
 """Benchmark: `unimlip-fast data pack` at PMC-OA's shape, interrupted and resumed.
 
-Issue 4 asks that packing PMC-OA's 1.65M pairs be possible on a workstation: streaming, parallel,
+Packing PMC-OA's 1.65M pairs must be possible on a workstation: streaming, parallel,
 resumable. This builds a PMC-OA-format folder of ``--records`` pairs (``pmc_oa.jsonl`` and one
 image file per pair, hard links to MedPix's 256 px JPEGs, so the bytes are real medical JPEGs;
 captions of PMC-OA's length, 20 to 90 words), then through the CLI, each in its own process:
