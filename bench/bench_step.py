@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     peak_dtype = torch.bfloat16 if cuda else torch.float32
-    peak = matmul_peak_tflops(device, peak_dtype, 8192 if cuda else 1024)
+    peak = matmul_peak_tflops(device, peak_dtype, 8192 if cuda else 2048, repeats=5 if cuda else 10)
     peak_kind = "bf16 matmul" if cuda else "fp32 matmul (CPU)"
     print(f"{peak_kind} peak measured: {peak:.3g} TFLOP/s", flush=True)
 
