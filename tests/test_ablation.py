@@ -1,28 +1,18 @@
 """`unimlip-fast ablate`: every row is a valid recipe; a short table on phantom data end to end,
 stopped after a row and picked up again without rerunning what finished."""
 import json
-import sys
 
 import pytest
 
 from unimlip_fast.ablation import TABLES, markdown_table, run_config, summarise
-from unimlip_fast.cli import main
 
-from .helpers import REPO, TINY_OVERRIDES
+from .helpers import REPO, TINY_OVERRIDES, run_cli
 
 TINY_ABLATION = TINY_OVERRIDES + [
     "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",
     "train.log_every=1", "train.warmup_steps=1", "train.max_steps=4", "train.simclr_start=2", "train.lr=1e-3",
     "eval.split=test",
 ]
-
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    return e.value.code
 
 
 @pytest.mark.parametrize("table", sorted(TABLES))

@@ -1,29 +1,21 @@
 """embed and search: parts with keys, bad images counted, resume by part, packed shards, parquet."""
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
 import unimlip_fast
-from unimlip_fast.cli import main
 from unimlip_fast.config import DataConfig
 from unimlip_fast.data.formats import DataError
 from unimlip_fast.embed import embed_to_index, iter_part_embeddings, records_source, search_index
+
+from .helpers import run_cli
 
 CAPTIONS = ["ct of the chest showing one small lesion", "mri of the head with two large lesions",
             "ct of the abdomen, no lesion", "mri of the chest showing one large lesion",
             "ct of the head with two small lesions", "mri of the abdomen showing one lesion",
             "ct of the chest, normal"]
-
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    return e.value.code
 
 
 @pytest.fixture(scope="module")

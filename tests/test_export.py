@@ -1,28 +1,18 @@
 """export --format open_clip: a folder open_clip loads with our embeddings, that load() reads too."""
 import json
-import sys
 
 import pytest
 import torch
 
 import unimlip_fast
-from unimlip_fast.cli import main
 
-from .helpers import TINY_OVERRIDES, make_run_folder
+from .helpers import TINY_OVERRIDES, make_run_folder, run_cli
 
 MINILM_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("model.text.")] + [
     "model.text.encoder=minilm", "model.text.context_length=32"]
 TOWERS = {"random-bert": TINY_OVERRIDES, "minilm": MINILM_OVERRIDES}
 TEXTS = ["ct of the chest showing one small lesion", "Axial MRI, T2: two large lesions in the upper left lobe.",
          "normal", "a much longer report " * 3]
-
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    return e.value.code
 
 
 @pytest.fixture(scope="module", params=sorted(TOWERS))

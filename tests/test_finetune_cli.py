@@ -7,19 +7,9 @@ import sys
 
 import pytest
 
-from unimlip_fast.cli import main
-
-from .helpers import REPO, SHARED_DATA, tiny_run, write_chexpert, write_slake
+from .helpers import REPO, SHARED_DATA, run_cli, tiny_run, write_chexpert, write_slake
 
 FAST = ["data.image_size=32", "data.num_workers=0", "train.batch_size=8"]
-
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    return e.value.code
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,11 @@
 """Zero-shot classification: prompt ensembles, positive-vs-negative scores, the fine-tuning JSON shape."""
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import unimlip_fast
-from unimlip_fast.cli import main
 from unimlip_fast.data.formats import DataError
 from unimlip_fast.eval.zeroshot import (
     chance_macro_auc,
@@ -20,15 +18,7 @@ from unimlip_fast.eval.zeroshot import (
 )
 from unimlip_fast.finetune.readers import NIH_LABELS
 
-from .helpers import SHARED_DATA
-
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    return e.value.code
+from .helpers import SHARED_DATA, run_cli
 
 
 @pytest.fixture(scope="module")
