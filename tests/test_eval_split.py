@@ -1,26 +1,16 @@
 """Evaluation never reads training data: one CSV/JSONL file has no split unless a column names it."""
 import json
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from unimlip_fast.cli import main
 from unimlip_fast.config import DataConfig
 from unimlip_fast.data.formats import DataError, read_records
 
-from .helpers import REPO, TINY_OVERRIDES
+from .helpers import REPO, TINY_OVERRIDES, run_cli
 
 SPLITS = ["train"] * 6 + ["test"] * 3 + ["val"] * 2 + [""]
-
-
-def cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    return e.value.code
 
 
 @pytest.fixture
@@ -79,20 +69,20 @@ def test_a_folder_of_split_files_and_pmc_oa(table):
 
 def test_eval_retrieval_on_one_file_refuses_test(table, tiny_run, monkeypatch, capsys):
     args = ["eval", "retrieval", "--checkpoint", tiny_run, "--data", f"csv:{table / 'pairs.csv'}", "--split", "test"]
-    assert cli(monkeypatch, *args) != 0
+    assert run_cli(monkeypatch, *args) != 0
     err = capsys.readouterr().err
     assert "would be the training rows again" in err and "--split-key" in err and "Traceback" not in err
     out = table / "r.json"
-    assert cli(monkeypatch, *args, "--split-key", "part", "--json", out) == 0
+    assert run_cli(monkeypatch, *args, "--split-key", "part", "--json", out) == 0
     assert json.loads(out.read_text())["n"] == 3
 
 
 def test_pretraining_refuses_an_eval_split_of_training_rows_before_training(table, monkeypatch, capsys):
     base = ["pretrain", REPO / "configs/demo.yaml", *TINY_OVERRIDES, "data.format=csv", "data.num_workers=0",
             f"data.path={table / 'pairs.csv'}", "train.batch_size=4", "train.max_steps=1"]
-    assert cli(monkeypatch, *base, "--run-dir", table / "a", "eval.split=test") != 0
+    assert run_cli(monkeypatch, *base, "--run-dir", table / "a", "eval.split=test") != 0
     assert "would be the training rows again" in capsys.readouterr().err
     assert not (table / "a" / "checkpoints").exists() or not any((table / "a" / "checkpoints").iterdir())
-    assert cli(monkeypatch, *base, "--run-dir", table / "b", "data.split_key=part", "data.split=test",
+    assert run_cli(monkeypatch, *base, "--run-dir", table / "b", "data.split_key=part", "data.split=test",
                "eval.split=test") != 0
     assert "holds the same 3 pairs as the training split" in capsys.readouterr().err

@@ -4,12 +4,10 @@ folder, one writer per folder, and each step once in metrics.jsonl after a resum
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-from unimlip_fast.cli import main
 from unimlip_fast.train.checkpoint import (
     CheckpointError,
     choose_resume,
@@ -20,7 +18,7 @@ from unimlip_fast.train.checkpoint import (
 from unimlip_fast.train.monitor import open_metrics
 from unimlip_fast.train.run_folder import RunFolderError, RunLock
 
-from .helpers import REPO, TINY_RUN
+from .helpers import REPO, TINY_RUN, run_cli
 
 RUN_ARGS = ["pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2_fp32.json", *TINY_RUN,
             "train.max_steps=4", "train.ckpt_every=2", "train.keep_last=3", "eval.split="]
@@ -29,12 +27,9 @@ OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
 def cli(*args) -> int:
+    """``run_cli`` for module-scoped fixtures, which have no ``monkeypatch``."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["unimlip-fast", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            main()
-            raise SystemExit(0)
-    return e.value.code
+        return run_cli(mp, *args)
 
 
 def losses(run_dir) -> dict[int, float]:
