@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.dataset import Substitutes
 from ..data.decoding import DECODE_ERRORS, decode_image, decode_size, failure_reason
 from ..data.formats import DataError
+from ..data.spec import seeded_generator
 from ..data.views import eval_view_one, weak_view_one
 from ..model import UniMlip
 from ..train.distributed import DistEnv
@@ -74,10 +75,6 @@ def resize_attention_pool(visual: nn.Module, image_size: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ images
-
-
-def sample_generator(*entropy: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1)[0]))
 
 
 class ImageCache:
@@ -139,7 +136,7 @@ class ViewDataset(Dataset):
         return {"image": image, "index": j, "substituted": (j - i) % len(self.paths), **self.fields(j)}
 
     def train_view(self, j: int) -> torch.Tensor:
-        return self.cache.view(self.paths[j], True, self.scale, sample_generator(self.seed, self.epoch, j))
+        return self.cache.view(self.paths[j], True, self.scale, seeded_generator(self.seed, self.epoch, j))
 
     def describe(self, j: int) -> str:
         return self.paths[j]
