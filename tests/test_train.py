@@ -73,18 +73,23 @@ def test_eval_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert "checkpoint incomplete" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("ds_json, precision", [("zero2.json", "as-configured"), ("zero2_bf16.json", "as-configured"),
-                                               ("zero1.json", "fp32"), ("zero3.json", "fp32")])
-def test_deepspeed_configs_train(tmp_path, monkeypatch, ds_json, precision):
+@pytest.mark.parametrize("ds_json, precision, micro_batch", [
+    ("zero2.json", "as-configured", 0), ("zero2_bf16.json", "as-configured", 0), ("zero1.json", "fp32", 0),
+    ("zero3.json", "fp32", 0), ("zero2.json", "as-configured", 4), ("zero2_bf16.json", "as-configured", 4)])
+def test_deepspeed_configs_train(tmp_path, monkeypatch, ds_json, precision, micro_batch):
     """DeepSpeed's torch_autocast (bf16) and its bf16 mode, which casts parameters but not the
-    BatchNorm buffers, both train, the statistics staying fp32; so do ZeRO-1 and ZeRO-3 (whose
-    sharded weights are gathered for the safetensors export). fp16 is refused by DeepSpeed on a CPU."""
+    BatchNorm buffers, both train, the statistics staying fp32, with and without accumulation in
+    micro-batches; so do ZeRO-1 and ZeRO-3 (whose sharded weights are gathered for the safetensors
+    export). fp16 is refused by DeepSpeed on a CPU."""
     run = tmp_path / "run"
     assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs" / ds_json,
                    "--run-dir", run, *TINY_RUN, "train.max_steps=4", f"train.cpu_precision={precision}",
-                   "eval.split=") == 0
+                   f"train.micro_batch_size={micro_batch}", "eval.split=") == 0
     metrics = [m for m in read_metrics(run) if "loss/total" in m]
     assert len(metrics) == 4 and all(m["loss/total"] == m["loss/total"] for m in metrics)
+    assert {m["phase"] for m in metrics} == {"warmup", "simclr"}
+    if micro_batch:
+        assert all(m["accum/micro_batch"] == micro_batch for m in metrics)
     from safetensors.torch import load_file
 
     weights = load_file(str(run / "model.safetensors"))
