@@ -201,15 +201,20 @@ def _running_statistics(world: int, rank: int) -> list[str]:
     return problems
 
 
-def _fused_worker(rank: int, port: int, out_dir: str, device: str) -> None:
-    """The fused kernels (DropBlock's Philox seed comes from the CPU generator): on CUDA, or on CPU
-    tensors in Triton's interpreter."""
+def _init_one_rank(port: int, accelerator: str) -> None:
+    """This spawned process as the only rank of a process group, on DeepSpeed's ``accelerator``."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR=device)
+                      DS_ACCELERATOR=accelerator)
     torch.set_num_threads(1)
     from unimlip_fast.train.distributed import init_distributed
 
     init_distributed()
+
+
+def _fused_worker(rank: int, port: int, out_dir: str, device: str) -> None:
+    """The fused kernels (DropBlock's Philox seed comes from the CPU generator): on CUDA, or on CPU
+    tensors in Triton's interpreter."""
+    _init_one_rank(port, device)
     got = accumulated(1, 0, False, "zero2_fp32.json", device=device, kernels="triton")
     # On CUDA, TF32 convolutions and Triton dots: rounding well above fp32's, far below what a
     # wrong dropout or DropBlock mask does to the gradients (several percent).
@@ -224,12 +229,7 @@ def _compiled_worker(rank: int, port: int, out_dir: str) -> None:
     """The accumulated step with the towers compiled, against the uncompiled reference. BERT's dropout
     inside the compiled tower is off (under inductor it draws from another generator); DropBlock and
     the text-embedding dropout run outside the compiled parts, so the replayed draws are still tested."""
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    from unimlip_fast.train.distributed import init_distributed
-
-    init_distributed()
+    _init_one_rank(port, "cpu")
     no_bert_dropout = ("model.text.hidden_dropout=0.0",)
     torch._dynamo.reset()
     got = accumulated(1, 0, False, "zero2_fp32.json", overrides=no_bert_dropout, compiled=True)
