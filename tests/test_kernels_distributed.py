@@ -83,6 +83,7 @@ def _rank_main(rank: int, init_file: str) -> None:
                 for i, (x, want) in enumerate(zip(local, want_grads)):
                     torch.testing.assert_close(x.grad / WORLD, want[rows], rtol=1e-5, atol=1e-6,
                                                msg=lambda m, i=i, where=where: f"{where} input {i}: {m}")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
