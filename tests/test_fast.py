@@ -1,6 +1,9 @@
 """The fast step equals the reference step: the same five terms and every gradient (and, fused AdamW
 against torch's default, the weights after one step), on the same batch, with each speed-up on alone and
-all together (fp32 on CPU: tight).
+all together. Both steps run in float64, so that two paths equal in exact arithmetic agree to
+rounding whatever order a CPU's kernels sum in (in fp32, NHWC convolutions and fused attention
+reorder the sums, and BatchNorm magnifies the difference in the gradient of a bias before it, whose
+exact value is 0).
 Compilation here uses the ``aot_eager`` backend (dynamo's graph capture and AOT autograd, as
 inductor gets them, without the C++ build that takes minutes on a CPU); the GPU check compiles with
 inductor. The image trunk and the text tower compile to one graph each, with no break."""
@@ -27,9 +30,9 @@ VARIANTS = {**{key: dataclasses.replace(REFERENCE_STEP, **{key: True})
 
 def _step(cfg, tokenizer, batch, choices: FastChoices, phase: str):
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.loss, tokenizer).train()
+    model = build_model(cfg.model, cfg.loss, tokenizer).train().double()
     with torch.no_grad():  # realistic BatchNorm statistics before the SimCLR phase freezes them
-        model.visual(torch.randn(32, 3, cfg.model.image_size, cfg.model.image_size,
+        model.visual(torch.randn(32, 3, cfg.model.image_size, cfg.model.image_size, dtype=torch.float64,
                                  generator=torch.Generator().manual_seed(2)))
     apply_fast(model, choices, compile_backend="aot_eager")
     torch.manual_seed(1)  # the same DropBlock and text dropout draws in both steps
@@ -54,8 +57,9 @@ def setup():
     labels[:, 2], ids[:, 2] = ids[:, 2], tokenizer.mask_token_id
     tok["attention_mask"][-1, 12:] = 0  # padding that attention must ignore
     # Images that differ by more than noise, so the SimCLR head's BatchNorm does not divide by ~0.
-    shift = torch.linspace(-2, 2, b)[:, None, None, None]
-    batch = {**{view: torch.randn(b, 3, size, size, generator=g) + shift for view in ("image", "image_a", "image_b")},
+    shift = torch.linspace(-2, 2, b, dtype=torch.float64)[:, None, None, None]
+    batch = {**{view: torch.randn(b, 3, size, size, generator=g, dtype=torch.float64) + shift
+                for view in ("image", "image_a", "image_b")},
              "input_ids": ids, "attention_mask": tok["attention_mask"], "mlm_labels": labels}
     reference = {phase: _step(cfg, tokenizer, batch, REFERENCE_STEP, phase) for phase in (SIMCLR,)}
     return cfg, tokenizer, batch, reference
@@ -68,21 +72,26 @@ def test_fast_step_equals_reference(setup, variant):
     terms, grads, weights, features = _step(cfg, tokenizer, batch, VARIANTS[variant], SIMCLR)
     assert set(terms) == {"itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm"}
     for name in terms:
-        torch.testing.assert_close(terms[name], ref_terms[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(terms[name], ref_terms[name], rtol=1e-10, atol=1e-10, msg=_named(name))
     assert set(grads) == set(ref_grads) and ref_grads["visual.conv1.weight"].abs().sum() > 0
-    # fp32 sums in another order (NHWC convolutions, fused attention), which BatchNorm magnifies
-    # (a bias's gradient is a sum over N*H*W with cancellation; a bias before BatchNorm has a gradient of
-    # 0 in exact arithmetic): 2e-4 of the largest gradient entry in the same layer.
+    # float64 rounding, relative to the largest gradient entry of the same layer (a bias before
+    # BatchNorm has a gradient of 0 in exact arithmetic, so its own size is no scale).
     layer_scale = {}
     for name, grad in ref_grads.items():
         layer = name.rsplit(".", 1)[0]
         layer_scale[layer] = max(layer_scale.get(layer, 0.0), grad.abs().max().item())
     for name in grads:
         scale = layer_scale[name.rsplit(".", 1)[0]]
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=2e-4 * scale + 1e-7, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-9 * scale + 1e-14,
+                                   msg=_named(name))
     if variant == "fused_adamw":  # the same gradients, so the same AdamW update
         for name in weights:
-            torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)
+            torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-12, atol=1e-14, msg=_named(name))
+
+
+def _named(name: str):
+    """assert_close's own message (the largest differences and where), led by the parameter's name."""
+    return lambda message: f"{name}: {message}"
 
 
 def test_channels_last_really_runs_nhwc(setup):
