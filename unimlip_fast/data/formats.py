@@ -414,8 +414,11 @@ def read_table(
 
 
 def read_records(cfg: DataConfig, split: str | None = None) -> RecordSet:
-    """The records of ``cfg.format`` at ``cfg.path``; ``split`` overrides ``cfg.split``."""
+    """The records of ``cfg.format`` at ``cfg.path``; ``split`` overrides ``cfg.split``. Splits joined
+    with ``+`` (``dev+test``) are read one after the other into one set, in that order."""
     split = cfg.split if split is None else split
+    if split and "+" in split:
+        return join_record_sets([read_records(cfg, part.strip()) for part in split.split("+")])
     fmt = cfg.format
     if fmt == "phantom":
         from .phantom import phantom_split
@@ -432,6 +435,17 @@ def read_records(cfg: DataConfig, split: str | None = None) -> RecordSet:
     if fmt in ("csv", "jsonl"):
         return read_table(cfg.path, fmt, cfg.image_key, cfg.caption_key, cfg.image_root, split, cfg.split_key)
     raise DataError(f"unknown data format {fmt!r}; one of {', '.join(DATA_FORMATS)}")
+
+
+def join_record_sets(parts: list[RecordSet]) -> RecordSet:
+    """The records of ``parts`` in order, their skips added (the first place of each reason kept)."""
+    skipped = Skips()
+    for part in parts:
+        for reason, count in part.skipped.items():
+            skipped[reason] += count
+        for reason, where in getattr(part.skipped, "first", {}).items():
+            skipped.first.setdefault(reason, where)
+    return RecordSet([r for part in parts for r in part.records], skipped, " + ".join(p.source for p in parts))
 
 
 def roco_eval_subset(path: str | os.PathLike, n: int = 2000, min_words: int = 3, seed: int = 42,

@@ -73,13 +73,18 @@ def positive_pairs(captions: list[str], one_positive: bool = False) -> torch.Ten
     return group[:, None] == group[None, :]
 
 
-def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str],
-                      one_positive: bool = False) -> dict[str, Any]:
-    """Every pair with the query's caption counts as correct, or (``one_positive``) its own pair only."""
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str], one_positive: bool = False,
+                      keys: list[str] | None = None) -> dict[str, Any]:
+    """Every pair with the query's caption counts as correct, or (``one_positive``) its own pair only.
+    With ``keys`` (one per pair), ``per_query`` holds each query's rank both ways, so paired
+    comparisons between models can be recomputed from the results."""
     positives = positive_pairs(captions, one_positive)
     sim = img @ txt.T
-    return {"n": len(captions), "i2t": recall_metrics(ranks_of_positives(sim, positives)),
-            "t2i": recall_metrics(ranks_of_positives(sim.T, positives.T))}
+    ranks = {"i2t": ranks_of_positives(sim, positives), "t2i": ranks_of_positives(sim.T, positives.T)}
+    results: dict[str, Any] = {"n": len(captions), **{d: recall_metrics(r) for d, r in ranks.items()}}
+    if keys is not None:
+        results["per_query"] = {"keys": list(keys), **{d: r.tolist() for d, r in ranks.items()}}
+    return results
 
 
 @dataclass
@@ -110,14 +115,16 @@ def build_eval_set(model, data: DataConfig, split: str, tokenizer, keep_duplicat
 
 def evaluate_retrieval(model, data: DataConfig, split: str, device: torch.device, batch_size: int = 128,
                        run_dir: str | Path | None = None, tokenizer=None, keep_duplicates: bool = False,
-                       roco_protocol: bool = False) -> dict[str, Any]:
+                       roco_protocol: bool = False, per_query: bool = False) -> dict[str, Any]:
+    """R@1/5/10 and ranks both ways on ``split``; ``per_query``: each query's rank and key too."""
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(Path(run_dir) / "tokenizer"))
     eval_set = build_eval_set(model, data, split, tokenizer, keep_duplicates, roco_protocol)
     img, txt = embed_pairs(model, eval_set.dataset, device, batch_size)
-    results = retrieval_metrics(img, txt, eval_set.dataset.captions, one_positive=eval_set.one_positive)
+    keys = [r.key for r in eval_set.dataset.records] if per_query else None
+    results = retrieval_metrics(img, txt, eval_set.dataset.captions, one_positive=eval_set.one_positive, keys=keys)
     results["n_duplicates_dropped"] = eval_set.n_duplicates_dropped
     results["skipped_records"] = eval_set.skipped_records
     results["split"] = "test (ROCO 2,000-pair protocol)" if roco_protocol else split

@@ -336,12 +336,20 @@ def _check_eval_split(cfg: Config, train_records) -> list[str]:
 
 
 def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, resuming: bool):
-    """Rank 0 builds (or, resuming, the run folder holds) the tokenizer; every rank loads the same one."""
+    """Rank 0 builds (or, resuming, the run folder holds) the tokenizer; every rank loads the same one.
+    A run continued from another run of this project (``model.init_from``) takes that run's tokenizer,
+    so its token ids mean what the weights learnt (a WordPiece vocabulary is trained per run)."""
     from transformers import AutoTokenizer
 
     saved = run_dir / "tokenizer"
     if not resuming and env.is_main:
-        build_tokenizer(cfg.model.text, captions).save_pretrained(str(saved))
+        parent = Path(cfg.model.init_from) if cfg.model.init_from else None
+        if parent is not None and parent.is_file() and parent.suffix == ".safetensors":
+            parent = parent.parent
+        if parent is not None and (parent / "tokenizer").is_dir():
+            AutoTokenizer.from_pretrained(str(parent / "tokenizer")).save_pretrained(str(saved))
+        else:
+            build_tokenizer(cfg.model.text, captions).save_pretrained(str(saved))
     barrier()
     return AutoTokenizer.from_pretrained(str(saved))
 
@@ -378,6 +386,6 @@ def _final_eval(model, cfg: Config, env: DistEnv, run_dir: Path) -> dict[str, An
     from ..eval.retrieval import evaluate_retrieval
 
     results = evaluate_retrieval(model, cfg.data, cfg.eval.split, env.device, batch_size=cfg.eval.batch_size,
-                                 run_dir=run_dir)
+                                 run_dir=run_dir, per_query=True)
     (run_dir / f"retrieval_{cfg.eval.split}.json").write_text(json.dumps(results, indent=2))
-    return {"retrieval": results}
+    return {"retrieval": {k: v for k, v in results.items() if k != "per_query"}}  # per query: in the file only
