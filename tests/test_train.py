@@ -111,3 +111,20 @@ def test_batchnorm_with_bf16_parameters_matches_fp32():
     assert out.dtype == torch.bfloat16 and mixed.running_mean.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref(x), atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(mixed.running_mean, ref.running_mean, atol=1e-2, rtol=1e-2)
+
+
+def test_runs_in_one_process_free_their_engines(tmp_path):
+    """A finished run leaves no DeepSpeed engine (and so no model or optimizer state) alive: a
+    process that trains several runs in turn (``ablate``) holds one at a time."""
+    import gc
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from unimlip_fast.config import load_config
+    from unimlip_fast.train.engine import pretrain
+
+    for n in range(2):
+        cfg = load_config(REPO / "configs/demo.yaml", TINY_RUN + ["train.max_steps=2", "data.phantom_size=48"])
+        pretrain(cfg, str(REPO / "configs/zero2_fp32.json"), tmp_path / f"run{n}")
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine)]

@@ -153,6 +153,9 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
             export_weights(engine, run_dir / "model.safetensors", env)
     finally:
         monitor.close()
+        # The optimizer's gradient hooks keep the engine, its model and its optimizer state alive after
+        # the run (until the process ends): a process that trains again (ablate's rows) would hold each.
+        engine.destroy()
     summary = {"steps": state.step, "epochs": state.epoch, "wall_s": round(time.time() - started, 1),
                "skipped_records": dict(records.skipped), "skipped_samples": state.skipped,
                "nonfinite_steps": state.nonfinite_total, "run_dir": str(run_dir), "commit": code_commit()}
