@@ -63,11 +63,11 @@ def _one_batch(cfg, tokenizer, device: torch.device, loaded: int = GLOBAL_BATCH)
     the CPU loader, repeated on the device up to the size (the content does not change the cost)."""
     from unimlip_fast.data.backends import build_train_loader
     from unimlip_fast.data.dataset import build_dataset
-    from unimlip_fast.data.formats import read_records
     from unimlip_fast.data.masking import MaskingTables
+    from unimlip_fast.data.sources import read_records
     from unimlip_fast.data.spec import LoaderSpec, trim_padding
 
-    records = read_records(cfg.data, cfg.data.split).records
+    records = read_records(cfg.data, cfg.data.split).items
     n = min(loaded, cfg.train.batch_size)
     records = (records * (n // len(records) + 1))[:n]
     dataset = build_dataset(records, tokenizer, cfg.model.image_size, cfg.model.text.context_length)
@@ -118,7 +118,7 @@ def child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, bud
     cfg = _config(gpu, *plan[0])
     captions = None
     if gpu:
-        from unimlip_fast.data.formats import read_records
+        from unimlip_fast.data.sources import read_records
 
         medpix = SHARED_DATA / "medpix2"
         if medpix.is_dir():
@@ -126,7 +126,7 @@ def child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, bud
         else:
             cfg.data.format, cfg.data.phantom_size = "phantom", 2048
         cfg.data.num_workers = min(8, os.cpu_count() or 1)
-        captions = [r.caption for r in read_records(cfg.data, "train").records]
+        captions = [r.caption for r in read_records(cfg.data, "train").items]
     tokenizer = build_tokenizer(cfg.model.text, captions)
     if gpu:
         with tempfile.TemporaryDirectory() as tmp:  # a fast tokenizer that pickles into loader workers

@@ -91,7 +91,7 @@ def record_list_bytes(folder: Path, n: int) -> float:
     import tracemalloc
 
     from unimlip_fast.config import DataConfig
-    from unimlip_fast.data.formats import read_records
+    from unimlip_fast.data.sources import read_records
 
     tracemalloc.start()
     try:
@@ -99,7 +99,7 @@ def record_list_bytes(folder: Path, n: int) -> float:
         held, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(records.records) == n
+    assert len(records.items) == n
     return held / n
 
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV file the row is appended to")
     args = parser.parse_args(argv)
-    run(args.records, args.workers, args.shard_size, csv_path=args.csv)
+    run(args.items, args.workers, args.shard_size, csv_path=args.csv)
     return 0
 
 

@@ -51,8 +51,8 @@ from _harness import REPO, SHARED_DATA, StageClock, append_rows, environment, ma
 from unimlip_fast.config import Config, DataConfig, TextConfig, load_config
 from unimlip_fast.data.backends import build_train_loader
 from unimlip_fast.data.dataset import build_dataset
-from unimlip_fast.data.formats import read_records
 from unimlip_fast.data.masking import MaskingTables
+from unimlip_fast.data.sources import read_records
 from unimlip_fast.data.spec import LoaderSpec, trim_padding
 from unimlip_fast.kernels import REFERENCE_OPS, resolve_ops
 from unimlip_fast.model import SIMCLR, build_model, build_tokenizer
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = DataConfig(format="medpix", path=str(MEDPIX))
-        records = read_records(data, "train").records
+        records = read_records(data, "train").items
         tokenizer = build_tokenizer(TextConfig(encoder="random-bert", vocab_size=8192), [r.caption for r in records])
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         base_cfg = bench_config(model_name, len(tokenizer), int(batches[0]), args.set)

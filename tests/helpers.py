@@ -149,13 +149,13 @@ def copy_packed(packed: Path, dest: Path) -> Path:
 def tiny_tokenizer_dir(root: Path) -> Path:
     """The tokenizer a tiny random-bert run on MedPix train builds (same captions, same vocabulary)."""
     from unimlip_fast.config import load_config
-    from unimlip_fast.data.formats import read_records
+    from unimlip_fast.data.sources import read_records
     from unimlip_fast.model import build_tokenizer
 
     out = root / "tokenizer"
     if not out.is_dir():
         cfg = load_config(None, TINY_OVERRIDES + ["data.format=medpix", f"data.path={medpix_path()}"])
-        captions = [r.caption for r in read_records(cfg.data, "train").records]
+        captions = [r.caption for r in read_records(cfg.data, "train").items]
         build_tokenizer(cfg.model.text, captions).save_pretrained(str(out))
     return out
 
@@ -284,7 +284,7 @@ def tiny_run(folder: Path) -> Path:
 
 
 def _chexpert_row(path: str, frontal: bool, values: dict) -> dict:
-    from unimlip_fast.finetune.readers import CHEXPERT_LABELS
+    from unimlip_fast.data.labelled import CHEXPERT_LABELS
 
     row = {"Path": path, "Sex": "Male", "Age": "60", "Frontal/Lateral": "Frontal" if frontal else "Lateral",
            "AP/PA": "AP"}
@@ -296,7 +296,7 @@ def write_chexpert(root: Path, n_patients: int = 12, bad_rows: bool = True) -> P
     """``root/CheXpert-v1.0-small/{train,valid}.csv`` with images; Cardiomegaly = a bright image.
     Train patient k has 2 frontal studies and one lateral image; bad rows: a missing image and an
     unknown label value."""
-    from unimlip_fast.finetune.readers import CHEXPERT_LABELS
+    from unimlip_fast.data.labelled import CHEXPERT_LABELS
 
     release = root / "CheXpert-v1.0-small"
     fields = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
@@ -328,7 +328,7 @@ def write_mimic(root: Path) -> Path:
     """MIMIC-CXR-JPG's three CSVs (split and metadata gzipped, as released) and images for 6 subjects."""
     import gzip
 
-    from unimlip_fast.finetune.readers import CHEXPERT_LABELS
+    from unimlip_fast.data.labelled import CHEXPERT_LABELS
 
     label_rows, split_rows, meta_rows = [], [], []
     for s in range(6):

@@ -15,7 +15,7 @@ def write_csv_dataset(root, n_good=40):
     images = root / "images"
     images.mkdir(parents=True)
     rows = ["file,text"]
-    for i, record in enumerate(phantom_split(n_good, "train").records):
+    for i, record in enumerate(phantom_split(n_good, "train").items):
         Image.fromarray(np.ascontiguousarray(record.image)).save(images / f"img{i}.png")
         rows.append(f"images/img{i}.png,\"{record.caption}\"")
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -7,7 +7,7 @@ import pytest
 
 import unimlip_fast
 from unimlip_fast.config import DataConfig
-from unimlip_fast.data.formats import DataError
+from unimlip_fast.data.records import DataError
 from unimlip_fast.embed import embed_to_index, iter_part_embeddings, records_source, search_index
 
 from .helpers import run_cli

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from unimlip_fast.config import DataConfig
-from unimlip_fast.data.formats import DataError, read_records
+from unimlip_fast.data.records import DataError
+from unimlip_fast.data.sources import read_records
 
 from .helpers import REPO, TINY_OVERRIDES, run_cli
 

@@ -4,9 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from unimlip_fast.data.formats import DataError
-from unimlip_fast.finetune.metrics import average_ranks, macro_auc, roc_auc, vqa_accuracy
-from unimlip_fast.finetune.readers import (
+from unimlip_fast.data.labelled import (
     CHEXPERT_LABELS,
     NIH_LABELS,
     LabelledImage,
@@ -14,13 +12,13 @@ from unimlip_fast.finetune.readers import (
     draw_fraction,
     label_rates,
     nih_target,
-    normalize_answer,
     read_chexpert,
     read_mimic,
     read_nih,
-    read_slake,
-    read_vqa_rad,
 )
+from unimlip_fast.data.questions import normalize_answer, read_slake, read_vqa_rad
+from unimlip_fast.data.records import DataError
+from unimlip_fast.eval.metrics import average_ranks, macro_auc, roc_auc, vqa_accuracy
 
 from .helpers import SHARED_DATA, write_chexpert, write_mimic, write_slake
 

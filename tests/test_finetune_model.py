@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from unimlip_fast.data.questions import QAItem
 from unimlip_fast.finetune.common import epoch_batches, load_pretrained_run, resize_attention_pool
-from unimlip_fast.finetune.readers import QAItem
 from unimlip_fast.finetune.vqa import VQAModel, answer_vocabulary, majority_baseline
 from unimlip_fast.model.visual import ModifiedResNet
 

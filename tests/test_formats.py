@@ -9,8 +9,11 @@ import pytest
 from PIL import Image
 
 from unimlip_fast.config import DataConfig
-from unimlip_fast.data.formats import DataError, ImageIndex, read_records, roco_eval_subset
+from unimlip_fast.data.formats import roco_eval_subset
 from unimlip_fast.data.phantom import phantom_records, phantom_sample, phantom_split
+from unimlip_fast.data.reading import ImageIndex
+from unimlip_fast.data.records import DataError
+from unimlip_fast.data.sources import read_records
 
 from .helpers import medpix_path
 
@@ -61,14 +64,14 @@ def test_medpix_layout_skips_counted(tmp_path):
     (root / "Descriptions.json").write_text(json.dumps([_medpix_row("MPX1_synpic1", "Head MRI.")]))
 
     rs = read_records(DataConfig(format="medpix", path=str(root)), "train")
-    assert [r.key for r in rs.records] == ["MPX1_synpic1", "MPX1_synpic2"]
-    assert rs.records[0].caption == "CT of the chest shows a mass."  # whitespace collapsed
-    assert rs.records[0].image.endswith("images/MPX1_synpic1.jpg")
+    assert [r.key for r in rs.items] == ["MPX1_synpic1", "MPX1_synpic2"]
+    assert rs.items[0].caption == "CT of the chest shows a mass."  # whitespace collapsed
+    assert rs.items[0].image.endswith("images/MPX1_synpic1.jpg")
     assert dict(rs.skipped) == {"empty_caption": 1, "missing_image": 1, "nan_caption": 2, "bad_row": 2}
     assert "missing_image=1" in rs.summary()
 
     everything = read_records(DataConfig(format="medpix", path=str(root), split="all"))
-    assert [r.caption for r in everything.records] == ["Head MRI."]
+    assert [r.caption for r in everything.items] == ["Head MRI."]
     with pytest.raises(DataError, match="split 'test'"):
         read_records(DataConfig(format="medpix", path=str(root)), "test")
 
@@ -94,8 +97,8 @@ def test_pmc_oa_folder_file_and_image_root(tmp_path):
     _jsonl(root / "train.jsonl", rows)
     _jsonl(root / "valid.jsonl", rows[:1])
     rs = read_records(DataConfig(format="pmc-oa", path=str(root)), "train")
-    assert [r.key for r in rs.records] == ["PMC1_fig1.jpg", "PMC2_fig3.jpg"]
-    assert rs.records[1].image.endswith("PMC2_fig3.png")
+    assert [r.key for r in rs.items] == ["PMC1_fig1.jpg", "PMC2_fig3.jpg"]
+    assert rs.items[1].image.endswith("PMC2_fig3.png")
     assert dict(rs.skipped) == {"missing_image": 1, "bad_row": 1}
     assert len(read_records(DataConfig(format="pmc-oa", path=str(root)), "dev")) == 1
 
@@ -119,7 +122,7 @@ def test_roco_layout_and_split_aliases(tmp_path):
     )
     for split in ("validation", "val", "dev"):
         rs = read_records(DataConfig(format="roco", path=str(tmp_path / "roco")), split)
-        assert [(r.key, r.caption) for r in rs.records] == [
+        assert [(r.key, r.caption) for r in rs.items] == [
             ("ROCO_00020", "Computed tomography of the chest."),
             ("ROCO_00021", "Lateral radiograph of the knee."),
         ]
@@ -144,8 +147,8 @@ def test_csv_columns_root_and_bad_rows(tmp_path):
     cfg = DataConfig(format="csv", path=str(tmp_path / "pairs.csv"), image_key="file", caption_key="text",
                      image_root=str(tmp_path / "imgs"))
     rs = read_records(cfg)
-    assert [(r.key, r.caption) for r in rs.records] == [("scans/a.jpg", "MRI, T2 weighted")]
-    assert rs.records[0].image.endswith("scans/a.png")
+    assert [(r.key, r.caption) for r in rs.items] == [("scans/a.jpg", "MRI, T2 weighted")]
+    assert rs.items[0].image.endswith("scans/a.png")
     assert dict(rs.skipped) == {"nan_caption": 1, "empty_caption": 1, "missing_image": 1, "bad_row": 2}
 
     with pytest.raises(DataError, match="no column 'caption'"):
@@ -162,7 +165,7 @@ def test_jsonl_generic_relative_to_its_folder(tmp_path):
     ])
     cfg = DataConfig(format="jsonl", path=str(tmp_path / "set"), image_key="path", caption_key="report")
     rs = read_records(cfg, "test")  # a folder: {split}.jsonl inside
-    assert [r.caption for r in rs.records] == ["Normal chest."]
+    assert [r.caption for r in rs.items] == ["Normal chest."]
     assert dict(rs.skipped) == {"missing_image": 1, "nan_caption": 1, "bad_row": 1}
 
 
@@ -198,11 +201,11 @@ def test_roco_eval_subset_is_the_published_protocol(tmp_path):
             _img(root / "test" / "radiology" / "images" / f"{key}.jpg")
 
     got = roco_eval_subset(tmp_path / "roco", n=20)
-    assert [r.key for r in got.records] == [k for k in expected if k != missing]
+    assert [r.key for r in got.items] == [k for k in expected if k != missing]
     assert dict(got.skipped) == {"missing_image": 1}
-    assert all(len(r.caption.split()) >= 3 for r in got.records)
+    assert all(len(r.caption.split()) >= 3 for r in got.items)
     whole = roco_eval_subset(tmp_path / "roco", n=2000)  # fewer than n: all that qualify, duplicates kept
-    assert {"ROCO_39998", "ROCO_39999"} <= {r.key for r in whole.records}
+    assert {"ROCO_39998", "ROCO_39999"} <= {r.key for r in whole.items}
     # Shuffling test alone (without train and validation first) chooses differently.
     alone = list(lines["test"])
     random.Random(42).shuffle(alone)
@@ -214,7 +217,7 @@ def test_real_medpix_counts():
     for split, n in (("train", 1636), ("dev", 196), ("test", 199)):
         rs = read_records(DataConfig(format="medpix", path=str(root)), split)
         assert len(rs) == n and sum(rs.skipped.values()) == 0, rs.summary()
-    assert all(r.image.endswith(".jpg") for r in rs.records)
+    assert all(r.image.endswith(".jpg") for r in rs.items)
 
 
 # ------------------------------------------------------------------------------------------- phantom
@@ -223,11 +226,11 @@ def test_real_medpix_counts():
 def test_phantom_is_deterministic_and_independent_of_n():
     a = phantom_records(6, seed=3)
     b = phantom_records(4, seed=3)
-    for ra, rb in zip(a.records, b.records):
+    for ra, rb in zip(a.items, b.items):
         assert ra.key == rb.key and ra.caption == rb.caption
         np.testing.assert_array_equal(ra.image, rb.image)
     c = phantom_records(4, seed=4)
-    assert any(not np.array_equal(x.image, y.image) for x, y in zip(b.records, c.records))
+    assert any(not np.array_equal(x.image, y.image) for x, y in zip(b.items, c.items))
 
 
 def test_phantom_images_and_captions_carry_the_factors():
@@ -239,7 +242,7 @@ def test_phantom_images_and_captions_carry_the_factors():
             assert value.lower() in caption.lower()
         assert f["count"] in caption.lower()
     rs = phantom_records(200, 0)
-    assert len({r.caption for r in rs.records}) > 100
+    assert len({r.caption for r in rs.items}) > 100
 
 
 def test_phantom_lesions_in_named_quadrant():
@@ -263,8 +266,23 @@ def test_phantom_splits(monkeypatch):
     train = read_records(cfg)
     test = read_records(cfg, "test")
     assert len(train) == 6 and len(test) == 6
-    assert not np.array_equal(train.records[0].image, test.records[0].image)
+    assert not np.array_equal(train.items[0].image, test.items[0].image)
     monkeypatch.setattr("unimlip_fast.data.phantom.EVAL_SIZE", 8)  # dev/test: at most EVAL_SIZE pairs
     assert len(phantom_split(40, "val")) == 8 and len(phantom_split(40, "train")) == 40
     with pytest.raises(ValueError):
         phantom_split(10, "holdout")
+
+
+def test_one_split_vocabulary_and_a_reader_for_every_format():
+    from unimlip_fast.config import CLASSIFY_FORMATS, DATA_FORMATS, VQA_FORMATS
+    from unimlip_fast.data.records import canonical_split
+    from unimlip_fast.data.sources import LABELLED_SOURCES, PAIR_SOURCES, QA_SOURCES
+
+    assert canonical_split("Validation") == canonical_split("valid") == canonical_split("val") == "dev"
+    assert canonical_split("all") is None and canonical_split(None) is None and canonical_split("training") == "train"
+    with pytest.raises(DataError, match="unknown split 'holdout'.*dev: dev, val, valid"):
+        canonical_split("holdout")
+    assert set(PAIR_SOURCES) == set(DATA_FORMATS)
+    assert set(LABELLED_SOURCES) == {*CLASSIFY_FORMATS, "csv"} and set(QA_SOURCES) == set(VQA_FORMATS)
+    with pytest.raises(DataError, match="unknown data format 'dicom'"):
+        read_records(DataConfig(format="dicom", path="/x"))

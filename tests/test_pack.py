@@ -9,8 +9,9 @@ from PIL import Image
 
 from unimlip_fast.cli import main
 from unimlip_fast.config import DataConfig
-from unimlip_fast.data.formats import DataError, read_records
 from unimlip_fast.data.pack import pack
+from unimlip_fast.data.records import DataError
+from unimlip_fast.data.sources import read_records
 
 from .helpers import CAPTIONS, CONTEXT, manifest, medpix_path, pack_medpix, tiny_tokenizer_dir, tokenised_captions
 
@@ -45,7 +46,7 @@ def test_pack_writes_bytes_ids_index_and_manifest(tmp_path, tiny_tokenizer):
     out = tmp_path / "packed"
     m = pack(data, out, str(tok_dir), shard_size=3, context_length=CONTEXT, progress=False)
 
-    records = read_records(data, "all").records  # the empty caption is skipped by the reader
+    records = read_records(data, "all").items  # the empty caption is skipped by the reader
     assert m["n_records"] == 5 and m["n_samples"] == 4 and len(m["shards"]) == 2
     assert m["skipped"] == {"empty_caption": 1, "undecodable_image": 1}
     assert m["pack_skipped"] == {"undecodable_image": 1}

@@ -64,11 +64,11 @@ def test_report_states_the_run_facts(demo_run):
 
 def test_gallery_marks_the_true_matches(demo_run):
     from unimlip_fast.config import DataConfig
-    from unimlip_fast.data.formats import read_records
+    from unimlip_fast.data.sources import read_records
     from unimlip_fast.report.gallery import build_gallery
 
     data = {r.key: " ".join(r.caption.split())
-            for r in read_records(DataConfig(format="phantom", phantom_size=PHANTOM_SIZE), "test").records}
+            for r in read_records(DataConfig(format="phantom", phantom_size=PHANTOM_SIZE), "test").items}
     (gallery,) = json.loads((demo_run / "report_gallery.json").read_text())
     assert len(gallery["image_queries"]) == 8 and len(gallery["caption_queries"]) == 4
     for query in gallery["image_queries"] + gallery["caption_queries"]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unimlip_fast.data.formats import Record
+from unimlip_fast.data.records import Record
 from unimlip_fast.eval.retrieval import dedupe_captions, ranks_of_positives, recall_metrics, retrieval_metrics
 
 

@@ -11,7 +11,7 @@ import torch
 from unimlip_fast.cli import main
 from unimlip_fast.data.backends import resolve_backend
 from unimlip_fast.data.dali import dali_available
-from unimlip_fast.data.formats import DataError
+from unimlip_fast.data.records import DataError
 from unimlip_fast.data.shards import check_against_dataset, open_shards
 from unimlip_fast.data.spec import LoaderSpec
 from unimlip_fast.data.torch_loader import TorchLoader, canvas, make_views
@@ -189,7 +189,7 @@ def test_torch_backend_on_records_without_shards(tiny_tokenizer):
     the CPU loader's sample order; captions are the dataset's tokenised ids."""
     from unimlip_fast.config import DataConfig
     from unimlip_fast.data.dataset import build_dataset
-    from unimlip_fast.data.formats import read_records
+    from unimlip_fast.data.sources import read_records
 
     ds = build_dataset(read_records(DataConfig(format="phantom", phantom_size=64), "train"), tiny_tokenizer,
                        IMAGE_SIZE, CONTEXT)

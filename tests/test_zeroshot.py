@@ -6,17 +6,16 @@ import pytest
 import torch
 
 import unimlip_fast
-from unimlip_fast.data.formats import DataError
+from unimlip_fast.data.labelled import NIH_LABELS, read_label_csv
+from unimlip_fast.data.records import DataError
 from unimlip_fast.eval.zeroshot import (
     chance_macro_auc,
     default_prompts,
     evaluate_zeroshot,
     prompt_ensembles,
-    read_labelled_csv,
     read_prompts,
     zeroshot_scores,
 )
-from unimlip_fast.finetune.readers import NIH_LABELS
 
 from .helpers import SHARED_DATA, run_cli
 
@@ -79,11 +78,11 @@ def test_zeroshot_auc_is_one_when_the_prompts_name_what_the_images_show(tiny_run
     scans = sorted(image_folder.glob("scan*"))
     rows = ["image,Same"] + [f"{scans[i % 2]},{int(i % 2 == 0)}" for i in range(8)]
     (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
-    data = read_labelled_csv(tmp_path / "l.csv")
+    data = read_label_csv(tmp_path / "l.csv")
     reference = model.encode_image([str(scans[0])])
     other = model.encode_image([str(scans[1])])
     scores = zeroshot_scores(model.encode_image([it.path for it in data.items]), reference, other, 50.0)
-    from unimlip_fast.finetune.metrics import macro_auc
+    from unimlip_fast.eval.metrics import macro_auc
 
     assert macro_auc(scores.numpy(), np.array([it.target for it in data.items]), data.labels)["macro_auc"] == 1.0
 
@@ -109,11 +108,11 @@ def test_nih1000_test_split_reads_with_every_label(tiny_run):
     root = SHARED_DATA / "nih1000"
     if not root.is_dir():
         pytest.skip(f"NIH1000 not found at {root} (../shared/data beside the repo, or $UNIMLIP_SHARED_DATA)")
-    from unimlip_fast.eval.zeroshot import read_zeroshot_data
+    from unimlip_fast.data.sources import read_labelled
 
-    data = read_zeroshot_data("nih", str(root), "test")
+    data = read_labelled("nih", str(root), "test")
     assert len(data) == 200 and data.labels == NIH_LABELS
     model = unimlip_fast.load(tiny_run, device="cpu")
-    small = type(data)(data.items[:40], data.labels, data.skipped, data.source)
+    small = type(data)(data.items[:40], data.skipped, data.source, data.labels)
     results = evaluate_zeroshot(model, small, chance_draws=20)
     assert results["n_test"] == 40 and set(results["per_label"]) | set(results["excluded_labels"]) == set(NIH_LABELS)

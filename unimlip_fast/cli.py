@@ -61,6 +61,7 @@ def pretrain(
     Example: unimlip-fast pretrain configs/demo.yaml --ds-config zero2.json train.max_steps=30
     """
     from .config import find_config_file, load_config
+    from .data.records import describe_skips
 
     overrides = list(overrides or [])
     if config is not None and "=" in config and not Path(config).exists():  # an override, CONFIG left out
@@ -77,8 +78,8 @@ def pretrain(
         print_retrieval(summary["retrieval"])
     console.print(f"run folder: {summary['run_dir']}  steps: {summary['steps']}  "
                   f"wall time: {_duration(summary['wall_s'])}  "
-                  f"skipped records: {summary['skipped_records'] or 'none'}  "
-                  f"skipped samples: {summary['skipped_samples'] or 'none'}  "
+                  f"skipped records: {describe_skips(summary['skipped_records']) or 'none'}  "
+                  f"skipped samples: {describe_skips(summary['skipped_samples']) or 'none'}  "
                   f"non-finite steps: {summary['nonfinite_steps']}", highlight=False)
 
 
@@ -201,16 +202,18 @@ def eval_zeroshot(
 
     Example: unimlip-fast eval zeroshot --checkpoint runs/medpix_cpu --data nih:../shared/data/nih1000
     """
+    from .data.records import describe_skips
     from .eval.zeroshot import ZEROSHOT_FORMATS
 
     fmt, sep, path = data.partition(":")
     if not sep or fmt not in ZEROSHOT_FORMATS or not path:
         raise typer.BadParameter(f"--data must be FORMAT:PATH with FORMAT one of {', '.join(ZEROSHOT_FORMATS)}")
     _quiet_libraries()
-    from .eval.zeroshot import evaluate_zeroshot, read_prompts, read_zeroshot_data
+    from .data.sources import read_labelled
+    from .eval.zeroshot import evaluate_zeroshot, read_prompts
     from .inference import load
 
-    labelled = read_zeroshot_data(fmt, path, split)
+    labelled = read_labelled(fmt, path, split)
     prompt_sets = read_prompts(prompts, labelled.labels) if prompts else None
     model = load(checkpoint, device)
     results = evaluate_zeroshot(model, labelled, prompt_sets, batch_size, workers)
@@ -224,7 +227,7 @@ def eval_zeroshot(
     for label, auc in results["per_label"].items():
         table.add_row(label, str(results["n_positive"][label]), f"{auc:.4f}")
     make_console(stderr=False).print(table)
-    skipped = ", ".join(f"{k}={v}" for k, v in results["skipped"].items()) or "none"
+    skipped = describe_skips(results["skipped"]) or "none"
     excluded = ", ".join(results["excluded_labels"]) or "none"
     console.print(f"skipped: {skipped}; labels without both classes (no AUC): {excluded}", highlight=False)
     if json_out:
@@ -283,6 +286,7 @@ def data_pack(
     """
     from .config import DataConfig
     from .data.pack import pack
+    from .data.records import describe_skips
 
     if fmt not in PACK_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}")
@@ -290,7 +294,7 @@ def data_pack(
     data = DataConfig(format=fmt, path=str(input_path), split=split, image_root=image_root)
     manifest = pack(data, output, tokenizer, split, shard_size, context_length, workers,
                     shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
-    skipped = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items()) or "none"
+    skipped = describe_skips(manifest["skipped"]) or "none"
     console.print(f"{manifest['n_samples']} samples in {len(manifest['shards'])} shards at {output}; "
                   f"tokenizer {tokenizer} (vocab {manifest['tokenizer']['vocab_size']}, context {context_length}); "
                   f"skipped: {skipped}", highlight=False)
@@ -305,7 +309,7 @@ def data_verify(
 
     Example: unimlip-fast data verify shards/medpix
     """
-    from .data.formats import DataError
+    from .data.records import DataError
     from .data.verify import verify_packed
 
     reports = verify_packed(folder)
@@ -356,6 +360,7 @@ def embed(
 
     Example: unimlip-fast embed --checkpoint runs/medpix_cpu --data medpix:../shared/data/medpix2 --output emb/medpix
     """
+    from .data.records import describe_skips
     if (data is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
     data_cfg = parse_data_spec(data) if data else None
@@ -376,9 +381,9 @@ def embed(
                                storage, report)
     finally:
         close()
-    skipped = {**index["read_skipped"], **index["skipped"]}
+    skipped = describe_skips({**index["read_skipped"], **index["skipped"]}) or "none"
     console.print(f"{index['n_images']} images and {index['n_texts']} captions in {len(index['parts'])} parts at "
-                  f"{output}; skipped: {', '.join(f'{k}={v}' for k, v in skipped.items()) or 'none'}", highlight=False)
+                  f"{output}; skipped: {skipped}", highlight=False)
 
 
 @app.command()
@@ -454,8 +459,8 @@ def finetune_classify(
     Example: unimlip-fast finetune classify --checkpoint runs/medpix_cpu --data nih:../shared/data/nih1000
     --fraction 0.1 --config configs/finetune/classify_cpu.yaml
     """
+    from .config import CLASSIFY_FORMATS
     from .finetune.config import load_classify_config
-    from .finetune.readers import CLASSIFY_FORMATS
 
     if checkpoint is None:
         raise typer.BadParameter("--checkpoint RUN is required")
@@ -489,11 +494,11 @@ def finetune_vqa(
     Example: unimlip-fast finetune vqa --checkpoint runs/medpix_cpu --data vqa-rad:../shared/data/vqa_rad
     --config configs/finetune/vqa_cpu.yaml
     """
+    from .config import VQA_FORMATS
     from .finetune.config import load_vqa_config
-    from .finetune.readers import VQA_FORMATS
 
     if majority:
-        from .finetune.readers import read_qa
+        from .data.sources import read_qa
         from .finetune.vqa import majority_baseline
 
         fmt, _, path = data.partition(":")

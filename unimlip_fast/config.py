@@ -31,6 +31,8 @@ UncertaintyPolicy = Literal["u-ones", "u-zeros", "u-ignore"]  # CheXpert / MIMIC
 
 DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
 PACK_FORMATS: tuple[str, ...] = typing.get_args(PackFormat)
+CLASSIFY_FORMATS: tuple[str, ...] = typing.get_args(ClassifyFormat)
+VQA_FORMATS: tuple[str, ...] = typing.get_args(VqaFormat)
 
 # The recipes and DeepSpeed JSONs shipped inside the package (configs/ in the source tree).
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data.formats import DataError, read_records
+from .data.records import DataError
+from .data.sources import read_records
 from .inference import TrainedModel
 
 INDEX_VERSION = 1
@@ -51,7 +52,7 @@ class Item:
 def records_source(data_cfg, split: str | None) -> tuple[Iterable[Item], int, dict[str, int]]:
     """A data set on disk -> its items, how many, and the records its reader skipped."""
     record_set = read_records(data_cfg, split)
-    items = (Item(r.key, r.caption, str(r.image)) for r in record_set.records)
+    items = (Item(r.key, r.caption, str(r.image)) for r in record_set.items)
     return items, len(record_set), dict(record_set.skipped)
 
 

@@ -4,7 +4,10 @@
 ``build_train_loader(backend, dataset, spec.for_epoch(epoch, strong_views, skip))`` yields batches
 of the batch contract (see :mod:`.spec`). Modules:
 
-- ``formats``: data sets on disk -> records (``Record``, ``RecordSet``, ``DataError``); ``phantom``;
+- ``records``: what a reader returns (``Record``, ``ItemSet``, ``Skips``, ``DataError``) and the
+  split vocabulary; ``sources``: every data set by name (``read_records``, ``read_labelled``,
+  ``read_qa``); the readers: ``formats`` (image-caption pairs on disk), ``phantom`` (generated),
+  ``labelled`` (chest X-ray labels), ``questions`` (medical VQA), on ``reading``'s helpers;
 - ``decoding``: image decoding and the decode check, one copy for every reader;
 - ``dataset``: tokenised dataset, per-rank batch sampler, substitution of bad samples;
 - ``spec``: ``LoaderSpec`` (what every backend is given) and the batch contract (what it yields);
@@ -17,9 +20,11 @@ from .backends import build_train_loader, resolve_backend
 from .cpu_loader import CPULoader, build_eval_loader
 from .dataset import CaptionImageDataset, DistributedBatchSampler, build_dataset, tokenize_captions
 from .decoding import decode_image
-from .formats import DataError, Record, RecordSet, read_records, roco_eval_subset
+from .formats import roco_eval_subset
 from .masking import MaskingTables, mask_tokens
 from .phantom import phantom_records
+from .records import DataError, ItemSet, Record, Skips, describe_skips
+from .sources import read_labelled, read_qa, read_records
 from .spec import LoaderSpec, loader_spec, trim_padding
 from .views import CLIP_MEAN, CLIP_STD, eval_view, strong_view, weak_view
 
@@ -30,18 +35,22 @@ __all__ = [
     "CaptionImageDataset",
     "DataError",
     "DistributedBatchSampler",
+    "ItemSet",
     "LoaderSpec",
     "MaskingTables",
     "Record",
-    "RecordSet",
+    "Skips",
     "build_dataset",
     "build_eval_loader",
     "build_train_loader",
     "decode_image",
+    "describe_skips",
     "eval_view",
     "loader_spec",
     "mask_tokens",
     "phantom_records",
+    "read_labelled",
+    "read_qa",
     "read_records",
     "resolve_backend",
     "roco_eval_subset",

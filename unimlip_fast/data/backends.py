@@ -25,7 +25,7 @@ import torch
 from ..config import DataBackend
 from .dali import dali_available
 from .dataset import CaptionImageDataset
-from .formats import DataError
+from .records import DataError
 from .shards import ShardSet, load_shards
 from .spec import LoaderSpec
 

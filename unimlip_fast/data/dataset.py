@@ -15,7 +15,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .decoding import DECODE_ERRORS, SampleError, decode_image, decode_size, failure_reason, shrink_array
-from .formats import DataError, Record, RecordSet
+from .records import DataError, ItemSet, Record
 from .spec import LoaderSpec
 
 MAX_SUBSTITUTES = 64  # consecutive bad samples tolerated before the loader gives up
@@ -102,8 +102,8 @@ def build_dataset(
 ) -> CaptionImageDataset:
     """Tokenise every caption once and, with ``cache_images``, decode every image into memory now
     (before any worker forks, so workers share it)."""
-    skipped = records.skipped if isinstance(records, RecordSet) else None
-    records = list(records.records if isinstance(records, RecordSet) else records)
+    skipped = records.skipped if isinstance(records, ItemSet) else None
+    records = list(records.items if isinstance(records, ItemSet) else records)
     if not records:
         raise DataError("no records to build a dataset from")
     ids, mask = tokenize_captions(tokenizer, [r.caption for r in records], context_length)

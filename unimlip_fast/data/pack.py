@@ -27,7 +27,8 @@ import numpy as np
 from ..config import PACK_FORMATS, DataConfig
 from .dataset import tokenize_captions
 from .decoding import check_image_bytes
-from .formats import DataError, Record, clean_caption, read_records
+from .reading import clean_caption
+from .records import DataError, Record
 from .shard_format import (
     PACK_VERSION,
     SHARD_NAME,
@@ -38,6 +39,7 @@ from .shard_format import (
     write_atomic,
     write_index,
 )
+from .sources import read_records
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
         raise DataError("--shard-size must be >= 1 and --context-length >= 2")
     split = data.split if split is None else split
     recordset = read_records(data, split)
-    records: list[Record] = recordset.records[:limit] if limit else recordset.records
+    records: list[Record] = recordset.items[:limit] if limit else recordset.items
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -246,7 +248,7 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
         **plan.as_dict(),
         "tokenizer": {"name": tokenizer, "path": "tokenizer", "vocab_size": len(tok),
                       "pad_token_id": int(tok.pad_token_id or 0), "context_length": context_length},
-        "n_records_in_split": len(recordset.records),
+        "n_records_in_split": len(recordset.items),
         "n_samples": sum(m["samples"] for m in markers.values()),
         "skipped": dict(sorted(skipped.items())),  # by the source reader and by packing
         "pack_skipped": dict(sorted(pack_skipped.items())),  # by packing only

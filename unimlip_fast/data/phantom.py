@@ -16,11 +16,9 @@ left." Record ``i`` of seed ``s`` depends only on ``(s, i)``, never on ``n``; no
 """
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 
-from .formats import Record, RecordSet, canonical_split
+from .records import ItemSet, Record, Skips, canonical_split
 
 MODALITIES = ("CT", "MRI", "X-ray")
 REGIONS = ("head", "chest", "abdomen")
@@ -178,7 +176,7 @@ def phantom_sample(seed: int, i: int, px: int = 128) -> tuple[np.ndarray, str, d
     return image, caption_for(**f, template=template), factors
 
 
-def phantom_records(n: int, seed: int = 0, px: int = 128) -> RecordSet:
+def phantom_records(n: int, seed: int = 0, px: int = 128) -> ItemSet[Record]:
     """``n`` phantom pairs, deterministic from ``seed`` (record ``i`` does not depend on ``n``)."""
     if n < 1:
         raise ValueError(f"phantom size must be at least 1, got {n}")
@@ -186,14 +184,12 @@ def phantom_records(n: int, seed: int = 0, px: int = 128) -> RecordSet:
     for i in range(n):
         image, caption, _ = phantom_sample(seed, i, px)
         records.append(Record(key=f"phantom-{seed}-{i:06d}", caption=caption, image=image))
-    return RecordSet(records=records, skipped=collections.Counter(), source=f"phantom(n={n}, seed={seed})")
+    return ItemSet(records, Skips(), f"phantom(n={n}, seed={seed})")
 
 
-def phantom_split(phantom_size: int, split: str | None = "train", px: int = 128) -> RecordSet:
+def phantom_split(phantom_size: int, split: str | None = "train", px: int = 128) -> ItemSet[Record]:
     """The phantom split: ``train`` (and ``all``) has ``phantom_size`` pairs from seed 0; ``dev`` and
     ``test`` have ``min(phantom_size, 512)`` pairs from seeds 1 and 2 (new images, same captions)."""
     s = canonical_split(split) or "train"
-    if s not in SPLIT_SEEDS:
-        raise ValueError(f"phantom split must be train, dev or test, got {split!r}")
     n = phantom_size if s == "train" else min(phantom_size, EVAL_SIZE)
     return phantom_records(n, SPLIT_SEEDS[s], px)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import DataError
+from .records import DataError
 
 PACK_VERSION = 1
 KEY_DIGITS = 9

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .decoding import SampleError, check_image_bytes, decode_image_bytes
-from .formats import DataError
+from .records import DataError
 from .shard_format import IMAGE_EXTS, JPEG_EXTS, file_digest, ids_in_vocabulary, parse_index, write_atomic, write_index
 
 # One row per usable sample.

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .formats import DataError
 from .masking import MaskingTables, mask_tokens
+from .records import DataError
 
 MLM_STREAM = 1 << 30  # salt of the masking generator, apart from the views' streams
 

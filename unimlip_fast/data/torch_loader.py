@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .dataset import CaptionImageDataset, DistributedBatchSampler, Substitutes
 from .decoding import decode_size
-from .formats import DataError
+from .records import DataError
 from .shards import ShardDataset, ShardSet, ids_to_tokens
 from .spec import LoaderSpec, count_epoch_losses, merge_counts
 from .views import RATIO, crop_boxes, crop_resize, normalize, strong_photometric

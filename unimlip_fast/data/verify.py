@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .decoding import check_image_bytes
-from .formats import DataError
+from .records import DataError
 from .shard_format import IMAGE_EXTS, file_digest, ids_in_vocabulary, sample_digest
 
 

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from ..config import DataConfig
 from ..data.cpu_loader import build_eval_loader
 from ..data.dataset import CaptionImageDataset, build_dataset
-from ..data.formats import Record, read_records, roco_eval_subset
+from ..data.formats import roco_eval_subset
+from ..data.records import Record
+from ..data.sources import read_records
 from ..data.spec import trim_padding
 
 
@@ -105,7 +107,7 @@ def build_eval_set(model, data: DataConfig, split: str, tokenizer, keep_duplicat
         record_set = roco_eval_subset(data.path)
     else:
         record_set = read_records(data, split)
-    records = list(record_set.records)
+    records = list(record_set.items)
     n_dropped = 0
     if not keep_duplicates and not roco_protocol:
         records, n_dropped = dedupe_captions(records)

@@ -14,9 +14,7 @@ not distinguishable from chance.
 """
 from __future__ import annotations
 
-import collections
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.formats import DataError, ImageIndex
+from ..data.labelled import LabelledImage
+from ..data.records import DataError, ItemSet
+from ..data.sources import LABELLED_SOURCES
 from ..embed import embed_images
-from ..finetune.metrics import macro_auc
-from ..finetune.readers import CLASSIFY_FORMATS, LabelledImage, LabelledSet, read_csv_rows, read_labelled
 from ..inference import TrainedModel
+from .metrics import macro_auc
 
-ZEROSHOT_FORMATS = CLASSIFY_FORMATS + ("csv",)
+ZEROSHOT_FORMATS: tuple[str, ...] = tuple(LABELLED_SOURCES)  # the chest X-ray releases and a label CSV
 
 POSITIVE_TEMPLATES = ("{}", "chest x-ray showing {}", "findings consistent with {}", "there is {}")
 NEGATIVE_TEMPLATES = ("no {}", "chest x-ray with no {}", "no evidence of {}", "there is no {}")
@@ -81,47 +80,6 @@ def read_prompts(path: str | Path, labels: tuple[str, ...]) -> dict[str, dict[st
     return prompts
 
 
-def read_labelled_csv(path: str | Path, image_key: str = "image") -> LabelledSet:
-    """A CSV with an image column (paths relative to the CSV's folder) and one column per label:
-    1 positive, 0 negative, blank or -1 unknown (left out of that label's AUC)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"label CSV not found: {path}")
-    skipped: collections.Counter = collections.Counter()
-    index = ImageIndex(path.parent)
-    items, labels = [], None
-    for row in read_csv_rows(path, skipped, (image_key,)):
-        if labels is None:
-            labels = tuple(c for c in row if c and c != image_key)
-        image = index.find(row[image_key])
-        if image is None:
-            skipped["missing_image"] += 1
-            continue
-        target = tuple(_csv_value(row[label]) for label in labels)
-        if any(isinstance(v, str) for v in target):
-            skipped["unknown_label_value"] += 1
-            continue
-        items.append(LabelledImage(image, target, row[image_key]))
-    if not items or not labels:
-        raise DataError(f"no usable images in {path} (skipped: {dict(skipped) or 'no rows'})")
-    return LabelledSet(items, labels, skipped, str(path))
-
-
-def _csv_value(raw: str) -> float | str:
-    value = raw.strip()
-    if value in ("", "-1", "-1.0"):
-        return math.nan
-    if value in ("1", "1.0", "0", "0.0"):
-        return float(value)
-    return "bad"
-
-
-def read_zeroshot_data(fmt: str, path: str, split: str) -> LabelledSet:
-    if fmt == "csv":
-        return read_labelled_csv(path)
-    return read_labelled(fmt, path, split)
-
-
 @torch.no_grad()
 def prompt_ensembles(model: TrainedModel, prompts: dict[str, dict[str, list[str]]],
                      labels: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +108,9 @@ def chance_macro_auc(targets: np.ndarray, labels: tuple[str, ...], n_draws: int 
             "p95": float(np.percentile(draws, 95))}
 
 
-def evaluate_zeroshot(model: TrainedModel, data: LabelledSet, prompts: dict[str, dict[str, list[str]]] | None = None,
-                      batch_size: int = 64, workers: int = 0, chance_draws: int = 1000) -> dict[str, Any]:
+def evaluate_zeroshot(model: TrainedModel, data: ItemSet[LabelledImage],
+                      prompts: dict[str, dict[str, list[str]]] | None = None, batch_size: int = 64,
+                      workers: int = 0, chance_draws: int = 1000) -> dict[str, Any]:
     labels = data.labels
     prompts = prompts or default_prompts(labels)
     kept, image_rows, skipped = embed_images(model, [it.path for it in data.items], batch_size, workers)

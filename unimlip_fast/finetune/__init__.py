@@ -1,2 +1,3 @@
 """Downstream fine-tuning from a pretraining run: chest X-ray classification (``classify``) and
-medical VQA (``vqa``), their data readers (``readers``), metrics (``metrics``) and recipes (``config``)."""
+medical VQA (``vqa``), their shared parts (``common``) and recipes (``config``). Their data sets are
+read by :mod:`unimlip_fast.data.sources`, their metrics are :mod:`unimlip_fast.eval.metrics`."""

@@ -8,7 +8,6 @@ without improvement or at ``train.epochs``.
 """
 from __future__ import annotations
 
-import collections
 import copy
 import math
 from collections.abc import Callable
@@ -19,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.formats import DataError
+from ..data.labelled import LabelledImage, LabelOptions, draw_fraction, label_rates
+from ..data.records import DataError, ItemSet, Skips, describe_skips
+from ..data.sources import read_labelled
+from ..eval.metrics import macro_auc
 from ..train.distributed import DistEnv
 from .common import (
     ImageCache,
@@ -37,8 +39,8 @@ from .common import (
     wrap_ddp,
 )
 from .config import ClassifyConfig
-from .metrics import macro_auc
-from .readers import LabelledImage, LabelledSet, draw_fraction, label_rates, read_labelled
+
+SPLITS = ("train", "valid", "test")  # as the results name them
 
 
 class ImageClassifier(nn.Module):
@@ -61,11 +63,11 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits[known], target[known])
 
 
-def _decodable(items: list[LabelledImage], cache: ImageCache, skipped: collections.Counter) -> list[LabelledImage]:
+def _decodable(items: list[LabelledImage], cache: ImageCache, skipped: Skips) -> list[LabelledImage]:
     kept = [it for it in items if it.path not in cache.failed]
     for it in items:
         if it.path in cache.failed:
-            skipped[cache.failed[it.path]] += 1
+            skipped.note(cache.failed[it.path], it.path)
     return kept
 
 
@@ -78,13 +80,13 @@ def _dataset(items: list[LabelledImage], cfg: ClassifyConfig, train: bool, seed:
     return ds
 
 
-def _clean(ds: ViewDataset, skipped: collections.Counter, cfg, train: bool, seed: int, split: str) -> ViewDataset:
+def _clean(ds: ViewDataset, skipped: Skips, cfg, train: bool, seed: int, split: str) -> ViewDataset:
     """Drop the images the cache could not decode (counted) and rebuild without them."""
     if not ds.cache.failed:
         return ds
     kept = _decodable(ds.items, ds.cache, skipped)
     if not kept:
-        raise DataError(f"no decodable {split} images left (skipped: {dict(skipped)})")
+        raise DataError(f"no decodable {split} images left (skipped: {describe_skips(skipped)})")
     return _dataset(kept, cfg, train, seed)
 
 
@@ -103,10 +105,10 @@ def predict(model: nn.Module, ds: ViewDataset, batch_size: int, env: DistEnv, nu
     return gather_rows(torch.cat(index), torch.cat(scores), len(ds))
 
 
-def read_splits(cfg: ClassifyConfig) -> dict[str, LabelledSet]:
+def read_splits(cfg: ClassifyConfig) -> dict[str, ItemSet[LabelledImage]]:
     d = cfg.data
-    return {split: read_labelled(d.format, d.path, split, d.uncertainty, d.frontal_only, d.val_fraction, d.split_seed)
-            for split in ("train", "valid", "test")}
+    options = LabelOptions(d.uncertainty, d.frontal_only, d.val_fraction, d.split_seed)
+    return {split: read_labelled(d.format, d.path, split, options) for split in SPLITS}
 
 
 def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str | Path, env: DistEnv,
@@ -119,7 +121,7 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
 
     splits = read_splits(cfg)
     labels = splits["train"].labels
-    skipped = {s: collections.Counter(v.skipped) for s, v in splits.items()}
+    skipped = {s: _copy(v.skipped) for s, v in splits.items()}
     train_items = draw_fraction(splits["train"].items, cfg.data.fraction, seed)
     datasets = {
         "train": _dataset(train_items, cfg, True, seed),
@@ -191,6 +193,11 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
     return log.finish(results, json_out)
 
 
-def _skip_text(skipped: dict[str, collections.Counter]) -> str:
-    parts = [f"{split} {reason}={n}" for split, c in skipped.items() for reason, n in sorted(c.items())]
-    return ", ".join(parts) or "none"
+def _copy(skipped: Skips) -> Skips:
+    copy = Skips()
+    copy.add(skipped)
+    return copy
+
+
+def _skip_text(skipped: dict[str, Skips]) -> str:
+    return "; ".join(f"{split} {describe_skips(c)}" for split, c in skipped.items() if describe_skips(c)) or "none"

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.dataset import Substitutes
 from ..data.decoding import DECODE_ERRORS, decode_image, decode_size, failure_reason
-from ..data.formats import DataError
+from ..data.records import DataError
 from ..data.spec import seeded_generator
 from ..data.views import eval_view_one, weak_view_one
 from ..model import UniMlip

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import tokenize_captions
-from ..data.formats import DataError
+from ..data.questions import QAItem
+from ..data.records import DataError, ItemSet, describe_skips
+from ..data.sources import read_qa
+from ..eval.metrics import vqa_accuracy
 from ..train.distributed import DistEnv
 from .common import (
     ImageCache,
@@ -40,8 +43,6 @@ from .common import (
     wrap_ddp,
 )
 from .config import VQAConfig
-from .metrics import vqa_accuracy
-from .readers import QAItem, QASet, read_qa
 
 
 class VQAModel(nn.Module):
@@ -157,10 +158,10 @@ def _dataset(items: list[QAItem], tokenizer, vocab: dict[str, int], cfg: VQAConf
     return ds
 
 
-def _without_failed(qa: QASet, cache: ImageCache) -> list[QAItem]:
+def _without_failed(qa: ItemSet[QAItem], cache: ImageCache) -> list[QAItem]:
     for it in qa.items:
         if it.image in cache.failed:
-            qa.skipped[cache.failed[it.image]] += 1
+            qa.skipped.note(cache.failed[it.image], it.image)
     return [it for it in qa.items if it.image not in cache.failed]
 
 
@@ -212,14 +213,14 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
                        cfg.data.cache_images)
     train_items, test_items = (_without_failed(sets[s], cache) for s in ("train", "test"))
     if not train_items or not test_items:
-        raise DataError(f"no questions left with a decodable image (skipped: {dict(sets['train'].skipped)}, "
-                        f"{dict(sets['test'].skipped)})")
+        raise DataError(f"no questions left with a decodable image (skipped: train "
+                        f"{describe_skips(sets['train'].skipped)}; test {describe_skips(sets['test'].skipped)})")
     answers = answer_vocabulary(train_items)
     vocab = {a: i for i, a in enumerate(answers)}
     n_unseen = sum(it.answer not in vocab for it in test_items)
     say(f"{cfg.data.format}: train {len(train_items)} / test {len(test_items)} questions, {len(answers)} answers; "
         f"{n_unseen} test answers never seen in training (counted wrong); skipped: train "
-        f"{dict(sets['train'].skipped) or 'none'}, test {dict(sets['test'].skipped) or 'none'}")
+        f"{describe_skips(sets['train'].skipped) or 'none'}; test {describe_skips(sets['test'].skipped) or 'none'}")
 
     backbone, tokenizer, pre_cfg = load_pretrained_run(checkpoint, t.init, seed, env.device)
     resize_attention_pool(backbone.visual, cfg.data.image_size)

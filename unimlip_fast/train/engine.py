@@ -23,8 +23,9 @@ from ..config import Config, ConfigError, save_config, to_dict
 from ..data.backends import build_train_loader
 from ..data.dataset import build_dataset
 from ..data.decoding import set_max_image_pixels
-from ..data.formats import describe_skips, read_records
 from ..data.masking import MaskingTables
+from ..data.records import describe_skips
+from ..data.sources import read_records
 from ..data.spec import LoaderSpec, batches_per_epoch, loader_spec, trim_padding
 from ..kernels import kernels_note, resolve_ops
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
@@ -94,8 +95,8 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
 
     set_max_image_pixels(cfg.data.max_image_pixels)  # before the loader's workers start: they inherit it
     records = read_records(cfg.data, cfg.data.split)
-    eval_note = _check_eval_split(cfg, records.records)
-    tokenizer = _tokenizer(cfg, [r.caption for r in records.records], run_dir, env, resume_tag is not None)
+    eval_note = _check_eval_split(cfg, records.items)
+    tokenizer = _tokenizer(cfg, [r.caption for r in records.items], run_dir, env, resume_tag is not None)
     model = build_model(cfg.model, cfg.loss, tokenizer)
     model.ops = resolve_ops(cfg.model.kernels, env.device)
     monitor_notes = resume_notes + eval_note + [kernels_note(cfg.model.kernels, model.ops, env.device)]
@@ -113,7 +114,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     if env.is_main:
         save_text_artifacts(model, tokenizer, run_dir)
 
-    dataset = build_dataset(records.records, tokenizer, cfg.model.image_size, cfg.model.text.context_length,
+    dataset = build_dataset(records.items, tokenizer, cfg.model.image_size, cfg.model.text.context_length,
                             cache_images=cfg.data.cache_images)
     per_rank = cfg.train.batch_size // env.world_size
     steps_per_epoch = batches_per_epoch(len(dataset), per_rank, env.world_size)
@@ -328,7 +329,7 @@ def _check_eval_split(cfg: Config, train_records) -> list[str]:
     whose pairs are all training pairs: evaluation never reads training data labelled as held out."""
     if not cfg.eval.split:
         return []
-    held_out = read_records(cfg.data, cfg.eval.split).records
+    held_out = read_records(cfg.data, cfg.eval.split).items
     pairs = lambda records: {(r.image, r.caption) for r in records if isinstance(r.image, str)}
     shared = pairs(held_out) & pairs(train_records)
     if held_out and len(shared) == len(held_out):

@@ -1,4 +1,4 @@
-"""Downstream data sets -> labelled images and question-answer pairs.
+"""Labelled images: chest X-ray classification (fine-tuned, zero-shot) and a generic label CSV.
 
 Chest X-ray classification (multi-label, one target per label: 1, 0, or NaN where a label is to
 be ignored):
@@ -16,29 +16,28 @@ be ignored):
   split CSV (``train``/``validate``/``test`` per image) and the metadata CSV (``ViewPosition``: PA or
   AP are frontal); images at ``files/p<XX>/p<subject>/s<study>/<dicom>.jpg``; ``.csv.gz`` is read too.
 
-Medical VQA (one answer per question, normalised by :func:`normalize_answer`):
-- VQA-RAD: ``trainset.json`` / ``testset.json`` and ``images/``.
-- SLAKE: ``train.json`` / ``validate.json`` / ``test.json`` and ``imgs/<img_name>``; English only.
+A label CSV (zero-shot, ``csv:PATH``): an image column (paths relative to the CSV's folder) and
+one column per label: 1 positive, 0 negative, blank or -1 unknown (left out of that label's AUC).
 
-Every reader returns its items and a counter of skipped rows per reason; nothing is dropped
-silently, and a split with nothing left is a :class:`DataError` naming the path and the counts.
+Every reader returns an :class:`.records.ItemSet` of :class:`LabelledImage` s with the label names
+in ``labels``, and the rows it skipped per reason, the first place of each kept (:mod:`.records`).
 """
 from __future__ import annotations
 
 import collections
 import csv
 import gzip
-import json
 import math
 import os
 import random
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ClassifyFormat, UncertaintyPolicy, VqaFormat
-from ..data.formats import DataError, ImageIndex
+from ..config import UncertaintyPolicy
+from .reading import ImageIndex
+from .records import DataError, ItemSet, Skips, describe_skips, finish, one_split
 
 NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
               "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
@@ -46,16 +45,16 @@ CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "
                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
                    "Pleural Other", "Fracture", "Support Devices")
 UNCERTAINTY_POLICIES: tuple[str, ...] = typing.get_args(UncertaintyPolicy)
-CLASSIFY_SPLITS = ("train", "valid", "test")
-_SPLIT_NAMES = {"train": ("train", "training"), "valid": ("valid", "val", "validate", "validation", "dev"),
-                "test": ("test", "testing")}
 
 
-def canonical_split(split: str) -> str:
-    for name, aliases in _SPLIT_NAMES.items():
-        if split.lower() in aliases:
-            return name
-    raise DataError(f"unknown split {split!r}; use train, valid or test")
+@dataclass(frozen=True)
+class LabelOptions:
+    """How a chest X-ray release is read; each reader takes the options that apply to it."""
+
+    policy: UncertaintyPolicy = "u-ones"  # CheXpert/MIMIC -1.0
+    frontal_only: bool = True  # CheXpert/MIMIC: frontal views only
+    val_fraction: float = 0.1  # patients held out of the training pool where the release has no validation split
+    split_seed: int = 0  # that hold-out's draw
 
 
 # --------------------------------------------------------------------------------- classification
@@ -68,25 +67,8 @@ class LabelledImage:
     patient: str
 
 
-@dataclass
-class LabelledSet:
-    items: list[LabelledImage]
-    labels: tuple[str, ...]
-    skipped: collections.Counter = field(default_factory=collections.Counter)
-    source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self):
-        return iter(self.items)
-
-
-def _finish(items, labels, skipped: collections.Counter, source: str, split: str) -> LabelledSet:
-    if not items:
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "no rows at all"
-        raise DataError(f"no usable {split} images in {source} (skipped: {counts})")
-    return LabelledSet(items, tuple(labels), skipped, source)
+def _labelled(items: list[LabelledImage], labels, skipped: Skips, source, split: str) -> ItemSet[LabelledImage]:
+    return finish(items, skipped, source, f"{split} images", labels=tuple(labels))
 
 
 def _open_text(path: Path):
@@ -94,7 +76,7 @@ def _open_text(path: Path):
         path, newline="", encoding="utf-8")
 
 
-def read_csv_rows(path: Path, skipped: collections.Counter, required: tuple[str, ...]):
+def read_csv_rows(path: Path, skipped: Skips, required: tuple[str, ...]):
     """Rows of a CSV as ``{column: value}`` by the header's names; rows with fewer fields than the
     header are counted ``malformed_row`` (the NIH file's trailing empty column is tolerated)."""
     with _open_text(path) as f:
@@ -108,7 +90,7 @@ def read_csv_rows(path: Path, skipped: collections.Counter, required: tuple[str,
             if not any(v.strip() for v in fields):
                 continue
             if len(fields) < width:
-                skipped["malformed_row"] += 1
+                skipped.note("malformed_row", f"{path.name} line {reader.line_num}")
                 continue
             yield dict(zip(header, fields[: len(header)], strict=False))
 
@@ -122,9 +104,9 @@ def held_out_patients(patients, fraction: float, seed: int) -> set[str]:
 
 
 def _by_patient_split(items: list[LabelledImage], split: str, val_fraction: float, seed: int) -> list[LabelledImage]:
-    """train/valid carved from one pool: ``val_fraction`` of its patients are the validation split."""
+    """train/dev carved from one pool: ``val_fraction`` of its patients are the validation split."""
     val = held_out_patients((it.patient for it in items), val_fraction, seed)
-    return [it for it in items if (it.patient in val) == (split == "valid")]
+    return [it for it in items if (it.patient in val) == (split == "dev")]
 
 
 # --- NIH
@@ -154,19 +136,20 @@ def _nih_folder_split(root: Path) -> Path | None:
     return None
 
 
-def read_nih(path: str | os.PathLike, split: str, val_fraction: float = 0.1, split_seed: int = 0) -> LabelledSet:
+def read_nih(path: str | os.PathLike, split: str, val_fraction: float = 0.1,
+             split_seed: int = 0) -> ItemSet[LabelledImage]:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"NIH ChestX-ray14 folder not found: {root}")
-    split = canonical_split(split)
+    split = one_split(split, "NIH ChestX-ray14")
     csv_path = _nih_csv(root)
-    skipped: collections.Counter = collections.Counter()
+    skipped = Skips()
     rows = {r["Image Index"].strip(): r for r in read_csv_rows(csv_path, skipped,
                                                                 ("Image Index", "Finding Labels", "Patient ID"))}
     folders = _nih_folder_split(root)
     if folders is not None:
-        split_dir = folders / {"valid": "valid", "train": "train", "test": "test"}[split]
-        if split == "valid" and not split_dir.is_dir():
+        split_dir = folders / {"dev": "valid", "train": "train", "test": "test"}[split]
+        if split == "dev" and not split_dir.is_dir():
             split_dir = folders / "val"
         paths = {p.name: str(p) for p in sorted(split_dir.rglob("*")) if p.suffix.lower() in (".png", ".jpg", ".jpeg")}
         wanted = list(paths)
@@ -184,19 +167,19 @@ def read_nih(path: str | os.PathLike, split: str, val_fraction: float = 0.1, spl
     for name in wanted:
         row = rows.get(name)
         if row is None:
-            skipped["not_in_label_file"] += 1
+            skipped.note("not_in_label_file", name)
             continue
         if name not in paths:
-            skipped["missing_image"] += 1
+            skipped.note("missing_image", name)
             continue
         target = nih_target(row["Finding Labels"])
         if isinstance(target, str):
-            skipped[target] += 1
+            skipped.note(target, f"{name}: {row['Finding Labels']!r}")
             continue
         items.append(LabelledImage(paths[name], target, row["Patient ID"].strip()))
     if folders is None and split != "test":
         items = _by_patient_split(items, split, val_fraction, split_seed)
-    return _finish(items, NIH_LABELS, skipped, str(root), split)
+    return _labelled(items, NIH_LABELS, skipped, root, split)
 
 
 # --- CheXpert and MIMIC-CXR (the same 14 labels and values)
@@ -231,10 +214,10 @@ def _check_policy(policy: str) -> None:
 
 
 def read_chexpert(path: str | os.PathLike, split: str, policy: str = "u-ones", frontal_only: bool = True,
-                  val_fraction: float = 0.1, split_seed: int = 0) -> LabelledSet:
+                  val_fraction: float = 0.1, split_seed: int = 0) -> ItemSet[LabelledImage]:
     root = Path(path)
     _check_policy(policy)
-    split = canonical_split(split)
+    split = one_split(split, "CheXpert")
     if not (root / "train.csv").is_file():
         raise DataError(f"CheXpert train.csv not found in {root}")
     if split == "test":
@@ -243,7 +226,7 @@ def read_chexpert(path: str | os.PathLike, split: str, policy: str = "u-ones", f
         csv_path = root / "train.csv"
     if not csv_path.is_file():
         raise DataError(f"CheXpert {csv_path.name} not found in {root}")
-    skipped: collections.Counter = collections.Counter()
+    skipped = Skips()
     # ``Path`` is relative to the folder above the release (CheXpert-v1.0-small/train/...): look there,
     # in the root itself, and in the root with the release's folder name dropped.
     index_above, index_root = ImageIndex(root.parent), ImageIndex(root)
@@ -251,21 +234,21 @@ def read_chexpert(path: str | os.PathLike, split: str, policy: str = "u-ones", f
     for row in read_csv_rows(csv_path, skipped, ("Path", *CHEXPERT_LABELS)):
         ref = row["Path"].strip()
         if frontal_only and row.get("Frontal/Lateral", "Frontal").strip() != "Frontal":
-            skipped["not_frontal"] += 1
+            skipped.note("not_frontal", ref)
             continue
         target = _chexpert_target(row, policy)
         if target is None:
-            skipped["unknown_label_value"] += 1
+            skipped.note("unknown_label_value", ref)
             continue
         found = index_above.find(ref) or index_root.find(ref) or index_root.find(ref.split("/", 1)[-1])
         if found is None:
-            skipped["missing_image"] += 1
+            skipped.note("missing_image", ref)
             continue
         patient = re.search(r"patient\d+", ref)
         items.append(LabelledImage(found, target, patient.group(0) if patient else ref))
     if split != "test":
         items = _by_patient_split(items, split, val_fraction, split_seed)
-    return _finish(items, CHEXPERT_LABELS, skipped, str(csv_path), split)
+    return _labelled(items, CHEXPERT_LABELS, skipped, csv_path, split)
 
 
 def _mimic_file(root: Path, stem: str) -> Path:
@@ -275,12 +258,13 @@ def _mimic_file(root: Path, stem: str) -> Path:
     raise DataError(f"MIMIC-CXR-JPG {stem}.csv(.gz) not found in {root}")
 
 
-def read_mimic(path: str | os.PathLike, split: str, policy: str = "u-ones", frontal_only: bool = True) -> LabelledSet:
+def read_mimic(path: str | os.PathLike, split: str, policy: str = "u-ones",
+               frontal_only: bool = True) -> ItemSet[LabelledImage]:
     root = Path(path)
     _check_policy(policy)
-    split = canonical_split(split)
-    official = {"train": "train", "valid": "validate", "test": "test"}[split]
-    skipped: collections.Counter = collections.Counter()
+    split = one_split(split, "MIMIC-CXR-JPG")
+    official = {"train": "train", "dev": "validate", "test": "test"}[split]
+    skipped = Skips()
     labels: dict[str, tuple[float, ...] | None] = {}
     for row in read_csv_rows(_mimic_file(root, "mimic-cxr-2.0.0-chexpert"), skipped, ("study_id", *CHEXPERT_LABELS)):
         labels[row["study_id"].strip()] = _chexpert_target(row, policy)
@@ -294,35 +278,59 @@ def read_mimic(path: str | os.PathLike, split: str, policy: str = "u-ones", fron
             continue
         dicom, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
         if frontal_only and views.get(dicom) not in ("PA", "AP"):
-            skipped["not_frontal"] += 1
+            skipped.note("not_frontal", dicom)
             continue
         if study not in labels:
-            skipped["no_label_row"] += 1
+            skipped.note("no_label_row", f"study {study}")
             continue
         target = labels[study]
         if target is None:
-            skipped["unknown_label_value"] += 1
+            skipped.note("unknown_label_value", f"study {study}")
             continue
         image = images / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
         if not image.is_file():
-            skipped["missing_image"] += 1
+            skipped.note("missing_image", str(image))
             continue
         items.append(LabelledImage(str(image), target, subject))
-    return _finish(items, CHEXPERT_LABELS, skipped, str(root), split)
+    return _labelled(items, CHEXPERT_LABELS, skipped, root, split)
 
 
-CLASSIFY_FORMATS: tuple[str, ...] = typing.get_args(ClassifyFormat)
+# --- a label CSV (zero-shot)
 
 
-def read_labelled(fmt: str, path: str, split: str, policy: str = "u-ones", frontal_only: bool = True,
-                  val_fraction: float = 0.1, split_seed: int = 0) -> LabelledSet:
-    if fmt == "nih":
-        return read_nih(path, split, val_fraction, split_seed)
-    if fmt == "chexpert":
-        return read_chexpert(path, split, policy, frontal_only, val_fraction, split_seed)
-    if fmt == "mimic":
-        return read_mimic(path, split, policy, frontal_only)
-    raise DataError(f"classification data must be one of {CLASSIFY_FORMATS}, got {fmt!r}")
+def read_label_csv(path: str | os.PathLike, image_key: str = "image") -> ItemSet[LabelledImage]:
+    """A CSV with an image column (paths relative to the CSV's folder) and one column per label:
+    1 positive, 0 negative, blank or -1 unknown (left out of that label's AUC)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"label CSV not found: {path}")
+    skipped = Skips()
+    index = ImageIndex(path.parent)
+    items, labels = [], None
+    for row in read_csv_rows(path, skipped, (image_key,)):
+        if labels is None:
+            labels = tuple(c for c in row if c and c != image_key)
+        image = index.find(row[image_key])
+        if image is None:
+            skipped.note("missing_image", row[image_key])
+            continue
+        target = tuple(_csv_value(row[label]) for label in labels)
+        if any(isinstance(v, str) for v in target):
+            skipped.note("unknown_label_value", row[image_key])
+            continue
+        items.append(LabelledImage(image, target, row[image_key]))
+    if not labels:
+        raise DataError(f"no usable images in {path} (skipped: {describe_skips(skipped) or 'no rows'})")
+    return finish(items, skipped, path, "images", labels=labels)
+
+
+def _csv_value(raw: str) -> float | str:
+    value = raw.strip()
+    if value in ("", "-1", "-1.0"):
+        return math.nan
+    if value in ("1", "1.0", "0", "0.0"):
+        return float(value)
+    return "bad"
 
 
 # --- label fractions
@@ -357,116 +365,3 @@ def label_rates(items: list[LabelledImage], labels: tuple[str, ...]) -> dict[str
     return rates
 
 
-# ---------------------------------------------------------------------------------------------- VQA
-
-
-@dataclass(frozen=True)
-class QAItem:
-    image: str
-    question: str
-    answer: str  # normalised
-    answer_type: str  # OPEN or CLOSED
-
-
-@dataclass
-class QASet:
-    items: list[QAItem]
-    skipped: collections.Counter = field(default_factory=collections.Counter)
-    source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self):
-        return iter(self.items)
-
-
-ANSWER_TYPES = ("OPEN", "CLOSED")
-
-
-def normalize_answer(answer) -> str:
-    """Lower case, surrounding and repeated white space removed: ``" Yes "`` -> ``"yes"``; numbers
-    (VQA-RAD stores a few answers as integers) become their text."""
-    return " ".join(str(answer).split()).lower()
-
-
-def _qa_item(row, index: ImageIndex, image_key: str, skipped: collections.Counter) -> QAItem | None:
-    if not isinstance(row, dict):
-        skipped["malformed_record"] += 1
-        return None
-    question = row.get("question")
-    question = " ".join(question.split()) if isinstance(question, str) else ""
-    if not question:
-        skipped["empty_question"] += 1
-        return None
-    answer = row.get("answer")
-    answer = normalize_answer(answer) if answer is not None else ""
-    if not answer:
-        skipped["empty_answer"] += 1
-        return None
-    answer_type = " ".join(str(row.get("answer_type", "")).split()).upper()
-    if answer_type not in ANSWER_TYPES:
-        skipped["unknown_answer_type"] += 1
-        return None
-    ref = row.get(image_key)
-    image = index.find(str(ref)) if isinstance(ref, str) and ref.strip() else None
-    if image is None:
-        skipped["missing_image"] += 1
-        return None
-    return QAItem(image, question, answer, answer_type)
-
-
-def _read_json_list(path: Path) -> list:
-    if not path.is_file():
-        raise DataError(f"{path} not found")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a list of question records")
-    return rows
-
-
-def _finish_qa(items, skipped, source: str, split: str) -> QASet:
-    if not items:
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "no records at all"
-        raise DataError(f"no usable {split} questions in {source} (skipped: {counts})")
-    return QASet(items, skipped, source)
-
-
-def read_vqa_rad(path: str | os.PathLike, split: str) -> QASet:
-    root = Path(path)
-    split = canonical_split(split)
-    if split == "valid":
-        raise DataError("VQA-RAD has no validation split (train and test only)")
-    src = root / ("trainset.json" if split == "train" else "testset.json")
-    index, skipped = ImageIndex(root / "images"), collections.Counter()
-    items = [it for row in _read_json_list(src) if (it := _qa_item(row, index, "image_name", skipped))]
-    return _finish_qa(items, skipped, str(src), split)
-
-
-def read_slake(path: str | os.PathLike, split: str) -> QASet:
-    root = Path(path)
-    split = canonical_split(split)
-    src = root / {"train": "train.json", "valid": "validate.json", "test": "test.json"}[split]
-    index, skipped = ImageIndex(root / "imgs" if (root / "imgs").is_dir() else root), collections.Counter()
-    items = []
-    for row in _read_json_list(src):
-        if isinstance(row, dict) and row.get("q_lang", "en") != "en":
-            skipped["not_english"] += 1
-            continue
-        if (item := _qa_item(row, index, "img_name", skipped)) is not None:
-            items.append(item)
-    return _finish_qa(items, skipped, str(src), split)
-
-
-VQA_FORMATS: tuple[str, ...] = typing.get_args(VqaFormat)
-
-
-def read_qa(fmt: str, path: str, split: str) -> QASet:
-    if fmt == "vqa-rad":
-        return read_vqa_rad(path, split)
-    if fmt == "slake":
-        return read_slake(path, split)
-    raise DataError(f"VQA data must be one of {VQA_FORMATS}, got {fmt!r}")
