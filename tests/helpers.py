@@ -71,7 +71,8 @@ def make_run_folder(run_dir: Path, overrides: list[str], captions: list[str] = C
     from safetensors.torch import save_file
 
     from unimlip_fast.config import load_config, save_config
-    from unimlip_fast.model import build_model, build_tokenizer, save_text_artifacts
+    from unimlip_fast.model import build_model, build_tokenizer
+    from unimlip_fast.run_folder import RunFolder
 
     cfg = load_config(None, overrides)
     torch.manual_seed(seed)
@@ -84,7 +85,7 @@ def make_run_folder(run_dir: Path, overrides: list[str], captions: list[str] = C
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    save_text_artifacts(model, tokenizer, run_dir)
+    RunFolder(run_dir).save_text_artifacts(model, tokenizer)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
     (run_dir / "summary.json").write_text(json.dumps({"steps": 0, "retrieval": {}}))
     return run_dir

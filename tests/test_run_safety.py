@@ -15,8 +15,8 @@ from unimlip_fast.train.checkpoint import (
     load_weights_only,
     read_trainer_state,
 )
+from unimlip_fast.train.claim import RunFolderError, RunLock
 from unimlip_fast.train.monitor import open_metrics
-from unimlip_fast.train.run_folder import RunFolderError, RunLock
 
 from .helpers import REPO, TINY_RUN, run_cli
 

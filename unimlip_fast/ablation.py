@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from .config import Config, ConfigError, LossConfig, load_config, to_dict
+from .run_folder import RunFolder
 
 TERMS = ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm")
 PAPER_WEIGHTS = {term: getattr(LossConfig(), term) for term in TERMS}  # 0.167 x 3, 0.5, 0.5
@@ -43,6 +44,7 @@ METRICS = ("R@1", "R@5", "R@10")
 COMPARED = ("R@1", "R@10")  # the metrics each comparison's interval is given for
 DIRECTIONS = ("i2t", "t2i")
 BOOTSTRAP_SAMPLES = 10_000
+RESULTS_FILE, TABLE_FILE = "results.json", "table.md"  # in the --out folder, beside the runs
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,10 @@ def _base(config, overrides: list[str], out: Path, base: str | Path | None, base
     """The base every row continues: ``--base`` as given, or ``<out>/base`` made (or finished) now."""
     if base is not None:
         path = Path(base)
-        if path.is_dir() and not (path / "model.safetensors").is_file():
-            raise ConfigError(f"--base {base}: not a finished run (no model.safetensors)")
         if not path.exists():
             raise ConfigError(f"--base {base}: no such run folder or checkpoint")
+        if path.is_dir() and not RunFolder(path).weights.is_file():
+            raise ConfigError(f"--base {base}: not a finished run (no {RunFolder(path).weights.name})")
         log(f"base: {path} (given)")
         return path
     cfg = base_config(config, overrides, base_epochs)
@@ -188,7 +190,7 @@ def _finished_or_run(cfg: Config, run_dir: Path, ds_config: str | None, train: C
     if results is not None:
         log(f"{what}: done earlier, read from {run_dir}")
         return results
-    resume = "latest" if has_complete_checkpoint(run_dir / "checkpoints") else None
+    resume = "latest" if has_complete_checkpoint(RunFolder(run_dir).checkpoints) else None
     log(f"{what}" + (": resuming" if resume else ""))
     train(cfg, ds_config, run_dir, resume, overwrite=resume is None)
     results = finished_retrieval(run_dir, cfg.eval.split)
@@ -198,7 +200,7 @@ def _finished_or_run(cfg: Config, run_dir: Path, ds_config: str | None, train: C
 
 
 def _refuse_other_settings(run_dir: Path, cfg: Config) -> None:
-    saved = run_dir / "config.yaml"
+    saved = RunFolder(run_dir).config
     if not saved.is_file():
         return
     theirs, ours = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(to_dict(cfg))
@@ -219,9 +221,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def finished_retrieval(run_dir: Path, split: str) -> dict[str, Any] | None:
-    """A finished run's final retrieval (``retrieval_<split>.json``, per-query ranks included)."""
-    path = run_dir / f"retrieval_{split}.json"
-    if not (run_dir / "summary.json").is_file() or not path.is_file():
+    """A finished run's final retrieval (per-query ranks included)."""
+    run = RunFolder(run_dir)
+    path = run.retrieval(split)
+    if not run.summary.is_file() or not path.is_file():
         return None
     results = json.loads(path.read_text())
     return results if "per_query" in results else None
@@ -349,8 +352,8 @@ def tabulate(tables: list[int], rows: list[Row], runs: dict, config, overrides: 
 def write_tables(out: Path, tables: list[int], rows: list[Row], runs: dict, config, overrides: list[str],
                  seeds: int, base: Path) -> None:
     results = tabulate(tables, rows, runs, config, overrides, seeds, base)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(markdown_tables(results))
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
+    (out / TABLE_FILE).write_text(markdown_tables(results))
 
 
 def markdown_tables(results: dict) -> str:

@@ -106,7 +106,7 @@ def ablate(
 
     Example: unimlip-fast ablate configs/medpix_ablation.yaml --table 3,4 --seeds 3 --base-epochs 8
     """
-    from .ablation import parse_tables, run_ablation
+    from .ablation import RESULTS_FILE, TABLE_FILE, parse_tables, run_ablation
     from .config import load_config
 
     tables = parse_tables(table)
@@ -116,8 +116,8 @@ def ablate(
                  only=[r.strip() for r in rows.split(",")] if rows else None, base=base, base_epochs=base_epochs,
                  log=lambda line: console.print(line, highlight=False))
     if os.environ.get("RANK", "0") == "0":
-        console.print((folder / "table.md").read_text(), highlight=False)
-        console.print(f"tables: {folder / 'table.md'}, {folder / 'results.json'}", highlight=False)
+        console.print((folder / TABLE_FILE).read_text(), highlight=False)
+        console.print(f"tables: {folder / TABLE_FILE}, {folder / RESULTS_FILE}", highlight=False)
 
 
 def _duration(seconds: float) -> str:
@@ -148,7 +148,7 @@ def parse_data_spec(spec: str):
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder or its model.safetensors.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder (or its weights) or export.")],
     data: Annotated[str, typer.Option("--data", help=f"FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}, "
                                       "e.g. medpix:../shared/data/medpix2; phantom:N for N generated phantom pairs.")],
     split: Annotated[str, typer.Option("--split", help="train, dev, test or all (the data set's own split files).")
@@ -169,17 +169,12 @@ def eval_retrieval(
     data_cfg = parse_data_spec(data)
     data_cfg.split_key = split_key
     _quiet_libraries()
-    import torch
+    from .eval.retrieval import RetrievalProtocol, evaluate_retrieval
+    from .inference import load
 
-    from .eval.retrieval import evaluate_retrieval
-    from .model import load_trained
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    model, tokenizer, _ = load_trained(checkpoint, dev)
-    results = evaluate_retrieval(model, data_cfg, split, dev, batch_size, tokenizer=tokenizer,
-                                 keep_duplicates=keep_duplicates, roco_protocol=roco_protocol)
+    trained = load(checkpoint, device)
+    results = evaluate_retrieval(trained.model, trained.tokenizer, data_cfg, split, trained.device, batch_size,
+                                 RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol))
     print_retrieval(results)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -252,13 +247,10 @@ def report(
     """
     data_cfg = parse_data_spec(data) if data else None
     _quiet_libraries()
-    import torch
-
+    from .inference import resolve_device
     from .report import write_report
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    files = write_report(runs, output, torch.device(device), data_cfg, split)
+    files = write_report(runs, output, resolve_device(device), data_cfg, split)
     for problem in files.problems:
         console.print(f"[yellow]{problem}[/yellow]", highlight=False)
     console.print(f"report: {files.html} ({len(files.figures)} figures beside it)", highlight=False)

@@ -59,11 +59,10 @@ def records_source(data_cfg, split: str | None) -> tuple[Iterable[Item], int, di
 def packed_source(folder: str | os.PathLike) -> tuple[Iterable[Item], int, dict[str, int]]:
     """A ``data pack`` folder -> its samples streamed shard by shard in packing order (key, caption
     and the original image bytes, read sequentially from each tar)."""
+    from .data.shard_format import read_manifest
+
     root = Path(folder)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{root} is not a packed folder (no manifest.json); make one with `unimlip-fast data pack`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(root)
     tars = [root / entry["tar"] for entry in manifest["shards"]]
     skipped: collections.Counter = collections.Counter()
     return _stream_tars(tars, skipped), int(manifest["n_samples"]), skipped

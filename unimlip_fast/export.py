@@ -31,8 +31,9 @@ import torch
 
 from .config import Config, load_config, save_config
 from .data.views import CLIP_MEAN, CLIP_STD
-from .model import UniMlip, assemble, load_trained
+from .model import UniMlip, assemble
 from .provenance import code_commit
+from .run_folder import RunFolder
 
 EXPORT_FORMATS = ("open_clip",)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -87,12 +88,12 @@ def _inference_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, simclr=0.0, mlm=0.0))
 
 
-def model_card(cfg: Config, run_dir: Path, summary: dict[str, Any]) -> str:
+def model_card(cfg: Config, run: RunFolder, summary: dict[str, Any]) -> str:
     m, t, tr, d = cfg.model, cfg.model.text, cfg.train, cfg.data
     terms = ", ".join(f"{k} {v:g}" for k, v in dataclasses.asdict(cfg.loss).items()
                       if k in ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm"))
     metrics = {k: summary[k] for k in ("retrieval", "zeroshot") if k in summary}
-    extra_metrics = sorted(p.name for p in run_dir.glob("*.json") if p.name not in ("summary.json",))
+    extra_metrics = sorted(p.name for p in run.path.glob("*.json") if p != run.summary)
     lines = [
         f"# {cfg.name}: Uni-Mlip (unimlip-fast)",
         "",
@@ -116,7 +117,7 @@ def model_card(cfg: Config, run_dir: Path, summary: dict[str, Any]) -> str:
         "- the full resolved config: `unimlip_config.yaml`",
         "",
         "## Provenance",
-        f"- run folder: `{run_dir.resolve()}`",
+        f"- run folder: `{run.path.resolve()}`",
         f"- commit of the run: {summary.get('commit', 'not recorded in the run folder')}",
         f"- exported with unimlip-fast commit {code_commit()}",
         "",
@@ -134,9 +135,8 @@ def export_open_clip(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the open_clip folder for a finished run; returns it."""
     from safetensors.torch import save_file
 
-    model, tokenizer, cfg = load_trained(checkpoint, "cpu")
-    path = Path(checkpoint)
-    run_dir = path if path.is_dir() else path.parent
+    run = RunFolder.of(checkpoint)
+    model, tokenizer, cfg = run.load_model("cpu")
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(folder))
@@ -146,9 +146,7 @@ def export_open_clip(checkpoint: str | Path, output: str | Path) -> Path:
     os.replace(tmp, folder / OPEN_CLIP_WEIGHTS)
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg, model, folder), indent=2))
     save_config(cfg, folder / UNIMLIP_CONFIG)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    (folder / "README.md").write_text(model_card(cfg, run_dir, summary))
+    (folder / "README.md").write_text(model_card(cfg, run, run.read_summary()))
     return folder
 
 
@@ -163,7 +161,7 @@ def is_export(path: str | Path) -> bool:
 
 
 def load_export(folder: str | Path, device: torch.device | str = "cpu") -> tuple[UniMlip, object, Config]:
-    """An open_clip export folder -> (model, tokenizer, cfg), as :func:`load_trained` gives for a run."""
+    """An open_clip export folder -> (model, tokenizer, cfg), as :meth:`RunFolder.load_model` gives for a run."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 

@@ -16,7 +16,8 @@ from .config import Config
 from .data.cpu_loader import eval_image
 from .data.dataset import tokenize_captions
 from .data.spec import trim_padding
-from .model import UniMlip, load_trained
+from .model import UniMlip
+from .run_folder import RunFolder
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -91,6 +92,6 @@ def load(path: str | Path, device: str | torch.device | None = None) -> TrainedM
 
     dev = resolve_device(device)
     path = Path(path)
-    model, tokenizer, cfg = load_export(path, dev) if is_export(path) else load_trained(path, dev)
+    model, tokenizer, cfg = load_export(path, dev) if is_export(path) else RunFolder.of(path).load_model(dev)
     return TrainedModel(model, tokenizer, cfg, dev, path)
 

@@ -31,7 +31,8 @@ from .reading import clean_caption
 from .records import DataError, Record
 from .shard_format import (
     PACK_VERSION,
-    SHARD_NAME,
+    TOKENIZER_DIR,
+    PackedFolder,
     file_digest,
     member_name,
     sample_digest,
@@ -102,7 +103,9 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
     Writes the tar and its index under temporary names, renames them, then the marker."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
     out = Path(out_dir)
-    name = SHARD_NAME.format(shard)
+    folder = PackedFolder(out)
+    name = folder.shard_name(shard)
+    tar_path, index_path = folder.tar(shard), folder.index(shard)
     skipped: collections.Counter = collections.Counter()
     good = []  # (index, key, caption, image bytes, ext)
     for i, key, caption, image_path in records:
@@ -126,7 +129,7 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
 
     ids, mask = tokenize_captions(tokenizer, [g[2] for g in good], context_length)
     lengths = mask.sum(axis=1)
-    tmp_tar = out / f"{name}.tar.tmp"
+    tmp_tar = tar_path.with_name(tar_path.name + ".tmp")
     index, digests = [], {}
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for (i, key, caption, data, ext), row, n in zip(good, ids, lengths):
@@ -135,14 +138,14 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
                        ("key", str(key).encode())]
             index.append([(e, *_add_member(tar, member_name(i, e), d), member_name(i, e)) for e, d in members])
             digests[sample_key(i)] = sample_digest(dict(members))
-    os.replace(tmp_tar, out / f"{name}.tar")
-    write_index(out / f"{name}.idx", index)
-    stat = (out / f"{name}.tar").stat()
-    marker = {"shard": name, "tar": f"{name}.tar", "index": f"{name}.idx", "samples": len(good),
+    os.replace(tmp_tar, tar_path)
+    write_index(index_path, index)
+    stat = tar_path.stat()
+    marker = {"shard": name, "tar": tar_path.name, "index": index_path.name, "samples": len(good),
               "records": len(records), "skipped": dict(skipped),
-              "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": file_digest(out / f"{name}.tar"),
+              "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": file_digest(tar_path),
               "sample_digests": digests}
-    write_atomic(out / f"{name}.json", json.dumps(marker))
+    write_atomic(folder.marker(shard), json.dumps(marker))
     return marker
 
 
@@ -154,7 +157,7 @@ def _pack_shard_job(args) -> dict:
 
 
 def _shard_done(out: Path, shard: int) -> dict | None:
-    marker = out / f"{SHARD_NAME.format(shard)}.json"
+    marker = PackedFolder(out).marker(shard)
     if not marker.is_file():
         return None
     m = json.loads(marker.read_text())
@@ -184,10 +187,10 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
     out.mkdir(parents=True, exist_ok=True)
 
     tok = load_tokenizer(tokenizer)
-    tok_dir = out / "tokenizer"
+    tok_dir = PackedFolder(out).tokenizer
     plan = PackPlan({"format": data.format, "path": os.path.abspath(data.path), "split": split or "all"},
                     len(records), shard_size, tokenizer, context_length, shuffle_seed)
-    plan_file = out / "plan.json"
+    plan_file = PackedFolder(out).plan
     if plan_file.is_file():
         previous = json.loads(plan_file.read_text())
         if previous != plan.as_dict():
@@ -246,7 +249,7 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
     manifest = {
         "version": PACK_VERSION,
         **plan.as_dict(),
-        "tokenizer": {"name": tokenizer, "path": "tokenizer", "vocab_size": len(tok),
+        "tokenizer": {"name": tokenizer, "path": TOKENIZER_DIR, "vocab_size": len(tok),
                       "pad_token_id": int(tok.pad_token_id or 0), "context_length": context_length},
         "n_records_in_split": len(recordset.items),
         "n_samples": sum(m["samples"] for m in markers.values()),
@@ -256,7 +259,7 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
                    for s in range(n_shards)],
         "pack_seconds": round(time.time() - started, 1),
     }
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
+    write_atomic(PackedFolder(out).manifest, json.dumps(manifest, indent=2))
     return manifest
 
 

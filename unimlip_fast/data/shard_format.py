@@ -24,7 +24,9 @@ A packed folder holds:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +36,60 @@ from .records import DataError
 PACK_VERSION = 1
 KEY_DIGITS = 9
 SHARD_NAME = "shard-{:06d}"
+TOKENIZER_DIR = "tokenizer"  # the manifest's tokenizer path, relative to the folder
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "img")
 JPEG_EXTS = ("jpg", "jpeg")
 
 IndexSample = list[tuple[str, int, int, str]]  # per member: (ext, data offset, size, member name)
+
+
+@dataclass(frozen=True)
+class PackedFolder:
+    """The paths of a packed folder (the layout above)."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / TOKENIZER_DIR
+
+    @property
+    def verified(self) -> Path:
+        """Where opening the folder keeps the indices it verified (:mod:`.shards`)."""
+        return self.root / ".verified"
+
+    def shard_name(self, shard: int) -> str:
+        return SHARD_NAME.format(shard)
+
+    def tar(self, shard: int) -> Path:
+        return self.root / f"{self.shard_name(shard)}.tar"
+
+    def index(self, shard: int) -> Path:
+        return self.root / f"{self.shard_name(shard)}.idx"
+
+    def marker(self, shard: int) -> Path:
+        return self.root / f"{self.shard_name(shard)}.json"
+
+    def marker_of(self, tar_name: str) -> Path:
+        """The completion marker of the shard whose tar is ``tar_name``."""
+        return self.root / f"{Path(tar_name).stem}.json"
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a packed folder; a folder without one is a :class:`DataError` saying how to make one."""
+    path = PackedFolder(Path(folder)).manifest
+    if not path.is_file():
+        raise DataError(f"{path.parent} is not a packed folder (no {path.name}); "
+                        "make one with `unimlip-fast data pack`")
+    return json.loads(path.read_text())
 
 
 def sample_key(index: int) -> str:

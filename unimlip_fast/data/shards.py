@@ -34,7 +34,17 @@ import numpy as np
 
 from .decoding import SampleError, check_image_bytes, decode_image_bytes
 from .records import DataError
-from .shard_format import IMAGE_EXTS, JPEG_EXTS, file_digest, ids_in_vocabulary, parse_index, write_atomic, write_index
+from .shard_format import (
+    IMAGE_EXTS,
+    JPEG_EXTS,
+    PackedFolder,
+    file_digest,
+    ids_in_vocabulary,
+    parse_index,
+    read_manifest,
+    write_atomic,
+    write_index,
+)
 
 # One row per usable sample.
 SAMPLE_DTYPE = np.dtype([("shard", np.int32), ("index", np.int64), ("img_off", np.int64), ("img_size", np.int64),
@@ -141,7 +151,7 @@ def scan_tar(path: Path, check_images: bool = True, vocab_size: int | None = Non
 
 
 def _verified_dir(root: Path) -> Path:
-    d = root / ".verified"
+    d = PackedFolder(root).verified
     try:
         d.mkdir(exist_ok=True)
         probe = d / ".probe"
@@ -186,10 +196,7 @@ def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardS
     """Open a packed folder; shards changed since packing are checked, and re-verified where their
     bytes changed, by ``workers`` processes (default: every core) when there are several."""
     root = Path(folder)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{root} is not a packed folder (no manifest.json); make one with `unimlip-fast data pack`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(root)
     stats = []
     for entry in manifest["shards"]:
         try:
@@ -307,7 +314,7 @@ def load_shards(shards: str | os.PathLike | ShardSet, dataset=None) -> ShardSet:
     if isinstance(shards, ShardSet):
         return shards
     root = Path(shards)
-    manifest = root / "manifest.json"
+    manifest = PackedFolder(root).manifest
     key = (str(root.resolve()), manifest.stat().st_mtime_ns if manifest.is_file() else 0, id(dataset))
     if key not in _OPENED:
         opened = open_shards(root)

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .decoding import check_image_bytes
-from .records import DataError
-from .shard_format import IMAGE_EXTS, file_digest, ids_in_vocabulary, sample_digest
+from .shard_format import IMAGE_EXTS, PackedFolder, file_digest, ids_in_vocabulary, read_manifest, sample_digest
 
 
 @dataclass
@@ -90,14 +89,11 @@ def verify_shard(root: Path, marker: dict, vocab_size: int) -> ShardReport:
 def verify_packed(folder: str | Path) -> list[ShardReport]:
     """One report per shard of a packed folder (reads every byte)."""
     root = Path(folder)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{root} is not a packed folder (no manifest.json); make one with `unimlip-fast data pack`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(root)
     vocab_size = int(manifest["tokenizer"]["vocab_size"])
     reports = []
     for entry in manifest["shards"]:
-        marker_path = root / f"{Path(entry['tar']).stem}.json"
+        marker_path = PackedFolder(root).marker_of(entry["tar"])
         marker = json.loads(marker_path.read_text()) if marker_path.is_file() else dict(entry)
         reports.append(verify_shard(root, marker, vocab_size))
     return reports

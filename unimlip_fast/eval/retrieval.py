@@ -9,7 +9,6 @@ each query has exactly one positive, its own pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +88,15 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str],
     return results
 
 
+@dataclass(frozen=True)
+class RetrievalProtocol:
+    """Which pairs are scored, and what the results keep."""
+
+    keep_duplicates: bool = False  # every pair, repeated captions included (each counts as a correct answer)
+    roco_2000: bool = False  # ROCO's published 2,000 test pairs, as they are: one positive each
+    per_query: bool = False  # each query's rank and key in the results
+
+
 @dataclass
 class EvalSet:
     """The pairs a retrieval evaluation embeds, and what was left out on the way."""
@@ -99,9 +107,10 @@ class EvalSet:
     one_positive: bool  # each query's own pair is its only correct answer (ROCO's protocol)
 
 
-def build_eval_set(model, data: DataConfig, split: str, tokenizer, keep_duplicates: bool = False,
-                   roco_protocol: bool = False) -> EvalSet:
-    if roco_protocol:  # the published 2,000 test pairs, as they are: one positive each, no de-duplication
+def build_eval_set(model, tokenizer, data: DataConfig, split: str,
+                   protocol: RetrievalProtocol | None = None) -> EvalSet:
+    protocol = protocol or RetrievalProtocol()
+    if protocol.roco_2000:  # the published 2,000 test pairs, as they are: one positive each, no de-duplication
         if data.format != "roco":
             raise ValueError(f"the ROCO 2,000-pair protocol needs ROCO data, got format {data.format!r}")
         record_set = roco_eval_subset(data.path)
@@ -109,25 +118,21 @@ def build_eval_set(model, data: DataConfig, split: str, tokenizer, keep_duplicat
         record_set = read_records(data, split)
     records = list(record_set.items)
     n_dropped = 0
-    if not keep_duplicates and not roco_protocol:
+    if not protocol.keep_duplicates and not protocol.roco_2000:
         records, n_dropped = dedupe_captions(records)
     dataset = build_dataset(records, tokenizer, model.cfg.image_size, model.cfg.text.context_length)
-    return EvalSet(dataset, n_dropped, dict(record_set.skipped), one_positive=roco_protocol)
+    return EvalSet(dataset, n_dropped, dict(record_set.skipped), one_positive=protocol.roco_2000)
 
 
-def evaluate_retrieval(model, data: DataConfig, split: str, device: torch.device, batch_size: int = 128,
-                       run_dir: str | Path | None = None, tokenizer=None, keep_duplicates: bool = False,
-                       roco_protocol: bool = False, per_query: bool = False) -> dict[str, Any]:
-    """R@1/5/10 and ranks both ways on ``split``; ``per_query``: each query's rank and key too."""
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(run_dir) / "tokenizer"))
-    eval_set = build_eval_set(model, data, split, tokenizer, keep_duplicates, roco_protocol)
+def evaluate_retrieval(model, tokenizer, data: DataConfig, split: str, device: torch.device, batch_size: int = 128,
+                       protocol: RetrievalProtocol | None = None) -> dict[str, Any]:
+    """R@1/5/10 and ranks both ways on ``split`` of ``data``, embedded with ``model`` and ``tokenizer``."""
+    protocol = protocol or RetrievalProtocol()
+    eval_set = build_eval_set(model, tokenizer, data, split, protocol)
     img, txt = embed_pairs(model, eval_set.dataset, device, batch_size)
-    keys = [r.key for r in eval_set.dataset.records] if per_query else None
+    keys = [r.key for r in eval_set.dataset.records] if protocol.per_query else None
     results = retrieval_metrics(img, txt, eval_set.dataset.captions, one_positive=eval_set.one_positive, keys=keys)
     results["n_duplicates_dropped"] = eval_set.n_duplicates_dropped
     results["skipped_records"] = eval_set.skipped_records
-    results["split"] = "test (ROCO 2,000-pair protocol)" if roco_protocol else split
+    results["split"] = "test (ROCO 2,000-pair protocol)" if protocol.roco_2000 else split
     return results

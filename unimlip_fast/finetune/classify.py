@@ -34,7 +34,7 @@ from .common import (
     gather_rows,
     load_pretrained_run,
     make_loader,
-    require_finished_run,
+    require_pretrained,
     resize_attention_pool,
     wrap_ddp,
 )
@@ -114,7 +114,7 @@ def read_splits(cfg: ClassifyConfig) -> dict[str, ItemSet[LabelledImage]]:
 def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str | Path, env: DistEnv,
                       json_out: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
     t, seed = cfg.train, cfg.train.seed
-    require_finished_run(checkpoint)  # before minutes of reading data
+    require_pretrained(checkpoint)  # before minutes of reading data
     log = RunLog(Path(run_dir), env)
     log.save_config(cfg)
     say = echo if env.is_main else (lambda _msg: None)
@@ -173,7 +173,7 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
         say(f"epoch {epoch + 1}/{t.epochs}  loss {train_loss:.4f}  val macro AUC {val:.4f}{'  *' if improved else ''}")
         if improved:
             best, best_epoch, best_state = val, epoch + 1, copy.deepcopy(model.state_dict())
-            log.save_weights(model, "best.safetensors")
+            log.save_weights(model, log.run.best_weights)
         elif epoch + 1 - best_epoch >= t.patience:
             say(f"no better validation macro AUC for {t.patience} epochs: stopping")
             break

@@ -24,31 +24,19 @@ from ..data.records import DataError
 from ..data.spec import seeded_generator
 from ..data.views import eval_view_one, weak_view_one
 from ..model import UniMlip
+from ..run_folder import RunFolder
 from ..train.distributed import DistEnv
 
 
-class RunNotFinished(RuntimeError):
-    """A pretraining run folder without its final weights and summary."""
-
-
-def require_finished_run(run_dir: str | Path) -> Path:
-    """The run folder, if pretraining finished there; else :class:`RunNotFinished`."""
-    path = Path(run_dir)
-    folder = path if path.is_dir() else path.parent
-    for needed in ("summary.json", "model.safetensors", "config.yaml", "tokenizer"):
-        if not (folder / needed).exists():
-            raise RunNotFinished(f"{folder} is not a finished pretraining run: {needed} not found")
-    return folder
+def require_pretrained(run_dir: str | Path) -> RunFolder:
+    """The pretraining run fine-tuning starts from, if it finished; else :class:`RunNotFinished`."""
+    return RunFolder.of(run_dir).require_finished("pretraining run")
 
 
 def load_pretrained_run(run_dir: str | Path, init: str, seed: int, device: torch.device) -> tuple[UniMlip, Any, Any]:
-    """(model, tokenizer, pretraining config) from a finished run folder (``summary.json``,
-    ``model.safetensors``, ``config.yaml``, ``tokenizer/``). ``init="random"``: the same
+    """(model, tokenizer, pretraining config) from a finished run folder. ``init="random"``: the same
     architecture, every weight (text tower included) drawn afresh from ``seed``."""
-    from .. import load
-
-    trained = load(require_finished_run(run_dir), device)
-    model, tokenizer, cfg = trained.model, trained.tokenizer, trained.cfg
+    model, tokenizer, cfg = require_pretrained(run_dir).load_model(device)
     if init == "random":
         from transformers import AutoModel
 
@@ -193,42 +181,43 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
 
 
 class RunLog:
-    """The fine-tuning folder: ``config.yaml``, ``metrics.jsonl`` (one line per epoch),
-    ``results.json``; written by rank 0 only."""
+    """The fine-tuning folder (:class:`~unimlip_fast.run_folder.RunFolder`): its config, metrics (one
+    line per epoch), weights and results; written by rank 0 only."""
 
     def __init__(self, run_dir: Path, env: DistEnv):
-        self.run_dir, self.main, self.start = Path(run_dir), env.is_main, time.time()
+        self.run, self.main, self.start = RunFolder(Path(run_dir)), env.is_main, time.time()
+        self.run_dir = self.run.path
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "metrics.jsonl").write_text("")
+            self.run.metrics.write_text("")
 
     def save_config(self, cfg) -> None:
         if self.main:
             from ..config import save_config
 
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run.config)
 
     def log(self, record: dict) -> None:
         if self.main:
             record = {**record, "elapsed_s": round(time.time() - self.start, 1)}
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.run.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def save_weights(self, model: nn.Module, name: str) -> None:
+    def save_weights(self, model: nn.Module, path: Path) -> None:
         if not self.main:
             return
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        tmp = self.run_dir / f".{name}.tmp"
+        tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp))
-        tmp.replace(self.run_dir / name)
+        tmp.replace(path)
 
     def finish(self, results: dict, json_out: Path | None) -> dict:
         results = {**results, "wall_s": round(time.time() - self.start, 1), "run_dir": str(self.run_dir)}
         if self.main:
             text = json.dumps(results, indent=2)
-            (self.run_dir / "results.json").write_text(text)
+            self.run.results.write_text(text)
             if json_out:
                 Path(json_out).parent.mkdir(parents=True, exist_ok=True)
                 Path(json_out).write_text(text)

@@ -38,7 +38,7 @@ from .common import (
     gather_rows,
     load_pretrained_run,
     make_loader,
-    require_finished_run,
+    require_pretrained,
     resize_attention_pool,
     wrap_ddp,
 )
@@ -203,7 +203,7 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, env: DistEnv,
                  json_out: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
     t, seed = cfg.train, cfg.train.seed
-    require_finished_run(checkpoint)  # before minutes of reading data
+    require_pretrained(checkpoint)  # before minutes of reading data
     log = RunLog(Path(run_dir), env)
     log.save_config(cfg)
     say = echo if env.is_main else (lambda _msg: None)
@@ -274,9 +274,9 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
         log.log({"epoch": epoch + 1, "train_loss": round(train_loss, 5)})
         say(f"epoch {epoch + 1}/{t.epochs}  loss {train_loss:.4f}")
 
-    log.save_weights(model, "model.safetensors")
+    log.save_weights(model, log.run.weights)
     if env.is_main:
-        (Path(run_dir) / "answers.txt").write_text("\n".join(answers) + "\n")
+        log.run.answers.write_text("\n".join(answers) + "\n")
     per_rank = max(1, global_batch // env.world_size)
     predicted = predict(model, datasets["test"], per_rank * 2, env, cfg.data.num_workers)
     accuracy = vqa_accuracy([answers[i] for i in predicted.tolist()], [it.answer for it in test_items],

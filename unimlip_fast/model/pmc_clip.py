@@ -71,9 +71,11 @@ def load_pmc_clip(model: nn.Module, path: str) -> LoadReport:
     project (its folder or ``model.safetensors``, e.g. one made with configs/pmc_clip.yaml)."""
     from pathlib import Path
 
+    from ..run_folder import RunFolder
+
     source = Path(path)
     if source.is_dir():
-        source = source / "model.safetensors"
+        source = RunFolder(source).weights
     if source.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig
+from ..run_folder import RunFolder
 from .figures import loss_figure, retrieval_figure, save_png, throughput_figure
 from .gallery import Gallery, build_gallery, caption_queries_figure, image_queries_figure
 from .page import render_page
@@ -31,7 +32,7 @@ class ReportFiles:
 
 def default_output(run_dirs: list[str | Path]) -> Path:
     """``RUN/report.html`` for one run, ``./report.html`` for an overlay of several."""
-    return Path(run_dirs[0]) / "report.html" if len(run_dirs) == 1 else Path("report.html")
+    return RunFolder(Path(run_dirs[0]) if len(run_dirs) == 1 else Path(".")).report
 
 
 def write_report(run_dirs: list[str | Path], output: str | Path | None = None, device: torch.device | str = "cpu",

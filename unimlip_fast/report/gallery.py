@@ -46,13 +46,14 @@ def spread_indices(n: int, count: int) -> list[int]:
 def build_gallery(run_dir: str | Path, device: torch.device | str = "cpu", data: DataConfig | None = None,
                   split: str | None = None, n_images: int = 8, n_captions: int = 4, top_k: int = 5) -> Gallery:
     """Queries spread evenly over the run's evaluation split (``data``/``split`` override the run's)."""
-    from ..model import load_trained
+    from ..inference import load
 
-    model, tokenizer, cfg = load_trained(run_dir, device)
+    trained = load(run_dir, device)
+    model, tokenizer, cfg = trained.model, trained.tokenizer, trained.cfg
     split = split or cfg.eval.split
     if not split:
         raise ValueError("the run has no evaluation split (eval.split is empty); give one with --split")
-    eval_set = build_eval_set(model, data or cfg.data, split, tokenizer)
+    eval_set = build_eval_set(model, tokenizer, data or cfg.data, split)
     img, txt = embed_pairs(model, eval_set.dataset, torch.device(device), cfg.eval.batch_size)
     records = eval_set.dataset.records
     positives = positive_pairs([r.caption for r in records], eval_set.one_positive)

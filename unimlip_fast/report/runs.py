@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from ..run_folder import RunFolder
+
 RETRIEVAL_KEYS = tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
 
 
@@ -59,18 +61,19 @@ class RunRecord:
 
 def read_run(path: str | Path) -> RunRecord:
     path = Path(path)
-    if not (path / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{path} is not a run folder: no metrics.jsonl in it")
-    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    run = RunFolder(path)
+    if not run.metrics.is_file():
+        raise FileNotFoundError(f"{path} is not a run folder: no {run.metrics.name} in it")
+    config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
     train_by_step, eval_by_step = {}, {}
-    metrics, unreadable = _read_jsonl(path / "metrics.jsonl")
+    metrics, unreadable = _read_jsonl(run.metrics)
     for row in metrics:
         if "loss/total" in row:
             train_by_step[row["step"]] = row  # a resumed run may log a step twice: the last one counts
         if any(f"retrieval/{key}" in row for key in RETRIEVAL_KEYS):
             eval_by_step[row["step"]] = row
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    entries, unreadable_notes = _read_jsonl(path / "notes.jsonl") if (path / "notes.jsonl").is_file() else ([], 0)
+    summary = run.read_summary()
+    entries, unreadable_notes = _read_jsonl(run.notes) if run.notes.is_file() else ([], 0)
     return RunRecord(path=path, label=path.resolve().name, config=config,
                      train_rows=[train_by_step[s] for s in sorted(train_by_step)],
                      eval_rows=[eval_by_step[s] for s in sorted(eval_by_step)], summary=summary,

@@ -34,6 +34,7 @@ from .replicas import average_batchnorm_stats
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 TMP_PREFIX = "tmp-"
+LATEST = "latest"  # the newest tag, written last
 _TAG = re.compile(r"^(?:tmp-)?step_(\d+)$")
 
 
@@ -202,7 +203,7 @@ def choose_resume(ckpt_dir: Path, requested: str, world_size: int) -> tuple[str,
 
     ``requested`` is ``latest`` (the newest complete checkpoint) or a tag, which must be complete.
     """
-    if requested != "latest":
+    if requested != LATEST:
         if step_of(requested) is None or not (ckpt_dir / requested).is_dir():
             raise CheckpointError(f"no checkpoint {requested!r} in {ckpt_dir}")
         problem = incompleteness(ckpt_dir / requested, world_size)
@@ -210,7 +211,7 @@ def choose_resume(ckpt_dir: Path, requested: str, world_size: int) -> tuple[str,
             raise CheckpointError(f"checkpoint {ckpt_dir / requested} is incomplete: {problem}")
         return requested, []
     notes = []
-    pointer = ckpt_dir / "latest"
+    pointer = ckpt_dir / LATEST
     named = pointer.read_text().strip() if pointer.is_file() else None
     if named and not (ckpt_dir / named).is_dir():
         notes.append(f"`latest` names {named}, which is gone")
@@ -255,7 +256,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_path(ckpt_dir)
-        write_durably(ckpt_dir / "latest", tag)
+        write_durably(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last)
     barrier()
     return final

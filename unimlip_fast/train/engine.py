@@ -28,12 +28,14 @@ from ..data.records import describe_skips
 from ..data.sources import read_records
 from ..data.spec import LoaderSpec, batches_per_epoch, loader_spec, trim_padding
 from ..kernels import kernels_note, resolve_ops
-from ..model import SIMCLR, WARMUP, build_model, build_tokenizer, save_text_artifacts
+from ..model import SIMCLR, WARMUP, build_model, build_tokenizer
 from ..model.pmc_clip import load_pmc_clip
 from ..objective import compute_terms, total_loss
 from ..provenance import code_commit
+from ..run_folder import RunFolder
 from .accumulate import build_accumulator
 from .checkpoint import export_weights, load_checkpoint, save_checkpoint
+from .claim import claim_run_folder
 from .distributed import DistEnv, barrier, init_distributed
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
 from .facts import environment_facts
@@ -41,7 +43,6 @@ from .fast import apply_fast, resolve_fast
 from .monitor import Monitor
 from .nonfinite import deepspeed_skips_nonfinite, guard_note, loss_finite_everywhere, record_skipped_step
 from .replicas import average_batchnorm_stats, clamp_parameter_
-from .run_folder import claim_run_folder
 from .schedule import build_optimizer, phase_start_step, warmup_cosine
 
 
@@ -73,23 +74,18 @@ def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path
         with claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
             return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
     except BaseException:
-        if made_here and env.is_main and _never_started(run_dir):
+        if made_here and env.is_main and RunFolder(run_dir).never_started():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _never_started(run_dir: Path) -> bool:
-    """No metrics and no checkpoint: what a failed start leaves (config, tokenizer, empty folders)."""
-    metrics, ckpts = run_dir / "metrics.jsonl", run_dir / "checkpoints"
-    return not (metrics.is_file() and metrics.stat().st_size) and not (ckpts.is_dir() and any(ckpts.iterdir()))
-
-
 def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, resume_tag: str | None,
                      resume_notes: list[str], env: DistEnv) -> dict[str, Any]:
-    ckpt_dir = run_dir / "checkpoints"
+    run = RunFolder(run_dir)
+    ckpt_dir = run.checkpoints
     if env.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run.config)
     barrier()
     seed_everything(cfg.train.seed + env.rank)
 
@@ -112,7 +108,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
                              f"missing: {report.missing}; unexpected: {report.unexpected}; "
                              f"mismatched: {report.mismatched}")
     if env.is_main:
-        save_text_artifacts(model, tokenizer, run_dir)
+        run.save_text_artifacts(model, tokenizer)
 
     dataset = build_dataset(records.items, tokenizer, cfg.model.image_size, cfg.model.text.context_length,
                             cache_images=cfg.data.cache_images)
@@ -148,10 +144,10 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
         spec = loader_spec(cfg, env.rank, env.world_size, env.device, next(engine.module.parameters()).dtype,
                            mlm_tables)
         _train_loop(engine, model, cfg, env, dataset, spec, state, total_steps, simclr_step, monitor, ckpt_dir,
-                    steps_per_epoch)
+                    steps_per_epoch, tokenizer)
         save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
         if state.step >= total_steps:
-            export_weights(engine, run_dir / "model.safetensors", env)
+            export_weights(engine, run.weights, env)
     finally:
         monitor.close()
         # The optimizer's gradient hooks keep the engine, its model and its optimizer state alive after
@@ -161,15 +157,15 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
                "skipped_records": dict(records.skipped), "skipped_samples": state.skipped,
                "nonfinite_steps": state.nonfinite_total, "run_dir": str(run_dir), "commit": code_commit()}
     if env.is_main and state.step >= total_steps:
-        summary.update(_final_eval(engine.module, cfg, env, run_dir))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary.update(_final_eval(engine.module, tokenizer, cfg, env, run))
+        run.summary.write_text(json.dumps(summary, indent=2))
         _write_report(run_dir, env, monitor)
     barrier()
     return summary
 
 
 def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, state: TrainerState, total_steps: int,
-                simclr_step: int, monitor: Monitor, ckpt_dir: Path, steps_per_epoch: int) -> None:
+                simclr_step: int, monitor: Monitor, ckpt_dir: Path, steps_per_epoch: int, tokenizer) -> None:
     # The second phase: SimCLR on, or strong views fed without it (data.strong_views=on).
     second_phase = cfg.loss.simclr > 0 or cfg.data.strong_views == "on"
     phase_at = lambda step: SIMCLR if step >= simclr_step and second_phase else WARMUP
@@ -242,7 +238,7 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, sta
             else:
                 monitor.advance(state.step)
             if cfg.eval.split and cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total_steps:
-                _periodic_eval(engine.module, cfg, env, monitor, state.step)
+                _periodic_eval(engine.module, tokenizer, cfg, env, monitor, state.step)
             if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0 and state.step < total_steps:
                 save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
             if state.step >= stop_at or phase_at(state.step) != phase:
@@ -263,12 +259,11 @@ def _count_skipped(state: TrainerState, skipped: dict[str, int]) -> None:
         state.skipped[reason] = max(state.skipped.get(reason, 0), state.skipped_epoch[reason])
 
 
-def _periodic_eval(model, cfg: Config, env: DistEnv, monitor: Monitor, step: int) -> None:
+def _periodic_eval(model, tokenizer, cfg: Config, env: DistEnv, monitor: Monitor, step: int) -> None:
     if env.is_main:
         from ..eval.retrieval import evaluate_retrieval
 
-        results = evaluate_retrieval(model, cfg.data, cfg.eval.split, env.device, cfg.eval.batch_size,
-                                     run_dir=monitor.run_dir)
+        results = evaluate_retrieval(model, tokenizer, cfg.data, cfg.eval.split, env.device, cfg.eval.batch_size)
         monitor.log(step, {f"retrieval/{d}_{k}": results[d][k] for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10")})
     barrier()
     model.train()
@@ -345,13 +340,13 @@ def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, re
     so its token ids mean what the weights learnt (a WordPiece vocabulary is trained per run)."""
     from transformers import AutoTokenizer
 
-    saved = run_dir / "tokenizer"
+    saved = RunFolder(run_dir).tokenizer
     if not resuming and env.is_main:
-        parent = Path(cfg.model.init_from) if cfg.model.init_from else None
-        if parent is not None and parent.is_file() and parent.suffix == ".safetensors":
-            parent = parent.parent
-        if parent is not None and (parent / "tokenizer").is_dir():
-            AutoTokenizer.from_pretrained(str(parent / "tokenizer")).save_pretrained(str(saved))
+        init = Path(cfg.model.init_from) if cfg.model.init_from else None
+        from_run = init is not None and (init.is_dir() or init.suffix == ".safetensors")  # not a PMC-CLIP file
+        parent = RunFolder.of(init).tokenizer if from_run else None
+        if parent is not None and parent.is_dir():
+            AutoTokenizer.from_pretrained(str(parent)).save_pretrained(str(saved))
         else:
             build_tokenizer(cfg.model.text, captions).save_pretrained(str(saved))
     barrier()
@@ -384,12 +379,12 @@ def _write_report(run_dir: Path, env: DistEnv, monitor: Monitor) -> None:
         monitor.info(f"[yellow]report not written[/yellow]: {type(e).__name__}: {e}")
 
 
-def _final_eval(model, cfg: Config, env: DistEnv, run_dir: Path) -> dict[str, Any]:
+def _final_eval(model, tokenizer, cfg: Config, env: DistEnv, run: RunFolder) -> dict[str, Any]:
     if not cfg.eval.split:
         return {}
-    from ..eval.retrieval import evaluate_retrieval
+    from ..eval.retrieval import RetrievalProtocol, evaluate_retrieval
 
-    results = evaluate_retrieval(model, cfg.data, cfg.eval.split, env.device, batch_size=cfg.eval.batch_size,
-                                 run_dir=run_dir, per_query=True)
-    (run_dir / f"retrieval_{cfg.eval.split}.json").write_text(json.dumps(results, indent=2))
+    results = evaluate_retrieval(model, tokenizer, cfg.data, cfg.eval.split, env.device, cfg.eval.batch_size,
+                                 RetrievalProtocol(per_query=True))
+    run.retrieval(cfg.eval.split).write_text(json.dumps(results, indent=2))
     return {"retrieval": {k: v for k, v in results.items() if k != "per_query"}}  # per query: in the file only

@@ -19,6 +19,7 @@ from rich.markup import render
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..console import make_console
+from ..run_folder import RunFolder
 
 
 def open_metrics(path: Path, resume_step: int | None):
@@ -52,12 +53,13 @@ class Monitor:
         """``resume_step``: the step a resumed run continues from (None: a fresh run, empty metrics and notes)."""
         self.enabled = enabled
         self.run_dir = run_dir
+        self.run = RunFolder(run_dir)
         self.console = console or make_console()
         self._step = resume_step or 0
-        self._metrics = open_metrics(run_dir / "metrics.jsonl", resume_step) if enabled else None
+        self._metrics = open_metrics(self.run.metrics, resume_step) if enabled else None
         if enabled and resume_step is None:
-            (run_dir / "notes.jsonl").unlink(missing_ok=True)
-        self._tb = (self._open_tensorboard(run_dir / "tb", resume_step)
+            self.run.notes.unlink(missing_ok=True)
+        self._tb = (self._open_tensorboard(self.run.tensorboard, resume_step)
                     if enabled and "tensorboard" in report_to else None)
         self._wandb = self._open_wandb(run_dir, config, resume_step) if enabled and "wandb" in report_to else None
         self._interactive = enabled and sys.stderr.isatty()
@@ -102,7 +104,7 @@ class Monitor:
             self._note({"facts": facts})
 
     def _note(self, entry: dict[str, Any]) -> None:
-        with (self.run_dir / "notes.jsonl").open("a") as f:  # a few lines per run: opened for each
+        with self.run.notes.open("a") as f:  # a few lines per run: opened for each
             f.write(json.dumps({"step": self._step, "time": round(time.time(), 3), **entry}) + "\n")
 
     def log(self, step: int, record: dict[str, Any]) -> None:
@@ -155,7 +157,7 @@ class Monitor:
 
 def _wandb_id(run_dir: Path, fresh: bool) -> str:
     """One wandb run per run folder, resumed runs included: the id is kept in the folder."""
-    path = run_dir / "wandb_id.txt"
+    path = RunFolder(run_dir).wandb_id
     if fresh or not path.exists():
         import uuid
 

@@ -1,6 +1,6 @@
-"""A run folder protects itself: one writer at a time, and a fresh run never lands on an old one.
+"""Claiming a run folder: one writer at a time, and a fresh run never lands on an old one.
 
-- **Lock**: rank 0 holds an exclusive ``flock`` on ``<run>/run.lock`` (which records pid, host and
+- **Lock**: rank 0 holds an exclusive ``flock`` on the folder's lock file (which records pid, host and
   start time) for the whole run; a second process gets an error naming the holder. The kernel drops
   the lock when its process dies, so a killed run leaves nothing to clean up.
 - **Refusal**: a run started without ``--resume`` in a folder that holds checkpoints is refused
@@ -21,12 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import TMP_PREFIX, checkpoint_folders, choose_resume, incompleteness
+from ..run_folder import RunFolder
+from .checkpoint import LATEST, TMP_PREFIX, checkpoint_folders, choose_resume, incompleteness
 from .distributed import DistEnv, broadcast_from_main
-
-LOCK_FILE = "run.lock"
-# What a run writes, deleted by --overwrite (config.yaml and the tokenizer are rewritten anyway).
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "summary.json", "model.safetensors")
 
 
 class RunFolderError(RuntimeError):
@@ -35,7 +32,7 @@ class RunFolderError(RuntimeError):
 
 class RunLock:
     def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
+        self.path = RunFolder(run_dir).lock
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -70,12 +67,12 @@ def _describe_holder(text: str) -> str:
 
 def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
     """A run without --resume: refuse a folder holding checkpoints, or (--overwrite) clear it."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = RunFolder(run_dir).checkpoints
     # a tmp- folder counts once complete (its rename was cut off); an unfinished one holds nothing
     found = [p.name for p in checkpoint_folders(ckpt_dir)
              if not p.name.startswith(TMP_PREFIX) or incompleteness(p) is None]
-    if (ckpt_dir / "latest").is_file():
-        found.append("latest")
+    if (ckpt_dir / LATEST).is_file():
+        found.append(LATEST)
     if not found:
         return
     if not overwrite:
@@ -83,8 +80,7 @@ def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
                              f"{', ...' if len(found) > 3 else ''}): continue that run with --resume latest, "
                              f"start a new one with another --run-dir, or pass --overwrite to delete them "
                              f"and its metrics and start over")
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
+    for path in RunFolder(run_dir).outputs:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -107,7 +103,7 @@ def claim_run_folder(run_dir: Path, env: DistEnv, resume: str | None,
             run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             if resume:
-                tag, notes = choose_resume(run_dir / "checkpoints", resume, env.world_size)
+                tag, notes = choose_resume(RunFolder(run_dir).checkpoints, resume, env.world_size)
                 decision = {"tag": tag, "notes": notes}
             else:
                 check_fresh_start(run_dir, overwrite)
