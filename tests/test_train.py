@@ -117,14 +117,21 @@ def test_runs_in_one_process_free_their_engines(tmp_path):
     """A finished run leaves no DeepSpeed engine (and so no model or optimizer state) alive: a
     process that trains several runs in turn (``ablate``) holds one at a time."""
     import gc
+    import weakref
 
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     from unimlip_fast.config import load_config
     from unimlip_fast.train.engine import pretrain
 
+    def live_engines() -> list:
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine)]
+
+    # Engines that other tests of this process made themselves (with deepspeed.initialize) are
+    # theirs: only the runs made here count.
+    before = weakref.WeakSet(live_engines())
     for n in range(2):
         cfg = load_config(REPO / "configs/demo.yaml", TINY_RUN + ["train.max_steps=2", "data.phantom_size=48"])
         pretrain(cfg, str(REPO / "configs/zero2_fp32.json"), tmp_path / f"run{n}")
-    gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine)]
+    assert not [engine for engine in live_engines() if engine not in before]
