@@ -141,7 +141,8 @@ def run_ablation(config: str | Path, tables: list[int], seeds: int, overrides: l
                  base_epochs: int | None = None, train: Callable[..., dict[str, Any]] | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Makes (or takes) the base, runs what is missing of ``tables`` (``seeds`` seeds a row, from the
-    recipe's train.seed up), and writes ``results.json`` and ``table.md`` in ``out`` after each run."""
+    recipe's train.seed up, every row's first seed before any second), and writes ``results.json`` and
+    ``table.md`` in ``out`` after each run."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if train is None:
@@ -153,8 +154,10 @@ def run_ablation(config: str | Path, tables: list[int], seeds: int, overrides: l
     configs = {(row.key, s): run_config(config, row, first_seed + s, overrides, base_path)
                for row in rows for s in range(seeds)}
     runs: dict[str, dict[int, dict[str, Any]]] = {row.key: {} for row in rows}
-    for row in rows:
-        for s in range(seeds):
+    # Seed by seed, every row once per round: a run stopped part-way has every row on the same seeds,
+    # so each comparison is paired on all it has.
+    for s in range(seeds):
+        for row in rows:
             cfg = configs[(row.key, s)]
             run_dir = out / row.key / f"seed{cfg.train.seed}"
             runs[row.key][cfg.train.seed] = _finished_or_run(cfg, run_dir, ds_config, train, log,
