@@ -133,7 +133,7 @@ def test_strong_view_probabilities():
     x = torch.zeros(1000, 3, 8, 8)
     x[:, 0] = 0.9
     x[:, 1] = 0.2
-    out = _unnormalize(V.strong_view(x, 8, _gen(0), blur_sigma=(0.1, 0.1)))
+    out = _unnormalize(V.strong_view(x, 8, _gen(0), V.ViewRecipe(blur_sigma=(0.1, 0.1))))
     is_grey = ((out[:, 0] - out[:, 1]).abs().amax(dim=(1, 2)) < 1e-4).float().mean().item()
     assert 0.14 < is_grey < 0.26
 
