@@ -134,7 +134,8 @@ class Fast:
         self.choices = resolve_fast(cfg.train, device)
         model.ops = resolve_ops("auto", device)
         apply_fast(model, self.choices)
-        self.engine, self.ds = deepspeed_engine(model, cfg, ds_config, env, cfg.train.max_steps)
+        self.engine, self.ds = deepspeed_engine(model, cfg, ds_config, env, cfg.train.max_steps,
+                                               fused_adamw=self.choices.fused_adamw)
         self.model = self.engine.module
         self.engine.train()
 

@@ -55,8 +55,12 @@ def _engine_rank(rank, world, port, out_dir):
     from unimlip_fast.model import WARMUP, build_model, build_tokenizer
     from unimlip_fast.objective import compute_terms, total_loss
     from unimlip_fast.train.ds_config import load_ds_config, precision_of, resolve_ds_config
-    from unimlip_fast.train.engine import TrainerState
-    from unimlip_fast.train.nonfinite import NonFiniteLossError, deepspeed_skips_nonfinite, record_skipped_step
+    from unimlip_fast.train.nonfinite import (
+        NonFiniteCount,
+        NonFiniteGuard,
+        NonFiniteLossError,
+        deepspeed_skips_nonfinite,
+    )
     from unimlip_fast.train.schedule import build_optimizer
 
     results = {}
@@ -91,13 +95,13 @@ def _engine_rank(rank, world, port, out_dir):
         before = _snapshot(engine)
         skipped_applied, terms, loss = step(poison=rank == 1)
         after_skip = _snapshot(engine)
-        state = TrainerState()
-        record_skipped_step(state, 2, terms, loss, precision_of(ds) == "fp16", env.device, lambda _: None)
+        guard = NonFiniteGuard(2, env.device, lambda _: None, loss_scaled=precision_of(ds) == "fp16")
+        count = guard.record_skipped_step(NonFiniteCount(), 1, terms, loss)
         try:
-            record_skipped_step(state, 2, terms, loss, False, env.device, lambda _: None)
+            count = guard.record_skipped_step(count, 1, terms, loss)
             stopped = False
-        except NonFiniteLossError:
-            stopped = True
+        except NonFiniteLossError as stop:
+            count, stopped = stop.count, True
         third_applied, *_ = step(False)
         after_third = _snapshot(engine)
         results[ds_json] = {
@@ -105,7 +109,7 @@ def _engine_rank(rank, world, port, out_dir):
             "first_applied": first_applied, "skipped_applied": skipped_applied,
             "unchanged": _same(before, after_skip), "third_applied": third_applied,
             "third_moved": not _same(after_skip, after_third),
-            "counted": state.nonfinite_total, "stopped": stopped,
+            "counted": count.total, "stopped": stopped,
             "schedule": [before["schedule"], after_skip["schedule"], after_third["schedule"]],
         }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
