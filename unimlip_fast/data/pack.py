@@ -67,7 +67,7 @@ def load_tokenizer(name_or_path: str):
                         "a run saved (runs/<name>/tokenizer) or one saved with build_tokenizer(...).save_pretrained")
     from transformers import AutoTokenizer
 
-    from ..model.text import resolve_encoder
+    from ..text_encoders import resolve_encoder
 
     try:
         return AutoTokenizer.from_pretrained(resolve_encoder(name_or_path))
