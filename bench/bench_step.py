@@ -254,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         image_size = base_cfg.model.image_size
         shards = None
         if "data" in feeds and cuda:
-            from unimlip_fast.data.pack import pack
+            from unimlip_fast.data.pack import PackOptions, pack
 
-            pack(data, tmp / "shards", str(tmp / "tokenizer"), "train", shard_size=256, context_length=CONTEXT,
-                 workers=workers, progress=False)
+            pack(data, tmp / "shards", str(tmp / "tokenizer"), "train",
+                 PackOptions(shard_size=256, context_length=CONTEXT, workers=workers, progress=False))
             shards = tmp / "shards"
         dataset = build_dataset(records, tokenizer, image_size, CONTEXT)
         mlm = MaskingTables.from_tokenizer(tokenizer)

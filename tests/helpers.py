@@ -166,11 +166,11 @@ def tiny_tokenizer_dir(root: Path) -> Path:
 
 def pack_medpix(root: Path, n: int = N_PACKED, shard_size: int = 40) -> Path:
     from unimlip_fast.config import DataConfig
-    from unimlip_fast.data.pack import pack
+    from unimlip_fast.data.pack import PackOptions, pack
 
     out = root / "shards"
     pack(DataConfig(format="medpix", path=str(medpix_path())), out, str(tiny_tokenizer_dir(root)), "train",
-         shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False)
+         PackOptions(shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False))
     return out
 
 

@@ -133,8 +133,6 @@ STILL_TOO_LONG = {
     "unimlip_fast/ablation.py run_ablation",
     "unimlip_fast/ablation.py _base",
     "unimlip_fast/ablation.py write_tables",
-    "unimlip_fast/data/pack.py pack",
-    "unimlip_fast/embed.py embed_to_index",
 }
 
 

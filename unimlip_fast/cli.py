@@ -277,15 +277,15 @@ def data_pack(
     Example: unimlip-fast data pack --format medpix --input data/medpix2 --output shards/medpix --tokenizer minilm
     """
     from .config import DataConfig
-    from .data.pack import pack
+    from .data.pack import PackOptions, pack
     from .data.records import describe_skips
 
     if fmt not in PACK_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}")
     _quiet_libraries()
     data = DataConfig(format=fmt, path=str(input_path), split=split, image_root=image_root)
-    manifest = pack(data, output, tokenizer, split, shard_size, context_length, workers,
-                    shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
+    options = PackOptions(shard_size, context_length, workers, shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
+    manifest = pack(data, output, tokenizer, split, options)
     skipped = describe_skips(manifest["skipped"]) or "none"
     console.print(f"{manifest['n_samples']} samples in {len(manifest['shards'])} shards at {output}; "
                   f"tokenizer {tokenizer} (vocab {manifest['tokenizer']['vocab_size']}, context {context_length}); "
@@ -357,7 +357,7 @@ def embed(
         raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
     data_cfg = parse_data_spec(data) if data else None
     _quiet_libraries()
-    from .embed import embed_to_index, packed_source, records_source
+    from .embed import EmbedOptions, embed_to_index, packed_source, records_source
     from .inference import load
 
     model = load(checkpoint, device)
@@ -369,8 +369,8 @@ def embed(
         source = f"shards:{shards.resolve()}"
     report, close = _progress_reporter("embedding")
     try:
-        index = embed_to_index(model, items, n, source, output, read_skipped, part_size, batch_size, workers,
-                               storage, report)
+        index = embed_to_index(model, items, n, source, output, read_skipped,
+                               EmbedOptions(part_size, batch_size, workers, storage, report))
     finally:
         close()
     skipped = describe_skips({**index["read_skipped"], **index["skipped"]}) or "none"
