@@ -106,15 +106,16 @@ def ablate(
 
     Example: unimlip-fast ablate configs/medpix_ablation.yaml --table 3,4 --seeds 3 --base-epochs 8
     """
-    from .ablation import RESULTS_FILE, TABLE_FILE, parse_tables, run_ablation
+    from .ablation import RESULTS_FILE, TABLE_FILE, AblationPlan, parse_tables, run_ablation
     from .config import load_config
 
     tables = parse_tables(table)
     folder = out or Path("runs") / f"ablate_{load_config(config, overrides or []).name}"
     _quiet_libraries()
-    run_ablation(config, tables, seeds, overrides or [], folder, str(ds_config) if ds_config else None,
-                 only=[r.strip() for r in rows.split(",")] if rows else None, base=base, base_epochs=base_epochs,
-                 log=lambda line: console.print(line, highlight=False))
+    plan = AblationPlan(config, tables, seeds, overrides or [], folder, str(ds_config) if ds_config else None,
+                        only=[r.strip() for r in rows.split(",")] if rows else None, base=base,
+                        base_epochs=base_epochs)
+    run_ablation(plan, log=lambda line: console.print(line, highlight=False))
     if os.environ.get("RANK", "0") == "0":
         console.print((folder / TABLE_FILE).read_text(), highlight=False)
         console.print(f"tables: {folder / TABLE_FILE}, {folder / RESULTS_FILE}", highlight=False)
