@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from unimlip_fast.data.dali import dali_available
+from unimlip_fast.data.views import ViewRecipe
 
 from .helpers import CAPTIONS, shard_loader, tiny_tokenizer_dir
 
@@ -43,3 +44,6 @@ def test_dali_strong_views_follow_the_recipe(tmp_path):
     assert 0.08 <= is_grey(strong).float().mean() <= 0.35  # 192 views, p 0.2
     assert not is_grey(weak).any()
     assert strong.min() >= -1e-3 and strong.max() <= 1 + 1e-3
+    # The pipeline reads the spec's recipe: greyscale always on makes every strong view grey.
+    always_grey = list(shard_loader("dali", out, strong_views=True, seed=0, views=ViewRecipe(p_grey=1.0)))
+    assert all(is_grey(b[key] * std + mean).all() for b in always_grey for key in ("image_a", "image_b"))
