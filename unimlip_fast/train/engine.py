@@ -152,9 +152,10 @@ class Pretraining:
         self.monitor = Monitor(run.path, self.total_steps, enabled=env.is_main,
                                resume_step=self.state.step if resume_tag else None,
                                report_to=cfg.train.report_to, config=to_dict(cfg))
+        # Whether DeepSpeed's step checks the gradients itself, and fp16 loss scaling, as the engine runs.
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite, env.device, self.monitor.info,
-                                    loss_scaled=precision_of(self.ds_config) == "fp16")
-        self.checked_in_step = deepspeed_skips_nonfinite(self.ds_config)
+                                    loss_scaled=precision_of(self.engine.config) == "fp16")
+        self.checked_in_step = deepspeed_skips_nonfinite(self.engine.config)
         self._describe(notes, resume_tag)
 
     def _describe(self, notes: list[str], resume_tag: str | None) -> None:
