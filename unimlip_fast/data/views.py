@@ -28,10 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import DataConfig
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RATIO = (3 / 4, 4 / 3)
 _GREY = (0.299, 0.587, 0.114)
+_DATA_DEFAULTS = DataConfig()  # the crop areas' defaults are the config's (data.weak_scale, data.strong_scale)
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,8 @@ class ViewRecipe:
     """The random parameters of the weak and strong views (SLIP's strong view, with the crop near
     the whole image), written once: :mod:`.views`, the torch backend and DALI derive theirs from it."""
 
-    weak_scale: tuple[float, float] = (0.9, 1.0)  # crop area of the weak view (data.weak_scale)
-    strong_scale: tuple[float, float] = (0.9, 1.0)  # crop area of the strong views (data.strong_scale)
+    weak_scale: tuple[float, float] = tuple(_DATA_DEFAULTS.weak_scale)  # crop area of the weak view
+    strong_scale: tuple[float, float] = tuple(_DATA_DEFAULTS.strong_scale)  # crop area of the strong views
     ratio: tuple[float, float] = RATIO  # crop aspect range
     # Colour jitter: brightness, contrast, saturation factors in 1 +- x, hue shift in +- x of the circle.
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
