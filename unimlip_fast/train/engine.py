@@ -1,5 +1,9 @@
 """Pretraining: DeepSpeed engine, phases, the loop, checkpoints. Read it top to bottom.
 
+``pretrain`` claims the run folder and runs one :class:`Pretraining`, built once by its ``setup``;
+its ``run`` trains epoch by epoch (``run_epoch``), step by step (``take_step``), ``end_epoch`` the
+one place an epoch rolls over.
+
 The phase (``warmup`` without SimCLR, then ``simclr`` with the image encoder's BatchNorm statistics
 frozen) is computed here from the step and passed down: the loader makes strong views only when
 asked, the model freezes BatchNorm statistics when told.
