@@ -114,6 +114,15 @@ def test_no_import_cycle():
     assert cycles == [], "import cycles (deferred imports included):\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def test_the_data_layer_knows_no_model():
+    """data/ reads, packs and loads; the tokenizer's resolution lives outside model/ (text_encoders.py)."""
+    modules = {module_name(path) for path in package_modules()}
+    found = {module_name(path): sorted(name for name in imported_modules(path, modules)
+                                       if name.startswith("unimlip_fast.model"))
+             for path in sorted((PACKAGE / "data").glob("*.py"))}
+    assert {name: models for name, models in found.items() if models} == {}
+
+
 def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
     """The check is not vacuous: two modules importing each other, one of them inside a function."""
     package = tmp_path / "unimlip_fast"
