@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
+
+from unimlip_fast.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # The real data sets (MedPix, VQA-RAD, NIH): ../shared/data beside the checkout, or wherever
@@ -163,11 +166,11 @@ def tiny_tokenizer_dir(root: Path) -> Path:
 
 def pack_medpix(root: Path, n: int = N_PACKED, shard_size: int = 40) -> Path:
     from unimlip_fast.config import DataConfig
-    from unimlip_fast.data.pack import pack
+    from unimlip_fast.data.pack import PackOptions, pack
 
     out = root / "shards"
     pack(DataConfig(format="medpix", path=str(medpix_path())), out, str(tiny_tokenizer_dir(root)), "train",
-         shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False)
+         PackOptions(shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False))
     return out
 
 
@@ -277,7 +280,7 @@ def write_image(path: Path, seed: int, size: int = 40, bright: bool = False) -> 
     Image.fromarray(a, "L").save(path)
 
 
-def tiny_run(folder: Path) -> Path:
+def finetuning_base_run(folder: Path) -> Path:
     """A finished pretraining run folder with a tiny random model at 32 px, its tokenizer knowing
     a few question words too (what fine-tuning loads)."""
     return make_run_folder(folder, TINY_OVERRIDES + ["model.image_size=32"],
@@ -383,3 +386,18 @@ def write_slake(root: Path, n_images: int = 8) -> Path:
                          "answer": "Spleen", "q_lang": "en", "answer_type": "OPEN", "qid": -3})
         (root / f"{split}.json").write_text(json.dumps(rows))
     return root
+
+
+# ------------------------------------------------------------------ processes as ranks
+def spawn_ranks(worker, world: int, *args, accelerator: str = "cpu") -> None:
+    """``worker(rank, world, *args)`` in ``world`` spawned processes, each set up as its rank of a
+    process group: the environment torch.distributed reads (127.0.0.1, a free port), DeepSpeed's
+    ``accelerator``, one CPU thread. The worker itself calls ``init_distributed()``."""
+    mp.spawn(_as_rank, args=(worker, world, free_port(), accelerator, args), nprocs=world, join=True)
+
+
+def _as_rank(rank: int, worker, world: int, port: int, accelerator: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR=accelerator)
+    torch.set_num_threads(1)
+    worker(rank, world, *args)

@@ -106,15 +106,16 @@ def ablate(
 
     Example: unimlip-fast ablate configs/medpix_ablation.yaml --table 3,4 --seeds 3 --base-epochs 8
     """
-    from .ablation import RESULTS_FILE, TABLE_FILE, parse_tables, run_ablation
+    from .ablation import RESULTS_FILE, TABLE_FILE, AblationPlan, parse_tables, run_ablation
     from .config import load_config
 
     tables = parse_tables(table)
     folder = out or Path("runs") / f"ablate_{load_config(config, overrides or []).name}"
     _quiet_libraries()
-    run_ablation(config, tables, seeds, overrides or [], folder, str(ds_config) if ds_config else None,
-                 only=[r.strip() for r in rows.split(",")] if rows else None, base=base, base_epochs=base_epochs,
-                 log=lambda line: console.print(line, highlight=False))
+    plan = AblationPlan(config, tables, seeds, overrides or [], folder, str(ds_config) if ds_config else None,
+                        only=[r.strip() for r in rows.split(",")] if rows else None, base=base,
+                        base_epochs=base_epochs)
+    run_ablation(plan, log=lambda line: console.print(line, highlight=False))
     if os.environ.get("RANK", "0") == "0":
         console.print((folder / TABLE_FILE).read_text(), highlight=False)
         console.print(f"tables: {folder / TABLE_FILE}, {folder / RESULTS_FILE}", highlight=False)
@@ -277,15 +278,15 @@ def data_pack(
     Example: unimlip-fast data pack --format medpix --input data/medpix2 --output shards/medpix --tokenizer minilm
     """
     from .config import DataConfig
-    from .data.pack import pack
+    from .data.pack import PackOptions, pack
     from .data.records import describe_skips
 
     if fmt not in PACK_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}")
     _quiet_libraries()
     data = DataConfig(format=fmt, path=str(input_path), split=split, image_root=image_root)
-    manifest = pack(data, output, tokenizer, split, shard_size, context_length, workers,
-                    shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
+    options = PackOptions(shard_size, context_length, workers, shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
+    manifest = pack(data, output, tokenizer, split, options)
     skipped = describe_skips(manifest["skipped"]) or "none"
     console.print(f"{manifest['n_samples']} samples in {len(manifest['shards'])} shards at {output}; "
                   f"tokenizer {tokenizer} (vocab {manifest['tokenizer']['vocab_size']}, context {context_length}); "
@@ -357,7 +358,7 @@ def embed(
         raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
     data_cfg = parse_data_spec(data) if data else None
     _quiet_libraries()
-    from .embed import embed_to_index, packed_source, records_source
+    from .embed import EmbedOptions, embed_to_index, packed_source, records_source
     from .inference import load
 
     model = load(checkpoint, device)
@@ -369,8 +370,8 @@ def embed(
         source = f"shards:{shards.resolve()}"
     report, close = _progress_reporter("embedding")
     try:
-        index = embed_to_index(model, items, n, source, output, read_skipped, part_size, batch_size, workers,
-                               storage, report)
+        index = embed_to_index(model, items, n, source, output, read_skipped,
+                               EmbedOptions(part_size, batch_size, workers, storage, report))
     finally:
         close()
     skipped = describe_skips({**index["read_skipped"], **index["skipped"]}) or "none"

@@ -225,12 +225,25 @@ def _save_index(folder: Path, index: dict[str, Any]) -> None:
     _write_atomic(folder / "index.json", lambda p: p.write_text(json.dumps(index, indent=1)))
 
 
-def embed_to_index(model: TrainedModel, items: Iterable[Item], n_items: int, source: str, output: str | Path,
-                   read_skipped: dict[str, int] | None = None, part_size: int = 4096, batch_size: int = 64,
-                   workers: int = 0, storage: str = "npy", progress=None) -> dict[str, Any]:
-    """Embed ``items`` into the index folder ``output`` part by part, resuming a stopped run.
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How ``embed`` writes its index: records per part, images per batch, image-decoding workers, the
+    parts' file format, and ``progress(done, total)``, called as records are embedded (the CLI draws
+    a bar with it)."""
 
-    ``progress(done, total)`` is called as records are embedded (the CLI draws a bar with it)."""
+    part_size: int = 4096
+    batch_size: int = 64
+    workers: int = 0
+    storage: str = "npy"
+    progress: Callable[[int, int], None] | None = None
+
+
+def embed_to_index(model: TrainedModel, items: Iterable[Item], n_items: int, source: str, output: str | Path,
+                   read_skipped: dict[str, int] | None = None,
+                   options: EmbedOptions = EmbedOptions()) -> dict[str, Any]:
+    """Embed ``items`` into the index folder ``output`` part by part, resuming a stopped run."""
+    part_size, batch_size, workers, storage = options.part_size, options.batch_size, options.workers, options.storage
+    progress = options.progress
     if storage not in STORAGE_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(STORAGE_FORMATS)}, got {storage!r}")
     if part_size < 1 or batch_size < 1 or workers < 0:
