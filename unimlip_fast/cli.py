@@ -27,6 +27,7 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretraining r
 app.add_typer(finetune_app, name="finetune")
 console = make_console()
 
+CHECKPOINT_SPECS = "pmc-clip:PATH, or open_clip:hf-hub:ORG/NAME | local-dir:DIR | MODEL_NAME:WEIGHTS"
 DsConfigOpt = Annotated[Optional[Path], typer.Option(
     "--ds-config", help="DeepSpeed JSON (ZeRO stage, precision): a path, or the name of a shipped one (zero2.json).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
@@ -148,7 +149,8 @@ def parse_data_spec(spec: str):
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder (or its weights) or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder (or its weights), export, "
+                                            f"{CHECKPOINT_SPECS}.")],
     data: Annotated[str, typer.Option("--data", help=f"FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}, "
                                       "e.g. medpix:../shared/data/medpix2; phantom:N for N generated phantom pairs.")],
     split: Annotated[str, typer.Option("--split", help="train, dev, test or all (the data set's own split files).")
@@ -169,12 +171,12 @@ def eval_retrieval(
     data_cfg = parse_data_spec(data)
     data_cfg.split_key = split_key
     _quiet_libraries()
-    from .eval.retrieval import RetrievalProtocol, evaluate_retrieval
+    from .eval.retrieval import RetrievalProtocol, evaluate_loaded_retrieval
     from .inference import load
 
     trained = load(checkpoint, device)
-    results = evaluate_retrieval(trained.model, trained.tokenizer, data_cfg, split, trained.device, batch_size,
-                                 RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol))
+    results = evaluate_loaded_retrieval(trained, data_cfg, split, batch_size,
+                                        RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol))
     print_retrieval(results)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +185,7 @@ def eval_retrieval(
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder, export, {CHECKPOINT_SPECS}.")],
     data: Annotated[str, typer.Option("--data", help="nih|chexpert|mimic|csv:PATH, e.g. nih:../shared/data/nih1000.")],
     split: Annotated[str, typer.Option("--split", help="train, valid or test (not for csv).")] = "test",
     prompts: Annotated[Optional[Path], typer.Option("--prompts",
@@ -336,7 +338,7 @@ def _progress_reporter(label: str):
 
 @app.command()
 def embed(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder, export, {CHECKPOINT_SPECS}.")],
     output: Annotated[Path, typer.Option("--output", help="Index folder (created; an unfinished one resumes).")],
     data: Annotated[Optional[str], typer.Option(
         "--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2; phantom:N for N generated pairs.")] = None,
@@ -386,8 +388,8 @@ def search(
     k: Annotated[int, typer.Option("-k", help="Results to show.")] = 10,
     over: Annotated[Optional[str], typer.Option("--over", help="image or text embeddings (default: the other "
                                                  "modality than the query's).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Model for the query (default: the "
-                                                       "index's).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Model for the query (default: the "
+                                                      "index's).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
@@ -417,8 +419,8 @@ def search(
         json_out.write_text(json.dumps(hits, indent=2))
 
 
-FinetuneCheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint",
-                                                               help="A finished pretraining run folder.")]
+FinetuneCheckpointOpt = Annotated[Optional[str], typer.Option(
+    "--checkpoint", help=f"A finished pretraining run folder, an export, {CHECKPOINT_SPECS}.")]
 FinetuneConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Fine-tuning recipe YAML/JSON.")]
 FinetuneOverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.epochs=5.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")]

@@ -55,14 +55,25 @@ def to_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def from_open_clip_name(name: str) -> str | None:
+    """open_clip's parameter name -> ours; None where ours has no such part (a CLIP text transformer's)."""
+    for ours, theirs in _TO_OPEN_CLIP:
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return None
+
+
 def from_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in state.items():
-        for ours, theirs in _TO_OPEN_CLIP:
-            if name.startswith(theirs):
-                out[ours + name[len(theirs):]] = tensor
-                break
-    return out
+    """The tensors of an open_clip state dict that have a place in ours, under our names."""
+    return {ours: tensor for name, tensor in state.items() if (ours := from_open_clip_name(name)) is not None}
+
+
+def open_clip_weights(folder: str | Path) -> Path:
+    """The weights file of an export folder."""
+    weights = Path(folder) / OPEN_CLIP_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"export incomplete: {weights} not found")
+    return weights
 
 
 def open_clip_config(cfg: Config, model: UniMlip, folder: Path) -> dict[str, Any]:
@@ -166,9 +177,7 @@ def load_export(folder: str | Path, device: torch.device | str = "cpu") -> tuple
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
-    weights = folder / OPEN_CLIP_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"export incomplete: {weights} not found")
+    weights = open_clip_weights(folder)
     cfg = _inference_config(load_config(folder / UNIMLIP_CONFIG))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     text_config = AutoConfig.from_pretrained(str(folder / "config.json"))

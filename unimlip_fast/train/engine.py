@@ -29,7 +29,7 @@ from ..data.sources import read_records
 from ..data.spec import LoaderSpec, batches_per_epoch, loader_spec, trim_padding
 from ..kernels import kernels_note, resolve_ops
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer
-from ..model.pmc_clip import load_pmc_clip
+from ..model.pmc_clip import load_pmc_clip, tokenizer_of
 from ..objective import compute_terms, total_loss
 from ..provenance import code_commit
 from ..run_folder import RunFolder
@@ -342,9 +342,7 @@ def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, re
 
     saved = RunFolder(run_dir).tokenizer
     if not resuming and env.is_main:
-        init = Path(cfg.model.init_from) if cfg.model.init_from else None
-        from_run = init is not None and (init.is_dir() or init.suffix == ".safetensors")  # not a PMC-CLIP file
-        parent = RunFolder.of(init).tokenizer if from_run else None
+        parent = tokenizer_of(cfg.model.init_from) if cfg.model.init_from else None
         if parent is not None and parent.is_dir():
             AutoTokenizer.from_pretrained(str(parent)).save_pretrained(str(saved))
         else:
