@@ -547,6 +547,9 @@ def export(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder.")],
     output: Annotated[Path, typer.Option("--output", help="Folder to write.")],
     fmt: Annotated[str, typer.Option("--format", help="open_clip.")] = "open_clip",
+    hub_id: Annotated[Optional[str], typer.Option("--hub-id", help="ORG/NAME: the Hugging Face repo the folder will "
+                                                  "be uploaded to (names a bundled text tower, goes into the model "
+                                                  "card).")] = None,
 ) -> None:
     """Export a finished run for other tools (open_clip's local-dir folder, with a model card).
 
@@ -559,7 +562,7 @@ def export(
     _quiet_libraries()
     from .export import export as run_export
 
-    folder = run_export(checkpoint, fmt, output)
+    folder = run_export(checkpoint, fmt, output, hub_id)
     console.print(f"{fmt} export at {folder}: open_clip.create_model_and_transforms('local-dir:{folder}')",
                   highlight=False)
 
