@@ -284,6 +284,19 @@ def test_pmc_clip_spec_through_retrieval_and_init_from(pmc_clip, pairs_csv, tmp_
     torch.testing.assert_close(target.visual.attnpool.c_proj.weight, source.visual.attnpool.c_proj.weight)
 
 
+def test_pmc_clip_spec_fine_tunes_vqa(pmc_clip, tmp_path, monkeypatch):
+    """PMC-CLIP is a Uni-Mlip model: VQA fine-tuning takes its image trunk and BERT tower."""
+    spec = pmc_clip[0]
+    root = write_slake(tmp_path / "slake")
+    js = tmp_path / "v.json"
+    assert run_cli(monkeypatch, "finetune", "vqa", "--checkpoint", spec, "--data", f"slake:{root}", "--run-dir",
+                   tmp_path / "v", "--json", js, "data.image_size=64", "data.num_workers=0", "train.batch_size=8",
+                   "train.epochs=1", "model.learnable_tokens=4", "train.freeze_text=true") == 0
+    results = json.loads(js.read_text())
+    assert results["n_test"] == 9 and results["model"]["spec"] == spec
+    assert results["model"]["weights_sha256"] == unimlip_fast.load(spec, device="cpu").describe()["weights_sha256"]
+
+
 def test_init_from_open_clip_export_loads_every_tower(tiny_run, tmp_path, monkeypatch):
     from unimlip_fast.config import load_config
     from unimlip_fast.model import build_model
