@@ -14,7 +14,8 @@ and ``open_clip.get_tokenizer("local-dir:DIR")`` load:
   resolved config, so :func:`unimlip_fast.load` reads the folder too) and ``README.md``, the model
   card (hub metadata: ``library_name: open_clip``, tags; data, recipe, commit, metrics).
 
-The folder is relocatable and hub-ready: nothing in it names a local path. open_clip hands
+The folder is relocatable and hub-ready: nothing open_clip or :func:`unimlip_fast.load` reads in it
+names a local path (``unimlip_config.yaml`` keeps the run's data path, as a record). open_clip hands
 ``hf_model_name`` to transformers' ``AutoConfig`` for the text tower's architecture; it is the hub id
 the tower came from (PubMedBERT's, MiniLM's source model ``sentence-transformers/all-MiniLM-L6-v2``),
 or, for a tower with no hub id (random-bert, a local folder), the hub repo the folder will be

@@ -17,7 +17,8 @@ A checkpoint spec names, besides a run folder or an export:
   the folder, not the working directory.
 
 Weights come from the user's own download (or the Hugging Face cache); nothing here fetches
-anything unless the spec names a hub model that is not cached.
+anything unless a hub model it needs is not cached (an ``hf-hub:`` spec, PMC-CLIP's PubMedBERT
+config and tokenizer, the text tower a hub open_clip model names).
 """
 from __future__ import annotations
 
