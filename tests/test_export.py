@@ -146,13 +146,12 @@ def test_moved_export_loads_in_open_clip_and_unimlip(exported, image_folder, tmp
             away.rename(p)
 
 
-def test_bundled_text_tower_resolves_against_the_folder(exported, tmp_path, monkeypatch):
-    """``open_clip:local-dir:DIR`` resolves a bundled tower (``hf_model_name: "."``) against DIR, from
-    any working directory; ``--hub-id`` names the repo the folder will be uploaded to instead."""
+def test_bundled_text_tower_resolves_against_the_folder(tiny_run, tmp_path, monkeypatch):
+    """``open_clip:local-dir:DIR`` resolves a bundled (random-BERT) tower, ``hf_model_name: "."``,
+    against DIR from any working directory; ``--hub-id`` names the repo the folder will be uploaded to."""
     pytest.importorskip("open_clip", reason="open-clip-torch (with torchvision) is not installed")
-    run, folder = exported
-    if not run.name.endswith("random-bert"):
-        pytest.skip("the MiniLM tower is named by its hub id")
+    run, folder = tiny_run, tmp_path / "export"
+    assert run_cli(monkeypatch, "export", "--checkpoint", run, "--output", folder) == 0
     monkeypatch.chdir(tmp_path)
     model = unimlip_fast.load(f"open_clip:local-dir:{folder}", device="cpu")
     assert model.embed_dim == 32
