@@ -218,6 +218,19 @@ def test_finetune_classify_on_open_clip_image_tower(vit_dir, tmp_path, monkeypat
     assert "takes 64 px images; set data.image_size=64" in err and "Traceback" not in err
 
 
+def test_random_init_draws_the_architecture_afresh_from_the_seed(vit_dir, pmc_clip):
+    from unimlip_fast.finetune.common import load_backbone
+
+    for spec in (f"open_clip:local-dir:{vit_dir}", pmc_clip[0]):
+        pretrained = load_backbone(spec, "pretrained", 0, torch.device("cpu")).model.state_dict()
+        a = load_backbone(spec, "random", 1, torch.device("cpu")).model.state_dict()
+        b = load_backbone(spec, "random", 1, torch.device("cpu")).model.state_dict()
+        assert set(a) == set(pretrained)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        weights = [k for k, v in a.items() if v.is_floating_point() and v.numel() > 1 and v.std() > 0]
+        assert weights and not any(torch.equal(a[k], pretrained[k]) for k in weights if "visual" in k)
+
+
 def test_finetune_vqa_refuses_open_clip_in_one_line(vit_dir, tmp_path, monkeypatch, capsys):
     root = write_slake(tmp_path / "slake")
     assert run_cli(monkeypatch, "finetune", "vqa", "--checkpoint", f"open_clip:local-dir:{vit_dir}", "--data",
