@@ -328,6 +328,13 @@ def test_init_from_open_clip_export_loads_every_tower(tiny_run, tmp_path, monkey
         if not name.startswith(("fusion.", "simclr_head.")):
             torch.testing.assert_close(target.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
     assert tokenizer_of(str(folder)) == folder and tokenizer_of(f"open_clip:local-dir:{folder}") == folder
+    pytest.importorskip("open_clip", reason="open-clip-torch (with torchvision) is not installed")
+    again = build_model(cfg.model, cfg.loss, trained.tokenizer)
+    through_open_clip = load_pmc_clip(again, f"open_clip:local-dir:{folder}")  # model.init_from=open_clip:...
+    assert through_open_clip.loaded == report.loaded and through_open_clip.unexpected == []
+    for name, tensor in target.state_dict().items():
+        if not name.startswith(("fusion.", "simclr_head.")):
+            torch.testing.assert_close(again.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
 
 
 @pytest.mark.slow
