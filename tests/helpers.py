@@ -401,3 +401,31 @@ def _as_rank(rank: int, worker, world: int, port: int, accelerator: str, args: t
                       MASTER_PORT=str(port), DS_ACCELERATOR=accelerator)
     torch.set_num_threads(1)
     worker(rank, world, *args)
+
+
+def pmc_clip_checkpoint(model, vocab: int, width: int, embed: int, layers: int, seed: int = 0) -> dict:
+    """PMC-CLIP's state dict: its ModifiedResNet and BERT (the same architectures as ours, taken from
+    ``model``), and its own fusion, projections and logit scale at PMC-CLIP's shapes, random values."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
+    state = {f"module.{k}": v.clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
+    state.update({f"module.text_encoder.{k.removeprefix('text.encoder.')}": v.clone()
+                  for k, v in model.state_dict().items() if k.startswith("text.encoder.")})
+    state["module.text_encoder.pooler.dense.weight"] = r(width, width)  # BertModel's pooler, unused
+    state["module.text_projection"] = r(width, embed)
+    state["module.logit_scale"] = torch.tensor(math.log(1 / 0.07))  # 0-dim, as PMC-CLIP stores it
+    state["module.img_special_token"] = r(1, 1, embed)
+    state["module.mlm_projection"] = r(width, vocab)
+    state["module.positional_embedding"] = r(77, width)  # defined, unused on PMC-CLIP's BERT path
+    state["module.ln_final.weight"], state["module.ln_final.bias"] = r(width), r(width)  # likewise
+    for i in range(layers):
+        block = f"module.fusion_module.resblocks.{i}."
+        state.update({block + "attn.in_proj_weight": r(3 * width, width), block + "attn.in_proj_bias": r(3 * width),
+                      block + "attn.out_proj.weight": r(width, width), block + "attn.out_proj.bias": r(width),
+                      block + "ln_1.weight": 1 + r(width), block + "ln_1.bias": r(width),
+                      block + "ln_2.weight": 1 + r(width), block + "ln_2.bias": r(width),
+                      block + "mlp.c_fc.weight": r(4 * width, width), block + "mlp.c_fc.bias": r(4 * width),
+                      block + "mlp.c_proj.weight": r(width, 4 * width), block + "mlp.c_proj.bias": r(width)})
+    return state

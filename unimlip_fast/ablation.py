@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from .config import Config, ConfigError, LossConfig, load_config, to_dict
+from .interop import is_foreign
 from .run_folder import RunFolder
 
 TERMS = ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm")
@@ -127,7 +128,7 @@ def base_config(config: str | Path, overrides: list[str], base_epochs: int | Non
 def run_config(config: str | Path, row: Row, seed: int, overrides: list[str], base: str | Path) -> Config:
     """The recipe, the user's overrides, the row, the seed, and the base it continues."""
     return _with_eval(load_config(config, [*overrides, *row.overrides(), f"train.seed={seed}",
-                                           f"model.init_from={Path(base).resolve()}"]))
+                                           f"model.init_from={base if is_foreign(base) else Path(base).resolve()}"]))
 
 
 def _with_eval(cfg: Config) -> Config:

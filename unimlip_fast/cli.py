@@ -27,6 +27,7 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretraining r
 app.add_typer(finetune_app, name="finetune")
 console = make_console()
 
+CHECKPOINT_SPECS = "pmc-clip:PATH, or open_clip:hf-hub:ORG/NAME | local-dir:DIR | MODEL_NAME:WEIGHTS"
 DsConfigOpt = Annotated[Optional[Path], typer.Option(
     "--ds-config", help="DeepSpeed JSON (ZeRO stage, precision): a path, or the name of a shipped one (zero2.json).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
@@ -149,7 +150,8 @@ def parse_data_spec(spec: str):
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder (or its weights) or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder (or its weights), export, "
+                                            f"{CHECKPOINT_SPECS}.")],
     data: Annotated[str, typer.Option("--data", help=f"FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}, "
                                       "e.g. medpix:../shared/data/medpix2; phantom:N for N generated phantom pairs.")],
     split: Annotated[str, typer.Option("--split", help="train, dev, test or all (the data set's own split files).")
@@ -170,12 +172,12 @@ def eval_retrieval(
     data_cfg = parse_data_spec(data)
     data_cfg.split_key = split_key
     _quiet_libraries()
-    from .eval.retrieval import RetrievalProtocol, evaluate_retrieval
-    from .inference import load
+    from .eval.retrieval import RetrievalProtocol, evaluate_loaded_retrieval
+    from .loading import load
 
     trained = load(checkpoint, device)
-    results = evaluate_retrieval(trained.model, trained.tokenizer, data_cfg, split, trained.device, batch_size,
-                                 RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol))
+    results = evaluate_loaded_retrieval(trained, data_cfg, split, batch_size,
+                                        RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol))
     print_retrieval(results)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,7 @@ def eval_retrieval(
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder, export, {CHECKPOINT_SPECS}.")],
     data: Annotated[str, typer.Option("--data", help="nih|chexpert|mimic|csv:PATH, e.g. nih:../shared/data/nih1000.")],
     split: Annotated[str, typer.Option("--split", help="train, valid or test (not for csv).")] = "test",
     prompts: Annotated[Optional[Path], typer.Option("--prompts",
@@ -207,7 +209,7 @@ def eval_zeroshot(
     _quiet_libraries()
     from .data.sources import read_labelled
     from .eval.zeroshot import evaluate_zeroshot, read_prompts
-    from .inference import load
+    from .loading import load
 
     labelled = read_labelled(fmt, path, split)
     prompt_sets = read_prompts(prompts, labelled.labels) if prompts else None
@@ -337,7 +339,7 @@ def _progress_reporter(label: str):
 
 @app.command()
 def embed(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder, export, {CHECKPOINT_SPECS}.")],
     output: Annotated[Path, typer.Option("--output", help="Index folder (created; an unfinished one resumes).")],
     data: Annotated[Optional[str], typer.Option(
         "--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2; phantom:N for N generated pairs.")] = None,
@@ -359,7 +361,7 @@ def embed(
     data_cfg = parse_data_spec(data) if data else None
     _quiet_libraries()
     from .embed import EmbedOptions, embed_to_index, packed_source, records_source
-    from .inference import load
+    from .loading import load
 
     model = load(checkpoint, device)
     if data_cfg is not None:
@@ -387,8 +389,8 @@ def search(
     k: Annotated[int, typer.Option("-k", help="Results to show.")] = 10,
     over: Annotated[Optional[str], typer.Option("--over", help="image or text embeddings (default: the other "
                                                  "modality than the query's).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Model for the query (default: the "
-                                                       "index's).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Model for the query (default: the "
+                                                      "index's).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
@@ -403,7 +405,7 @@ def search(
         raise typer.BadParameter("--over must be image or text")
     _quiet_libraries()
     from .embed import read_index, search_index
-    from .inference import load
+    from .loading import load
 
     model = load(checkpoint or read_index(index)["checkpoint"], device)
     query = model.encode_text(text)[0] if text is not None else model.encode_image(image)[0]
@@ -418,8 +420,8 @@ def search(
         json_out.write_text(json.dumps(hits, indent=2))
 
 
-FinetuneCheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint",
-                                                               help="A finished pretraining run folder.")]
+FinetuneCheckpointOpt = Annotated[Optional[str], typer.Option(
+    "--checkpoint", help=f"A finished pretraining run folder, an export, {CHECKPOINT_SPECS}.")]
 FinetuneConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Fine-tuning recipe YAML/JSON.")]
 FinetuneOverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.epochs=5.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")]
@@ -546,6 +548,9 @@ def export(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder.")],
     output: Annotated[Path, typer.Option("--output", help="Folder to write.")],
     fmt: Annotated[str, typer.Option("--format", help="open_clip.")] = "open_clip",
+    hub_id: Annotated[Optional[str], typer.Option("--hub-id", help="ORG/NAME: the Hugging Face repo the folder will "
+                                                  "be uploaded to (names a bundled text tower, goes into the model "
+                                                  "card).")] = None,
 ) -> None:
     """Export a finished run for other tools (open_clip's local-dir folder, with a model card).
 
@@ -558,7 +563,7 @@ def export(
     _quiet_libraries()
     from .export import export as run_export
 
-    folder = run_export(checkpoint, fmt, output)
+    folder = run_export(checkpoint, fmt, output, hub_id)
     console.print(f"{fmt} export at {folder}: open_clip.create_model_and_transforms('local-dir:{folder}')",
                   highlight=False)
 

@@ -85,7 +85,7 @@ class ModelConfig:
     logit_scale_init: float = 14.285714285714286  # 1 / 0.07
     logit_scale_max: float = 100.0
     kernels: Kernels = "auto"
-    init_from: str = ""  # a PMC-CLIP checkpoint to start from
+    init_from: str = ""  # start from: PMC-CLIP's checkpoint, a run, an export, pmc-clip:PATH, open_clip:SPEC
     unmasked_itc_pass: bool = False  # a second, unmasked text pass for ITC (costs a BERT pass)
 
 

@@ -37,9 +37,9 @@ from .common import (
     epoch_batches,
     eval_indices,
     gather_rows,
-    load_pretrained_run,
+    load_backbone,
     make_loader,
-    require_pretrained,
+    require_checkpoint,
     resize_attention_pool,
     wrap_ddp,
 )
@@ -218,7 +218,7 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, env: DistEnv,
                  json_out: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
     t, seed = cfg.train, cfg.train.seed
-    require_pretrained(checkpoint)  # before minutes of reading data
+    require_checkpoint(checkpoint, uni_mlip_towers=True)  # before minutes of reading data
     log = RunLog(Path(run_dir), env)
     log.save_config(cfg)
     say = echo if env.is_main else (lambda _msg: None)
@@ -237,7 +237,9 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
         f"{n_unseen} test answers never seen in training (counted wrong); skipped: train "
         f"{describe_skips(sets['train'].skipped) or 'none'}; test {describe_skips(sets['test'].skipped) or 'none'}")
 
-    backbone, tokenizer, pre_cfg = load_pretrained_run(checkpoint, t.init, seed, env.device)
+    loaded = load_backbone(checkpoint, t.init, seed, env.device)
+    backbone, tokenizer, pre_cfg, model_info = loaded.model, loaded.tokenizer, loaded.cfg, loaded.describe()
+    del loaded
     resize_attention_pool(backbone.visual, cfg.data.image_size)
     torch.manual_seed(seed)
     m = cfg.model
@@ -298,5 +300,6 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
     results = {**accuracy, "n_test": len(test_items), "n_unseen_answers": n_unseen,
                "n_train": len(train_items), "n_answers": len(answers), "epochs": t.epochs,
                "skipped": {s: dict(sets[s].skipped) for s in sets}, "substituted_train_images": substituted,
-               "init": t.init, "seed": seed, "data": cfg.data.format, "checkpoint": str(checkpoint)}
+               "init": t.init, "seed": seed, "data": cfg.data.format, "checkpoint": str(checkpoint),
+               "model": model_info}
     return log.finish(results, json_out)

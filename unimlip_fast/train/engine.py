@@ -32,8 +32,8 @@ from ..data.records import describe_skips
 from ..data.sources import read_records
 from ..data.spec import batches_per_epoch, loader_spec, trim_padding
 from ..kernels import kernels_note, resolve_ops
+from ..loading import load_init_from, tokenizer_of
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer
-from ..model.pmc_clip import load_pmc_clip
 from ..objective import compute_terms, total_loss
 from ..provenance import code_commit
 from ..run_folder import RunFolder
@@ -128,7 +128,7 @@ class Pretraining:
             notes.append("CPU run: reduced precision from the DeepSpeed config is replaced by fp32, several "
                          "times faster here (train.cpu_precision=as-configured keeps it)")
         if cfg.model.init_from and resume_tag is None:
-            report = load_pmc_clip(model, cfg.model.init_from)
+            report = load_init_from(model, cfg.model.init_from)
             notes.append(f"init from {cfg.model.init_from}: {report.summary()}; "
                          f"missing: {report.missing}; unexpected: {report.unexpected}; "
                          f"mismatched: {report.mismatched}")
@@ -411,9 +411,7 @@ def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, re
 
     saved = RunFolder(run_dir).tokenizer
     if not resuming and env.is_main:
-        init = Path(cfg.model.init_from) if cfg.model.init_from else None
-        from_run = init is not None and (init.is_dir() or init.suffix == ".safetensors")  # not a PMC-CLIP file
-        parent = RunFolder.of(init).tokenizer if from_run else None
+        parent = tokenizer_of(cfg.model.init_from) if cfg.model.init_from else None
         if parent is not None and parent.is_dir():
             AutoTokenizer.from_pretrained(str(parent)).save_pretrained(str(saved))
         else:
