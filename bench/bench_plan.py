@@ -3,12 +3,11 @@
 For each micro-batch the planner's fake-tensor trace (``unimlip_fast/plan/trace.py``) gives the bytes the
 step holds at its peak above what was live before it (gradients, activations, temporaries); the same step
 (bench_step.py's small model, random weights, a random batch of the same shapes, the SimCLR phase's five
-terms, forward and backward) then runs for real under torch's profiler with ``profile_memory``, whose CPU
-allocator events give the allocated bytes after every allocation and free: their maximum is the measured
-peak (less the count before the step's first allocation: the count carries over between profiles). The error
-is (traced - measured) / measured. FLOPs per sample: the trace's count against
+terms, forward and backward) then runs for real and ``unimlip_fast/plan/measure.py`` takes its peak (on a CPU
+from torch's profiler's allocator events, on CUDA from ``max_memory_allocated``). The error is
+(traced - measured) / measured. FLOPs per sample: the trace's count against
 bench_step.py's ``count_flops_per_sample`` on the real model and batch (the same FLOP counter, so they must
-be equal). On CUDA the same comparison uses ``torch.cuda.max_memory_allocated``.
+be equal).
 
     python bench/bench_plan.py                       # micro-batches 4,8,16,32; rows to bench/results.csv
     python bench/bench_plan.py --batches 8 --csv /tmp/plan.csv
@@ -16,9 +15,7 @@ be equal). On CUDA the same comparison uses ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +27,8 @@ from bench_step import MODELS, Reference, count_flops_per_sample
 
 from unimlip_fast.config import Config, load_config
 from unimlip_fast.model import SIMCLR
-from unimlip_fast.plan.trace import planned_model, run_step, shaped_batch, text_architecture, trace_step
+from unimlip_fast.plan.measure import measured_step_peak
+from unimlip_fast.plan.trace import planned_model, shaped_batch, text_architecture, trace_step
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 CONTEXT = 77
@@ -43,30 +41,13 @@ def small_config(batch: int) -> Config:
         f"train.batch_size={batch}"])
 
 
-def measured_step_peak(cfg: Config, batch_size: int, device: torch.device) -> tuple[int, float]:
+def real_step(cfg: Config, batch_size: int, device: torch.device) -> tuple[int, float]:
     """(peak bytes the real step allocated above what was live before it, FLOPs per sample by bench_step)."""
     torch.manual_seed(0)
     text = text_architecture(cfg)
     model = planned_model(cfg, text, "fp32", device="cpu").to(device)
     batch = {k: v.to(device) for k, v in shaped_batch(cfg, batch_size, SIMCLR, torch.float32, VOCAB).items()}
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run_step(model, batch, cfg, SIMCLR)
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run_step(model, batch, cfg, SIMCLR)
-        with tempfile.TemporaryDirectory() as tmp:
-            trace = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(trace))
-            events = json.loads(trace.read_text())["traceEvents"]
-        memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-        before = memory[0]["Total Allocated"] - memory[0]["Bytes"] if memory else 0
-        peak = max((m["Total Allocated"] for m in memory), default=before) - before
+    peak = measured_step_peak(model, batch, cfg, SIMCLR)
     model.zero_grad(set_to_none=True)
     reference = Reference.__new__(Reference)  # bench_step's FLOP count over the same model, without its AdamW
     reference.model, reference.cfg, reference.device = model, cfg, device
@@ -86,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in (int(b) for b in args.batches.split(",")):
         cfg = small_config(batch_size)
         traced = trace_step(cfg, text_architecture(cfg), "fp32", batch_size, SIMCLR)
-        measured, flops_measured = measured_step_peak(cfg, batch_size, device)
+        measured, flops_measured = real_step(cfg, batch_size, device)
         error = (traced.step_peak - measured) / measured
         worst = max(worst, abs(error))
         flops_traced = traced.flops / batch_size
