@@ -5,7 +5,7 @@ every token but the ``##`` continuations) and goes on through its continuations.
 with probability ``mlm_prob`` (and at least one per non-empty caption); every token of a chosen
 word is masked: 80% -> ``[MASK]``, 10% -> a random non-special token, 10% unchanged (BERT's split,
 drawn per token as in HF's whole-word collator). Special tokens and padding are never chosen.
-At most ``mlm_row_cap(length)`` tokens of a caption are masked (the first chosen ones, in order), so
+At most ``mlm_row_cap(length)`` tokens of a caption are masked (the first chosen words, whole), so
 the model can select the masked positions into a buffer of a fixed size (no data-dependent shape,
 no host sync on a GPU).
 Works on CPU or CUDA tensors; pass a ``torch.Generator`` on the tensors' device to reproduce.
@@ -101,7 +101,11 @@ def mask_tokens(
     table = torch.zeros(b, length + 1, dtype=torch.bool, device=ids.device)
     table.scatter_(1, torch.where(start, word, 0), chosen_start)
     chosen = table.gather(1, word) & valid
-    chosen = chosen & (torch.cumsum(chosen.long(), dim=1) <= mlm_row_cap(length))
+    # The cap, by whole words: a word is kept when the chosen tokens up to its end are within it.
+    upto = torch.cumsum(chosen.long(), dim=1)
+    word_end = torch.zeros(b, length + 1, dtype=torch.long, device=ids.device).scatter_reduce_(
+        1, word, torch.where(chosen, upto, 0), reduce="amax")
+    chosen = chosen & (word_end.gather(1, word) <= mlm_row_cap(length))
 
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     r = _rand((b, length), ids, generator)
