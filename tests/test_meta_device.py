@@ -127,3 +127,21 @@ def test_masked_bce_matches_the_selected_mean():
     expected = F.binary_cross_entropy_with_logits(logits[known], target[known])
     assert torch.allclose(masked_bce(logits, target), expected)
     assert masked_bce(logits, torch.full_like(target, float("nan"))) == 0
+
+
+def test_fused_dropblock_is_one_custom_op_with_fake_and_autograd():
+    """``unimlip::dropblock``: on meta through its fake implementation (forward and the registered backward);
+    opcheck runs the real kernel against the fake shapes and the autograd registration."""
+    from unimlip_fast.kernels.dropblock_triton import dropblock_triton
+
+    x = torch.empty(2, 4, 7, 7, device=META, requires_grad=True)
+    dropblock_triton(x, 0.5, 3, seed=1).sum().backward()
+    assert x.grad.device == META and x.grad.shape == x.shape
+    assert torch.ops.unimlip.dropblock.default is not None
+
+
+@pytest.mark.interpreter
+def test_fused_dropblock_opcheck():
+    from unimlip_fast.kernels.dropblock_triton import dropblock_op
+
+    torch.library.opcheck(dropblock_op, (torch.randn(2, 4, 7, 7, requires_grad=True), 0.5, 3, 1, 0))
