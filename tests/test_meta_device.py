@@ -3,7 +3,8 @@
 An op mixing a meta tensor with one made on the CPU by default fails, and so does a host sync (``.item()``,
 ``bool(t)``, ``.tolist()``): each names its line. Covered: the pretraining step of both phases (model, the five
 terms through the reference ops, DropBlock, MLM, AdamW), both passes of the contrastive-exact accumulation,
-the fine-tuning steps (classification, VQA), the embed/encode path and retrieval's scoring.
+the fine-tuning steps (classification, VQA), the embed/encode path and retrieval's scoring; the fused
+ops as the custom ops ``unimlip::contrastive`` and ``unimlip::dropblock``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from unimlip_fast.config import load_config
 from unimlip_fast.eval.retrieval import positive_pairs, ranks_of_positives
 from unimlip_fast.finetune.classify import ImageClassifier, masked_bce
 from unimlip_fast.finetune.vqa import VQAModel
-from unimlip_fast.kernels import REFERENCE_OPS
+from unimlip_fast.kernels import REFERENCE_OPS, triton_ops
 from unimlip_fast.model import SIMCLR, WARMUP, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 from unimlip_fast.train.accumulate import GradientAccumulator
@@ -47,10 +48,14 @@ def meta_batch(cfg, b: int = 8) -> dict[str, torch.Tensor]:
     return batch
 
 
+@pytest.mark.parametrize("ops", ["reference", "triton"])
 @pytest.mark.parametrize("phase", [WARMUP, SIMCLR])
-def test_pretraining_step_on_meta(cfg, model, phase):
+def test_pretraining_step_on_meta(cfg, model, phase, ops):
+    """With the fused ops too: ``unimlip::contrastive`` and ``unimlip::dropblock`` run on meta by their fake
+    implementations, forward and the registered backward."""
+    model.ops = triton_ops() if ops == "triton" else REFERENCE_OPS
     optimizer = build_optimizer(model, cfg.train, META)
-    terms = compute_terms(model(meta_batch(cfg), phase), cfg.loss, REFERENCE_OPS)
+    terms = compute_terms(model(meta_batch(cfg), phase), cfg.loss, model.ops)
     assert set(terms) == ({"itc", "itc_img_fp", "itc_txt_fp", "mlm"} | ({"simclr"} if phase == SIMCLR else set()))
     loss = total_loss(terms, cfg.loss)
     assert loss.device == META

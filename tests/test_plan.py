@@ -79,6 +79,7 @@ def test_hub_encoder_offline_is_bert_base_and_said():
     assert "BERT-base" in text.source
 
 
+@pytest.mark.slow  # several traces of the step (about 30 s on a loaded 2-core machine)
 def test_plan_finds_the_largest_micro_batch_and_its_accumulation():
     cfg = tiny(4096, "model.image_size=32")
     result = plan(cfg, ZERO2, find_card("rtx-4090"), gpus=4)
@@ -90,6 +91,7 @@ def test_plan_finds_the_largest_micro_batch_and_its_accumulation():
     assert result.samples_per_s > 0 and result.traffic()["gradient_bytes"] > 0
 
 
+@pytest.mark.slow  # several traces of the step (about 30 s on a loaded 2-core machine)
 def test_cli_plan_json(monkeypatch, capsys):
     code = run_cli(monkeypatch, "plan", "demo.yaml", *TINY_OVERRIDES, "train.batch_size=64", "--gpu", "v100-32gb",
                    "--gpus", "2", "--json")

@@ -5,7 +5,8 @@ every token but the ``##`` continuations) and goes on through its continuations.
 with probability ``mlm_prob`` (and at least one per non-empty caption); every token of a chosen
 word is masked: 80% -> ``[MASK]``, 10% -> a random non-special token, 10% unchanged (BERT's split,
 drawn per token as in HF's whole-word collator). Special tokens and padding are never chosen.
-At most ``mlm_row_cap(length)`` tokens of a caption are masked (the first chosen words, whole), so
+At most ``mlm_row_cap(length)`` tokens of a caption are masked (the first chosen words, whole; of a first
+word longer than that, its first tokens), so
 the model can select the masked positions into a buffer of a fixed size (no data-dependent shape,
 no host sync on a GPU).
 Works on CPU or CUDA tensors; pass a ``torch.Generator`` on the tensors' device to reproduce.
@@ -105,7 +106,11 @@ def mask_tokens(
     upto = torch.cumsum(chosen.long(), dim=1)
     word_end = torch.zeros(b, length + 1, dtype=torch.long, device=ids.device).scatter_reduce_(
         1, word, torch.where(chosen, upto, 0), reduce="amax")
-    chosen = chosen & (word_end.gather(1, word) <= mlm_row_cap(length))
+    cap = mlm_row_cap(length)
+    whole = chosen & (word_end.gather(1, word) <= cap)
+    # A caption whose first chosen word alone is longer than the cap keeps that word's first ``cap`` tokens.
+    partial = chosen & (upto <= cap) & (chosen.any(dim=1) & ~whole.any(dim=1)).unsqueeze(1)
+    chosen = whole | partial
 
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     r = _rand((b, length), ids, generator)
