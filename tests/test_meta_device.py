@@ -96,8 +96,8 @@ def test_accumulated_step_on_meta(cfg, model, phase):
     assert engine.steps == 2
 
 
-def test_classification_step_on_meta(model):
-    classifier = ImageClassifier(model.visual, 5).to(META)
+def test_classification_step_on_meta(cfg, model):
+    classifier = ImageClassifier(model.visual, cfg.model.embed_dim, 5).to(META)
     optimizer = torch.optim.AdamW(classifier.parameters())
     logits = classifier(torch.empty(4, 3, 64, 64, device=META))
     loss = masked_bce(logits, torch.empty(4, 5, device=META))
@@ -106,7 +106,7 @@ def test_classification_step_on_meta(model):
 
 
 def test_vqa_step_on_meta(cfg, model):
-    vqa = VQAModel(model.visual, model.text, n_answers=7, image_size=cfg.model.image_size).to(META)
+    vqa = VQAModel(model, n_answers=7, image_size=cfg.model.image_size).to(META)
     optimizer = torch.optim.AdamW(vqa.parameters())
     length = cfg.model.text.context_length
     ids = torch.empty(4, length, dtype=torch.long, device=META)

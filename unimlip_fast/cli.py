@@ -107,7 +107,7 @@ def plan(
     Example: unimlip-fast plan configs/paper.yaml --ds-config zero2_bf16.json --gpu v100-32gb --gpus 8
     """
     from .config import find_config_file, load_config
-    from .plan import find_card
+    from .plan import Assumptions, find_card
     from .plan import plan as make_plan
     from .plan.report import show_plan
     from .train.ds_config import load_ds_config
@@ -116,7 +116,7 @@ def plan(
     cfg = load_config(config, list(overrides or []))
     _quiet_libraries()
     ds = load_ds_config(str(find_config_file(ds_config)) if ds_config else None)
-    result = make_plan(cfg, ds, card, gpus, mfu=mfu, link=link, samples=samples,
+    result = make_plan(cfg, ds, card, gpus, Assumptions(mfu=mfu, link=link, samples=samples),
                        log=(lambda line: None) if as_json else (lambda line: console.print(line, highlight=False)))
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))

@@ -7,6 +7,6 @@ states by ZeRO stage and precision; ``cards``: the cards and links; ``estimate``
 from __future__ import annotations
 
 from .cards import CARDS, LINKS, find_card
-from .estimate import DEFAULT_MFU, Plan, plan
+from .estimate import DEFAULT_MFU, Assumptions, Plan, plan
 
-__all__ = ["CARDS", "DEFAULT_MFU", "LINKS", "Plan", "find_card", "plan"]
+__all__ = ["CARDS", "DEFAULT_MFU", "Assumptions", "LINKS", "Plan", "find_card", "plan"]

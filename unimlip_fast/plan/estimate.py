@@ -130,8 +130,20 @@ class Plan:
         }
 
 
-def plan(cfg: Config, ds: dict[str, Any], card: Card, gpus: int, mfu: float = DEFAULT_MFU, link: str | None = None,
-         samples: int | None = None, log=lambda line: None) -> Plan:
+@dataclass(frozen=True)
+class Assumptions:
+    """What a plan assumes beyond the recipe: the MFU its time is predicted at, the link its
+    collectives run over (None: the card's own, or the inter-node one past a node), and the data
+    set's size in samples (None: known for PMC-OA, else no wall time)."""
+
+    mfu: float = DEFAULT_MFU
+    link: str | None = None
+    samples: int | None = None
+
+
+def plan(cfg: Config, ds: dict[str, Any], card: Card, gpus: int, assumptions: Assumptions = Assumptions(),
+         log=lambda line: None) -> Plan:
+    mfu, link, samples = assumptions.mfu, assumptions.link, assumptions.samples
     notes: list[str] = []
     precision = precision_of(ds)
     if "bf16" in precision and not card.bf16:

@@ -25,9 +25,10 @@ from transformers import AutoConfig, AutoModel, BertConfig
 
 from ..config import Config
 from ..kernels import REFERENCE_OPS
-from ..model.text import freeze_bottom_layers, minilm_path
+from ..model.text import freeze_bottom_layers
 from ..model.unimlip import SIMCLR, UniMlip
 from ..objective import compute_terms, total_loss
+from ..text_encoders import minilm_path
 
 CPU = torch.device("cpu")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
