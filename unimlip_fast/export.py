@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 
 from .config import Config, load_config, save_config
 from .data.views import CLIP_MEAN, CLIP_STD
+from .durable import write_atomic
 from .model import UniMlip, assemble
 from .provenance import code_commit
 from .run_folder import RunFolder
@@ -141,9 +141,8 @@ def export_open_clip(checkpoint: str | Path, output: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(folder))
     model.text.encoder.config.save_pretrained(str(folder))  # config.json, for hf_model_name
-    tmp = folder / (OPEN_CLIP_WEIGHTS + ".tmp")
-    save_file(to_open_clip_state(model.state_dict()), str(tmp))
-    os.replace(tmp, folder / OPEN_CLIP_WEIGHTS)
+    state = to_open_clip_state(model.state_dict())
+    write_atomic(folder / OPEN_CLIP_WEIGHTS, lambda tmp: save_file(state, str(tmp)), what="the weights")
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg, model, folder), indent=2))
     save_config(cfg, folder / UNIMLIP_CONFIG)
     (folder / "README.md").write_text(model_card(cfg, run, run.read_summary()))

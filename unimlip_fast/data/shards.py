@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..durable import write_atomic
 from .decoding import SampleError, check_image_bytes, decode_image_bytes
 from .records import DataError
 from .shard_format import (
@@ -42,7 +43,6 @@ from .shard_format import (
     ids_in_vocabulary,
     parse_index,
     read_manifest,
-    write_atomic,
     write_index,
 )
 

@@ -34,7 +34,7 @@ from ..objective import compute_terms, total_loss
 from ..provenance import code_commit
 from ..run_folder import RunFolder
 from .accumulate import build_accumulator
-from .checkpoint import export_weights, load_checkpoint, save_checkpoint
+from .checkpoint import export_weights, load_checkpoint, require_room_for_checkpoint, save_checkpoint
 from .claim import claim_run_folder
 from .distributed import DistEnv, barrier, init_distributed
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
@@ -118,6 +118,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     simclr_step = phase_start_step(cfg.train.simclr_start, steps_per_epoch, total_steps)
     mlm_tables = MaskingTables.from_tokenizer(tokenizer) if cfg.loss.mlm > 0 else None
 
+    require_room_for_checkpoint(model, ckpt_dir)
     engine, ds_config = deepspeed_engine(model, cfg, ds_config_path, env, total_steps)
     state = TrainerState()
     if resume_tag is not None:
