@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, save_config, to_dict
-from ..data.backends import build_train_loader
+from ..data.backends import build_train_loader, resolve_backend
 from ..data.dataset import build_dataset
 from ..data.decoding import set_max_image_pixels
 from ..data.masking import MaskingTables
 from ..data.records import describe_skips
+from ..data.shards import load_shards
 from ..data.sources import read_records
 from ..data.spec import LoaderSpec, batches_per_epoch, loader_spec, trim_padding
 from ..kernels import kernels_note, resolve_ops
@@ -83,6 +84,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
                      resume_notes: list[str], env: DistEnv) -> dict[str, Any]:
     run = RunFolder(run_dir)
     ckpt_dir = run.checkpoints
+    resolve_backend(cfg.data.backend, env.device, cfg.data.shards or None)  # a backend refused: before any work
     if env.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
@@ -157,6 +159,8 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     summary = {"steps": state.step, "epochs": state.epoch, "wall_s": round(time.time() - started, 1),
                "skipped_records": dict(records.skipped), "skipped_samples": state.skipped,
                "nonfinite_steps": state.nonfinite_total, "run_dir": str(run_dir), "commit": code_commit()}
+    if cfg.data.shards:  # what verifying the shards skipped, named by shard (in skipped_samples too, summed)
+        summary["skipped_by_shard"] = load_shards(cfg.data.shards).skipped_by_shard
     if env.is_main and state.step >= total_steps:
         summary.update(_final_eval(engine.module, tokenizer, cfg, env, run))
         run.summary.write_text(json.dumps(summary, indent=2))
