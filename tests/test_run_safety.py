@@ -181,3 +181,33 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     open_metrics(path, resume_step=None).close()
     assert path.read_text() == ""
+
+
+def test_a_start_refused_by_the_lock_never_deletes_the_winners_folder(tmp_path, monkeypatch, capsys):
+    """Two starts found the folder missing; the other took the lock first and has not logged a step
+    yet: the one refused leaves the folder alone."""
+    run = tmp_path / "runs" / "shared"
+    winner = RunLock(run)
+    real_acquire = RunLock.acquire
+
+    def the_other_process_wins(self):
+        if not winner.held:  # between this start's mkdir and its lock, the other one takes it
+            run.mkdir(parents=True, exist_ok=True)
+            real_acquire(winner)
+            (run / "config.yaml").write_text("the winner's\n")
+        real_acquire(self)
+
+    monkeypatch.setattr(RunLock, "acquire", the_other_process_wins)
+    try:
+        assert cli(*RUN_ARGS, "--run-dir", run) != 0
+        assert "in use by pid" in capsys.readouterr().err
+        assert (run / "config.yaml").read_text() == "the winner's\n" and (run / "run.lock").is_file()
+    finally:
+        winner.release()
+
+
+def test_a_failed_start_removes_the_folder_and_the_runs_folder_it_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(*RUN_ARGS, "data.format=csv", f"data.path={tmp_path / 'missing.csv'}") != 0
+    assert "missing.csv" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no runs/ left behind

@@ -10,7 +10,6 @@ import json
 import math
 import random
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,17 +66,12 @@ def seed_everything(seed: int) -> None:
 def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path | None = None,
              resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """``resume``: ``latest`` or a checkpoint tag; ``overwrite``: start over in a folder holding a run.
-    A run that fails before its first step leaves no run folder behind when it made the folder itself."""
+    A run that fails before its first step leaves no run folder behind when it made the folder itself
+    (:func:`.claim.claim_run_folder`)."""
     env = init_distributed()
     run_dir = Path(run_dir or Path("runs") / cfg.name)
-    made_here = not run_dir.exists()
-    try:
-        with claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
-            return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
-    except BaseException:
-        if made_here and env.is_main and RunFolder(run_dir).never_started():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    with claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
+        return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
 
 
 def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, resume_tag: str | None,
