@@ -585,11 +585,12 @@ def main() -> None:
             sys.exit(code)
     except (typer.Exit, click.exceptions.Exit) as e:
         sys.exit(e.exit_code)
-    except (typer.Abort, click.exceptions.Abort):
-        console.print("aborted")
+    except (typer.Abort, click.exceptions.Abort) as e:  # click's word for a KeyboardInterrupt
+        # a training run stopped on a signal says where it stopped and how to go on
+        console.print(str(e.__cause__ or "") or "aborted", highlight=False, soft_wrap=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted")
+    except KeyboardInterrupt as e:
+        console.print(str(e) or "interrupted", highlight=False, soft_wrap=True)
         sys.exit(130)
     except Exception as e:
         if _is_click_error(e):  # typer vendors its own click: recognised by what it offers

@@ -44,6 +44,7 @@ from .monitor import Monitor
 from .nonfinite import deepspeed_skips_nonfinite, guard_note, loss_finite_everywhere, record_skipped_step
 from .replicas import average_batchnorm_stats, clamp_parameter_
 from .schedule import build_optimizer, phase_start_step, warmup_cosine
+from .stopping import TrainingStopped, stop_on_signals, stop_requested, stop_signal
 
 
 @dataclass
@@ -70,7 +71,7 @@ def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path
     (:func:`.claim.claim_run_folder`)."""
     env = init_distributed()
     run_dir = Path(run_dir or Path("runs") / cfg.name)
-    with claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
+    with stop_on_signals(), claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
         return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
 
 
@@ -140,9 +141,14 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     try:
         spec = loader_spec(cfg, env.rank, env.world_size, env.device, next(engine.module.parameters()).dtype,
                            mlm_tables)
-        _train_loop(engine, model, cfg, env, dataset, spec, state, total_steps, simclr_step, monitor, ckpt_dir,
-                    steps_per_epoch, tokenizer)
+        stopped = _train_loop(engine, model, cfg, env, dataset, spec, state, total_steps, simclr_step, monitor,
+                              ckpt_dir, steps_per_epoch, tokenizer)
         save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
+        if stopped:
+            message = (f"stopped on {stop_signal() or 'a signal to another rank'} after step {state.step}: checkpoint "
+                       f"saved in {ckpt_dir}; continue with --resume latest")
+            monitor.info(message)
+            raise TrainingStopped(message)
         if state.step >= total_steps:
             export_weights(engine, run.weights, env)
     finally:
@@ -164,7 +170,8 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
 
 
 def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, state: TrainerState, total_steps: int,
-                simclr_step: int, monitor: Monitor, ckpt_dir: Path, steps_per_epoch: int, tokenizer) -> None:
+                simclr_step: int, monitor: Monitor, ckpt_dir: Path, steps_per_epoch: int, tokenizer) -> bool:
+    """Train up to the run's last step (or train.stop_after_steps); True when a signal stopped it first."""
     # The second phase: SimCLR on, or strong views fed without it (data.strong_views=on).
     second_phase = cfg.loss.simclr > 0 or cfg.data.strong_views == "on"
     phase_at = lambda step: SIMCLR if step >= simclr_step and second_phase else WARMUP
@@ -177,7 +184,8 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, sta
     described = None
     checked_in_step, loss_scaled = deepspeed_skips_nonfinite(engine.config), precision_of(engine.config) == "fp16"
     to_compile = {WARMUP, SIMCLR} if resolve_fast(cfg.train, env.device).compile else set()
-    while state.step < stop_at:
+    stopping = False
+    while state.step < stop_at and not stopping:
         phase = phase_at(state.step)
         if phase == SIMCLR and cfg.loss.freeze_bn_stats:
             # The statistics freeze here (the phase switch, or a resume inside the frozen phase):
@@ -240,7 +248,8 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, sta
                 _periodic_eval(engine.module, tokenizer, cfg, env, monitor, state.step)
             if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0 and state.step < total_steps:
                 save_checkpoint(engine, ckpt_dir, state.step, asdict(state), env, cfg.train.keep_last)
-            if state.step >= stop_at or phase_at(state.step) != phase:
+            stopping = stop_requested(env, state.step, cfg.train.log_every)  # SIGINT or SIGTERM: train/stopping.py
+            if state.step >= stop_at or phase_at(state.step) != phase or stopping:
                 break  # a new phase needs a loader that makes (or stops making) strong views
             interval.mark_data()
         else:  # the loader ran out: the epoch is over, whatever its length
@@ -248,6 +257,7 @@ def _train_loop(engine, model, cfg, env: DistEnv, dataset, spec: LoaderSpec, sta
                 raise RuntimeError(f"the data loader yielded no batch in epoch {state.epoch}")
             if state.batch_in_epoch:
                 state.epoch, state.batch_in_epoch, state.skipped_epoch = state.epoch + 1, 0, {}
+    return stopping and state.step < stop_at
 
 
 def _count_skipped(state: TrainerState, skipped: dict[str, int]) -> None:
