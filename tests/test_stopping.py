@@ -53,3 +53,31 @@ def test_a_signal_stops_the_run_with_a_checkpoint(sig, to_group, tmp_path):
     assert tag == f"step_{step:07d}" and incompleteness(run / "checkpoints" / tag) is None
     assert json.loads((run / "checkpoints" / tag / "trainer_state.json").read_text())["step"] == step
     assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_a_signal_too_late_to_stop_a_run_still_stops_its_caller():
+    """A run that reached its last step when the signal came finishes, then raises: ablate does not
+    start its next row."""
+    from unimlip_fast.train.stopping import TrainingStopped, stop_on_signals, stop_signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingStopped, match="^stopped on SIGINT: the run in x had just finished$"):
+        with stop_on_signals("the run in x"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # let the handler run
+            assert stop_signal() == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is before and stop_signal() is None
+    with stop_on_signals("the run in y"):  # no signal: nothing raised
+        pass
+
+
+def test_a_second_signal_interrupts_at_once():
+    from unimlip_fast.train.stopping import stop_on_signals
+
+    with pytest.raises(KeyboardInterrupt) as e:
+        with stop_on_signals("the run in x"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert type(e.value) is KeyboardInterrupt

@@ -71,7 +71,8 @@ def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path
     (:func:`.claim.claim_run_folder`)."""
     env = init_distributed()
     run_dir = Path(run_dir or Path("runs") / cfg.name)
-    with stop_on_signals(), claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
+    with (stop_on_signals(f"the run in {run_dir}"),
+          claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes)):
         return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
 
 

@@ -45,8 +45,10 @@ def _on_signal(trainer_pid: int):
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into a stop request for the code inside (main thread only; elsewhere a no-op)."""
+def stop_on_signals(what: str) -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into a stop request for the code inside (main thread only; elsewhere a
+    no-op). A request that came too late to stop it (``what`` had reached its last step) is not
+    forgotten: :class:`TrainingStopped` is raised once it is done, so a caller does not go on."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -57,6 +59,8 @@ def stop_on_signals() -> Iterator[None]:
         signal.signal(s, handler)
     try:
         yield
+        if _requested:
+            raise TrainingStopped(f"stopped on {_requested[0]}: {what} had just finished")
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
