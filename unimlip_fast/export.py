@@ -34,6 +34,7 @@ from .durable import write_atomic
 from .model import UniMlip, assemble
 from .provenance import code_commit
 from .run_folder import RunFolder
+from .weights_file import read_safetensors
 
 EXPORT_FORMATS = ("open_clip",)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -161,7 +162,6 @@ def is_export(path: str | Path) -> bool:
 
 def load_export(folder: str | Path, device: torch.device | str = "cpu") -> tuple[UniMlip, object, Config]:
     """An open_clip export folder -> (model, tokenizer, cfg), as :meth:`RunFolder.load_model` gives for a run."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
@@ -171,7 +171,7 @@ def load_export(folder: str | Path, device: torch.device | str = "cpu") -> tuple
     cfg = _inference_config(load_config(folder / UNIMLIP_CONFIG))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     text_config = AutoConfig.from_pretrained(str(folder / "config.json"))
-    model = assemble(cfg, tokenizer, text_config, from_open_clip_state(load_file(str(weights))), weights)
+    model = assemble(cfg, tokenizer, text_config, from_open_clip_state(read_safetensors(weights)), weights)
     return model.to(device).eval(), tokenizer, cfg
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..weights_file import load_weights_only, read_safetensors
+
 _FUSION_BLOCK = {
     "attn.in_proj_weight": "self_attn.in_proj_weight",
     "attn.in_proj_bias": "self_attn.in_proj_bias",
@@ -77,11 +79,9 @@ def load_pmc_clip(model: nn.Module, path: str) -> LoadReport:
     if source.is_dir():
         source = RunFolder(source).weights
     if source.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state, mapping = load_file(str(source)), lambda key, value: (key, value)
+        state, mapping = read_safetensors(source), lambda key, value: (key, value)
     else:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        checkpoint = load_weights_only(source, map_location="cpu")
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict):
             raise ValueError(f"{path}: not a PMC-CLIP checkpoint (expected a state_dict mapping)")

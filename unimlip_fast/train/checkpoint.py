@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import weights_file
 from ..durable import DiskFullError, disk_full_named, fsync_path, require_free_space, write_atomic
 from .distributed import DistEnv, barrier
 from .replicas import average_batchnorm_stats
@@ -100,22 +101,11 @@ def _deepspeed_safe_globals() -> list[Any]:
 
 
 def load_weights_only(path: str | Path, map_location=None) -> Any:
-    """``torch.load`` that never runs code from the file; errors name the file and what is wrong."""
-    import pickle
-
+    """A DeepSpeed file through ``torch.load`` that never runs code from it; errors name the file and what is wrong."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), None)
-        if unsafe:
-            raise CheckpointError(f"{path} holds more than tensors and plain values, refused (loading it would "
-                                  f"run code from the file): {unsafe}") from None
-        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
-        raise CheckpointError(f"{path} is damaged or not a checkpoint file: {detail}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged or not a checkpoint file: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        return weights_file.load_weights_only(path, map_location, _deepspeed_safe_globals())
+    except (weights_file.DamagedFileError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from None
 
 
 @contextmanager
