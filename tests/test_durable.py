@@ -148,3 +148,16 @@ def test_every_write_through_a_temporary_file_uses_the_one_helper():
         if '.tmp"' in text or ".tmp'" in text or "tmp.replace(" in text:
             offenders.append(str(path.relative_to(REPO)))
     assert offenders == []
+
+
+def test_pretrain_refuses_to_start_on_a_disk_that_cannot_hold_a_checkpoint(tmp_path, monkeypatch, capsys):
+    from .helpers import TINY_RUN, run_cli
+
+    monkeypatch.setattr(durable, "free_bytes", lambda path: MB // 2)
+    run = tmp_path / "run"
+    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2_fp32.json",
+                   "--run-dir", run, *TINY_RUN, "train.max_steps=2", "eval.split=")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith(f"error: not enough space on the disk of {run / 'checkpoints'}: 0 MB free, "
+                                        "one checkpoint needs about ")
+    assert not run.exists()
