@@ -211,3 +211,20 @@ def test_a_failed_start_removes_the_folder_and_the_runs_folder_it_made(tmp_path,
     assert cli(*RUN_ARGS, "data.format=csv", f"data.path={tmp_path / 'missing.csv'}") != 0
     assert "missing.csv" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no runs/ left behind
+
+
+def test_a_resume_says_when_it_rewrites_a_config_that_is_not_plain_yaml(run_copy, capsys):
+    config = run_copy / "config.yaml"
+    config.write_text("!!python/object:os.system {}\n" + config.read_text())
+    assert cli(*RUN_ARGS, "--run-dir", run_copy, "--resume", "latest", "train.max_steps=5") == 0
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert f"{config} held other settings or text than this run's and was rewritten" in err
+    assert not config.read_text().startswith("!!python")
+
+
+def test_report_names_a_config_that_is_not_plain_yaml(run_copy, monkeypatch, capsys):
+    config = run_copy / "config.yaml"
+    config.write_text("model: !!python/object:os.system {}\n")
+    assert run_cli(monkeypatch, "report", run_copy) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: not valid YAML") and len(err.splitlines()) == 1

@@ -81,9 +81,10 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     run = RunFolder(run_dir)
     ckpt_dir = run.checkpoints
     resolve_backend(cfg.data.backend, env.device, cfg.data.shards or None)  # a backend refused: before any work
+    config_notes = []
     if env.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.config)
+        config_notes = [note for note in [save_config(cfg, run.config)] if note]
     barrier()
     seed_everything(cfg.train.seed + env.rank)
 
@@ -93,7 +94,7 @@ def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, res
     tokenizer = _tokenizer(cfg, [r.caption for r in records.items], run_dir, env, resume_tag is not None)
     model = build_model(cfg.model, cfg.loss, tokenizer)
     model.ops = resolve_ops(cfg.model.kernels, env.device)
-    monitor_notes = resume_notes + eval_note + [kernels_note(cfg.model.kernels, model.ops, env.device)]
+    monitor_notes = resume_notes + config_notes + eval_note + [kernels_note(cfg.model.kernels, model.ops, env.device)]
     fast = resolve_fast(cfg.train, env.device)
     apply_fast(model, fast)
     monitor_notes.append(fast.note(cfg.train.fast, env.device))
