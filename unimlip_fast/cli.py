@@ -352,7 +352,7 @@ def embed(
 
     Example: unimlip-fast embed --checkpoint runs/medpix_cpu --data medpix:../shared/data/medpix2 --output emb/medpix
     """
-    from .data.records import describe_skips
+    from .data.records import DataError, describe_skips
     if (data is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
     data_cfg = parse_data_spec(data) if data else None
@@ -374,6 +374,9 @@ def embed(
     finally:
         close()
     skipped = describe_skips({**index["read_skipped"], **index["skipped"]}) or "none"
+    if index["n_images"] == 0:  # captions alone are no image index: a failure, said in one line
+        raise DataError(f"no image could be embedded (skipped: {skipped}); {output} holds {index['n_texts']} "
+                        "captions only")
     console.print(f"{index['n_images']} images and {index['n_texts']} captions in {len(index['parts'])} parts at "
                   f"{output}; skipped: {skipped}", highlight=False)
 
