@@ -614,6 +614,9 @@ def _is_click_error(e: Exception) -> bool:
 def _in_words(e: Exception) -> str:
     """The error's message; the class name only where the message alone would not say what went wrong."""
     message = str(e)
+    if "Original Traceback" in message:  # raised in a DataLoader worker: its own message, not the traceback
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in message:
         return f"file not found: {e.filename}"
     if isinstance(e, (ValueError, OSError, RuntimeError)) and message:  # ConfigError, DataError, ...: worded
