@@ -129,8 +129,38 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
 
 
-def parse_data_spec(spec: str):
-    """``FORMAT:PATH`` -> DataConfig; ``phantom:N`` is N generated phantom pairs (no files)."""
+# The keys of a data set's reading that a command taking --data takes from the run it evaluates,
+# when the data is the run's own (a CSV's columns, its image folder, its split column).
+RUN_DATA_KEYS = ("image_root", "image_key", "caption_key", "split_key")
+DATA_KEY_HELP = ("KEY=VALUE for a data.* key as pretraining takes it, e.g. image_key=filename caption_key=notes "
+                 "image_root=DIR (repeatable); the data of the run being evaluated defaults to the run's own keys.")
+
+
+def parse_data_spec(spec: str, data_keys: list[str] | None = None, run: Path | None = None):
+    """``FORMAT:PATH`` -> DataConfig; ``phantom:N`` is N generated phantom pairs (no files).
+    ``data_keys``: ``KEY=VALUE`` (or ``data.KEY=VALUE``) for any ``data.*`` key, as pretraining
+    takes them; ``run``: a run folder whose own data this may be, whose reading keys are the defaults."""
+    import dataclasses
+
+    from .config import DataConfig, load_schema
+    from .run_folder import RunFolder
+
+    base = _parse_data_spec(spec)
+    keys = [k.removeprefix("data.") for k in data_keys or []]
+    if run is not None and base.path and RunFolder.of(run).config.is_file():
+        from .config import load_config
+
+        own = load_config(RunFolder.of(run).config).data
+        if own.format == base.format and own.path and Path(own.path).resolve() == Path(base.path).resolve():
+            keys = [f"{k}={getattr(own, k)}" for k in RUN_DATA_KEYS if getattr(own, k)] + keys
+    if not keys:
+        return base
+    fields = [f"{f.name}={getattr(base, f.name)}" for f in dataclasses.fields(DataConfig)
+              if f.name in ("format", "path", "phantom_size")]
+    return load_schema(DataConfig, None, fields + keys)
+
+
+def _parse_data_spec(spec: str):
     from .config import DataConfig
 
     fmt, sep, path = spec.partition(":")
@@ -161,13 +191,15 @@ def eval_retrieval(
     roco_protocol: Annotated[bool, typer.Option("--roco-2000", help="ROCO's 2,000-pair test protocol.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    data_key: Annotated[Optional[list[str]], typer.Option("--data-key", help=DATA_KEY_HELP)] = None,
 ) -> None:
     """Image-text retrieval: Recall@1/5/10 and ranks, image->text and text->image.
 
     Example: unimlip-fast eval retrieval --checkpoint runs/medpix --data medpix:../shared/data/medpix2 --split test
     """
-    data_cfg = parse_data_spec(data)
-    data_cfg.split_key = split_key
+    data_cfg = parse_data_spec(data, data_key, checkpoint)
+    if split_key:
+        data_cfg.split_key = split_key
     _quiet_libraries()
     from .eval.retrieval import RetrievalProtocol, evaluate_retrieval
     from .inference import load
@@ -347,6 +379,7 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 2,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    data_key: Annotated[Optional[list[str]], typer.Option("--data-key", help=DATA_KEY_HELP)] = None,
 ) -> None:
     """Image and caption embeddings with their keys, in resumable parts.
 
@@ -355,7 +388,7 @@ def embed(
     from .data.records import DataError, describe_skips
     if (data is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
-    data_cfg = parse_data_spec(data) if data else None
+    data_cfg = parse_data_spec(data, data_key, checkpoint) if data else None
     _quiet_libraries()
     from .embed import embed_to_index, packed_source, records_source
     from .inference import load
