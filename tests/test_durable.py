@@ -161,3 +161,14 @@ def test_pretrain_refuses_to_start_on_a_disk_that_cannot_hold_a_checkpoint(tmp_p
     assert code == 1 and err.startswith(f"error: not enough space on the disk of {run / 'checkpoints'}: 0 MB free, "
                                         "one checkpoint needs about ")
     assert not run.exists()
+
+
+def test_files_written_by_a_library_get_the_same_mode_as_the_rest(tmp_path):
+    from safetensors.torch import save_file
+
+    write_atomic(tmp_path / "w.safetensors", lambda p: save_file({"a": torch.zeros(2)}, str(p)))
+    write_atomic(tmp_path / "a.json", "{}")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["w.safetensors"] == modes["a.json"] == modes["plain.txt"]

@@ -81,6 +81,13 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def plain_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under this process's umask (0644 under 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def temporary_name(path: str | os.PathLike) -> Path:
     """The name :func:`write_atomic` writes ``path`` under first (this process's)."""
     path = Path(path)
@@ -90,7 +97,8 @@ def temporary_name(path: str | os.PathLike) -> Path:
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path], None],
                  what: str = "the file") -> None:
     """Replace ``path`` with ``content`` (text, bytes, or a function writing the file it is given),
-    through a temporary file in the same folder: fsync, rename, fsync the folder. On failure the
+    through a temporary file in the same folder: fsync, rename, fsync the folder; the file gets the
+mode a plain ``open`` gives (whatever library wrote it). On failure the
     temporary file is removed and ``path`` is as before; a full disk raises :class:`DiskFullError`."""
     path = Path(path)
     tmp = temporary_name(path)
@@ -108,6 +116,7 @@ def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path]
                     f.write(data)
             else:
                 data(tmp)
+            os.chmod(tmp, plain_file_mode())  # as open() makes it (safetensors' writer makes 0600)
             fsync_path(tmp)
             os.replace(tmp, path)
             fsync_path(path.parent)

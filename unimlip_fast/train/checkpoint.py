@@ -67,8 +67,8 @@ def save_rng_state(path: Path) -> None:
         tensors["cuda"] = torch.cuda.get_rng_state()
     plain = {"python_version": version, "python_gauss_next": gauss_next, "numpy_name": np_name,
              "numpy_pos": int(np_pos), "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss)}
-    save_file(tensors, str(path), metadata={"plain": json.dumps(plain)})
-    fsync_path(path)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"plain": json.dumps(plain)}),
+                 what="the RNG state")
 
 
 def load_rng_state(path: Path) -> None:
