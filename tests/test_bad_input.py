@@ -3,6 +3,7 @@ import json
 import warnings
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from unimlip_fast.data.phantom import phantom_split
@@ -102,3 +103,13 @@ def test_every_image_undecodable_is_one_line_not_a_worker_traceback(tmp_path, mo
     error_lines = [line for line in err if line.startswith("error:")]
     assert code == 1 and len(error_lines) == 1 and err[-1] == error_lines[0]
     assert "DataLoader worker" not in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_a_header_only_csv_says_it_has_no_rows_not_that_images_are_missing(tmp_path):
+    from unimlip_fast.config import DataConfig
+    from unimlip_fast.data.records import DataError
+    from unimlip_fast.data.sources import read_records
+
+    (tmp_path / "pairs.csv").write_text("image,caption\n")
+    with pytest.raises(DataError, match=r"skipped: no rows at all\)$"):
+        read_records(DataConfig(format="csv", path=str(tmp_path / "pairs.csv")), None)

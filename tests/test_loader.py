@@ -201,4 +201,5 @@ def test_the_cpu_loader_says_how_many_workers_in_words(phantom_ds):
 
     described = {n: train_loader("cpu", phantom_ds, batch=8, num_workers=n).description for n in (0, 1, 2)}
     assert described[0].endswith("in the training process (as configured)")
-    assert described[1].endswith("in 1 worker (as configured)") and described[2].endswith("in 2 workers (as configured)")
+    assert described[1].endswith("in 1 worker (as configured)")
+    assert described[2].endswith("in 2 workers (as configured)")

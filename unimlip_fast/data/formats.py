@@ -47,7 +47,8 @@ def _add(records: list[Record], skipped: Skips, index: ImageIndex, key, caption_
 
 def _pairs(records: list[Record], skipped: Skips, source) -> ItemSet[Record]:
     hint = ""
-    if set(k for k, v in skipped.items() if v) <= {"missing_image", "outside_root"}:
+    reasons = {k for k, v in skipped.items() if v}
+    if reasons and reasons <= {"missing_image", "outside_root"}:  # not a file with no rows at all
         hint = ("; every image is missing or outside the image folder: set data.image_root to the folder "
                 "the image paths are relative to")
     return finish(records, skipped, source, "image-caption pairs", hint)
