@@ -82,7 +82,9 @@ def test_pretraining_refuses_an_eval_split_of_training_rows_before_training(tabl
     base = ["pretrain", REPO / "configs/demo.yaml", *TINY_OVERRIDES, "data.format=csv", "data.num_workers=0",
             f"data.path={table / 'pairs.csv'}", "train.batch_size=4", "train.max_steps=1"]
     assert run_cli(monkeypatch, *base, "--run-dir", table / "a", "eval.split=test") != 0
-    assert "would be the training rows again" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "would be the training rows again" in err
+    assert "a run pretraining on this file evaluates nothing with eval.split=" in err  # what works, named first
     assert not (table / "a" / "checkpoints").exists() or not any((table / "a" / "checkpoints").iterdir())
     assert run_cli(monkeypatch, *base, "--run-dir", table / "b", "data.split_key=part", "data.split=test",
                "eval.split=test") != 0
