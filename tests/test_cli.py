@@ -65,3 +65,10 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
                    "data.caption_key=text", "data.split=")
     assert code == 1 and "missing_image" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_version(monkeypatch, capsys):
+    from unimlip_fast import __version__
+
+    assert run_cli(monkeypatch, "--version") == 0
+    assert capsys.readouterr().out.strip() == f"unimlip-fast {__version__}"

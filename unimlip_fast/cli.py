@@ -27,6 +27,23 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretraining r
 app.add_typer(finetune_app, name="finetune")
 console = make_console()
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"unimlip-fast {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """High-throughput Uni-Mlip pretraining and evaluation."""
+
+
 DsConfigOpt = Annotated[Optional[Path], typer.Option(
     "--ds-config", help="DeepSpeed JSON (ZeRO stage, precision): a path, or the name of a shipped one (zero2.json).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
