@@ -177,6 +177,12 @@ def parse_data_spec(spec: str, data_keys: list[str] | None = None, run: Path | N
     return load_schema(DataConfig, None, fields + keys)
 
 
+def _require_data_path(data_cfg) -> None:
+    """A --data path that does not exist, said before the model is loaded (seconds)."""
+    if data_cfg.format != "phantom" and not Path(data_cfg.path).exists():
+        raise FileNotFoundError(f"--data {data_cfg.format}:{data_cfg.path}: {data_cfg.path} not found")
+
+
 def _parse_data_spec(spec: str):
     from .config import DataConfig
 
@@ -215,6 +221,7 @@ def eval_retrieval(
     Example: unimlip-fast eval retrieval --checkpoint runs/medpix --data medpix:../shared/data/medpix2 --split test
     """
     data_cfg = parse_data_spec(data, data_key, checkpoint)
+    _require_data_path(data_cfg)
     if split_key:
         data_cfg.split_key = split_key
     _quiet_libraries()
@@ -406,6 +413,8 @@ def embed(
     if (data is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
     data_cfg = parse_data_spec(data, data_key, checkpoint) if data else None
+    if data_cfg is not None:
+        _require_data_path(data_cfg)
     _quiet_libraries()
     from .embed import embed_to_index, packed_source, records_source
     from .inference import load
