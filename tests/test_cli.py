@@ -86,3 +86,10 @@ def test_eval_names_a_missing_data_folder_before_loading_the_model(tiny_run, tmp
         assert run_cli(monkeypatch, *command, "--checkpoint", tiny_run, "--data", f"medpix:{missing}") == 1
         err = capsys.readouterr().err.strip()
         assert err == f"error: --data medpix:{missing}: {missing} not found"
+
+
+def test_a_run_folder_that_does_not_exist_is_said_so(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "nonexistent" / "run"
+    for command in (["report", missing], ["eval", "retrieval", "--checkpoint", missing, "--data", "phantom:8"]):
+        assert run_cli(monkeypatch, *command) == 1
+        assert capsys.readouterr().err.strip() == f"error: run folder not found: {missing}"

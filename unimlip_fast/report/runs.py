@@ -61,6 +61,8 @@ class RunRecord:
 def read_run(path: str | Path) -> RunRecord:
     path = Path(path)
     run = RunFolder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run folder not found: {path}")
     if not run.metrics.is_file():
         raise FileNotFoundError(f"{path} is not a run folder: no {run.metrics.name} in it")
     config = read_config_tree(run.config) if run.config.is_file() else {}  # not plain YAML: the file named
