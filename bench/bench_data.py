@@ -40,7 +40,7 @@ from unimlip_fast.data.backends import build_train_loader
 from unimlip_fast.data.dali import dali_available
 from unimlip_fast.data.dataset import build_dataset
 from unimlip_fast.data.masking import MaskingTables
-from unimlip_fast.data.pack import pack
+from unimlip_fast.data.pack import PackOptions, pack
 from unimlip_fast.data.shards import ShardSet, open_shards
 from unimlip_fast.data.sources import read_records
 from unimlip_fast.data.spec import LoaderSpec
@@ -180,8 +180,8 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
         records = read_records(data, "train")
         tokenizer = _tokenizer([r.caption for r in records.items], tmp / "tokenizer")
         t0 = time.time()
-        pack(data, tmp / "shards", str(tmp / "tokenizer"), "train", shard_size=256, context_length=CONTEXT,
-             workers=workers, progress=False)
+        pack(data, tmp / "shards", str(tmp / "tokenizer"), "train",
+             PackOptions(shard_size=256, context_length=CONTEXT, workers=workers, progress=False))
         print(f"packed {len(records)} MedPix pairs in {time.time() - t0:.1f} s ({workers} processes)", flush=True)
         shards = tiled(open_shards(tmp / "shards"), REPEAT)
         dataset = build_dataset(records.items * REPEAT, tokenizer, IMAGE_SIZE, CONTEXT)

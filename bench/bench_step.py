@@ -134,7 +134,8 @@ class Fast:
         self.choices = resolve_fast(cfg.train, device)
         model.ops = resolve_ops("auto", device)
         apply_fast(model, self.choices)
-        self.engine, self.ds = deepspeed_engine(model, cfg, ds_config, env, cfg.train.max_steps)
+        self.engine, self.ds = deepspeed_engine(model, cfg, ds_config, env, cfg.train.max_steps,
+                                               fused_adamw=self.choices.fused_adamw)
         self.model = self.engine.module
         self.engine.train()
 
@@ -253,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         image_size = base_cfg.model.image_size
         shards = None
         if "data" in feeds and cuda:
-            from unimlip_fast.data.pack import pack
+            from unimlip_fast.data.pack import PackOptions, pack
 
-            pack(data, tmp / "shards", str(tmp / "tokenizer"), "train", shard_size=256, context_length=CONTEXT,
-                 workers=workers, progress=False)
+            pack(data, tmp / "shards", str(tmp / "tokenizer"), "train",
+                 PackOptions(shard_size=256, context_length=CONTEXT, workers=workers, progress=False))
             shards = tmp / "shards"
         dataset = build_dataset(records, tokenizer, image_size, CONTEXT)
         mlm = MaskingTables.from_tokenizer(tokenizer)

@@ -10,10 +10,7 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
-# Shared constants live in helpers.py; re-exported here for modules that read them from conftest.
-from .helpers import CAPTIONS, REPO, SHARED_DATA, TINY_OVERRIDES, make_run_folder, medpix_path
-
-__all__ = ["CAPTIONS", "REPO", "SHARED_DATA", "TINY_OVERRIDES", "make_run_folder", "medpix_path"]
+from .helpers import CAPTIONS, TINY_OVERRIDES, make_run_folder
 
 
 @pytest.fixture

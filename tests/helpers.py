@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
+
+from unimlip_fast.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # The real data sets (MedPix, VQA-RAD, NIH): ../shared/data beside the checkout, or wherever
@@ -163,11 +166,11 @@ def tiny_tokenizer_dir(root: Path) -> Path:
 
 def pack_medpix(root: Path, n: int = N_PACKED, shard_size: int = 40) -> Path:
     from unimlip_fast.config import DataConfig
-    from unimlip_fast.data.pack import pack
+    from unimlip_fast.data.pack import PackOptions, pack
 
     out = root / "shards"
     pack(DataConfig(format="medpix", path=str(medpix_path())), out, str(tiny_tokenizer_dir(root)), "train",
-         shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False)
+         PackOptions(shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False))
     return out
 
 
@@ -277,7 +280,7 @@ def write_image(path: Path, seed: int, size: int = 40, bright: bool = False) -> 
     Image.fromarray(a, "L").save(path)
 
 
-def tiny_run(folder: Path) -> Path:
+def finetuning_base_run(folder: Path) -> Path:
     """A finished pretraining run folder with a tiny random model at 32 px, its tokenizer knowing
     a few question words too (what fine-tuning loads)."""
     return make_run_folder(folder, TINY_OVERRIDES + ["model.image_size=32"],
@@ -383,3 +386,46 @@ def write_slake(root: Path, n_images: int = 8) -> Path:
                          "answer": "Spleen", "q_lang": "en", "answer_type": "OPEN", "qid": -3})
         (root / f"{split}.json").write_text(json.dumps(rows))
     return root
+
+
+# ------------------------------------------------------------------ processes as ranks
+def spawn_ranks(worker, world: int, *args, accelerator: str = "cpu") -> None:
+    """``worker(rank, world, *args)`` in ``world`` spawned processes, each set up as its rank of a
+    process group: the environment torch.distributed reads (127.0.0.1, a free port), DeepSpeed's
+    ``accelerator``, one CPU thread. The worker itself calls ``init_distributed()``."""
+    mp.spawn(_as_rank, args=(worker, world, free_port(), accelerator, args), nprocs=world, join=True)
+
+
+def _as_rank(rank: int, worker, world: int, port: int, accelerator: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR=accelerator)
+    torch.set_num_threads(1)
+    worker(rank, world, *args)
+
+
+def pmc_clip_checkpoint(model, vocab: int, width: int, embed: int, layers: int, seed: int = 0) -> dict:
+    """PMC-CLIP's state dict: its ModifiedResNet and BERT (the same architectures as ours, taken from
+    ``model``), and its own fusion, projections and logit scale at PMC-CLIP's shapes, random values."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
+    state = {f"module.{k}": v.clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
+    state.update({f"module.text_encoder.{k.removeprefix('text.encoder.')}": v.clone()
+                  for k, v in model.state_dict().items() if k.startswith("text.encoder.")})
+    state["module.text_encoder.pooler.dense.weight"] = r(width, width)  # BertModel's pooler, unused
+    state["module.text_projection"] = r(width, embed)
+    state["module.logit_scale"] = torch.tensor(math.log(1 / 0.07))  # 0-dim, as PMC-CLIP stores it
+    state["module.img_special_token"] = r(1, 1, embed)
+    state["module.mlm_projection"] = r(width, vocab)
+    state["module.positional_embedding"] = r(77, width)  # defined, unused on PMC-CLIP's BERT path
+    state["module.ln_final.weight"], state["module.ln_final.bias"] = r(width), r(width)  # likewise
+    for i in range(layers):
+        block = f"module.fusion_module.resblocks.{i}."
+        state.update({block + "attn.in_proj_weight": r(3 * width, width), block + "attn.in_proj_bias": r(3 * width),
+                      block + "attn.out_proj.weight": r(width, width), block + "attn.out_proj.bias": r(width),
+                      block + "ln_1.weight": 1 + r(width), block + "ln_1.bias": r(width),
+                      block + "ln_2.weight": 1 + r(width), block + "ln_2.bias": r(width),
+                      block + "mlp.c_fc.weight": r(4 * width, width), block + "mlp.c_fc.bias": r(4 * width),
+                      block + "mlp.c_proj.weight": r(width, 4 * width), block + "mlp.c_proj.bias": r(width)})
+    return state

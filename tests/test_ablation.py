@@ -109,34 +109,36 @@ def _bn_buffers(run_dir):
 @pytest.mark.slow
 def test_ablate_base_and_two_rows_of_each_table(tmp_path, monkeypatch):
     """A base, then rows 1 and 3 of Table 3 and row 2 of Table 4 (rows 1 and 2 of Table 4; row 1 run
-    once for both), two seeds; stopped after the first row and picked up again."""
+    once for both), two seeds; stopped part-way through the first seed and picked up again."""
     import unimlip_fast.train.engine as engine
 
     calls, stop_at = [], [4]
     pretrain = engine.pretrain
 
-    def interrupted_after_one_row(cfg, ds_config, run_dir, resume, overwrite):
+    def stopped_part_way(cfg, ds_config, run_dir, resume, overwrite):
         calls.append(run_dir)
-        if len(calls) == stop_at[0]:  # the base, two seeds of row 1, then stopped
+        if len(calls) == stop_at[0]:  # the base, seed 0 of rows 1 and 2, then stopped
             raise KeyboardInterrupt
         return pretrain(cfg, ds_config, run_dir, resume, overwrite)
 
-    monkeypatch.setattr(engine, "pretrain", interrupted_after_one_row)
+    monkeypatch.setattr(engine, "pretrain", stopped_part_way)
     out = tmp_path / "ablation"
     args = ["ablate", REPO / "configs/demo.yaml", *TINY_ABLATION, "--table", "3,4", "--seeds", "2",
             "--rows", "itc_mlm,views_no_simclr,itc_img_fp", "--base-epochs", "1", "--out", out,
             "--ds-config", REPO / "configs/zero2_fp32.json"]
     assert run_cli(monkeypatch, *args) == 130
-    assert [p.relative_to(out).as_posix() for p in calls] == ["base", "itc_mlm/seed0", "itc_mlm/seed1",
-                                                              "views_no_simclr/seed0"]
+    assert [p.relative_to(out).as_posix() for p in calls] == ["base", "itc_mlm/seed0", "views_no_simclr/seed0",
+                                                              "itc_img_fp/seed0"]
     partial = json.loads((out / "results.json").read_text())
-    assert partial["rows"]["itc_mlm"]["seeds_done"] == [0, 1] and partial["rows"]["itc_img_fp"]["seeds_done"] == []
+    assert partial["rows"]["itc_mlm"]["seeds_done"] == [0] and partial["rows"]["views_no_simclr"]["seeds_done"] == [0]
+    assert partial["rows"]["itc_img_fp"]["seeds_done"] == []
+    assert partial["tables"]["3"]["comparisons"][0]["seeds"] == [0]  # paired on the seed both rows have
 
     calls.clear()
     stop_at[0] = 0
     assert run_cli(monkeypatch, *args) == 0
-    assert [p.relative_to(out).as_posix() for p in calls] == [  # the base and the finished row not rerun
-        "views_no_simclr/seed0", "views_no_simclr/seed1", "itc_img_fp/seed0", "itc_img_fp/seed1"]
+    assert [p.relative_to(out).as_posix() for p in calls] == [  # the base and the finished runs not rerun
+        "itc_img_fp/seed0", "itc_mlm/seed1", "views_no_simclr/seed1", "itc_img_fp/seed1"]
     results = json.loads((out / "results.json").read_text())
     assert (out / "table.md").read_text() == markdown_tables(results)
     table = (out / "table.md").read_text()

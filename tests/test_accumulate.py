@@ -15,11 +15,9 @@ relative 1e-5, under ZeRO-2 and ZeRO-3, on one process and on two gloo ranks.
 import dataclasses
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from unimlip_fast.config import ConfigError, load_config
@@ -27,10 +25,11 @@ from unimlip_fast.kernels import resolve_ops
 from unimlip_fast.model import SIMCLR, WARMUP, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 from unimlip_fast.train.accumulate import micro_batch_plan, split_batch
+from unimlip_fast.train.distributed import init_distributed
 from unimlip_fast.train.ds_config import fp32_variant, resolve_ds_config
 from unimlip_fast.train.fast import REFERENCE_STEP, apply_fast
 
-from .conftest import CAPTIONS, REPO, TINY_OVERRIDES
+from .helpers import CAPTIONS, REPO, TINY_OVERRIDES, spawn_ranks
 
 PER_RANK, MICRO, SEED = 8, 2, 123
 RANDOMNESS_OFF = ["model.dropblock_p=0.0", "model.text_dropout=0.0", "model.text.hidden_dropout=0.0"]
@@ -158,10 +157,7 @@ def compare(got, want, rel: float = 1e-5) -> list[str]:
     return problems
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, out_dir: str) -> None:
     from unimlip_fast.train.distributed import init_distributed
 
     init_distributed()
@@ -201,20 +197,10 @@ def _running_statistics(world: int, rank: int) -> list[str]:
     return problems
 
 
-def _init_one_rank(port: int, accelerator: str) -> None:
-    """This spawned process as the only rank of a process group, on DeepSpeed's ``accelerator``."""
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR=accelerator)
-    torch.set_num_threads(1)
-    from unimlip_fast.train.distributed import init_distributed
-
-    init_distributed()
-
-
-def _fused_worker(rank: int, port: int, out_dir: str, device: str) -> None:
+def _fused_worker(rank: int, world: int, out_dir: str, device: str) -> None:
     """The fused kernels (DropBlock's Philox seed comes from the CPU generator): on CUDA, or on CPU
     tensors in Triton's interpreter."""
-    _init_one_rank(port, device)
+    init_distributed()
     got = accumulated(1, 0, False, "zero2_fp32.json", device=device, kernels="triton")
     # On CUDA, TF32 convolutions and Triton dots: rounding well above fp32's, far below what a
     # wrong dropout or DropBlock mask does to the gradients (several percent).
@@ -225,11 +211,11 @@ def _fused_worker(rank: int, port: int, out_dir: str, device: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _compiled_worker(rank: int, port: int, out_dir: str) -> None:
+def _compiled_worker(rank: int, world: int, out_dir: str) -> None:
     """The accumulated step with the towers compiled, against the uncompiled reference. BERT's dropout
     inside the compiled tower is off (under inductor it draws from another generator); DropBlock and
     the text-embedding dropout run outside the compiled parts, so the replayed draws are still tested."""
-    _init_one_rank(port, "cpu")
+    init_distributed()
     no_bert_dropout = ("model.text.hidden_dropout=0.0",)
     torch._dynamo.reset()
     got = accumulated(1, 0, False, "zero2_fp32.json", overrides=no_bert_dropout, compiled=True)
@@ -241,16 +227,10 @@ def _compiled_worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_accumulated_step_matches_the_whole_batch(tmp_path, world):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_worker, world, str(tmp_path))
     for rank in range(world):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert len(report) == 8
@@ -261,7 +241,7 @@ def test_accumulated_step_matches_the_whole_batch(tmp_path, world):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU cases cover the algorithm)")
 def test_accumulated_step_on_cuda_replays_the_random_draws(tmp_path):
     """The CUDA generator's state restored for each micro-batch's second forward, the fused kernels."""
-    mp.spawn(_fused_worker, args=(_free_port(), str(tmp_path), "cuda"), nprocs=1, join=True)
+    spawn_ranks(_fused_worker, 1, str(tmp_path), "cuda", accelerator="cuda")
     report = json.loads((tmp_path / "fused.json").read_text())
     assert {case: problems for case, problems in report.items() if problems} == {}
 
@@ -270,14 +250,14 @@ def test_accumulated_step_on_cuda_replays_the_random_draws(tmp_path):
 @pytest.mark.interpreter
 def test_accumulated_step_with_the_fused_kernels_interpreted(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed")
-    mp.spawn(_fused_worker, args=(_free_port(), str(tmp_path), "cpu"), nprocs=1, join=True)
+    spawn_ranks(_fused_worker, 1, str(tmp_path), "cpu")
     report = json.loads((tmp_path / "fused.json").read_text())
     assert {case: problems for case, problems in report.items() if problems} == {}
 
 
 @pytest.mark.slow
 def test_accumulated_step_with_compiled_towers(tmp_path):
-    mp.spawn(_compiled_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    spawn_ranks(_compiled_worker, 1, str(tmp_path))
     report = json.loads((tmp_path / "compiled.json").read_text())
     assert {case: problems for case, problems in report.items() if problems} == {}
 

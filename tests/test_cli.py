@@ -75,12 +75,12 @@ def test_version(monkeypatch, capsys):
 
 
 def test_eval_names_a_missing_data_folder_before_loading_the_model(tiny_run, tmp_path, monkeypatch, capsys):
-    import unimlip_fast.inference
+    import unimlip_fast.loading
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded first")
 
-    monkeypatch.setattr(unimlip_fast.inference, "load", no_load)
+    monkeypatch.setattr(unimlip_fast.loading, "load", no_load)
     missing = tmp_path / "nowhere"
     for command in (["eval", "retrieval"], ["embed", "--output", tmp_path / "index"]):
         assert run_cli(monkeypatch, *command, "--checkpoint", tiny_run, "--data", f"medpix:{missing}") == 1

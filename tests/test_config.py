@@ -1,7 +1,9 @@
+from dataclasses import dataclass, field
 
 import pytest
 
-from unimlip_fast.config import ConfigError, load_config, save_config, valid_keys
+from unimlip_fast.config import Config, ConfigError, load_config, load_schema, save_config, valid_keys
+from unimlip_fast.finetune.config import load_classify_config, load_vqa_config
 from unimlip_fast.train.ds_config import load_ds_config, resolve_ds_config
 
 from .helpers import REPO
@@ -87,3 +89,33 @@ def test_the_papers_views_and_simclr_are_the_defaults():
     assert cfg.data.weak_scale == [0.9, 1.0] and cfg.data.strong_scale == [0.9, 1.0]
     assert cfg.data.strong_views == "auto" and cfg.loss.simclr_negatives == "cross-view"
     assert load_config(None, ["data.strong_views=off", "loss.simclr=0"]).data.strong_views == "off"
+
+
+@dataclass
+class _TextSteps:
+    max_steps: str = ""  # an int in pretraining's Config, text here
+
+
+@dataclass
+class _OtherSchema:
+    train: _TextSteps = field(default_factory=_TextSteps)
+
+
+def test_overrides_are_parsed_with_their_own_schema():
+    """An override is read as text or YAML by the schema it is applied to, not by pretraining's Config."""
+    assert load_schema(_OtherSchema, None, ["train.max_steps=007"]).train.max_steps == "007"
+    with pytest.raises(ConfigError, match="train.init must be one of pretrained, random, got 'off'"):
+        load_classify_config(None, ["data.path=/x", "train.init=off"])
+    assert load_vqa_config(None, ["data.path=/x", "train.init=random"]).train.init == "random"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.fast=sometimes", "train.fast must be true, false or auto, got 'sometimes'"),
+    ("train.report_to=[tensorboard, mlflow]", r"train.report_to\[1\] must be one of tensorboard, wandb"),
+])
+def test_choices_are_checked_by_the_loader(override, message):
+    """The choices are types of the schema: loading alone (no cross-field validation) rejects them."""
+    with pytest.raises(ConfigError, match=message):
+        load_schema(Config, None, [override])
+    assert load_schema(Config, None, ["train.fast=true"]).train.fast is True
+    assert load_schema(Config, None, ["train.fast=auto"]).train.fast == "auto"

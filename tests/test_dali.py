@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from unimlip_fast.data.dali import dali_available
+from unimlip_fast.data.views import ViewRecipe
 
 from .helpers import CAPTIONS, shard_loader, tiny_tokenizer_dir
 
@@ -20,7 +21,7 @@ def test_dali_strong_views_follow_the_recipe(tmp_path):
     from PIL import Image
 
     from unimlip_fast.config import DataConfig
-    from unimlip_fast.data.pack import pack
+    from unimlip_fast.data.pack import PackOptions, pack
 
     rng = np.random.default_rng(0)
     (tmp_path / "im").mkdir()
@@ -32,7 +33,8 @@ def test_dali_strong_views_follow_the_recipe(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = DataConfig(format="jsonl", path=str(tmp_path / "pairs.jsonl"), image_root=str(tmp_path / "im"), split="all")
     out = tmp_path / "packed"
-    pack(data, out, str(tiny_tokenizer_dir(tmp_path)), shard_size=50, context_length=24, progress=False)
+    pack(data, out, str(tiny_tokenizer_dir(tmp_path)),
+         options=PackOptions(shard_size=50, context_length=24, progress=False))
     batches = list(shard_loader("dali", out, strong_views=True, seed=0))
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -42,3 +44,6 @@ def test_dali_strong_views_follow_the_recipe(tmp_path):
     assert 0.08 <= is_grey(strong).float().mean() <= 0.35  # 192 views, p 0.2
     assert not is_grey(weak).any()
     assert strong.min() >= -1e-3 and strong.max() <= 1 + 1e-3
+    # The pipeline reads the spec's recipe: greyscale always on makes every strong view grey.
+    always_grey = list(shard_loader("dali", out, strong_views=True, seed=0, views=ViewRecipe(p_grey=1.0)))
+    assert all(is_grey(b[key] * std + mean).all() for b in always_grey for key in ("image_a", "image_b"))

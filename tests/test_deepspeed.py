@@ -1,17 +1,15 @@
 """Two CPU ranks under DeepSpeed ZeRO-2 (gloo) give the loss and gradients of one process on the
 concatenated batch: the contrastive terms really are global-batch losses."""
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from unimlip_fast.config import load_config
 from unimlip_fast.model import SIMCLR, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 
-from .helpers import CAPTIONS, TINY_OVERRIDES
+from .helpers import CAPTIONS, TINY_OVERRIDES, spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +41,7 @@ def make_everything():
     return cfg, model, batch
 
 
-def _rank_main(rank, world, port, out_dir, ds_json):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
+def _rank_main(rank, world, out_dir, ds_json):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -74,15 +69,9 @@ def _rank_main(rank, world, port, out_dir, ds_json):
     torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("ds_json", ["configs/zero2_fp32.json"])
 def test_two_ranks_match_one_process(tmp_path, ds_json):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), ds_json), nprocs=2, join=True)
+    spawn_ranks(_rank_main, 2, str(tmp_path), ds_json)
     ranks = torch.load(tmp_path / "ranks.pt")
 
     cfg, model, batch = make_everything()

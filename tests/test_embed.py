@@ -8,7 +8,7 @@ import pytest
 import unimlip_fast
 from unimlip_fast.config import DataConfig
 from unimlip_fast.data.records import DataError
-from unimlip_fast.embed import embed_to_index, iter_part_embeddings, records_source, search_index
+from unimlip_fast.embed import EmbedOptions, embed_to_index, iter_part_embeddings, records_source, search_index
 
 from .helpers import run_cli
 
@@ -96,32 +96,32 @@ def test_stopped_embed_resumes_by_part(table, model, tmp_path):
 
     out = tmp_path / "index"
     with pytest.raises(Stop):
-        embed_to_index(model, stopping(items, 5), n, "csv", out, skipped, part_size=2, batch_size=2)
+        embed_to_index(model, stopping(items, 5), n, "csv", out, skipped, EmbedOptions(part_size=2, batch_size=2))
     index = json.loads((out / "index.json").read_text())
     assert not index["complete"] and [p["part"] for p in index["parts"]] == [0, 1]
     first = (out / "part-00000.image.npy").stat().st_mtime_ns
     seen = []
-    index = embed_to_index(model, stopping(items, None), n, "csv", out, skipped, part_size=2, batch_size=2,
-                           progress=lambda done, total: seen.append(done))
+    index = embed_to_index(model, stopping(items, None), n, "csv", out, skipped,
+                           EmbedOptions(part_size=2, batch_size=2, progress=lambda done, total: seen.append(done)))
     assert index["complete"] and [p["part"] for p in index["parts"]] == [0, 1, 2, 3]
     assert (out / "part-00000.image.npy").stat().st_mtime_ns == first  # not embedded again
     assert seen[0] == 4 and seen[-1] == 7
     whole = tmp_path / "whole"
-    embed_to_index(model, items, n, "csv", whole, skipped, part_size=2, batch_size=3)
+    embed_to_index(model, items, n, "csv", whole, skipped, EmbedOptions(part_size=2, batch_size=3))
     for kind in ("image", "text"):
         a, b = read_all(out, kind), read_all(whole, kind)
         assert a[1] == b[1]
         np.testing.assert_allclose(a[0], b[0], atol=1e-5)
     with pytest.raises(DataError, match="part_size"):
-        embed_to_index(model, items, n, "csv", out, skipped, part_size=3)
+        embed_to_index(model, items, n, "csv", out, skipped, EmbedOptions(part_size=3))
 
 
 def test_embed_from_packed_shards_equals_embed_from_records(tiny_run, table, model, tmp_path, monkeypatch):
-    from unimlip_fast.data.pack import pack
+    from unimlip_fast.data.pack import PackOptions, pack
 
     packed = tmp_path / "packed"
-    pack(DataConfig(format="csv", path=str(table)), packed, str(tiny_run / "tokenizer"), None, shard_size=4,
-         context_length=24, workers=1, shuffle_seed=None)
+    pack(DataConfig(format="csv", path=str(table)), packed, str(tiny_run / "tokenizer"), None,
+         PackOptions(shard_size=4, context_length=24, workers=1, shuffle_seed=None))
     out = tmp_path / "index"
     assert run_cli(monkeypatch, "embed", "--checkpoint", tiny_run, "--shards", packed, "--output", out,
                    "--part-size", 4, "--workers", 0, "--device", "cpu") == 0
@@ -137,8 +137,8 @@ def test_embed_parquet(table, model, tmp_path):
     pytest.importorskip("pyarrow", reason="parquet output needs pyarrow")
     items, n, skipped = records_source(DataConfig(format="csv", path=str(table)), None)
     items = list(items)
-    embed_to_index(model, items, n, "csv", tmp_path / "pq", skipped, part_size=4, storage="parquet")
-    embed_to_index(model, items, n, "csv", tmp_path / "np", skipped, part_size=4, storage="npy")
+    embed_to_index(model, items, n, "csv", tmp_path / "pq", skipped, EmbedOptions(part_size=4, storage="parquet"))
+    embed_to_index(model, items, n, "csv", tmp_path / "np", skipped, EmbedOptions(part_size=4, storage="npy"))
     for kind in ("image", "text"):
         a, b = read_all(tmp_path / "pq", kind), read_all(tmp_path / "np", kind)
         assert a[1:] == b[1:]

@@ -1,20 +1,21 @@
 """`finetune classify` and `finetune vqa` end to end through the CLI, tiny: one process and two ranks."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from .helpers import REPO, SHARED_DATA, run_cli, tiny_run, write_chexpert, write_slake
+from unimlip_fast.train.distributed import free_port
+
+from .helpers import REPO, SHARED_DATA, finetuning_base_run, run_cli, write_chexpert, write_slake
 
 FAST = ["data.image_size=32", "data.num_workers=0", "train.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return tiny_run(tmp_path_factory.mktemp("pretrained") / "run")
+    return finetuning_base_run(tmp_path_factory.mktemp("pretrained") / "run")
 
 
 def _metrics(folder):
@@ -102,12 +103,6 @@ def test_unfinished_run_and_bad_data_are_one_line(tmp_path, monkeypatch, capsys,
     assert "train.json not found" in " ".join(capsys.readouterr().err.split())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_under_torchrun(tmp_path, run_dir):
     """Classification and VQA with two gloo ranks: the same results files, the global batch split."""
@@ -117,7 +112,7 @@ def test_two_ranks_under_torchrun(tmp_path, run_dir):
                               ("vqa", f"slake:{slake}", ["model.learnable_tokens=4"])):
         out = tmp_path / task
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "unimlip_fast.cli", "finetune", task, "--checkpoint", str(run_dir),
+               str(free_port()), "-m", "unimlip_fast.cli", "finetune", task, "--checkpoint", str(run_dir),
                "--data", data, "--run-dir", str(out), *FAST, "train.epochs=2", *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,11 +9,11 @@ from unimlip_fast.finetune.common import epoch_batches, load_pretrained_run, res
 from unimlip_fast.finetune.vqa import VQAModel, answer_vocabulary, majority_baseline
 from unimlip_fast.model.visual import ModifiedResNet
 
-from .helpers import tiny_run
+from .helpers import finetuning_base_run
 
 
 def test_pretrained_and_random_initialisation(tmp_path):
-    run = tiny_run(tmp_path / "run")
+    run = finetuning_base_run(tmp_path / "run")
     saved = load_file(str(run / "model.safetensors"))
     model, tokenizer, cfg = load_pretrained_run(run, "pretrained", 0, torch.device("cpu"))
     state = model.state_dict()
@@ -48,9 +48,9 @@ def test_epoch_batches_cover_each_sample_once_across_ranks(n, batch, world):
 
 
 def test_vqa_model_shapes_and_gradients(tmp_path):
-    run = tiny_run(tmp_path / "run")
+    run = finetuning_base_run(tmp_path / "run")
     backbone, tokenizer, cfg = load_pretrained_run(run, "pretrained", 0, torch.device("cpu"))
-    model = VQAModel(backbone.visual, backbone.text, n_answers=7, image_size=32, learnable_tokens=5)
+    model = VQAModel(backbone, n_answers=7, image_size=32, learnable_tokens=5)
     tok = tokenizer(["is there a lesion", "which side"], padding=True, return_tensors="pt")
     logits = model(torch.randn(2, 3, 32, 32), tok["input_ids"], tok["attention_mask"])
     assert logits.shape == (2, 7)
@@ -85,9 +85,9 @@ def test_shipped_finetune_recipes_load(recipe):
 def test_precomputed_question_states_and_feature_maps_match_the_live_towers(tmp_path):
     from unimlip_fast.finetune.vqa import question_states
 
-    run = tiny_run(tmp_path / "run")
+    run = finetuning_base_run(tmp_path / "run")
     backbone, tokenizer, _ = load_pretrained_run(run, "pretrained", 0, torch.device("cpu"))
-    model = VQAModel(backbone.visual, backbone.text, n_answers=3, image_size=32, learnable_tokens=2).eval()
+    model = VQAModel(backbone, n_answers=3, image_size=32, learnable_tokens=2).eval()
     tok = tokenizer(["is there a lesion", "which side is it on"], padding="max_length", max_length=24,
                     return_tensors="pt")
     states = question_states(model.text, tok["input_ids"], tok["attention_mask"], torch.device("cpu"), batch_size=1)

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .helpers import spawn_ranks
+
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = [pytest.mark.slow, pytest.mark.interpreter]
 
@@ -59,9 +61,9 @@ def _grad_or_zero(scale: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(scale) if scale.grad is None else scale.grad.clone()  # NT-Xent has a fixed tau
 
 
-def _rank_main(rank: int, init_file: str) -> None:
+def _rank_main(rank: int, world: int, init_file: str) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from unimlip_fast.kernels import REFERENCE_OPS, triton_ops
 
     rows = slice(rank * B, (rank + 1) * B)
@@ -89,4 +91,4 @@ def _rank_main(rank: int, init_file: str) -> None:
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    torch.multiprocessing.spawn(_rank_main, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+    spawn_ranks(_rank_main, WORLD, str(tmp_path / "init"))

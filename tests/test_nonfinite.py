@@ -2,14 +2,11 @@
 optimizer moment and no lr schedule position moves on either rank; it is counted; too many in a row
 stop the run on every rank. The check is DeepSpeed's own gradient-norm check (no added host sync)."""
 import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from .helpers import CAPTIONS, REPO, TINY_OVERRIDES
+from .helpers import CAPTIONS, REPO, TINY_OVERRIDES, spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -18,16 +15,7 @@ TINY_RUN = TINY_OVERRIDES + ["data.format=phantom", "data.phantom_size=64", "dat
                              "train.simclr_start=2", "eval.split="]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _setup(rank, world, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
+def _setup():
     from unimlip_fast.train.distributed import init_distributed
 
     return init_distributed()
@@ -47,16 +35,20 @@ def _same(a, b) -> bool:
             and a["lr"] == b["lr"] and a["schedule"] == b["schedule"])
 
 
-def _engine_rank(rank, world, port, out_dir):
-    env = _setup(rank, world, port)
+def _engine_rank(rank, world, out_dir):
+    env = _setup()
     import deepspeed
 
     from unimlip_fast.config import load_config
     from unimlip_fast.model import WARMUP, build_model, build_tokenizer
     from unimlip_fast.objective import compute_terms, total_loss
     from unimlip_fast.train.ds_config import load_ds_config, precision_of, resolve_ds_config
-    from unimlip_fast.train.engine import TrainerState
-    from unimlip_fast.train.nonfinite import NonFiniteLossError, deepspeed_skips_nonfinite, record_skipped_step
+    from unimlip_fast.train.nonfinite import (
+        NonFiniteCount,
+        NonFiniteGuard,
+        NonFiniteLossError,
+        deepspeed_skips_nonfinite,
+    )
     from unimlip_fast.train.schedule import build_optimizer
 
     results = {}
@@ -91,13 +83,13 @@ def _engine_rank(rank, world, port, out_dir):
         before = _snapshot(engine)
         skipped_applied, terms, loss = step(poison=rank == 1)
         after_skip = _snapshot(engine)
-        state = TrainerState()
-        record_skipped_step(state, 2, terms, loss, precision_of(ds) == "fp16", env.device, lambda _: None)
+        guard = NonFiniteGuard(2, env.device, lambda _: None, loss_scaled=precision_of(ds) == "fp16")
+        count = guard.record_skipped_step(NonFiniteCount(), 1, terms, loss)
         try:
-            record_skipped_step(state, 2, terms, loss, False, env.device, lambda _: None)
+            count = guard.record_skipped_step(count, 1, terms, loss)
             stopped = False
-        except NonFiniteLossError:
-            stopped = True
+        except NonFiniteLossError as stop:
+            count, stopped = stop.count, True
         third_applied, *_ = step(False)
         after_third = _snapshot(engine)
         results[ds_json] = {
@@ -105,16 +97,16 @@ def _engine_rank(rank, world, port, out_dir):
             "first_applied": first_applied, "skipped_applied": skipped_applied,
             "unchanged": _same(before, after_skip), "third_applied": third_applied,
             "third_moved": not _same(after_skip, after_third),
-            "counted": state.nonfinite_total, "stopped": stopped,
+            "counted": count.total, "stopped": stopped,
             "schedule": [before["schedule"], after_skip["schedule"], after_third["schedule"]],
         }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()
 
 
-def _loop_rank(rank, world, port, out_dir):
+def _loop_rank(rank, world, out_dir):
     """The trainer's loop: a NaN on rank 1 only, at its 2nd batch; then on every batch."""
-    _setup(rank, world, port)
+    _setup()
     from unimlip_fast.config import load_config
     from unimlip_fast.train import engine
     from unimlip_fast.train.nonfinite import NonFiniteLossError
@@ -149,7 +141,7 @@ def _loop_rank(rank, world, port, out_dir):
 
 
 def test_nonfinite_step_on_one_rank_changes_nothing_on_either(tmp_path):
-    mp.spawn(_engine_rank, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    spawn_ranks(_engine_rank, 2, tmp_path)
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for ds_json, r in results.items():
@@ -163,7 +155,7 @@ def test_nonfinite_step_on_one_rank_changes_nothing_on_either(tmp_path):
 
 
 def test_trainer_skips_counts_and_stops_on_every_rank(tmp_path):
-    mp.spawn(_loop_rank, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    spawn_ranks(_loop_rank, 2, tmp_path)
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert results["one"] == {"steps": 3, "nonfinite_steps": 1, "losses_finite": True}, rank

@@ -9,7 +9,7 @@ from PIL import Image
 
 from unimlip_fast.cli import main
 from unimlip_fast.config import DataConfig
-from unimlip_fast.data.pack import pack
+from unimlip_fast.data.pack import PackOptions, pack
 from unimlip_fast.data.records import DataError
 from unimlip_fast.data.sources import read_records
 
@@ -44,7 +44,7 @@ def test_pack_writes_bytes_ids_index_and_manifest(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(str(tok_dir))
     data = _jsonl_dataset(tmp_path, tok_dir)
     out = tmp_path / "packed"
-    m = pack(data, out, str(tok_dir), shard_size=3, context_length=CONTEXT, progress=False)
+    m = pack(data, out, str(tok_dir), options=PackOptions(shard_size=3, context_length=CONTEXT, progress=False))
 
     records = read_records(data, "all").items  # the empty caption is skipped by the reader
     assert m["n_records"] == 5 and m["n_samples"] == 4 and len(m["shards"]) == 2
@@ -82,16 +82,16 @@ def test_pack_resumes_and_refuses_another_plan(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(str(tok_dir))
     data = _jsonl_dataset(tmp_path, tok_dir)
     out = tmp_path / "packed"
-    pack(data, out, str(tok_dir), shard_size=2, context_length=CONTEXT, progress=False)
+    pack(data, out, str(tok_dir), options=PackOptions(shard_size=2, context_length=CONTEXT, progress=False))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
     (out / "shard-000001.json").unlink()  # as if interrupted while packing shard 1
-    m = pack(data, out, str(tok_dir), shard_size=2, context_length=CONTEXT, progress=False)
+    m = pack(data, out, str(tok_dir), options=PackOptions(shard_size=2, context_length=CONTEXT, progress=False))
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
     assert after["shard-000000.tar"] == before["shard-000000.tar"]  # kept
     assert after["shard-000001.tar"] != before["shard-000001.tar"]  # repacked
     assert m["n_samples"] == 4
     with pytest.raises(DataError, match="different plan"):
-        pack(data, out, str(tok_dir), shard_size=3, context_length=CONTEXT, progress=False)
+        pack(data, out, str(tok_dir), options=PackOptions(shard_size=3, context_length=CONTEXT, progress=False))
 
 
 def test_pack_medpix_keeps_every_caption_s_ids(tmp_path):

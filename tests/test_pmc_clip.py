@@ -1,38 +1,13 @@
 """A checkpoint in PMC-CLIP's released layout (names and shapes of its ``PMC_CLIP`` module, written
 here) loads with every fusion and MLM weight in place, and our fusion computes PMC-CLIP's."""
-import math
 
 import torch
 import torch.nn.functional as F
 
+from unimlip_fast.loading import load_init_from
 from unimlip_fast.model import build_model
-from unimlip_fast.model.pmc_clip import load_pmc_clip
 
-
-def pmc_clip_checkpoint(model, vocab: int, width: int, embed: int, layers: int, seed: int = 0) -> dict:
-    """PMC-CLIP's state dict: its ModifiedResNet and BERT (the same architectures as ours, taken from
-    ``model``), and its own fusion, projections and logit scale at PMC-CLIP's shapes, random values."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
-    state = {f"module.{k}": v.clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
-    state.update({f"module.text_encoder.{k.removeprefix('text.encoder.')}": v.clone()
-                  for k, v in model.state_dict().items() if k.startswith("text.encoder.")})
-    state["module.text_encoder.pooler.dense.weight"] = r(width, width)  # BertModel's pooler, unused
-    state["module.text_projection"] = r(width, embed)
-    state["module.logit_scale"] = torch.tensor(math.log(1 / 0.07))  # 0-dim, as PMC-CLIP stores it
-    state["module.img_special_token"] = r(1, 1, embed)
-    state["module.mlm_projection"] = r(width, vocab)
-    state["module.positional_embedding"] = r(77, width)  # defined, unused on PMC-CLIP's BERT path
-    state["module.ln_final.weight"], state["module.ln_final.bias"] = r(width), r(width)  # likewise
-    for i in range(layers):
-        block = f"module.fusion_module.resblocks.{i}."
-        state.update({block + "attn.in_proj_weight": r(3 * width, width), block + "attn.in_proj_bias": r(3 * width),
-                      block + "attn.out_proj.weight": r(width, width), block + "attn.out_proj.bias": r(width),
-                      block + "ln_1.weight": 1 + r(width), block + "ln_1.bias": r(width),
-                      block + "ln_2.weight": 1 + r(width), block + "ln_2.bias": r(width),
-                      block + "mlp.c_fc.weight": r(4 * width, width), block + "mlp.c_fc.bias": r(4 * width),
-                      block + "mlp.c_proj.weight": r(width, 4 * width), block + "mlp.c_proj.bias": r(width)})
-    return state
+from .helpers import pmc_clip_checkpoint
 
 
 def pmc_clip_fusion(state: dict, layers: int, heads: int, text_states, image_features) -> torch.Tensor:
@@ -65,7 +40,7 @@ def test_pmc_clip_checkpoint_fills_every_fusion_weight_and_computes_its_fusion(t
 
     torch.manual_seed(1)
     target = build_model(cfg, tiny_cfg.loss, tiny_tokenizer)
-    report = load_pmc_clip(target, str(path))
+    report = load_init_from(target, str(path))
     assert not [k for k in report.missing if k.startswith(("fusion.", "visual.", "text."))], report.missing
     assert all(k.startswith("simclr_head.") for k in report.missing)  # Uni-Mlip's own, not PMC-CLIP's
     assert set(report.unexpected) == {"module.positional_embedding", "module.ln_final.weight",
@@ -103,7 +78,7 @@ def test_init_from_a_run_of_this_project(tiny_cfg, tiny_tokenizer, tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "run/model.safetensors"))
     torch.manual_seed(1)
     target = build_model(tiny_cfg.model, tiny_cfg.loss, tiny_tokenizer)
-    report = load_pmc_clip(target, str(tmp_path / "run"))
+    report = load_init_from(target, str(tmp_path / "run"))
     assert report.missing == [] and report.unexpected == [] and report.mismatched == []
     for name, value in source.state_dict().items():
         torch.testing.assert_close(target.state_dict()[name], value, msg=name)

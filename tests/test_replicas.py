@@ -2,17 +2,15 @@
 clamped after the optimizer step (also in DeepSpeed's master copy), never in the forward pass."""
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from unimlip_fast.config import load_config
 from unimlip_fast.model import SIMCLR, WARMUP, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 
-from .helpers import CAPTIONS, REPO, TINY_OVERRIDES
+from .helpers import CAPTIONS, REPO, TINY_OVERRIDES, spawn_ranks
 
 TINY_RUN = TINY_OVERRIDES + [
     "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",
@@ -20,20 +18,11 @@ TINY_RUN = TINY_OVERRIDES + [
 ]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bn_buffers(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items() if "running_" in k}
 
 
-def _rank_main(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
+def _rank_main(rank, world, out_dir):
     import unimlip_fast.train.engine as engine_module
     from unimlip_fast.model.unimlip import UniMlip
 
@@ -64,7 +53,7 @@ def test_two_ranks_freeze_and_export_the_same_batchnorm_statistics(tmp_path):
     first SimCLR step (statistics frozen) every rank holds the same, and the export is every rank's."""
     from safetensors.torch import load_file
 
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_rank_main, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     name = "bn1.running_mean"
     assert not torch.allclose(ranks[0][WARMUP][name], ranks[1][WARMUP][name]), "vacuous: ranks already agree"

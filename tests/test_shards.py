@@ -15,7 +15,7 @@ from unimlip_fast.data.records import DataError
 from unimlip_fast.data.shards import check_against_dataset, open_shards
 from unimlip_fast.data.spec import LoaderSpec
 from unimlip_fast.data.torch_loader import TorchLoader, canvas, make_views
-from unimlip_fast.data.views import crop_boxes, random_resized_crop_boxes
+from unimlip_fast.data.views import ViewRecipe, crop_boxes, random_resized_crop_boxes
 
 from .helpers import (
     CONTEXT,
@@ -156,7 +156,8 @@ def test_mixed_sizes_never_sample_the_padding():
     images = [torch.ones(3, 40, 30), torch.zeros(3, 80, 100)]
     x, hs, ws = canvas(images)
     assert x.shape == (2, 3, 81, 101) and hs.tolist() == [40, 80] and ws.tolist() == [30, 100]
-    views = make_views(x, hs, ws, 16, torch.Generator().manual_seed(0), strong=False, weak_scale=(0.08, 1.0))["image"]
+    views = make_views(x, hs, ws, 16, torch.Generator().manual_seed(0), strong=False,
+                       recipe=ViewRecipe(weak_scale=(0.08, 1.0)))["image"]
     white = (1 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
     assert torch.allclose(views[0], white.view(3, 1, 1).expand(3, 16, 16), atol=1e-5)
 

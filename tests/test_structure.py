@@ -55,3 +55,125 @@ def test_layout_file_names_only_in_the_module_that_owns_the_layout():
                 if isinstance(node.right.value, str) and _owned_elsewhere(node.right.value, module, LAYOUT_FOLDERS):
                     found.append(f"{module}:{node.lineno} / {node.right.value!r}")
     assert found == [], "layout names outside their module (use RunFolder, PackedFolder, ...):\n" + "\n".join(found)
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The package's modules that ``path`` imports, at module level or inside a function (deferred):
+    for ``from X import name``, ``X.name`` when that is a module, else ``X``."""
+    here = module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            for alias in node.names:
+                submodule = f"{origin}.{alias.name}"
+                found.add(submodule if submodule in known else origin)
+    return {name for name in found if name in known and name != here}
+
+
+def import_cycles() -> list[list[str]]:
+    """Every cycle of the package's import graph (deferred imports included), each once."""
+    modules = {module_name(path): path for path in package_modules()}
+    graph = {name: imported_modules(path, set(modules)) for name, path in modules.items()}
+    cycles, done = [], set()
+
+    def visit(node: str, stack: list[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in stack:
+                cycle = stack[stack.index(nxt):]
+                start = cycle.index(min(cycle))
+                key = tuple(cycle[start:] + cycle[:start])
+                if key not in done:
+                    done.add(key)
+                    cycles.append(list(key))
+            elif nxt not in finished:
+                visit(nxt, stack + [nxt])
+        finished.add(node)
+
+    finished: set[str] = set()
+    for name in sorted(graph):
+        if name not in finished:
+            visit(name, [name])
+    return cycles
+
+
+def test_no_import_cycle():
+    cycles = import_cycles()
+    assert cycles == [], "import cycles (deferred imports included):\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_data_layer_knows_no_model():
+    """data/ reads, packs and loads; the tokenizer's resolution lives outside model/ (text_encoders.py)."""
+    modules = {module_name(path) for path in package_modules()}
+    found = {module_name(path): sorted(name for name in imported_modules(path, modules)
+                                       if name.startswith("unimlip_fast.model"))
+             for path in sorted((PACKAGE / "data").glob("*.py"))}
+    assert {name: models for name, models in found.items() if models} == {}
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
+    """The check is not vacuous: two modules importing each other, one of them inside a function."""
+    package = tmp_path / "unimlip_fast"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .b import g\n")
+    (package / "b.py").write_text("def g():\n    from . import a\n")
+    monkeypatch.setattr(f"{__name__}.PACKAGE", package)
+    monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
+    assert import_cycles() == [["unimlip_fast.a", "unimlip_fast.b"]]
+
+
+MAX_PARAMETERS = 7
+
+
+def _is_cli_command(node: ast.AST) -> bool:
+    """A Typer command: one parameter per command-line option is its interface, not a long call."""
+    return any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "command"
+               for d in getattr(node, "decorator_list", []))
+
+
+def long_parameter_lists(paths: list[Path]) -> dict[str, str]:
+    """``{"module function": "where (count)"}`` for functions and lambdas with more than
+    :data:`MAX_PARAMETERS` parameters (a method's ``self`` or ``cls`` not counted, as ruff's PLR0913)."""
+    found = {}
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body
+                   if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and not _is_cli_command(node):
+                args = node.args
+                names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                count = len(names) + bool(args.vararg) + bool(args.kwarg)
+                if id(node) in methods and names and names[0] in ("self", "cls"):
+                    count -= 1
+                if count > MAX_PARAMETERS:
+                    name = getattr(node, "name", "lambda")
+                    found[f"{relative(path)} {name}"] = f"{relative(path)}:{node.lineno} {name} ({count})"
+    return found
+
+
+def test_no_function_takes_more_than_seven_parameters():
+    found = long_parameter_lists(package_modules())
+    assert found == {}, f"functions with more than {MAX_PARAMETERS} parameters:\n" + "\n".join(found.values())
+
+
+def test_the_parameter_check_counts(tmp_path, monkeypatch):
+    """Eight parameters are found; a method's seven besides ``self`` are not."""
+    module = tmp_path / "m.py"
+    module.write_text("def f(a, b, c, d, e, f, g, h): ...\n"
+                      "class C:\n    def m(self, a, b, c, d, e, f, g): ...\n")
+    monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
+    assert list(long_parameter_lists([module])) == ["m.py f"]

@@ -133,7 +133,7 @@ def test_strong_view_probabilities():
     x = torch.zeros(1000, 3, 8, 8)
     x[:, 0] = 0.9
     x[:, 1] = 0.2
-    out = _unnormalize(V.strong_view(x, 8, _gen(0), blur_sigma=(0.1, 0.1)))
+    out = _unnormalize(V.strong_view(x, 8, _gen(0), V.ViewRecipe(blur_sigma=(0.1, 0.1))))
     is_grey = ((out[:, 0] - out[:, 1]).abs().amax(dim=(1, 2)) < 1e-4).float().mean().item()
     assert 0.14 < is_grey < 0.26
 
@@ -168,3 +168,20 @@ def test_views_on_cuda_match_cpu_with_a_cpu_generator():
         assert gpu.device.type == "cuda"
         assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)
     assert torch.allclose(V.eval_view(x, 24), V.eval_view(x.cuda(), 24).cpu(), atol=1e-4)
+
+
+@pytest.mark.parametrize("p_grey", [0.0, 1.0])
+def test_every_strong_view_path_reads_the_recipe(p_grey):
+    """The batched view, the CPU workers' one-image view and the torch backend's canvas views all take
+    their parameters from one ViewRecipe: greyscale never or always, on colourful images."""
+    from unimlip_fast.data.torch_loader import canvas, make_views
+
+    recipe = V.ViewRecipe(p_jitter=0.0, p_grey=p_grey)
+    x = torch.rand(4, 3, 20, 20, generator=_gen(1))
+    hs = ws = torch.full((4,), 20.0)
+    views = [V.strong_view(x, 12, _gen(0), recipe),
+             torch.stack(V.strong_views_one(x[0].permute(1, 2, 0).numpy(), 12, _gen(0), recipe)),
+             make_views(canvas(list(x))[0], hs, ws, 12, _gen(0), True, recipe)["image_a"]]
+    for view in views:
+        spread = (_unnormalize(view).amax(1) - _unnormalize(view).amin(1)).flatten(1).amax(1)
+        assert bool((spread < 1e-4).all()) == (p_grey == 1.0) and bool((spread > 1e-2).all()) == (p_grey == 0.0)

@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from .config import Config, ConfigError, LossConfig, load_config, to_dict
+from .interop import is_foreign
 from .run_folder import RunFolder
 
 TERMS = ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm")
@@ -127,7 +128,7 @@ def base_config(config: str | Path, overrides: list[str], base_epochs: int | Non
 def run_config(config: str | Path, row: Row, seed: int, overrides: list[str], base: str | Path) -> Config:
     """The recipe, the user's overrides, the row, the seed, and the base it continues."""
     return _with_eval(load_config(config, [*overrides, *row.overrides(), f"train.seed={seed}",
-                                           f"model.init_from={Path(base).resolve()}"]))
+                                           f"model.init_from={base if is_foreign(base) else Path(base).resolve()}"]))
 
 
 def _with_eval(cfg: Config) -> Config:
@@ -136,37 +137,57 @@ def _with_eval(cfg: Config) -> Config:
     return cfg
 
 
-def run_ablation(config: str | Path, tables: list[int], seeds: int, overrides: list[str], out: Path,
-                 ds_config: str | None = None, only: list[str] | None = None, base: str | Path | None = None,
-                 base_epochs: int | None = None, train: Callable[..., dict[str, Any]] | None = None,
+@dataclass(frozen=True)
+class AblationPlan:
+    """What ``ablate`` runs: the recipe ``config`` with ``overrides``, the rows of ``tables`` (``only``:
+    a subset of their keys), ``seeds`` seeds a row, into ``out``; DeepSpeed's ``ds_config``; the
+    ``base`` run every row continues (None: made in ``out/base``, ``base_epochs`` long)."""
+
+    config: str | Path
+    tables: list[int]
+    seeds: int
+    overrides: list[str]
+    out: Path
+    ds_config: str | None = None
+    only: list[str] | None = None
+    base: str | Path | None = None
+    base_epochs: int | None = None
+
+
+def run_ablation(plan: AblationPlan, train: Callable[..., dict[str, Any]] | None = None,
                  log: Callable[[str], None] = print) -> dict:
-    """Makes (or takes) the base, runs what is missing of ``tables`` (``seeds`` seeds a row, from the
-    recipe's train.seed up), and writes ``results.json`` and ``table.md`` in ``out`` after each run."""
+    """Makes (or takes) the base, runs what is missing of the plan's tables (its seeds a row, from the
+    recipe's train.seed up, every row's first seed before any second), and writes ``results.json`` and
+    ``table.md`` in its ``out`` after each run."""
+    config, tables, seeds, overrides, out = plan.config, plan.tables, plan.seeds, plan.overrides, plan.out
+    ds_config = plan.ds_config
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if train is None:
         from .train.engine import pretrain as train
-    rows = rows_of(tables, only)
+    rows = rows_of(tables, plan.only)
     first_seed = load_config(config, overrides).train.seed
     out.mkdir(parents=True, exist_ok=True)
-    base_path = _base(config, overrides, out, base, base_epochs, ds_config, train, log)
+    base_path = _base(plan, train, log)
     configs = {(row.key, s): run_config(config, row, first_seed + s, overrides, base_path)
                for row in rows for s in range(seeds)}
     runs: dict[str, dict[int, dict[str, Any]]] = {row.key: {} for row in rows}
-    for row in rows:
-        for s in range(seeds):
+    # Seed by seed, every row once per round: a run stopped part-way has every row on the same seeds,
+    # so each comparison is paired on all it has.
+    for s in range(seeds):
+        for row in rows:
             cfg = configs[(row.key, s)]
             run_dir = out / row.key / f"seed{cfg.train.seed}"
             runs[row.key][cfg.train.seed] = _finished_or_run(cfg, run_dir, ds_config, train, log,
                                                              f"row {row.key} ({row.label}), seed {cfg.train.seed}")
             if _is_main():
-                write_tables(out, tables, rows, runs, config, overrides, seeds, base_path)
+                write_tables(plan, rows, runs, base_path)
     return tabulate(tables, rows, runs, config, overrides, seeds, base_path)
 
 
-def _base(config, overrides: list[str], out: Path, base: str | Path | None, base_epochs: int | None,
-          ds_config: str | None, train: Callable, log: Callable[[str], None]) -> Path:
+def _base(plan: AblationPlan, train: Callable, log: Callable[[str], None]) -> Path:
     """The base every row continues: ``--base`` as given, or ``<out>/base`` made (or finished) now."""
+    base = plan.base
     if base is not None:
         path = Path(base)
         if not path.exists():
@@ -175,9 +196,9 @@ def _base(config, overrides: list[str], out: Path, base: str | Path | None, base
             raise ConfigError(f"--base {base}: not a finished run (no {RunFolder(path).weights.name})")
         log(f"base: {path} (given)")
         return path
-    cfg = base_config(config, overrides, base_epochs)
-    run_dir = out / "base"
-    _finished_or_run(cfg, run_dir, ds_config, train, log, f"base (ITC + MLM, {cfg.train.epochs} epochs)")
+    cfg = base_config(plan.config, plan.overrides, plan.base_epochs)
+    run_dir = plan.out / "base"
+    _finished_or_run(cfg, run_dir, plan.ds_config, train, log, f"base (ITC + MLM, {cfg.train.epochs} epochs)")
     return run_dir
 
 
@@ -349,9 +370,9 @@ def tabulate(tables: list[int], rows: list[Row], runs: dict, config, overrides: 
     return results
 
 
-def write_tables(out: Path, tables: list[int], rows: list[Row], runs: dict, config, overrides: list[str],
-                 seeds: int, base: Path) -> None:
-    results = tabulate(tables, rows, runs, config, overrides, seeds, base)
+def write_tables(plan: AblationPlan, rows: list[Row], runs: dict, base: Path) -> None:
+    results = tabulate(plan.tables, rows, runs, plan.config, plan.overrides, plan.seeds, base)
+    out = plan.out
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     (out / TABLE_FILE).write_text(markdown_tables(results))
 

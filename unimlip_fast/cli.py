@@ -44,6 +44,8 @@ def _options(
     """High-throughput Uni-Mlip pretraining and evaluation."""
 
 
+CHECKPOINT_SPECS = "pmc-clip:PATH, or open_clip:hf-hub:ORG/NAME | local-dir:DIR | MODEL_NAME:WEIGHTS"
+
 DsConfigOpt = Annotated[Optional[Path], typer.Option(
     "--ds-config", help="DeepSpeed JSON (ZeRO stage, precision): a path, or the name of a shipped one (zero2.json).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
@@ -123,15 +125,16 @@ def ablate(
 
     Example: unimlip-fast ablate configs/medpix_ablation.yaml --table 3,4 --seeds 3 --base-epochs 8
     """
-    from .ablation import RESULTS_FILE, TABLE_FILE, parse_tables, run_ablation
+    from .ablation import RESULTS_FILE, TABLE_FILE, AblationPlan, parse_tables, run_ablation
     from .config import load_config
 
     tables = parse_tables(table)
     folder = out or Path("runs") / f"ablate_{load_config(config, overrides or []).name}"
     _quiet_libraries()
-    run_ablation(config, tables, seeds, overrides or [], folder, str(ds_config) if ds_config else None,
-                 only=[r.strip() for r in rows.split(",")] if rows else None, base=base, base_epochs=base_epochs,
-                 log=lambda line: console.print(line, highlight=False))
+    plan = AblationPlan(config, tables, seeds, overrides or [], folder, str(ds_config) if ds_config else None,
+                        only=[r.strip() for r in rows.split(",")] if rows else None, base=base,
+                        base_epochs=base_epochs)
+    run_ablation(plan, log=lambda line: console.print(line, highlight=False))
     if os.environ.get("RANK", "0") == "0":
         console.print((folder / TABLE_FILE).read_text(), highlight=False)
         console.print(f"tables: {folder / TABLE_FILE}, {folder / RESULTS_FILE}", highlight=False)
@@ -201,7 +204,8 @@ def _parse_data_spec(spec: str):
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder (or its weights) or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder (or its weights), export, "
+                                            f"{CHECKPOINT_SPECS}.")],
     data: Annotated[str, typer.Option("--data", help=f"FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}, "
                                       "e.g. medpix:../shared/data/medpix2; phantom:N for N generated phantom pairs.")],
     split: Annotated[str, typer.Option("--split", help="train, dev, test or all (the data set's own split files).")
@@ -225,12 +229,12 @@ def eval_retrieval(
     if split_key:
         data_cfg.split_key = split_key
     _quiet_libraries()
-    from .eval.retrieval import RetrievalProtocol, evaluate_retrieval
-    from .inference import load
+    from .eval.retrieval import RetrievalProtocol, evaluate_loaded_retrieval
+    from .loading import load
 
     trained = load(checkpoint, device)
-    results = evaluate_retrieval(trained.model, trained.tokenizer, data_cfg, split, trained.device, batch_size,
-                                 RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol))
+    results = evaluate_loaded_retrieval(trained, data_cfg, split, batch_size,
+                                        RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol))
     print_retrieval(results)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +243,7 @@ def eval_retrieval(
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder, export, {CHECKPOINT_SPECS}.")],
     data: Annotated[str, typer.Option("--data", help="nih|chexpert|mimic|csv:PATH, e.g. nih:../shared/data/nih1000.")],
     split: Annotated[str, typer.Option("--split", help="train, valid or test (not for csv).")] = "test",
     prompts: Annotated[Optional[Path], typer.Option("--prompts",
@@ -262,7 +266,7 @@ def eval_zeroshot(
     _quiet_libraries()
     from .data.sources import read_labelled
     from .eval.zeroshot import evaluate_zeroshot, read_prompts
-    from .inference import load
+    from .loading import load
 
     labelled = read_labelled(fmt, path, split)
     prompt_sets = read_prompts(prompts, labelled.labels) if prompts else None
@@ -333,15 +337,15 @@ def data_pack(
     Example: unimlip-fast data pack --format medpix --input data/medpix2 --output shards/medpix --tokenizer minilm
     """
     from .config import DataConfig
-    from .data.pack import pack
+    from .data.pack import PackOptions, pack
     from .data.records import describe_skips
 
     if fmt not in PACK_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}")
     _quiet_libraries()
     data = DataConfig(format=fmt, path=str(input_path), split=split, image_root=image_root)
-    manifest = pack(data, output, tokenizer, split, shard_size, context_length, workers,
-                    shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
+    options = PackOptions(shard_size, context_length, workers, shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
+    manifest = pack(data, output, tokenizer, split, options)
     skipped = describe_skips(manifest["skipped"]) or "none"
     console.print(f"{manifest['n_samples']} samples in {len(manifest['shards'])} shards at {output}; "
                   f"tokenizer {tokenizer} (vocab {manifest['tokenizer']['vocab_size']}, context {context_length}); "
@@ -392,7 +396,7 @@ def _progress_reporter(label: str):
 
 @app.command()
 def embed(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder or export.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder, export, {CHECKPOINT_SPECS}.")],
     output: Annotated[Path, typer.Option("--output", help="Index folder (created; an unfinished one resumes).")],
     data: Annotated[Optional[str], typer.Option(
         "--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2; phantom:N for N generated pairs.")] = None,
@@ -416,8 +420,8 @@ def embed(
     if data_cfg is not None:
         _require_data_path(data_cfg)
     _quiet_libraries()
-    from .embed import embed_to_index, packed_source, records_source
-    from .inference import load
+    from .embed import EmbedOptions, embed_to_index, packed_source, records_source
+    from .loading import load
 
     model = load(checkpoint, device)
     if data_cfg is not None:
@@ -428,8 +432,8 @@ def embed(
         source = f"shards:{shards.resolve()}"
     report, close = _progress_reporter("embedding")
     try:
-        index = embed_to_index(model, items, n, source, output, read_skipped, part_size, batch_size, workers,
-                               storage, report)
+        index = embed_to_index(model, items, n, source, output, read_skipped,
+                               EmbedOptions(part_size, batch_size, workers, storage, report))
     finally:
         close()
     skipped = describe_skips({**index["read_skipped"], **index["skipped"]}) or "none"
@@ -448,8 +452,8 @@ def search(
     k: Annotated[int, typer.Option("-k", help="Results to show.")] = 10,
     over: Annotated[Optional[str], typer.Option("--over", help="image or text embeddings (default: the other "
                                                  "modality than the query's).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Model for the query (default: the "
-                                                       "index's).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Model for the query (default: the "
+                                                      "index's).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
@@ -464,7 +468,7 @@ def search(
         raise typer.BadParameter("--over must be image or text")
     _quiet_libraries()
     from .embed import read_index, search_index
-    from .inference import load
+    from .loading import load
 
     model = load(checkpoint or read_index(index)["checkpoint"], device)
     query = model.encode_text(text)[0] if text is not None else model.encode_image(image)[0]
@@ -479,8 +483,8 @@ def search(
         json_out.write_text(json.dumps(hits, indent=2))
 
 
-FinetuneCheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint",
-                                                               help="A finished pretraining run folder.")]
+FinetuneCheckpointOpt = Annotated[Optional[str], typer.Option(
+    "--checkpoint", help=f"A finished pretraining run folder, an export, {CHECKPOINT_SPECS}.")]
 FinetuneConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Fine-tuning recipe YAML/JSON.")]
 FinetuneOverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.epochs=5.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")]
@@ -607,6 +611,9 @@ def export(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder.")],
     output: Annotated[Path, typer.Option("--output", help="Folder to write.")],
     fmt: Annotated[str, typer.Option("--format", help="open_clip.")] = "open_clip",
+    hub_id: Annotated[Optional[str], typer.Option("--hub-id", help="ORG/NAME: the Hugging Face repo the folder will "
+                                                  "be uploaded to (names a bundled text tower, goes into the model "
+                                                  "card).")] = None,
 ) -> None:
     """Export a finished run for other tools (open_clip's local-dir folder, with a model card).
 
@@ -619,7 +626,7 @@ def export(
     _quiet_libraries()
     from .export import export as run_export
 
-    folder = run_export(checkpoint, fmt, output)
+    folder = run_export(checkpoint, fmt, output, hub_id)
     console.print(f"{fmt} export at {folder}: open_clip.create_model_and_transforms('local-dir:{folder}')",
                   highlight=False)
 

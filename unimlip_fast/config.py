@@ -30,6 +30,9 @@ FusionHead = Literal["pmc-clip", "mlp"]
 ClassifyFormat = Literal["nih", "chexpert", "mimic"]  # what `finetune classify` reads
 VqaFormat = Literal["vqa-rad", "slake"]  # what `finetune vqa` reads
 UncertaintyPolicy = Literal["u-ones", "u-zeros", "u-ignore"]  # CheXpert / MIMIC's -1.0 labels
+FastStep = bool | Literal["auto"]  # auto: on for CUDA
+MetricSink = Literal["tensorboard", "wandb"]
+FinetuneInit = Literal["pretrained", "random"]  # random: the same model at random initialisation
 
 DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
 PACK_FORMATS: tuple[str, ...] = typing.get_args(PackFormat)
@@ -84,7 +87,7 @@ class ModelConfig:
     logit_scale_init: float = 14.285714285714286  # 1 / 0.07
     logit_scale_max: float = 100.0
     kernels: Kernels = "auto"
-    init_from: str = ""  # a PMC-CLIP checkpoint to start from
+    init_from: str = ""  # start from: PMC-CLIP's checkpoint, a run, an export, pmc-clip:PATH, open_clip:SPEC
     unmasked_itc_pass: bool = False  # a second, unmasked text pass for ITC (costs a BERT pass)
 
 
@@ -158,14 +161,14 @@ class TrainConfig:
     cpu_precision: CpuPrecision = "fp32"
     # The fast step (train/fast.py): true | false | auto (on for CUDA). With it on, each key below
     # switches one speed-up, so each can be measured alone.
-    fast: bool | str = "auto"
+    fast: FastStep = "auto"
     channels_last: bool = True  # the image trunk in NHWC
     compile: bool = True  # torch.compile of the image trunk and the text tower
     sdpa: bool = True  # fused scaled-dot-product attention (text encoder, attention pool, fusion)
     fused_adamw: bool = True  # torch's fused AdamW
     # Where metrics go besides metrics.jsonl: tensorboard and/or wandb (an optional extra; WANDB_MODE=offline
     # keeps the run on disk). The HTML run report is written at the end whatever this says.
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[MetricSink] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -210,12 +213,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        return value
+        return _coerce_union(value, typing.get_args(tp), key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
             return value
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return value
+        raise ConfigError(f"{key}: expected null, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -238,6 +245,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _coerce_union(value: Any, members: tuple[Any, ...], key: str) -> Any:
+    """The value as the first member type that takes it; else an error listing what each member takes."""
+    for member in members:
+        try:
+            return _coerce(value, member, key)
+        except ConfigError:
+            continue
+    spelled = [_spelled_values(member) for member in members]
+    if all(spelled):
+        words = [word for values in spelled for word in values]
+        raise ConfigError(f"{key} must be {', '.join(words[:-1])} or {words[-1]}, got {value!r}")
+    raise ConfigError(f"{key}: expected one of {' | '.join(map(str, members))}, got {value!r}")
+
+
+def _spelled_values(tp: Any) -> list[str]:
+    """Every value ``tp`` takes, as a recipe spells it, when it takes only a few (a bool, a choice)."""
+    if tp is bool:
+        return ["true", "false"]
+    if typing.get_origin(tp) is Literal:
+        return [str(choice) for choice in typing.get_args(tp)]
+    if tp is type(None):
+        return ["null"]
+    return []
 
 
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
@@ -274,9 +306,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, schema: type = Confi
     node[leaf] = value
 
 
-def _takes_text(key: str) -> bool:
-    """Whether the dotted ``key`` is a string field (or a choice of strings)."""
-    cls, *parents, leaf = [Config, *key.split(".")]
+def _takes_text(key: str, schema: type) -> bool:
+    """Whether the dotted ``key`` of ``schema`` is a string field (or a choice of strings)."""
+    cls, *parents, leaf = [schema, *key.split(".")]
     for part in parents:
         cls = _field_types(cls).get(part)
         if not dataclasses.is_dataclass(cls):
@@ -286,16 +318,16 @@ def _takes_text(key: str) -> bool:
     return tp is str or bool(choices) and all(isinstance(c, str) for c in choices)
 
 
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+def parse_overrides(overrides: list[str], schema: type = Config) -> list[tuple[str, Any]]:
     """``["train.max_steps=30", "data.path=/x"]`` -> ``[("train.max_steps", 30), ...]``. A string
-    field takes the text as typed (YAML would read ``off`` or ``no`` as false), unless quoted."""
+    field of ``schema`` takes the text as typed (YAML would read ``off`` or ``no`` as false), unless quoted."""
     pairs = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=30)")
         key, raw = item.split("=", 1)
         key = key.strip()
-        text = _takes_text(key) and not raw.strip().startswith(("'", '"'))
+        text = _takes_text(key, schema) and not raw.strip().startswith(("'", '"'))
         pairs.append((key, raw.strip() if text else yaml.safe_load(raw) if raw.strip() else ""))
     return pairs
 
@@ -316,7 +348,7 @@ def load_schema(schema: type, path: str | Path | None = None, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         tree = read_config_tree(path)
-    for key, value in parse_overrides(list(overrides)):
+    for key, value in parse_overrides(list(overrides), schema):
         _set_dotted(tree, key, value, schema)
     return _build(schema, tree)
 
@@ -361,11 +393,6 @@ def validate(config: Config) -> None:
         scale = getattr(config.data, key)
         if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ConfigError(f"data.{key} must be [low, high] with 0 < low <= high <= 1, got {scale}")
-    if config.train.fast not in (True, False, "auto"):
-        raise ConfigError(f"train.fast must be true, false or auto, got {config.train.fast!r}")
-    unknown_sinks = sorted(set(config.train.report_to) - {"tensorboard", "wandb"})
-    if unknown_sinks:
-        raise ConfigError(f"train.report_to takes tensorboard and/or wandb, got {unknown_sinks[0]!r}")
     if config.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
     if config.train.micro_batch_size < 0 or config.train.micro_batch_size == 1:

@@ -2,8 +2,9 @@
 
 An index folder (``unimlip-fast embed``) holds:
 
-- ``index.json``: the checkpoint, the source, the part size, the embedding width, the storage format
-  and one entry per finished part (records, images and captions embedded, images skipped per reason);
+- ``index.json``: the checkpoint (its spec and ``weights_sha256``), the source, the part size, the embedding
+  width, the storage format and one entry per finished part (records, images and captions embedded,
+  images skipped per reason);
 - per part ``part-00000``: ``.image.npy`` and ``.text.npy`` (float32 ``[n, D]``, L2-normalised) with
   ``.keys.json`` (``image_keys``, ``text_keys``, ``captions``), or with ``--format parquet``
   ``.image.parquet`` (``key``, ``embedding``) and ``.text.parquet`` (``key``, ``caption``, ``embedding``).
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data.records import DataError
 from .data.sources import read_records
 from .durable import write_atomic
-from .inference import TrainedModel
+from .inference import EmbeddingModel
 
 INDEX_VERSION = 1
 STORAGE_FORMATS = ("npy", "parquet")
@@ -129,7 +130,7 @@ def _collate(samples):
     return index, (torch.stack([x for _, x in good]) if good else None), failed
 
 
-def embed_images(model: TrainedModel, images: list, batch_size: int = 64, workers: int = 0,
+def embed_images(model: EmbeddingModel, images: list, batch_size: int = 64, workers: int = 0,
                  on_batch: Callable[[int], None] = lambda n: None) -> tuple[list[int], np.ndarray, dict[str, int]]:
     """Images (paths, bytes or PIL images), decoded in ``workers`` processes and embedded in batches ->
     ``(positions of the images that loaded, their embeddings [n,D] float32, images skipped per reason)``."""
@@ -145,7 +146,7 @@ def embed_images(model: TrainedModel, images: list, batch_size: int = 64, worker
     return kept, (np.concatenate(rows) if rows else np.zeros((0, model.embed_dim), np.float32)), dict(skipped)
 
 
-def embed_part(model: TrainedModel, items: list[Item], batch_size: int, workers: int,
+def embed_part(model: EmbeddingModel, items: list[Item], batch_size: int, workers: int,
                on_batch: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     """Image and caption embeddings of one part, and the images skipped per reason."""
     kept, image_rows, skipped = embed_images(model, [it.image for it in items], batch_size, workers, on_batch)
@@ -209,8 +210,8 @@ def _open_index(folder: Path, header: dict[str, Any]) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         return {**header, "parts": [], "complete": False}
     index = json.loads(path.read_text())
-    for key in ("checkpoint", "source", "part_size", "format", "embed_dim"):
-        if index.get(key) != header[key]:
+    for key in ("checkpoint", "source", "part_size", "format", "embed_dim", "weights_sha256"):
+        if index.get(key) != header[key] and (key in index or key != "weights_sha256"):  # older: no digest
             raise DataError(f"{folder} holds an index with {key}={index.get(key)!r}, not {header[key]!r}; "
                             "embed into an empty folder (or the same settings to resume)")
     return index
@@ -220,12 +221,25 @@ def _save_index(folder: Path, index: dict[str, Any]) -> None:
     write_atomic(folder / "index.json", json.dumps(index, indent=1))
 
 
-def embed_to_index(model: TrainedModel, items: Iterable[Item], n_items: int, source: str, output: str | Path,
-                   read_skipped: dict[str, int] | None = None, part_size: int = 4096, batch_size: int = 64,
-                   workers: int = 0, storage: str = "npy", progress=None) -> dict[str, Any]:
-    """Embed ``items`` into the index folder ``output`` part by part, resuming a stopped run.
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How ``embed`` writes its index: records per part, images per batch, image-decoding workers, the
+    parts' file format, and ``progress(done, total)``, called as records are embedded (the CLI draws
+    a bar with it)."""
 
-    ``progress(done, total)`` is called as records are embedded (the CLI draws a bar with it)."""
+    part_size: int = 4096
+    batch_size: int = 64
+    workers: int = 0
+    storage: str = "npy"
+    progress: Callable[[int, int], None] | None = None
+
+
+def embed_to_index(model: EmbeddingModel, items: Iterable[Item], n_items: int, source: str, output: str | Path,
+                   read_skipped: dict[str, int] | None = None,
+                   options: EmbedOptions = EmbedOptions()) -> dict[str, Any]:
+    """Embed ``items`` into the index folder ``output`` part by part, resuming a stopped run."""
+    part_size, batch_size, workers, storage = options.part_size, options.batch_size, options.workers, options.storage
+    progress = options.progress
     if storage not in STORAGE_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(STORAGE_FORMATS)}, got {storage!r}")
     if part_size < 1 or batch_size < 1 or workers < 0:
@@ -236,8 +250,9 @@ def embed_to_index(model: TrainedModel, items: Iterable[Item], n_items: int, sou
         except ImportError as e:
             raise RuntimeError("--format parquet needs pyarrow (pip install pyarrow), or use --format npy") from e
     folder = Path(output)
-    header = {"version": INDEX_VERSION, "checkpoint": str(model.source.resolve()), "source": source,
-              "part_size": part_size, "format": storage, "embed_dim": model.embed_dim, "n_records": n_items}
+    header = {"version": INDEX_VERSION, "checkpoint": model.spec, "source": source,
+              "part_size": part_size, "format": storage, "embed_dim": model.embed_dim, "n_records": n_items,
+              "weights_sha256": model.describe()["weights_sha256"]}
     index = _open_index(folder, header)
     finished = {p["part"] for p in index["parts"] if all((folder / f).is_file() for f in p["files"])}
     index["parts"] = [p for p in index["parts"] if p["part"] in finished]

@@ -1,8 +1,10 @@
-"""A trained model for use: ``unimlip_fast.load(run_or_export)`` -> :class:`TrainedModel`.
-
-``encode_image`` and ``encode_text`` return L2-normalised float32 embeddings on the CPU, computed in
-batches on the model's device. ``preprocess`` is the evaluation transform that retrieval uses (short
-side resized, centre crop, CLIP normalisation) and ``tokenizer`` the run's own tokenizer.
+"""A trained model for use: an :class:`EmbeddingModel`, as ``unimlip_fast.load(checkpoint)`` gives
+(:mod:`unimlip_fast.loading`: a run folder, an export, or another published model, ``pmc-clip:PATH``
+or ``open_clip:SPEC``, :mod:`unimlip_fast.interop`). ``encode_image`` and ``encode_text`` return
+L2-normalised float32 embeddings on the CPU, computed in batches on the model's device.
+``preprocess`` is the model's evaluation transform (for a run of this project the one retrieval uses:
+short side resized, centre crop, CLIP normalisation) and ``tokenizer`` its own tokenizer.
+``describe()`` names the model for results files: its spec and a digest of its weights.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from .data.cpu_loader import eval_image
 from .data.dataset import tokenize_captions
 from .data.spec import trim_padding
 from .model import UniMlip
-from .run_folder import RunFolder
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -27,18 +28,41 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-class TrainedModel:
-    """The image and text towers of a trained Uni-Mlip, with their preprocessing."""
+class EmbeddingModel:
+    """Image and text towers with their preprocessing: what evaluation, embedding and search use.
 
-    def __init__(self, model: UniMlip, tokenizer, cfg: Config, device: torch.device, source: Path):
-        self.model, self.tokenizer, self.cfg, self.device, self.source = model.eval(), tokenizer, cfg, device, source
-        self.image_size = cfg.model.image_size
-        self.context_length = cfg.model.text.context_length
-        self.embed_dim = cfg.model.embed_dim
+    Subclasses set ``model`` (the module), ``tokenizer``, ``device``, ``spec`` (what the user named),
+    ``image_size`` and ``embed_dim``, and give ``preprocess``, ``embed_image_batch``, ``encode_text``
+    and ``logit_scale``."""
+
+    model: torch.nn.Module
+    device: torch.device
+    spec: str
+    image_size: int
+    embed_dim: int
+    native = False  # a run of this project (or its export): retrieval takes the training-time path
 
     def preprocess(self, image) -> torch.Tensor:
-        """A path or PIL image -> the normalised ``[3,S,S]`` tensor the image tower takes."""
-        return eval_image(image, self.image_size)
+        raise NotImplementedError
+
+    def embed_image_batch(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> float:
+        """The (exponentiated) temperature the model was trained with."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, str]:
+        """``{"spec", "weights_sha256"}``: which model, so results compare like with like."""
+        from .provenance import state_digest
+
+        if not hasattr(self, "_digest"):
+            self._digest = state_digest(self.model.state_dict())
+        return {"spec": self.spec, "weights_sha256": self._digest}
 
     @torch.no_grad()
     def encode_image(self, images, batch_size: int = 64) -> torch.Tensor:
@@ -50,6 +74,29 @@ class TrainedModel:
             batches = (torch.stack([self.preprocess(x) for x in items[s : s + batch_size]])
                        for s in range(0, len(items), batch_size))
         return _concat([self.embed_image_batch(b) for b in batches], self.embed_dim)
+
+
+class TrainedModel(EmbeddingModel):
+    """The image and text towers of a trained Uni-Mlip, with their preprocessing."""
+
+    def __init__(self, model: UniMlip, tokenizer, cfg: Config, device: torch.device, source: Path | str,
+                 preprocess=None, native: bool = True):
+        self.model, self.tokenizer, self.cfg, self.device, self.source = model.eval(), tokenizer, cfg, device, source
+        self.spec = str(Path(source).resolve()) if native else str(source)
+        self.image_size = cfg.model.image_size
+        self.context_length = cfg.model.text.context_length
+        self.embed_dim = cfg.model.embed_dim
+        self.native, self._preprocess = native, preprocess
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A path, bytes or PIL image -> the normalised ``[3,S,S]`` tensor the image tower takes."""
+        if self._preprocess is not None:
+            return self._preprocess(image)
+        return eval_image(image, self.image_size)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.scale().detach().cpu())
 
     def embed_image_batch(self, images: torch.Tensor) -> torch.Tensor:
         """One preprocessed batch -> normalised float32 embeddings on the CPU."""
@@ -82,16 +129,3 @@ class TrainedModel:
 
 def _concat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, dim)
-
-
-def load(path: str | Path, device: str | torch.device | None = None) -> TrainedModel:
-    """A finished run folder (or its ``model.safetensors``), or a folder written by
-    ``unimlip-fast export`` -> a :class:`TrainedModel` in eval mode on ``device`` (default: CUDA
-    where there is one)."""
-    from .export import is_export, load_export
-
-    dev = resolve_device(device)
-    path = Path(path)
-    model, tokenizer, cfg = load_export(path, dev) if is_export(path) else RunFolder.of(path).load_model(dev)
-    return TrainedModel(model, tokenizer, cfg, dev, path)
-

@@ -1,4 +1,4 @@
-"""Where results come from: the code's commit."""
+"""Where results come from: the code's commit, and which weights (a digest of the model's state)."""
 from __future__ import annotations
 
 import os
@@ -21,3 +21,18 @@ def code_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes in name order: the same weights give
+    the same digest whatever file, folder or format they were read from."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -50,9 +50,9 @@ class _ViewDataset(Dataset):
             sample["image"] = eval_view_one(image, self.base.image_size)
             return sample
         g = spec.generator(j)
-        sample["image"] = weak_view_one(image, spec.image_size, g, spec.weak_scale)
+        sample["image"] = weak_view_one(image, spec.image_size, g, spec.views.weak_scale, spec.views.ratio)
         if spec.strong_views:
-            sample["image_a"], sample["image_b"] = strong_views_one(image, spec.image_size, g, spec.strong_scale)
+            sample["image_a"], sample["image_b"] = strong_views_one(image, spec.image_size, g, spec.views)
         return sample
 
 

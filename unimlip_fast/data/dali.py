@@ -15,11 +15,11 @@ One pipeline per epoch and phase (the trainer builds a loader per epoch and per 
   the epoch is dropped (``LastBatchPolicy.DROP``).
 - one decode per sample: ``fn.decoders.image`` on the GPU (``device="mixed"``, nvJPEG), or on the
   CPU when the pipeline has ``device_id=None`` (how the tests run it, the same definition);
-- from that decoded image, the weak view (random resized crop, area ``weak_scale``) and, only in
-  the SimCLR phase, two strong views: crop area ``strong_scale``; colour jitter (brightness,
-  contrast, saturation 0.4, hue 0.1 of the circle = 36 degrees) with p 0.8 and greyscale with p 0.2,
-  folded into one ``fn.color_twist`` (saturation 0 is grey); Gaussian blur sigma U(0.1, 2) px with
-  p 0.5 (sigma 1e-3 when off: an identity kernel); horizontal flip p 0.5; each view normalised with
+- from that decoded image, the views of the spec's :class:`.views.ViewRecipe`: the weak view
+  (random resized crop, area ``weak_scale``) and, only in the SimCLR phase, two strong views: crop
+  area ``strong_scale``; colour jitter (hue in degrees: 360 x the recipe's fraction of the circle)
+  and greyscale folded into one ``fn.color_twist`` (saturation 0 is grey); Gaussian blur (sigma
+  1e-3 when off: an identity kernel, its window sized for the largest sigma); horizontal flip; each view normalised with
   the CLIP mean/std by ``fn.crop_mirror_normalize``, NCHW, float16 when training in fp16, float32
   otherwise (cast to bf16 on the device after the iterator: DALI has no bf16).
 - captions: the ``.ids`` member read as int32, padded to the context length by ``fn.pad``, its
@@ -37,15 +37,20 @@ batch's ``skipped`` of each epoch (rank 0).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .shard_format import IMAGE_EXTS
 from .shards import ShardSet
 from .spec import LoaderSpec, count_epoch_losses
-from .views import CLIP_MEAN, CLIP_STD, RATIO
+from .views import CLIP_MEAN, CLIP_STD, ViewRecipe
 
-BLUR_WINDOW = 13  # 2 * ceil(3 * max sigma) + 1 for sigma up to 2
+
+def blur_window(max_sigma: float) -> int:
+    """The Gaussian window that holds +-3 sigma: ``2 * ceil(3 * max_sigma) + 1`` (13 for sigma up to 2)."""
+    return 2 * math.ceil(3 * max_sigma) + 1
 
 
 def dali_available() -> bool:
@@ -60,17 +65,18 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, 7]).generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
 
 
-def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int, seed: int, strong_views: bool,
-                   image_size: int, weak_scale=(0.9, 1.0), strong_scale=(0.9, 1.0), device_id: int | None = 0,
-                   half: bool = False, num_threads: int = 4, initial_fill: int = 4096, prefetch: int = 2,
-                   shard_order=None):
-    """The DALI pipeline (not yet built); outputs ``image[, image_a, image_b], ids, length, index``.
-    ``shard_order`` permutes the tars (the same on every rank, so the ranks' parts stay disjoint)."""
+def build_pipeline(shards: ShardSet, spec: LoaderSpec, device_id: int | None = 0, shard_order=None,
+                   initial_fill: int = 4096, prefetch: int = 2):
+    """The DALI pipeline (not yet built) of one rank, epoch and phase of ``spec``; outputs
+    ``image[, image_a, image_b], ids, length, index``. ``shard_order`` permutes the tars (the same on
+    every rank, so the ranks' parts stay disjoint)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
-    out_type = types.FLOAT16 if half else types.FLOAT
-    ratio = list(RATIO)
+    out_type = types.FLOAT16 if spec.dtype == torch.float16 else types.FLOAT
+    recipe: ViewRecipe = spec.views
+    image_size, seed = spec.image_size, _epoch_seed(spec.seed, spec.epoch, spec.rank)
+    ratio = list(recipe.ratio)
     mean = [255 * m for m in CLIP_MEAN]
     std = [255 * s for s in CLIP_STD]
     length = shards.context_length
@@ -86,33 +92,38 @@ def build_pipeline(shards: ShardSet, batch_size: int, rank: int, world_size: int
     def coin(p):  # 1.0 with probability p, else 0.0
         return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
 
-    def strong_view(images):
-        x = fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(strong_scale),
-                                   random_aspect_ratio=ratio)
-        on = coin(0.8)
-        keep = 1.0 - coin(0.2)  # 0: greyscale
-        x = fn.color_twist(x, brightness=1.0 + on * uniform(-0.4, 0.4), contrast=1.0 + on * uniform(-0.4, 0.4),
-                           saturation=(1.0 + on * uniform(-0.4, 0.4)) * keep, hue=on * uniform(-36.0, 36.0))
-        blur = coin(0.5)
-        sigma = blur * uniform(0.1, 2.0) + (1.0 - blur) * 1e-3
-        x = fn.gaussian_blur(x, sigma=sigma, window_size=BLUR_WINDOW)
-        return normalise(x, mirror=fn.random.coin_flip(probability=0.5))
+    def jitter(on, amount):  # a factor in 1 +- amount when ``on`` is 1, else 1
+        return 1.0 + on * uniform(-amount, amount)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+    def strong_view(images):
+        x = fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(recipe.strong_scale),
+                                   random_aspect_ratio=ratio)
+        on = coin(recipe.p_jitter)
+        keep = 1.0 - coin(recipe.p_grey)  # 0: greyscale
+        bj, cj, sj, hj = recipe.jitter
+        x = fn.color_twist(x, brightness=jitter(on, bj), contrast=jitter(on, cj),
+                           saturation=jitter(on, sj) * keep,
+                           hue=on * uniform(-360.0 * hj, 360.0 * hj))
+        blur = coin(recipe.p_blur)
+        sigma = blur * uniform(*recipe.blur_sigma) + (1.0 - blur) * 1e-3
+        x = fn.gaussian_blur(x, sigma=sigma, window_size=blur_window(recipe.blur_sigma[1]))
+        return normalise(x, mirror=fn.random.coin_flip(probability=recipe.p_flip))
+
+    @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, spec.num_workers), device_id=device_id, seed=seed,
                   prefetch_queue_depth=prefetch)
     def pipeline():
         encoded, ids, index = fn.readers.webdataset(
             paths=[str(shards.tars[k]) for k in order], index_paths=[str(shards.indices[k]) for k in order],
             ext=[";".join(IMAGE_EXTS), "ids", "idx"], dtypes=[types.UINT8, types.INT32, types.INT64],
-            missing_component_behavior="error", shard_id=rank, num_shards=world_size,
+            missing_component_behavior="error", shard_id=spec.rank, num_shards=spec.world_size,
             random_shuffle=True, initial_fill=max(1, min(initial_fill, len(shards))), seed=seed,
             pad_last_batch=False, name="reader")
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        weak = normalise(fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(weak_scale),
-                                                random_aspect_ratio=ratio))
+        weak = normalise(fn.random_resized_crop(images, size=[image_size, image_size],
+                                                random_area=list(recipe.weak_scale), random_aspect_ratio=ratio))
         lengths = ids.shape(dtype=types.INT32)
         padded = fn.pad(ids, fill_value=shards.pad_token_id, shape=[length])
-        if strong_views:
+        if spec.strong_views:
             return weak, strong_view(images), strong_view(images), padded, lengths, index
         return weak, padded, lengths, index
 
@@ -132,10 +143,7 @@ class DALILoader:
         device_id = None if spec.device.type == "cpu" else (spec.device.index or 0)
         self.num_batches = spec.batches_per_epoch(len(source))
         shard_order = np.random.default_rng([spec.seed, spec.epoch]).permutation(len(source.tars))  # rank-free
-        pipe = build_pipeline(source, spec.batch_size, spec.rank, spec.world_size,
-                              _epoch_seed(spec.seed, spec.epoch, spec.rank), spec.strong_views, spec.image_size,
-                              spec.weak_scale, spec.strong_scale, device_id, half=spec.dtype == torch.float16,
-                              num_threads=max(1, spec.num_workers), shard_order=shard_order)
+        pipe = build_pipeline(source, spec, device_id, shard_order=shard_order)
         pipe.build()
         self.keys = ["image"] + (["image_a", "image_b"] if spec.strong_views else []) + ["ids", "length", "index"]
         self.iterator = DALIGenericIterator([pipe], self.keys, reader_name="reader",

@@ -121,11 +121,11 @@ class DistributedBatchSampler:
     ``skip_batches`` resumes mid-epoch."""
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epoch: int = 0, skip_batches: int = 0, shuffle: bool = True):
+                 epoch: int = 0, skip_batches: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.seed, self.epoch, self.skip_batches, self.shuffle = seed, epoch, skip_batches, shuffle
+        self.seed, self.epoch, self.skip_batches = seed, epoch, skip_batches
         self.num_batches = n // (batch_size * world_size)  # per rank, per epoch, before skipping
 
     @classmethod
@@ -139,7 +139,7 @@ class DistributedBatchSampler:
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        order = rng.permutation(self.n)
         step = self.batch_size * self.world_size
         for k in range(self.skip_batches, self.num_batches):
             start = k * step + self.rank * self.batch_size

@@ -125,3 +125,15 @@ def check_image_bytes(data: bytes) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure to decode means the image is unusable
         return False
+
+
+def open_rgb(image) -> Image.Image:
+    """A path, encoded bytes, a PIL image or an ``HxW[x3]`` uint8 array -> an 8-bit RGB PIL image at
+    full size (for another model's own preprocessing); raises on a bad file, as :func:`decode_image`."""
+    if isinstance(image, np.ndarray):
+        return to_uint8_rgb(Image.fromarray(np.ascontiguousarray(image)))
+    if isinstance(image, Image.Image):
+        return to_uint8_rgb(image)
+    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+        _check_pixels(im)
+        return to_uint8_rgb(im)

@@ -67,7 +67,7 @@ def load_tokenizer(name_or_path: str):
                         "a run saved (runs/<name>/tokenizer) or one saved with build_tokenizer(...).save_pretrained")
     from transformers import AutoTokenizer
 
-    from ..model.text import resolve_encoder
+    from ..text_encoders import resolve_encoder
 
     try:
         return AutoTokenizer.from_pretrained(resolve_encoder(name_or_path))
@@ -170,15 +170,29 @@ def _shard_done(out: Path, shard: int) -> dict | None:
     return m
 
 
+@dataclass(frozen=True)
+class PackOptions:
+    """How ``data pack`` packs: records per shard, caption length, worker processes, the first
+    ``limit`` records only, a progress bar, the records' shuffle (``None``: the source's order)."""
+
+    shard_size: int = 1000
+    context_length: int = 77
+    workers: int = 1
+    limit: int | None = None
+    progress: bool = True
+    shuffle_seed: int | None = 0
+
+
 def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str | None = None,
-         shard_size: int = 1000, context_length: int = 77, workers: int = 1, limit: int | None = None,
-         progress: bool = True, shuffle_seed: int | None = 0) -> dict:
+         options: PackOptions = PackOptions()) -> dict:
     """Pack the records of ``data`` (``split`` overrides ``data.split``) into ``output``; returns the
     manifest. Resumes a folder packed with the same plan; a different plan is an error.
 
     Records are spread over the shards in an order shuffled with ``shuffle_seed`` (``None``: the
     source's order): sources group similar pairs (a case's images, a paper's subfigures, often with
     one caption), and a reader's shuffle buffer only mixes nearby samples."""
+    shard_size, context_length, workers = options.shard_size, options.context_length, options.workers
+    limit, progress, shuffle_seed = options.limit, options.progress, options.shuffle_seed
     if data.format not in PACK_FORMATS:
         raise DataError(f"data pack reads {', '.join(PACK_FORMATS)}; got {data.format!r}")
     if shard_size < 1 or context_length < 2:

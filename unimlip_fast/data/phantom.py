@@ -69,8 +69,11 @@ def _lesion_centres(rng, count: int, r: float, vert: int, horiz: int) -> list[tu
     return best[0][1]
 
 
-def render(modality: int, region: int, count: int, size: int, vert: int, horiz: int, rng, px: int = 128) -> np.ndarray:
-    """One phantom image, ``[px, px]`` uint8. Factor arguments are indices into the tuples above."""
+def render(factors: dict[str, int], rng, px: int = 128) -> np.ndarray:
+    """One phantom image, ``[px, px]`` uint8. ``factors``: modality, region, count, size, vert and
+    horiz, each an index into the tuples above."""
+    modality, region, count, size, vert, horiz = (factors[k] for k in ("modality", "region", "count", "size",
+                                                                       "vert", "horiz"))
     ax = ((np.arange(px) + 0.5) / px * 2 - 1).astype(np.float32)  # float32 throughout
     yy, xx = np.meshgrid(ax, ax, indexing="ij")
     s = float(rng.uniform(0.94, 1.04))
@@ -164,7 +167,7 @@ def phantom_sample(seed: int, i: int, px: int = 128) -> tuple[np.ndarray, str, d
         horiz=int(rng.integers(2)),
     )
     template = int(rng.integers(len(TEMPLATES)))
-    grey = render(**f, rng=rng, px=px)
+    grey = render(f, rng, px)
     image = np.broadcast_to(grey[:, :, None], (px, px, 3))  # greyscale; a view, no 3x memory
     factors = dict(
         modality=MODALITIES[f["modality"]],

@@ -33,6 +33,7 @@ import torch
 
 from .masking import MaskingTables, mask_tokens
 from .records import DataError
+from .views import VIEW_RECIPE, ViewRecipe
 
 MLM_STREAM = 1 << 30  # salt of the masking generator, apart from the views' streams
 
@@ -47,8 +48,7 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
-    weak_scale: tuple[float, float] = (0.9, 1.0)  # crop area of the weak view (data.weak_scale)
-    strong_scale: tuple[float, float] = (0.9, 1.0)  # crop area of the strong views (data.strong_scale)
+    views: ViewRecipe = VIEW_RECIPE  # the views' parameters, crop areas from data.weak_scale / data.strong_scale
     num_workers: int = 0
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # of the GPU backends' images
@@ -59,8 +59,6 @@ class LoaderSpec:
     skip_batches: int = 0  # batches of this epoch already trained on (resume)
 
     def __post_init__(self):
-        object.__setattr__(self, "weak_scale", tuple(self.weak_scale))
-        object.__setattr__(self, "strong_scale", tuple(self.strong_scale))
         object.__setattr__(self, "device", torch.device(self.device))
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
@@ -94,9 +92,9 @@ class LoaderSpec:
 def loader_spec(cfg, rank: int, world_size: int, device, dtype: torch.dtype, mlm: MaskingTables | None) -> LoaderSpec:
     """The run's spec from its config (``cfg``: the whole :class:`~unimlip_fast.config.Config`)."""
     return LoaderSpec(batch_size=cfg.train.batch_size // world_size, image_size=cfg.model.image_size, rank=rank,
-                      world_size=world_size, seed=cfg.train.seed, weak_scale=cfg.data.weak_scale,
-                      strong_scale=cfg.data.strong_scale, num_workers=cfg.data.num_workers, device=device,
-                      dtype=dtype, mlm=mlm, mlm_prob=cfg.loss.mlm_prob)
+                      world_size=world_size, seed=cfg.train.seed,
+                      views=VIEW_RECIPE.with_scales(cfg.data.weak_scale, cfg.data.strong_scale),
+                      num_workers=cfg.data.num_workers, device=device, dtype=dtype, mlm=mlm, mlm_prob=cfg.loss.mlm_prob)
 
 
 def batches_per_epoch(n: int, batch_size: int, world_size: int) -> int:

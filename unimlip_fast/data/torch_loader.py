@@ -32,7 +32,7 @@ from .decoding import decode_size
 from .records import DataError
 from .shards import ShardDataset, ShardSet, ids_to_tokens
 from .spec import LoaderSpec, count_epoch_losses, merge_counts
-from .views import RATIO, crop_boxes, crop_resize, normalize, strong_photometric
+from .views import VIEW_RECIPE, ViewRecipe, crop_boxes, crop_resize, normalize, strong_photometric
 
 VIEW_STREAM = 1 << 31  # salt of the views' generator (per batch), apart from the masking's
 
@@ -80,18 +80,18 @@ def canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def make_views(x: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, size: int, generator: torch.Generator,
-               strong: bool, weak_scale=(0.9, 1.0), strong_scale=(0.9, 1.0)) -> dict[str, torch.Tensor]:
-    """The weak view (and the two strong views when ``strong``) of a float [0,1] :func:`canvas`
-    ``x`` on any device, images ``hs`` x ``ws``, as one batched op each; normalised float32
-    ``[B,3,size,size]``."""
+               strong: bool, recipe: ViewRecipe = VIEW_RECIPE) -> dict[str, torch.Tensor]:
+    """The weak view (and the two strong views when ``strong``) of ``recipe`` of a float [0,1]
+    :func:`canvas` ``x`` on any device, images ``hs`` x ``ws``, as one batched op each; normalised
+    float32 ``[B,3,size,size]``."""
     # Every image sits at the canvas's top left, so a box in its own pixels is the same box on the
     # canvas; the random numbers come from a CPU generator (views' helpers move them to the device).
-    out = {"image": normalize(crop_resize(x, crop_boxes(hs, ws, weak_scale, RATIO, generator), size))}
+    out = {"image": normalize(crop_resize(x, crop_boxes(hs, ws, recipe.weak_scale, recipe.ratio, generator), size))}
     if strong:
         for key in ("image_a", "image_b"):
-            boxes = crop_boxes(hs, ws, strong_scale, RATIO, generator)
-            flip = torch.rand(x.shape[0], generator=generator) < 0.5
-            out[key] = normalize(strong_photometric(crop_resize(x, boxes, size, flip), generator))
+            boxes = crop_boxes(hs, ws, recipe.strong_scale, recipe.ratio, generator)
+            flip = torch.rand(x.shape[0], generator=generator) < recipe.p_flip
+            out[key] = normalize(strong_photometric(crop_resize(x, boxes, size, flip), generator, recipe))
     return out
 
 
@@ -221,7 +221,7 @@ class TorchLoader:
         index = cpu_batch["index"]
         (x, hs, ws), failed = self._decode(cpu_batch)
         g = spec.generator(VIEW_STREAM, *index.tolist())
-        views = make_views(x, hs, ws, spec.image_size, g, spec.strong_views, spec.weak_scale, spec.strong_scale)
+        views = make_views(x, hs, ws, spec.image_size, g, spec.strong_views, spec.views)
         batch = {k: v.to(spec.dtype) for k, v in views.items()}
         if "ids" in cpu_batch:
             ids, mask = ids_to_tokens(cpu_batch["ids"], self.source.context_length, self.source.pad_token_id)

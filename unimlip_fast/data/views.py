@@ -3,13 +3,14 @@
 Every view takes ``images [B,3,H,W]`` (uint8, or float in [0,1]) and returns a normalised float
 batch ``[B,3,size,size]``. Random parameters are drawn per sample from the ``torch.Generator`` passed
 in (on any device; the few parameter tensors are moved to the images' device), so a seeded
-generator gives the same views on every device.
+generator gives the same views on every device. Their parameters are one :class:`ViewRecipe`
+(:data:`VIEW_RECIPE` by default), which every backend (the torch and DALI ones too) reads:
 
-- weak view (ITC, MLM): random resized crop, area ``weak_scale`` (default 0.9-1, PMC-CLIP's), aspect 3/4-4/3.
-- strong view (SimCLR): random resized crop, area ``strong_scale`` (default 0.9-1, near the whole
-  image as the paper keeps small findings; SLIP's is 0.08-1); colour jitter brightness,
-  contrast, saturation 0.4, hue 0.1 with p 0.8 (fixed order); greyscale p 0.2; Gaussian blur sigma
-  U(0.1, 2) px with p 0.5; horizontal flip p 0.5.
+- weak view (ITC, MLM): random resized crop of area ``weak_scale`` (PMC-CLIP's 0.9-1), aspect ``ratio``.
+- strong view (SimCLR): random resized crop of area ``strong_scale`` (near the whole image, as the
+  paper keeps small findings; SLIP's is 0.08-1); colour jitter (brightness, contrast, saturation,
+  hue) with probability ``p_jitter`` (fixed order); greyscale, ``p_grey``; Gaussian blur of sigma
+  ``blur_sigma`` px, ``p_blur``; horizontal flip, ``p_flip``.
 - eval view: resize the short side to ``size``, centre crop.
 
 Batched, crop, resize and flip are one ``affine_grid``/``grid_sample`` (bilinear, no antialiasing:
@@ -19,16 +20,49 @@ slicing and resize with antialiasing, which is faster on CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import DataConfig
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RATIO = (3 / 4, 4 / 3)
 _GREY = (0.299, 0.587, 0.114)
+_DATA_DEFAULTS = DataConfig()  # the crop areas' defaults are the config's (data.weak_scale, data.strong_scale)
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """The random parameters of the weak and strong views (SLIP's strong view, with the crop near
+    the whole image), written once: :mod:`.views`, the torch backend and DALI derive theirs from it."""
+
+    weak_scale: tuple[float, float] = tuple(_DATA_DEFAULTS.weak_scale)  # crop area of the weak view
+    strong_scale: tuple[float, float] = tuple(_DATA_DEFAULTS.strong_scale)  # crop area of the strong views
+    ratio: tuple[float, float] = RATIO  # crop aspect range
+    # Colour jitter: brightness, contrast, saturation factors in 1 +- x, hue shift in +- x of the circle.
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    p_jitter: float = 0.8
+    p_grey: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # px, uniform
+    p_blur: float = 0.5
+    p_flip: float = 0.5  # horizontal
+
+    def __post_init__(self):
+        for name in ("weak_scale", "strong_scale", "ratio", "jitter", "blur_sigma"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+
+    def with_scales(self, weak_scale, strong_scale) -> ViewRecipe:
+        """This recipe with the crop areas of a run's config (``data.weak_scale``, ``data.strong_scale``)."""
+        return dataclasses.replace(self, weak_scale=tuple(weak_scale), strong_scale=tuple(strong_scale))
+
+
+VIEW_RECIPE = ViewRecipe()
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -209,52 +243,31 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float = 
 # ------------------------------------------------------------------------------------------- views
 
 
-def weak_view(images, size: int, generator=None, scale=(0.9, 1.0), ratio=RATIO) -> torch.Tensor:
+def weak_view(images, size: int, generator=None, scale=VIEW_RECIPE.weak_scale, ratio=RATIO) -> torch.Tensor:
     """Random resized crop (``scale``, ``ratio``) to ``size``, then CLIP normalisation."""
     x = to_float(images)
     boxes = random_resized_crop_boxes(x.shape[0], x.shape[2], x.shape[3], scale, ratio, generator, x.device)
     return normalize(crop_resize(x, boxes, size))
 
 
-def strong_view(
-    images,
-    size: int,
-    generator=None,
-    scale=(0.9, 1.0),
-    ratio=RATIO,
-    jitter=(0.4, 0.4, 0.4, 0.1),
-    p_jitter: float = 0.8,
-    p_grey: float = 0.2,
-    blur_sigma=(0.1, 2.0),
-    p_blur: float = 0.5,
-    p_flip: float = 0.5,
-) -> torch.Tensor:
-    """The SimCLR view (SLIP's, with the crop near the whole image): crop ``scale``, colour jitter
-    (p 0.8), greyscale (p 0.2), blur (p 0.5), horizontal flip (p 0.5), CLIP normalisation. The
-    flip is folded into the crop's grid, which is exact because colour ops are per pixel and the
-    blur kernel is symmetric."""
+def strong_view(images, size: int, generator=None, recipe: ViewRecipe = VIEW_RECIPE) -> torch.Tensor:
+    """The SimCLR view of ``recipe``: crop of area ``strong_scale``, colour jitter, greyscale, blur,
+    horizontal flip, CLIP normalisation. The flip is folded into the crop's grid, which is exact
+    because colour ops are per pixel and the blur kernel is symmetric."""
     x = to_float(images)
     n, dev = x.shape[0], x.device
-    boxes = random_resized_crop_boxes(n, x.shape[2], x.shape[3], scale, ratio, generator, dev)
-    flip = _bernoulli(n, p_flip, generator, dev)
+    boxes = random_resized_crop_boxes(n, x.shape[2], x.shape[3], recipe.strong_scale, recipe.ratio, generator, dev)
+    flip = _bernoulli(n, recipe.p_flip, generator, dev)
     x = crop_resize(x, boxes, size, flip)
-    return normalize(strong_photometric(x, generator, jitter, p_jitter, p_grey, blur_sigma, p_blur))
+    return normalize(strong_photometric(x, generator, recipe))
 
 
-def strong_photometric(
-    x: torch.Tensor,
-    generator=None,
-    jitter=(0.4, 0.4, 0.4, 0.1),
-    p_jitter: float = 0.8,
-    p_grey: float = 0.2,
-    blur_sigma=(0.1, 2.0),
-    p_blur: float = 0.5,
-) -> torch.Tensor:
+def strong_photometric(x: torch.Tensor, generator=None, recipe: ViewRecipe = VIEW_RECIPE) -> torch.Tensor:
     """The strong view after the crop: colour jitter, greyscale, blur on float ``[B,3,S,S]`` in
     [0,1], not normalised."""
     n, dev = x.shape[0], x.device
-    bj, cj, sj, hj = jitter
-    on = _bernoulli(n, p_jitter, generator, dev)
+    bj, cj, sj, hj = recipe.jitter
+    on = _bernoulli(n, recipe.p_jitter, generator, dev)
     one = torch.ones(n, device=dev)
     bright = torch.where(on, _uniform(n, max(0.0, 1 - bj), 1 + bj, generator, dev), one)
     contr = torch.where(on, _uniform(n, max(0.0, 1 - cj), 1 + cj, generator, dev), one)
@@ -262,12 +275,13 @@ def strong_photometric(
     hue = torch.where(on, _uniform(n, -hj, hj, generator, dev), torch.zeros(n, device=dev))
     x = color_jitter(x, bright, contr, sat, hue)
 
-    to_grey = _bernoulli(n, p_grey, generator, dev).view(-1, 1, 1, 1)
+    to_grey = _bernoulli(n, recipe.p_grey, generator, dev).view(-1, 1, 1, 1)
     x = torch.where(to_grey, grey(x).expand_as(x), x)
 
-    blur = _bernoulli(n, p_blur, generator, dev)
-    sigma = torch.where(blur, _uniform(n, blur_sigma[0], blur_sigma[1], generator, dev), torch.zeros(n, device=dev))
-    return gaussian_blur(x, sigma, max_sigma=blur_sigma[1])
+    blur = _bernoulli(n, recipe.p_blur, generator, dev)
+    lo, hi = recipe.blur_sigma
+    sigma = torch.where(blur, _uniform(n, lo, hi, generator, dev), torch.zeros(n, device=dev))
+    return gaussian_blur(x, sigma, max_sigma=hi)
 
 
 def eval_view(images, size: int) -> torch.Tensor:
@@ -296,7 +310,7 @@ def crop_resize_one(image: torch.Tensor, box, size: int, flip: bool = False) -> 
     return (crop.flip(-1) if flip else crop)[0].clamp(0, 1)
 
 
-def weak_view_one(image, size: int, generator=None, scale=(0.9, 1.0), ratio=RATIO) -> torch.Tensor:
+def weak_view_one(image, size: int, generator=None, scale=VIEW_RECIPE.weak_scale, ratio=RATIO) -> torch.Tensor:
     """One image (HxWx3 or HxW uint8 numpy, or [3,H,W] tensor) -> ``[3,size,size]``; the same
     parameters as :func:`weak_view` draws, cropped with :func:`crop_resize_one`."""
     x = to_chw(image)
@@ -304,15 +318,15 @@ def weak_view_one(image, size: int, generator=None, scale=(0.9, 1.0), ratio=RATI
     return normalize(crop_resize_one(x, box, size)[None])[0]
 
 
-def strong_views_one(
-    image, size: int, generator=None, scale=(0.9, 1.0), ratio=RATIO
-) -> tuple[torch.Tensor, torch.Tensor]:
+def strong_views_one(image, size: int, generator=None,
+                     recipe: ViewRecipe = VIEW_RECIPE) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent strong views of one image: crops one at a time, the rest as a batch of two."""
     x = to_chw(image)
-    boxes = random_resized_crop_boxes(2, x.shape[1], x.shape[2], scale, ratio, generator, x.device)
-    flip = _bernoulli(2, 0.5, generator, x.device)
+    boxes = random_resized_crop_boxes(2, x.shape[1], x.shape[2], recipe.strong_scale, recipe.ratio, generator,
+                                      x.device)
+    flip = _bernoulli(2, recipe.p_flip, generator, x.device)
     crops = torch.stack([crop_resize_one(x, boxes[k], size, bool(flip[k])) for k in range(2)])
-    a, b = normalize(strong_photometric(crops, generator))
+    a, b = normalize(strong_photometric(crops, generator, recipe))
     return a, b
 
 

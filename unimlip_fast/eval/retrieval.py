@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..data.cpu_loader import build_eval_loader
 from ..data.dataset import CaptionImageDataset, build_dataset
 from ..data.formats import roco_eval_subset
-from ..data.records import Record
+from ..data.records import DataError, Record
 from ..data.sources import read_records
 from ..data.spec import trim_padding
 
@@ -107,9 +107,8 @@ class EvalSet:
     one_positive: bool  # each query's own pair is its only correct answer (ROCO's protocol)
 
 
-def build_eval_set(model, tokenizer, data: DataConfig, split: str,
-                   protocol: RetrievalProtocol | None = None) -> EvalSet:
-    protocol = protocol or RetrievalProtocol()
+def select_pairs(data: DataConfig, split: str, protocol: RetrievalProtocol) -> tuple[list[Record], int, dict]:
+    """The pairs the protocol scores, how many repeated captions it dropped, the records skipped reading."""
     if protocol.roco_2000:  # the published 2,000 test pairs, as they are: one positive each, no de-duplication
         if data.format != "roco":
             raise ValueError(f"the ROCO 2,000-pair protocol needs ROCO data, got format {data.format!r}")
@@ -120,8 +119,15 @@ def build_eval_set(model, tokenizer, data: DataConfig, split: str,
     n_dropped = 0
     if not protocol.keep_duplicates and not protocol.roco_2000:
         records, n_dropped = dedupe_captions(records)
+    return records, n_dropped, dict(record_set.skipped)
+
+
+def build_eval_set(model, tokenizer, data: DataConfig, split: str,
+                   protocol: RetrievalProtocol | None = None) -> EvalSet:
+    protocol = protocol or RetrievalProtocol()
+    records, n_dropped, skipped = select_pairs(data, split, protocol)
     dataset = build_dataset(records, tokenizer, model.cfg.image_size, model.cfg.text.context_length)
-    return EvalSet(dataset, n_dropped, dict(record_set.skipped), one_positive=protocol.roco_2000)
+    return EvalSet(dataset, n_dropped, skipped, one_positive=protocol.roco_2000)
 
 
 def evaluate_retrieval(model, tokenizer, data: DataConfig, split: str, device: torch.device, batch_size: int = 128,
@@ -136,3 +142,31 @@ def evaluate_retrieval(model, tokenizer, data: DataConfig, split: str, device: t
     results["skipped_records"] = eval_set.skipped_records
     results["split"] = "test (ROCO 2,000-pair protocol)" if protocol.roco_2000 else split
     return results
+
+
+def evaluate_loaded_retrieval(model, data: DataConfig, split: str, batch_size: int = 128,
+                              protocol: RetrievalProtocol | None = None) -> dict[str, Any]:
+    """Retrieval with a loaded model (:func:`unimlip_fast.load`): a run of this project (or its export)
+    through :func:`evaluate_retrieval`, exactly as its training ended; any other model (``pmc-clip:``,
+    ``open_clip:``) with its own preprocessing and tokenizer on the same pairs, an image that does not
+    load dropping its pair, counted. The results name the model (spec and weights digest)."""
+    from ..embed import embed_images
+
+    protocol = protocol or RetrievalProtocol()
+    if model.native:
+        results = evaluate_retrieval(model.model, model.tokenizer, data, split, model.device, batch_size, protocol)
+        return {**results, "model": model.describe()}
+    records, n_dropped, skipped = select_pairs(data, split, protocol)
+    kept, image_rows, failed = embed_images(model, [r.image for r in records], batch_size)
+    records = [records[i] for i in kept]
+    if not records:
+        raise DataError(f"no image of the {split} split could be read ({failed})")
+    captions = [r.caption for r in records]
+    txt = model.encode_text(captions, batch_size=max(batch_size, 64))
+    keys = [r.key for r in records] if protocol.per_query else None
+    results = retrieval_metrics(torch.from_numpy(image_rows), txt, captions, one_positive=protocol.roco_2000,
+                                keys=keys)
+    results["n_duplicates_dropped"] = n_dropped
+    results["skipped_records"] = {**skipped, **{k: skipped.get(k, 0) + v for k, v in failed.items()}}
+    results["split"] = "test (ROCO 2,000-pair protocol)" if protocol.roco_2000 else split
+    return {**results, "model": model.describe()}

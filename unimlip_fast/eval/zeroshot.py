@@ -26,7 +26,7 @@ from ..data.labelled import LabelledImage
 from ..data.records import DataError, ItemSet
 from ..data.sources import LABELLED_SOURCES
 from ..embed import embed_images
-from ..inference import TrainedModel
+from ..inference import EmbeddingModel
 from .metrics import macro_auc
 
 ZEROSHOT_FORMATS: tuple[str, ...] = tuple(LABELLED_SOURCES)  # the chest X-ray releases and a label CSV
@@ -81,7 +81,7 @@ def read_prompts(path: str | Path, labels: tuple[str, ...]) -> dict[str, dict[st
 
 
 @torch.no_grad()
-def prompt_ensembles(model: TrainedModel, prompts: dict[str, dict[str, list[str]]],
+def prompt_ensembles(model: EmbeddingModel, prompts: dict[str, dict[str, list[str]]],
                      labels: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(positive [L,D], negative [L,D])``: each label's prompts embedded, averaged, renormalised."""
     def ensemble(texts: list[str]) -> torch.Tensor:
@@ -108,7 +108,7 @@ def chance_macro_auc(targets: np.ndarray, labels: tuple[str, ...], n_draws: int 
             "p95": float(np.percentile(draws, 95))}
 
 
-def evaluate_zeroshot(model: TrainedModel, data: ItemSet[LabelledImage],
+def evaluate_zeroshot(model: EmbeddingModel, data: ItemSet[LabelledImage],
                       prompts: dict[str, dict[str, list[str]]] | None = None, batch_size: int = 64,
                       workers: int = 0, chance_draws: int = 1000) -> dict[str, Any]:
     labels = data.labels
@@ -118,7 +118,7 @@ def evaluate_zeroshot(model: TrainedModel, data: ItemSet[LabelledImage],
         raise DataError(f"no image of {data.source} could be read ({skipped})")
     targets = np.array([data.items[i].target for i in kept], dtype=np.float64)
     positive, negative = prompt_ensembles(model, prompts, labels)
-    scale = float(model.model.scale().detach().cpu())
+    scale = model.logit_scale
     scores = zeroshot_scores(torch.from_numpy(image_rows), positive, negative, scale).numpy()
     result = macro_auc(scores, targets, labels)
     chance = chance_macro_auc(targets, labels, chance_draws) if chance_draws else {}
@@ -129,5 +129,5 @@ def evaluate_zeroshot(model: TrainedModel, data: ItemSet[LabelledImage],
         "chance_macro_auc_mean": chance.get("mean"), "chance_macro_auc_p05": chance.get("p05"),
         "chance_macro_auc_p95": chance.get("p95"),
         "skipped": {**dict(data.skipped), **skipped}, "source": data.source, "logit_scale": scale,
-        "prompts": prompts, "method": "zero-shot, positive vs negative prompt ensembles",
+        "prompts": prompts, "method": "zero-shot, positive vs negative prompt ensembles", "model": model.describe(),
     }

@@ -1,6 +1,7 @@
-"""Chest X-ray classification fine-tuned from a pretraining run (the paper's protocol).
+"""Chest X-ray classification fine-tuned from a pretraining run, or another published model's image tower
+(``pmc-clip:PATH``, ``open_clip:SPEC``), in the paper's protocol.
 
-The model is the pretrained image encoder (attention-pooled embedding) and one linear layer,
+The model is the pretrained image encoder (its pooled embedding) and one linear layer,
 trained end to end with binary cross-entropy (labels left unknown by U-Ignore carry no loss) and
 Adam; each epoch ends with the validation macro AUC, the best epoch's weights are kept
 (``best.safetensors``) and scored on the test split; training stops after ``train.patience`` epochs
@@ -21,6 +22,7 @@ from torch import nn
 from ..data.labelled import LabelledImage, LabelOptions, draw_fraction, label_rates
 from ..data.records import DataError, ItemSet, Skips, describe_skips
 from ..data.sources import read_labelled
+from ..data.views import CLIP_MEAN, CLIP_STD
 from ..eval.metrics import macro_auc
 from ..train.distributed import DistEnv
 from .common import (
@@ -31,11 +33,11 @@ from .common import (
     chunks,
     epoch_batches,
     eval_indices,
+    fit_image_size,
     gather_rows,
-    load_pretrained_run,
+    load_backbone,
     make_loader,
-    require_pretrained,
-    resize_attention_pool,
+    require_checkpoint,
     wrap_ddp,
 )
 from .config import ClassifyConfig
@@ -46,13 +48,21 @@ SPLITS = ("train", "valid", "test")  # as the results name them
 class ImageClassifier(nn.Module):
     """Image encoder -> embedding -> one linear layer -> one logit per label."""
 
-    def __init__(self, visual: nn.Module, n_labels: int):
+    def __init__(self, visual: nn.Module, embed_dim: int, n_labels: int):
         super().__init__()
         self.visual = visual
-        self.head = nn.Linear(visual.attnpool.c_proj.out_features, n_labels)
+        self.head = nn.Linear(embed_dim, n_labels)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.visual(image))
+
+
+def check_normalisation(backbone, checkpoint) -> None:
+    """Fine-tuning's views normalise with CLIP's mean and std: a model trained with others is refused."""
+    theirs = getattr(backbone, "normalisation", None)
+    if theirs is not None and not (np.allclose(theirs[0], CLIP_MEAN) and np.allclose(theirs[1], CLIP_STD)):
+        raise ValueError(f"{checkpoint}: its images are normalised with mean {list(theirs[0])} and std "
+                         f"{list(theirs[1])}; fine-tuning normalises with CLIP's {list(CLIP_MEAN)}, {list(CLIP_STD)}")
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -114,7 +124,7 @@ def read_splits(cfg: ClassifyConfig) -> dict[str, ItemSet[LabelledImage]]:
 def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str | Path, env: DistEnv,
                       json_out: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
     t, seed = cfg.train, cfg.train.seed
-    require_pretrained(checkpoint)  # before minutes of reading data
+    require_checkpoint(checkpoint)  # before minutes of reading data
     log = RunLog(Path(run_dir), env)
     log.save_config(cfg)
     say = echo if env.is_main else (lambda _msg: None)
@@ -137,11 +147,13 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
         f"{len(splits['train'])}, fraction {cfg.data.fraction}, seed {seed}), valid {len(datasets['valid'])}, "
         f"test {len(datasets['test'])}; skipped: {_skip_text(skipped)}")
 
-    backbone, _, pre_cfg = load_pretrained_run(checkpoint, t.init, seed, env.device)
-    visual = backbone.visual
-    resize_attention_pool(visual, cfg.data.image_size)
+    backbone = load_backbone(checkpoint, t.init, seed, env.device)
+    check_normalisation(backbone, checkpoint)
+    visual = backbone.model.visual
+    fit_image_size(visual, cfg.data.image_size, checkpoint)
     torch.manual_seed(seed)
-    model = ImageClassifier(visual, len(labels)).to(env.device)
+    model = ImageClassifier(visual, backbone.embed_dim, len(labels)).to(env.device)
+    model_info, pretrained_size = backbone.describe(), backbone.image_size
     del backbone
     ddp = wrap_ddp(model, env)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -149,7 +161,7 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
     per_rank = max(1, global_batch // env.world_size)
     if global_batch < t.batch_size:
         say(f"train.batch_size {t.batch_size} > {n_train} training images: batch {global_batch}")
-    say(f"init {t.init} from {checkpoint} (pretrained at {pre_cfg.model.image_size} px, fine-tuned at "
+    say(f"init {t.init} from {checkpoint} (pretrained at {pretrained_size} px, fine-tuned at "
         f"{cfg.data.image_size} px); {env.world_size} rank(s), global batch {global_batch}, Adam lr {t.lr}")
 
     best, best_epoch, best_state, substituted = -math.inf, -1, None, 0
@@ -188,7 +200,7 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
         "excluded_labels": test["excluded"], "val_macro_auc": best, "best_epoch": best_epoch,
         "epochs_run": epoch + 1, "train_label_rates": label_rates(datasets["train"].items, labels),
         "skipped": {s: dict(c) for s, c in skipped.items()}, "substituted_train_images": substituted,
-        "init": t.init, "seed": seed, "data": cfg.data.format, "checkpoint": str(checkpoint),
+        "init": t.init, "seed": seed, "data": cfg.data.format, "checkpoint": str(checkpoint), "model": model_info,
     }
     return log.finish(results, json_out)
 

@@ -24,6 +24,7 @@ from ..data.records import DataError
 from ..data.spec import seeded_generator
 from ..data.views import eval_view_one, weak_view_one
 from ..durable import write_atomic
+from ..inference import EmbeddingModel
 from ..model import UniMlip
 from ..run_folder import RunFolder
 from ..train.distributed import DistEnv
@@ -47,6 +48,54 @@ def load_pretrained_run(run_dir: str | Path, init: str, seed: int, device: torch
     for p in model.parameters():  # pretraining may have frozen text layers; fine-tuning trains all
         p.requires_grad_(True)
     return model.train(), tokenizer, cfg
+
+
+def require_checkpoint(checkpoint: str | Path, uni_mlip_towers: bool = False) -> None:
+    """Before minutes of reading data: a finished run, or a ``pmc-clip:`` / ``open_clip:`` spec naming
+    weights that exist. ``uni_mlip_towers``: the task needs Uni-Mlip's image trunk and BERT text tower
+    (VQA), which an open_clip model has not."""
+    from ..interop import is_foreign, parse_spec
+
+    if not is_foreign(checkpoint):
+        require_pretrained(checkpoint)
+        return
+    spec = parse_spec(str(checkpoint))
+    if uni_mlip_towers and spec.kind == "open_clip":
+        raise ValueError(f"{checkpoint}: VQA fine-tuning needs Uni-Mlip's image trunk (its feature map) and a BERT "
+                         "text tower with its token states, which an open_clip model does not give; use a run "
+                         "folder or pmc-clip:PATH (open_clip models: eval retrieval, eval zeroshot, finetune classify)")
+
+
+def load_backbone(checkpoint: str | Path, init: str, seed: int, device: torch.device) -> EmbeddingModel:
+    """What fine-tuning starts from, every parameter trainable, in train mode: a finished run
+    (:func:`load_pretrained_run`) or a ``pmc-clip:`` / ``open_clip:`` spec (``init="random"``: its
+    architecture with every weight drawn afresh from ``seed``)."""
+    from ..inference import TrainedModel
+    from ..interop import is_foreign, load_foreign
+
+    if is_foreign(checkpoint):
+        torch.manual_seed(seed)
+        loaded = load_foreign(str(checkpoint), device, load_weights=init != "random")
+    else:
+        model, tokenizer, cfg = load_pretrained_run(checkpoint, init, seed, device)
+        loaded = TrainedModel(model, tokenizer, cfg, device, checkpoint)
+    loaded.describe()  # the digest of the weights fine-tuning starts from, before it changes them
+    for p in loaded.model.parameters():
+        p.requires_grad_(True)
+    loaded.model.train()
+    return loaded
+
+
+def fit_image_size(visual: nn.Module, image_size: int, checkpoint: str | Path) -> None:
+    """An attention-pooled ResNet takes any multiple of 32 (:func:`resize_attention_pool`); any other
+    image tower (a ViT) is fine-tuned at the size it was trained at."""
+    if hasattr(visual, "attnpool"):
+        resize_attention_pool(visual, image_size)
+        return
+    size = getattr(visual, "image_size", None)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    if size is not None and int(size) != image_size:
+        raise ValueError(f"{checkpoint}: its image tower takes {size} px images; set data.image_size={size}")
 
 
 def resize_attention_pool(visual: nn.Module, image_size: int) -> None:

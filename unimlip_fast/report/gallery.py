@@ -46,7 +46,7 @@ def spread_indices(n: int, count: int) -> list[int]:
 def build_gallery(run_dir: str | Path, device: torch.device | str = "cpu", data: DataConfig | None = None,
                   split: str | None = None, n_images: int = 8, n_captions: int = 4, top_k: int = 5) -> Gallery:
     """Queries spread evenly over the run's evaluation split (``data``/``split`` override the run's)."""
-    from ..inference import load
+    from ..loading import load
 
     trained = load(run_dir, device)
     model, tokenizer, cfg = trained.model, trained.tokenizer, trained.cfg

@@ -13,6 +13,8 @@ backward instead, at the cost of an all-reduce and a host sync per step; the log
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +23,11 @@ from .distributed import all_ranks_agree
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many non-finite steps in a row; ``count`` includes the last one."""
+
+    def __init__(self, message: str, count: NonFiniteCount):
+        super().__init__(message)
+        self.count = count
 
 
 def deepspeed_skips_nonfinite(ds_config: dict[str, Any]) -> bool:
@@ -47,22 +53,41 @@ def loss_finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
     return all_ranks_agree(bool(torch.isfinite(loss.detach())), device)
 
 
-def record_skipped_step(state, max_nonfinite: int, terms: dict[str, torch.Tensor], loss: torch.Tensor,
-                        loss_scaled: bool, device: torch.device, info) -> None:
-    """Count a step that every rank skipped; raise after ``max_nonfinite`` in a row.
+@dataclass(frozen=True)
+class NonFiniteCount:
+    """Non-finite steps so far: in the whole run, and in a row up to the last step."""
 
-    Every rank calls this for the same step (the skip decision was all-reduced), so the collective
-    below and the stop are the same on every rank. With fp16 loss scaling, a skip whose loss was
-    finite on every rank is the scaler's overflow (it lowers the scale and goes on): logged, not
-    counted (DeepSpeed stops the run itself if the scale reaches its minimum).
-    """
-    values = {k: float(v.detach()) for k, v in terms.items()}  # the step is skipped: nothing left to overlap
-    if loss_scaled and loss_finite_everywhere(loss, device):
-        info(f"fp16 gradient overflow at step {state.step}: step skipped, loss scale lowered")
-        return
-    state.nonfinite_total += 1
-    state.nonfinite_in_row += 1
-    info(f"[yellow]non-finite loss or gradient at step {state.step}, step skipped on every rank[/yellow] ({values})")
-    if state.nonfinite_in_row >= max_nonfinite:
-        raise NonFiniteLossError(f"{state.nonfinite_in_row} non-finite steps in a row at step {state.step} "
-                                 f"(train.max_nonfinite={max_nonfinite}); last terms: {values}")
+    total: int = 0
+    in_row: int = 0
+
+
+@dataclass(frozen=True)
+class NonFiniteGuard:
+    """How a run counts the steps that every rank skipped: ``max_nonfinite`` in a row stop it.
+    ``loss_scaled``: fp16 loss scaling, whose overflow skips steps of a finite loss."""
+
+    max_nonfinite: int
+    device: torch.device
+    info: Callable[[str], None]
+    loss_scaled: bool = False
+
+    def record_skipped_step(self, count: NonFiniteCount, step: int, terms: dict[str, torch.Tensor],
+                            loss: torch.Tensor) -> NonFiniteCount:
+        """``count`` after the skipped ``step``; raise after ``max_nonfinite`` in a row.
+
+        Every rank calls this for the same step (the skip decision was all-reduced), so the collective
+        below and the stop are the same on every rank. With fp16 loss scaling, a skip whose loss was
+        finite on every rank is the scaler's overflow (it lowers the scale and goes on): logged, not
+        counted (DeepSpeed stops the run itself if the scale reaches its minimum).
+        """
+        values = {k: float(v.detach()) for k, v in terms.items()}  # the step is skipped: nothing left to overlap
+        if self.loss_scaled and loss_finite_everywhere(loss, self.device):
+            self.info(f"fp16 gradient overflow at step {step}: step skipped, loss scale lowered")
+            return count
+        count = NonFiniteCount(count.total + 1, count.in_row + 1)
+        self.info(f"[yellow]non-finite loss or gradient at step {step}, step skipped on every rank[/yellow] "
+                  f"({values})")
+        if count.in_row >= self.max_nonfinite:
+            raise NonFiniteLossError(f"{count.in_row} non-finite steps in a row at step {step} "
+                                     f"(train.max_nonfinite={self.max_nonfinite}); last terms: {values}", count)
+        return count
