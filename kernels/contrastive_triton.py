@@ -371,26 +371,64 @@ def _grouped(uses_by_tensor: dict, address, grads, extra) -> tuple[list, list]:
     return outs, flat
 
 
-# --- autograd -----------------------------------------------------------------------------------------
-class _ContrastiveFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, losses, row_offset, self_terms, blocks, scale, *features):
-        scale32 = scale.detach().float().reshape(1).contiguous()
-        lse, loss_rows, dscale_rows = contrastive_forward(features, losses, scale32, row_offset, self_terms, blocks)
-        half_mean = 0.5 / features[losses[0][0]].shape[0]
-        per_loss = lambda rows: rows.view(len(losses), -1).sum(dim=1) * half_mean
-        ctx.save_for_backward(scale32, lse, per_loss(dscale_rows), *features)
-        ctx.args = (losses, row_offset, self_terms, blocks, scale.shape, scale.dtype)
-        return per_loss(loss_rows)
+# --- the custom ops: one op for fake tensors, the meta device and torch.compile; their autograd ----------
+def _losses_of(indices: list[int]) -> list[tuple[int, int, int, int]]:
+    return [tuple(indices[i:i + 4]) for i in range(0, len(indices), 4)]
 
-    @staticmethod
-    def backward(ctx, grad_losses):
-        scale32, lse, dscale_unit, *features = ctx.saved_tensors
-        losses, row_offset, self_terms, blocks, scale_shape, scale_dtype = ctx.args
-        grad = grad_losses.float().contiguous()
-        grads = contrastive_backward(features, losses, scale32, lse, grad, row_offset, self_terms, blocks)
-        dscale = (grad * dscale_unit).sum().reshape(scale_shape).to(scale_dtype) if ctx.needs_input_grad[4] else None
-        return None, None, None, None, dscale, *grads
+
+@torch.library.custom_op("unimlip::contrastive", mutates_args=())
+def contrastive_op(features: list[torch.Tensor], indices: list[int], scale: torch.Tensor, row_offset: int,
+                   self_terms: bool, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the [K] losses, the [2K, B] row log-sum-exps, d loss / d scale [K]); ``indices``: (r1, r2, c1, c2) per loss,
+    flat, into ``features``; ``blocks``: the fields of :class:`Blocks`."""
+    losses = _losses_of(indices)
+    scale32 = scale.detach().float().reshape(1).contiguous()
+    lse, loss_rows, dscale_rows = contrastive_forward(features, losses, scale32, row_offset, self_terms,
+                                                      Blocks(*blocks))
+    half_mean = 0.5 / features[losses[0][0]].shape[0]
+    return (loss_rows.view(len(losses), -1).sum(dim=1) * half_mean, lse,
+            dscale_rows.view(len(losses), -1).sum(dim=1) * half_mean)
+
+
+@contrastive_op.register_fake
+def _contrastive_shapes(features, indices, scale, row_offset, self_terms, blocks):
+    k, b = len(indices) // 4, features[indices[0]].shape[0]
+    like = features[0]
+    return (like.new_empty(k, dtype=torch.float32), like.new_empty(2 * k, b, dtype=torch.float32),
+            like.new_empty(k, dtype=torch.float32))
+
+
+@torch.library.custom_op("unimlip::contrastive_backward", mutates_args=())
+def contrastive_backward_op(features: list[torch.Tensor], indices: list[int], scale: torch.Tensor, lse: torch.Tensor,
+                            grad: torch.Tensor, row_offset: int, self_terms: bool,
+                            blocks: list[int]) -> list[torch.Tensor]:
+    """The gradient of every feature (each is read by some loss) for the losses' gradient ``grad`` [K]."""
+    scale32 = scale.detach().float().reshape(1).contiguous()
+    return contrastive_backward(features, _losses_of(indices), scale32, lse, grad.float().contiguous(), row_offset,
+                                self_terms, Blocks(*blocks))
+
+
+@contrastive_backward_op.register_fake
+def _contrastive_backward_shapes(features, indices, scale, lse, grad, row_offset, self_terms, blocks):
+    return [torch.empty_like(f) for f in features]
+
+
+def _save_for_contrastive_backward(ctx, inputs, output) -> None:
+    features, indices, scale, row_offset, self_terms, blocks = inputs
+    _, lse, dscale_unit = output
+    ctx.save_for_backward(scale, lse, dscale_unit, *features)
+    ctx.args = (indices, row_offset, self_terms, blocks)
+
+
+def _contrastive_autograd(ctx, grad_losses, _grad_lse, _grad_dscale):
+    scale, lse, dscale_unit, *features = ctx.saved_tensors
+    indices, row_offset, self_terms, blocks = ctx.args
+    grads = contrastive_backward_op(features, indices, scale, lse, grad_losses, row_offset, self_terms, blocks)
+    dscale = (grad_losses.float() * dscale_unit).sum().reshape(scale.shape).to(scale.dtype)
+    return list(grads), None, dscale, None, None, None
+
+
+contrastive_op.register_autograd(_contrastive_autograd, setup_context=_save_for_contrastive_backward)
 
 
 def contrastive_losses(losses, scale, row_offset: int = 0, self_terms: bool = False,
@@ -416,7 +454,8 @@ def contrastive_losses(losses, scale, row_offset: int = 0, self_terms: bool = Fa
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=features[0].device)
     blocks = blocks or default_blocks(d, dtype, self_terms)
-    return _ContrastiveFn.apply(tuple(indices), row_offset, self_terms, blocks, scale, *features)
+    fields = [blocks.m, blocks.n, blocks.k, blocks.d, blocks.warps]
+    return contrastive_op(features, [i for loss in indices for i in loss], scale, row_offset, self_terms, fields)[0]
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -138,21 +138,43 @@ def dropblock_noise(shape: tuple[int, int, int, int], block_size: int, seed: int
     return noise
 
 
-# --- autograd -----------------------------------------------------------------------------------------
-class _DropBlockFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, p, block_size, seed, offset):
-        out, kept = dropblock_apply(x, p, block_size, seed, offset)
-        ctx.save_for_backward(kept)
-        ctx.args = (p, block_size, seed, offset)
-        return out
+# --- the custom op: one op for fake tensors, the meta device and torch.compile; its autograd ---------------
+@torch.library.custom_op("unimlip::dropblock", mutates_args=())
+def dropblock_op(x: torch.Tensor, p: float, block_size: int, seed: int,
+                 offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x with blocks dropped, the kept count [1] int32 the backward reuses)."""
+    return dropblock_apply(x, p, block_size, seed, offset)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (kept,) = ctx.saved_tensors
-        p, block_size, seed, offset = ctx.args
-        grad_in, _ = dropblock_apply(grad_out.contiguous(), p, block_size, seed, offset, kept=kept)
-        return grad_in, None, None, None, None
+
+@dropblock_op.register_fake
+def _dropblock_shapes(x, p, block_size, seed, offset):
+    return torch.empty_like(x), x.new_empty(1, dtype=torch.int32)
+
+
+@torch.library.custom_op("unimlip::dropblock_backward", mutates_args=())
+def dropblock_backward_op(grad_out: torch.Tensor, kept: torch.Tensor, p: float, block_size: int, seed: int,
+                          offset: int) -> torch.Tensor:
+    """The apply pass on the incoming gradient: the same mask (same seed) and the same count."""
+    return dropblock_apply(grad_out.contiguous(), p, block_size, seed, offset, kept=kept)[0]
+
+
+@dropblock_backward_op.register_fake
+def _dropblock_backward_shape(grad_out, kept, p, block_size, seed, offset):
+    return torch.empty_like(grad_out)
+
+
+def _save_for_dropblock_backward(ctx, inputs, output) -> None:
+    _, p, block_size, seed, offset = inputs
+    ctx.save_for_backward(output[1])
+    ctx.args = (p, block_size, seed, offset)
+
+
+def _dropblock_backward(ctx, grad_out, _grad_kept):
+    (kept,) = ctx.saved_tensors
+    return dropblock_backward_op(grad_out, kept, *ctx.args), None, None, None, None
+
+
+dropblock_op.register_autograd(_dropblock_backward, setup_context=_save_for_dropblock_backward)
 
 
 def dropblock_triton(
@@ -174,4 +196,4 @@ def dropblock_triton(
     if seed is None:
         device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
-    return _DropBlockFn.apply(x.contiguous(), p, block_size, seed, offset)
+    return dropblock_op(x.contiguous(), p, block_size, seed, offset)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimlip_fast.data.masking import MaskingTables, mask_tokens
+from unimlip_fast.data.masking import MaskingTables, mask_tokens, mlm_row_cap
 
 from .helpers import wordpiece_tokenizer
 
@@ -123,3 +123,16 @@ def test_cuda_matches_cpu_with_a_cpu_generator(tok):
     gpu = mask_tokens(ids.cuda(), attn.cuda(), tables.to("cuda"), 0.15, torch.Generator().manual_seed(3))
     assert gpu[0].device.type == "cuda"
     assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+
+
+def test_masked_tokens_per_caption_stay_within_the_row_cap_by_whole_words(tok):
+    tables = MaskingTables.from_tokenizer(tok)
+    ids, attn = _batch(tok, CAPTIONS * 4)
+    _, labels = mask_tokens(ids, attn, tables, 1.0, torch.Generator().manual_seed(0))  # every word chosen, then capped
+    chosen = labels != -100
+    cap = mlm_row_cap(ids.shape[1])
+    assert (chosen.sum(dim=1) <= cap).all() and chosen.any(dim=1).any()
+    assert (chosen.sum(dim=1) < (attn.bool() & ~torch.isin(ids, torch.tensor(tok.all_special_ids))).sum(dim=1)).any()
+    for b in range(ids.shape[0]):
+        for span in _words(tok, ids[b], attn[b]):
+            assert chosen[b, span].all() or not chosen[b, span].any()

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from unimlip_fast.data.masking import mlm_row_cap
 from unimlip_fast.model import SIMCLR, WARMUP, build_model
 from unimlip_fast.model.visual import Bottleneck, ModifiedResNet
 from unimlip_fast.objective import compute_terms, total_loss
@@ -20,7 +21,11 @@ def test_features_per_phase(model, tiny_batch):
     simclr = model(tiny_batch, SIMCLR)
     assert simclr["simclr_a"].shape == (6, 16) and simclr["simclr_b"].shape == (6, 16)
     assert warm["img"].shape == warm["txt"].shape == (6, 32)
-    assert simclr["mlm_logits"].shape == (6, model.fusion.head.out_features)  # one masked token per caption
+    # A fixed number of rows (the masking's cap per caption), the masked ones first: one per caption here.
+    rows = 6 * mlm_row_cap(tiny_batch["mlm_labels"].shape[1])
+    assert simclr["mlm_logits"].shape == (rows, model.fusion.head.out_features)
+    targets = simclr["mlm_targets"]
+    assert torch.equal(targets[:6], tiny_batch["mlm_labels"][:, 2]) and (targets[6:] == -100).all()
     assert simclr["logit_scale"].shape == (1,)
 
 

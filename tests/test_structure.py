@@ -80,7 +80,11 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
             for alias in node.names:
                 submodule = f"{origin}.{alias.name}"
                 found.add(submodule if submodule in known else origin)
-    return {name for name in found if name in known and name != here}
+    # Importing a.b.c runs a/__init__ and a/b/__init__ first: those packages are imported too, except
+    # the ones that hold ``path`` (already being imported when it runs).
+    own = {".".join(here.split(".")[:k]) for k in range(1, here.count(".") + 2)}
+    parents = {".".join(name.split(".")[:k]) for name in found for k in range(1, name.count(".") + 1)}
+    return {name for name in found | (parents - own) if name in known and name != here}
 
 
 def import_cycles() -> list[list[str]]:

@@ -102,6 +102,45 @@ def pretrain(
                   f"non-finite steps: {summary['nonfinite_steps']}", highlight=False)
 
 
+
+@app.command()
+def plan(
+    config: Annotated[str, typer.Argument(help="Recipe YAML/JSON: a path, or the name of a shipped one.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides.")] = None,
+    ds_config: DsConfigOpt = None,
+    gpu: Annotated[str, typer.Option("--gpu", help="The card: v100-16gb, v100-32gb, a100-40gb, a100-80gb, "
+                                     "h100-80gb, h200, l40s, rtx-4090.")] = "h100-80gb",
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs in the run.")] = 1,
+    mfu: Annotated[float, typer.Option("--mfu", min=0.01, max=1.0, help="Model FLOPs utilisation the predicted "
+                                       "time assumes.")] = 0.35,
+    link: Annotated[Optional[str], typer.Option("--link", help="The link ZeRO's collectives run on (nvlink2-4, "
+                                                "pcie3-5, ib-edr/hdr/ndr); default: the card's.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Samples per epoch (default: known for "
+                                                   "pmc-oa).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The plan as JSON on stdout.")] = False,
+) -> None:
+    """Fit, largest micro-batch, memory by kind, predicted time and ZeRO traffic per card, from one step traced
+    with fake tensors: no weights downloaded, no data read, no GPU needed.
+
+    Example: unimlip-fast plan configs/paper.yaml --ds-config zero2_bf16.json --gpu v100-32gb --gpus 8
+    """
+    from .config import find_config_file, load_config
+    from .plan import find_card
+    from .plan import plan as make_plan
+    from .plan.report import show_plan
+    from .train.ds_config import load_ds_config
+
+    card = find_card(gpu)
+    cfg = load_config(config, list(overrides or []))
+    _quiet_libraries()
+    ds = load_ds_config(str(find_config_file(ds_config)) if ds_config else None)
+    result = make_plan(cfg, ds, card, gpus, mfu=mfu, link=link, samples=samples,
+                       log=(lambda line: None) if as_json else (lambda line: console.print(line, highlight=False)))
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        show_plan(result, make_console(stderr=False), config)
+
 @app.command()
 def ablate(
     config: Annotated[Path, typer.Argument(help="Recipe YAML/JSON; it needs eval.split for retrieval.")],

@@ -60,11 +60,13 @@ def compute_terms(features: dict[str, torch.Tensor], cfg: LossConfig, ops: LossO
 
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """CE over this rank's masked tokens, their mean (or ``reduction="sum"``: a micro-batch's share
-    of the batch's mean, before the division). None masked contributes 0, with grad."""
-    if targets.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+    """CE over this rank's masked tokens (targets of -100 are padding rows), their mean (or
+    ``reduction="sum"``: a micro-batch's share of the batch's mean, before the division). None masked
+    contributes 0, with grad. No host sync: the count stays a tensor."""
+    summed = F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=-100)
+    if reduction == "sum":
+        return summed
+    return summed / (targets >= 0).sum().clamp_min(1)
 
 
 def weights(cfg: LossConfig) -> dict[str, float]:

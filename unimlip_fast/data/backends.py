@@ -7,6 +7,8 @@
 - ``dali``: :class:`.dali.DALILoader` over packed shards (needs ``shards``; optional dependency).
 - ``auto``: DALI where it imports, CUDA is there and shards are given; else torch on CUDA or with
   shards; else cpu. ``cpu`` with shards is refused (it reads the source files only).
+  A DALI pipeline that fails to build or to yield its first batch then falls back to the torch GPU
+  path, with the reason logged and in the loader's ``description``; ``dali`` asked for by name fails.
 
 Every backend yields the same batch (:mod:`.spec`), ``skipped`` included, and makes the strong
 views only when ``spec.strong_views`` is set. The returned loader says what it is in
@@ -18,8 +20,10 @@ folder is used with a dataset, up to 256 samples are compared (an error says how
 """
 from __future__ import annotations
 
+import logging
 import os
 import typing
+from collections.abc import Iterator
 
 import torch
 
@@ -31,6 +35,7 @@ from .shards import ShardSet, load_shards
 from .spec import LoaderSpec
 
 BACKENDS: tuple[str, ...] = typing.get_args(DataBackend)
+log = logging.getLogger(__name__)
 
 
 def resolve_backend(backend: DataBackend, device: torch.device | str, shards=None) -> tuple[str, str]:
@@ -71,9 +76,42 @@ def build_train_loader(backend: DataBackend, dataset: CaptionImageDataset | None
         from .torch_loader import TorchLoader
 
         loader = TorchLoader(load_shards(shards, dataset) if shards else dataset, spec)
-    else:
-        from .dali import DALILoader
+    elif backend == "auto":
+        try:
+            loader = FirstBatchChecked(dali_loader(load_shards(shards, dataset), spec))
+        except Exception as e:  # noqa: BLE001 - any failure of DALI's build or first batch: the torch path runs
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
+            log.warning("data.backend=auto: the DALI pipeline failed (%s); falling back to the torch GPU path", reason)
+            from .torch_loader import TorchLoader
 
-        loader = DALILoader(load_shards(shards, dataset), spec)
+            loader = TorchLoader(load_shards(shards, dataset), spec)
+            why = f"auto: DALI failed ({reason}), torch GPU path instead"
+    else:
+        loader = dali_loader(load_shards(shards, dataset), spec)
     loader.description = f"{loader.description} ({why})"
     return loader
+
+
+def dali_loader(source: ShardSet, spec: LoaderSpec):
+    from . import dali
+
+    return dali.DALILoader(source, spec)
+
+
+class FirstBatchChecked:
+    """A loader whose first batch was already drawn (so a failure shows before training); iterates once."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.name, self.description = loader.name, loader.description
+        self._batches: Iterator = iter(loader)
+        self._first = next(self._batches, None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        yield from self._batches

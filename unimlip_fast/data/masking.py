@@ -5,13 +5,25 @@ every token but the ``##`` continuations) and goes on through its continuations.
 with probability ``mlm_prob`` (and at least one per non-empty caption); every token of a chosen
 word is masked: 80% -> ``[MASK]``, 10% -> a random non-special token, 10% unchanged (BERT's split,
 drawn per token as in HF's whole-word collator). Special tokens and padding are never chosen.
+At most ``mlm_row_cap(length)`` tokens of a caption are masked (the first chosen words, whole; of a first
+word longer than that, its first tokens), so
+the model can select the masked positions into a buffer of a fixed size (no data-dependent shape,
+no host sync on a GPU).
 Works on CPU or CUDA tensors; pass a ``torch.Generator`` on the tensors' device to reproduce.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+MLM_MAX_ROW_FRACTION = 0.3  # twice BERT's 15%: a cap that whole-word masking reaches only on rare captions
+
+
+def mlm_row_cap(length: int) -> int:
+    """The most tokens masked in one caption of ``length`` positions."""
+    return max(1, math.ceil(MLM_MAX_ROW_FRACTION * length))
 
 
 @dataclass
@@ -90,6 +102,15 @@ def mask_tokens(
     table = torch.zeros(b, length + 1, dtype=torch.bool, device=ids.device)
     table.scatter_(1, torch.where(start, word, 0), chosen_start)
     chosen = table.gather(1, word) & valid
+    # The cap, by whole words: a word is kept when the chosen tokens up to its end are within it.
+    upto = torch.cumsum(chosen.long(), dim=1)
+    word_end = torch.zeros(b, length + 1, dtype=torch.long, device=ids.device).scatter_reduce_(
+        1, word, torch.where(chosen, upto, 0), reduce="amax")
+    cap = mlm_row_cap(length)
+    whole = chosen & (word_end.gather(1, word) <= cap)
+    # A caption whose first chosen word alone is longer than the cap keeps that word's first ``cap`` tokens.
+    partial = chosen & (upto <= cap) & (chosen.any(dim=1) & ~whole.any(dim=1)).unsqueeze(1)
+    chosen = whole | partial
 
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     r = _rand((b, length), ids, generator)

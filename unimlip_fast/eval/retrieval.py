@@ -63,14 +63,14 @@ def embed_pairs(model, dataset, device: torch.device, batch_size: int) -> tuple[
     return torch.cat(images), torch.cat(texts)
 
 
-def positive_pairs(captions: list[str], one_positive: bool = False) -> torch.Tensor:
-    """[N, N] bool, the correct answers: every pair with the query's caption (whitespace-normalised), or
-    (``one_positive``) its own pair only."""
+def positive_pairs(captions: list[str], one_positive: bool = False, device: torch.device | None = None) -> torch.Tensor:
+    """[N, N] bool on ``device``, the correct answers: every pair with the query's caption (whitespace-normalised),
+    or (``one_positive``) its own pair only."""
     if one_positive:
-        group = torch.arange(len(captions))
+        group = torch.arange(len(captions), device=device)
     else:
         ids = {c: i for i, c in enumerate(dict.fromkeys(" ".join(c.split()) for c in captions))}
-        group = torch.tensor([ids[" ".join(c.split())] for c in captions])
+        group = torch.tensor([ids[" ".join(c.split())] for c in captions], device=device)
     return group[:, None] == group[None, :]
 
 
@@ -79,7 +79,7 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str],
     """Every pair with the query's caption counts as correct, or (``one_positive``) its own pair only.
     With ``keys`` (one per pair), ``per_query`` holds each query's rank both ways, so paired
     comparisons between models can be recomputed from the results."""
-    positives = positive_pairs(captions, one_positive)
+    positives = positive_pairs(captions, one_positive, img.device)
     sim = img @ txt.T
     ranks = {"i2t": ranks_of_positives(sim, positives), "t2i": ranks_of_positives(sim.T, positives.T)}
     results: dict[str, Any] = {"n": len(captions), **{d: recall_metrics(r) for d, r in ranks.items()}}

@@ -66,11 +66,11 @@ def check_normalisation(backbone, checkpoint) -> None:
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean binary cross-entropy over the known (non-NaN) targets."""
+    """Mean binary cross-entropy over the known (non-NaN) targets; none known gives 0 (with grad). No host
+    sync: the unknown targets are weighted out, not selected."""
     known = ~torch.isnan(target)
-    if not bool(known.any()):
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[known], target[known])
+    per_target = F.binary_cross_entropy_with_logits(logits, target.nan_to_num(0.0), reduction="none")
+    return (per_target * known).sum() / known.sum().clamp_min(1)
 
 
 def _decodable(items: list[LabelledImage], cache: ImageCache, skipped: Skips) -> list[LabelledImage]:

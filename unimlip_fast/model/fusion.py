@@ -21,7 +21,7 @@ class FusionMLM(nn.Module):
     and one bias-free projection to the vocabulary. ``head="mlp"`` is the earlier layout of this
     project (an image projection, a final LayerNorm, a BERT-style transform before the decoder),
     kept so run folders made with it still load. Padding is masked out of attention (PMC-CLIP
-    attends to it). The MLM head runs only at the masked positions: [M, V] for M masked tokens.
+    attends to it). The MLM head runs only at the given positions: [M, V] for M rows.
     """
 
     def __init__(self, width: int, embed_dim: int, vocab_size: int, layers: int = 4, heads: int = 8,
@@ -50,7 +50,7 @@ class FusionMLM(nn.Module):
         text_states: torch.Tensor,  # [B, L, H]
         attention_mask: torch.Tensor,  # [B, L], 1 for real tokens
         image_embedding: torch.Tensor,  # [B, D]
-        masked: torch.Tensor,  # [B, L] bool, the positions to predict
+        masked_rows: torch.Tensor,  # [M] int64, flat positions b * L + l to predict
     ) -> torch.Tensor:  # [M, V]
         b, length = text_states.shape[:2]
         if self.pmc_clip:
@@ -59,5 +59,5 @@ class FusionMLM(nn.Module):
         image_token = self.image_token.to(text_states.dtype).expand(b, 1, -1)
         x = torch.cat([text_states, image_token, image], dim=1)
         padding = torch.cat([attention_mask == 0, attention_mask.new_zeros(b, 2, dtype=torch.bool)], dim=1)
-        x = self.blocks(x, src_key_padding_mask=padding)[:, :length][masked]
+        x = self.blocks(x, src_key_padding_mask=padding)[:, :length].reshape(b * length, -1)[masked_rows]
         return self.head(x if self.pmc_clip else self.ln_final(x))

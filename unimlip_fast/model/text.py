@@ -102,6 +102,10 @@ class TextTower(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (token states [B, L, H], sentence embedding [B, H])."""
+        if getattr(self.encoder.config, "_attn_implementation", None) == "sdpa":
+            # SDPA takes a boolean [B, 1, 1, L] mask as it is; from a [B, L] one transformers would first ask
+            # whether any token is padding (a host sync on a GPU).
+            attention_mask = attention_mask.bool()[:, None, None, :]
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # The tokenizer's own [CLS] position (first occurrence), not a hard-coded id or index.
         cls_position = (input_ids == self.cls_token_id).int().argmax(dim=1)

@@ -2,7 +2,8 @@
 
 ``forward(batch, phase)`` returns the features of DESIGN.md, the seam between model and objective:
 ``img``, ``txt`` (and their perturbed versions), ``simclr_a``/``simclr_b`` in the SimCLR phase,
-``mlm_logits``/``mlm_targets`` when MLM is on, and ``logit_scale`` (exponentiated, [1]). The trainer
+``mlm_logits``/``mlm_targets`` when MLM is on (a fixed number of rows; target -100 past the masked
+ones), and ``logit_scale`` (exponentiated, [1]). The trainer
 clamps the parameter after each optimizer step (``train/replicas.py``), so the forward pass never
 cuts its gradient.
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LossConfig, ModelConfig
+from ..data.masking import mlm_row_cap
 from ..kernels import REFERENCE_OPS, LossOps
 from .fusion import FusionMLM
 from .text import TextTower, build_text_encoder
@@ -101,9 +103,14 @@ class UniMlip(nn.Module):
             features["txt_perturbed"] = self.text_projection(dropped)
 
         if self.fusion is not None and mlm_labels is not None:
-            masked = mlm_labels >= 0
-            features["mlm_logits"] = self.fusion(states, attention_mask, features["img"], masked)
-            features["mlm_targets"] = mlm_labels[masked]
+            # A fixed number of rows (no data-dependent shape: no host sync, traceable); the masking caps the
+            # masked tokens per caption at mlm_row_cap, and the rows past the masked ones have target -100.
+            flat_labels = mlm_labels.reshape(-1)
+            cap = mlm_labels.shape[0] * mlm_row_cap(mlm_labels.shape[1])
+            rows = torch.nonzero_static(flat_labels >= 0, size=cap, fill_value=0).squeeze(1)
+            filled = torch.arange(cap, device=rows.device) < (flat_labels >= 0).sum()
+            features["mlm_logits"] = self.fusion(states, attention_mask, features["img"], rows)
+            features["mlm_targets"] = torch.where(filled, flat_labels[rows], torch.full_like(rows, -100))
         return features
 
 
