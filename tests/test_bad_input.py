@@ -3,6 +3,7 @@ import json
 import warnings
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from unimlip_fast.data.phantom import phantom_split
@@ -86,3 +87,29 @@ def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
                    "train.max_steps=10", "train.max_nonfinite=3", "eval.split=")
     err = capsys.readouterr().err
     assert code != 0 and "3 non-finite steps in a row" in err
+
+
+def test_every_image_undecodable_is_one_line_not_a_worker_traceback(tmp_path, monkeypatch, capsys):
+    rows = ["file,text"]
+    for i in range(20):
+        (tmp_path / f"bad{i}.png").write_bytes(b"\x89PNG not an image")
+        rows.append(f"bad{i}.png,a ct of the chest number {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", tmp_path / "run", *TINY_RUN,
+                   "data.format=csv", f"data.path={tmp_path / 'pairs.csv'}", "data.image_key=file",
+                   "data.caption_key=text", "data.split=", "data.num_workers=1", "train.batch_size=8",
+                   "train.max_steps=2", "eval.split=")
+    err = capsys.readouterr().err.strip().splitlines()
+    error_lines = [line for line in err if line.startswith("error:")]
+    assert code == 1 and len(error_lines) == 1 and err[-1] == error_lines[0]
+    assert "DataLoader worker" not in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_a_header_only_csv_says_it_has_no_rows_not_that_images_are_missing(tmp_path):
+    from unimlip_fast.config import DataConfig
+    from unimlip_fast.data.records import DataError
+    from unimlip_fast.data.sources import read_records
+
+    (tmp_path / "pairs.csv").write_text("image,caption\n")
+    with pytest.raises(DataError, match=r"skipped: no rows at all\)$"):
+        read_records(DataConfig(format="csv", path=str(tmp_path / "pairs.csv")), None)

@@ -65,3 +65,31 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
                    "data.caption_key=text", "data.split=")
     assert code == 1 and "missing_image" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_version(monkeypatch, capsys):
+    from unimlip_fast import __version__
+
+    assert run_cli(monkeypatch, "--version") == 0
+    assert capsys.readouterr().out.strip() == f"unimlip-fast {__version__}"
+
+
+def test_eval_names_a_missing_data_folder_before_loading_the_model(tiny_run, tmp_path, monkeypatch, capsys):
+    import unimlip_fast.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded first")
+
+    monkeypatch.setattr(unimlip_fast.loading, "load", no_load)
+    missing = tmp_path / "nowhere"
+    for command in (["eval", "retrieval"], ["embed", "--output", tmp_path / "index"]):
+        assert run_cli(monkeypatch, *command, "--checkpoint", tiny_run, "--data", f"medpix:{missing}") == 1
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --data medpix:{missing}: {missing} not found"
+
+
+def test_a_run_folder_that_does_not_exist_is_said_so(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "nonexistent" / "run"
+    for command in (["report", missing], ["eval", "retrieval", "--checkpoint", missing, "--data", "phantom:8"]):
+        assert run_cli(monkeypatch, *command) == 1
+        assert capsys.readouterr().err.strip() == f"error: run folder not found: {missing}"

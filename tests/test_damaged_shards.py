@@ -9,7 +9,17 @@ import pytest
 
 from unimlip_fast.data.shards import ShardDataset, open_shards
 
-from .helpers import N_PACKED, copy_packed, epoch, first_member_names, pack_medpix, rewrite_shard, run_cli, shard_loader
+from .helpers import (
+    N_PACKED,
+    copy_packed,
+    epoch,
+    first_member_names,
+    pack_medpix,
+    rewrite_shard,
+    run_args,
+    run_cli,
+    shard_loader,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +103,114 @@ def test_data_verify_names_the_samples_changed_in_place(packed, tmp_path, monkey
     assert run_cli(monkeypatch, "data", "verify", copy) == 1  # ...but not to verify
     err = capsys.readouterr().err
     assert f"shard-000001.tar: 1 changed: {key}" in err and "1 of 3 shards changed or damaged" in err
+
+
+def header_offset(shards, key: str, ext: str, shard: int) -> int:
+    """Where ``<key>.<ext>``'s 512-byte tar header starts (USTAR, no long names: just before its data)."""
+    return member(shards, key, ext, shard)[0] - 512
+
+
+def test_a_damaged_header_loses_one_sample_and_the_rest_of_the_shard_is_kept(packed, tmp_path):
+    copy = copy_packed(packed, tmp_path / "copy")
+    keys = first_member_names(copy, shard=1)
+    middle = keys[len(keys) // 2]
+    tar = copy / "shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    start = header_offset(copy, middle, "jpg", 1)
+    data[start:start + 100] = bytes(b ^ 0xFF for b in data[start:start + 100])
+    tar.write_bytes(bytes(data))
+    shards = open_shards(copy)
+    assert dict(shards.read_skipped) == {"missing_image": 1} and len(shards) == N_PACKED - 1
+    kept = set(shards.samples["index"].tolist())
+    assert {int(k) for k in keys if k != middle} <= kept and int(middle) not in kept  # those after it too
+    assert shards.damage_note() == "shard-000001.tar: 1 missing_image"
+
+
+def test_samples_lost_to_damage_are_counted_against_the_manifest_with_the_shard_named(packed, tmp_path):
+    copy = copy_packed(packed, tmp_path / "copy")
+    keys = first_member_names(copy, shard=1)
+    tar = copy / "shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    # every member of two samples in the middle overwritten (headers and data): nothing of them remains
+    start, end = header_offset(copy, keys[10], "jpg", 1), header_offset(copy, keys[12], "jpg", 1)
+    data[start:end] = b"\x5a" * (end - start)
+    tar.write_bytes(bytes(data))
+    shards = open_shards(copy)
+    assert dict(shards.read_skipped) == {"missing_in_shard": 2} and len(shards) == N_PACKED - 2
+    assert {int(k) for k in keys[12:]} <= set(shards.samples["index"].tolist())
+    assert shards.skipped_by_shard == {"shard-000001.tar": {"missing_in_shard": 2}}
+
+
+def test_a_truncated_shard_counts_each_sample_it_lost(packed, tmp_path):
+    copy = copy_packed(packed, tmp_path / "copy")
+    keys = first_member_names(copy, shard=1)
+    tar = copy / "shard-000001.tar"
+    with open(tar, "r+b") as f:
+        f.truncate(header_offset(copy, keys[30], "jpg", 1))
+    shards = open_shards(copy)
+    assert dict(shards.read_skipped) == {"missing_in_shard": len(keys) - 30}
+    assert len(shards) == N_PACKED - (len(keys) - 30)
+
+
+def test_an_index_cached_by_the_older_scan_is_made_again(packed, tmp_path):
+    copy = copy_packed(packed, tmp_path / "copy")
+    keys = first_member_names(copy, shard=1)
+    tar = copy / "shard-000001.tar"
+    with open(tar, "r+b") as f:
+        f.truncate(header_offset(copy, keys[30], "jpg", 1))
+    open_shards(copy)
+    meta = copy / ".verified" / "shard-000001.json"
+    old = json.loads(meta.read_text())
+    old.pop("scan")
+    meta.write_text(json.dumps({**old, "skipped": {}}))  # what the older scan cached: nothing counted
+    assert dict(open_shards(copy).read_skipped) == {"missing_in_shard": len(keys) - 30}
+
+
+def test_crafted_member_names_and_links_are_skipped_and_counted_never_followed(packed, tmp_path):
+    import io
+    import tarfile
+
+    copy = copy_packed(packed, tmp_path / "copy")
+    tar_path = copy / "shard-000000.tar"
+    with tarfile.open(tar_path, "a", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("../../000000777.jpg", "/abs/path.jpg", "pwned_sample.jpg", ".hidden.jpg", "sub/000000778.ids"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+        link = tarfile.TarInfo("000000779.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        hard = tarfile.TarInfo("000000780.jpg")
+        hard.type, hard.linkname = tarfile.LNKTYPE, first_member_names(copy)[0] + ".jpg"
+        tar.addfile(hard)
+    before = set(os.listdir(tmp_path))
+    shards = open_shards(copy)
+    assert dict(shards.read_skipped) == {"bad_member": 7} and len(shards) == N_PACKED
+    assert shards.skipped_by_shard == {"shard-000000.tar": {"bad_member": 7}}
+    assert not {777, 778, 779, 780} & set(shards.samples["index"].tolist())
+    assert set(os.listdir(tmp_path)) == before and not (tmp_path / "x").exists()
+    batches = epoch(shard_loader("torch", copy, batch=8))
+    assert sum(len(b["index"]) for b in batches) == N_PACKED
+
+
+def test_training_on_a_damaged_shard_names_it_in_the_log_and_the_summary(packed, tmp_path, monkeypatch, capsys):
+    copy = copy_packed(packed, tmp_path / "copy")
+    keys = first_member_names(copy, shard=1)
+    with open(copy / "shard-000001.tar", "r+b") as f:
+        f.truncate(header_offset(copy, keys[30], "jpg", 1))
+    run = tmp_path / "run"
+    args = [a for a in run_args(copy, "torch", run) if a != "train.max_steps=4"] + ["train.max_steps=2"]
+    assert run_cli(monkeypatch, *args) == 0
+    lost = len(keys) - 30
+    assert f"shard-000001.tar: {lost} missing_in_shard" in capsys.readouterr().err.replace("\n", " ")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_by_shard"] == {"shard-000001.tar": {"missing_in_shard": lost}}
+    assert summary["skipped_samples"] == {"missing_in_shard": lost}
+
+
+def test_shards_with_the_cpu_backend_are_refused_in_one_line(packed, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert run_cli(monkeypatch, *run_args(packed, "cpu", run)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.shards=") and "data.backend=torch, dali or auto" in err
+    assert len(err.splitlines()) == 1 and not run.exists()

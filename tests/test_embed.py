@@ -151,3 +151,15 @@ def test_embed_bad_arguments_are_one_line(tiny_run, table, tmp_path, monkeypatch
     assert run_cli(monkeypatch, "search", "--index", tmp_path / "nothing", "--text", "ct") != 0
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "not an embedding index" in err and "Traceback" not in err
+
+
+def test_embed_with_no_image_embedded_fails_in_one_line(tiny_run, table, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"bad{k}.png").write_bytes(b"not an image")
+    (folder / "pairs.csv").write_text("image,caption\n" + "".join(f"bad{k}.png,\"{CAPTIONS[k]}\"\n" for k in range(3)))
+    code = run_cli(monkeypatch, "embed", "--checkpoint", tiny_run, "--data", f"csv:{folder / 'pairs.csv'}",
+                   "--output", tmp_path / "index", "--workers", 0, "--device", "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("error: no image could be embedded (skipped: undecodable_image=3)")

@@ -82,8 +82,46 @@ def test_pretraining_refuses_an_eval_split_of_training_rows_before_training(tabl
     base = ["pretrain", REPO / "configs/demo.yaml", *TINY_OVERRIDES, "data.format=csv", "data.num_workers=0",
             f"data.path={table / 'pairs.csv'}", "train.batch_size=4", "train.max_steps=1"]
     assert run_cli(monkeypatch, *base, "--run-dir", table / "a", "eval.split=test") != 0
-    assert "would be the training rows again" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "would be the training rows again" in err
+    assert "a run pretraining on this file evaluates nothing with eval.split=" in err  # what works, named first
     assert not (table / "a" / "checkpoints").exists() or not any((table / "a" / "checkpoints").iterdir())
     assert run_cli(monkeypatch, *base, "--run-dir", table / "b", "data.split_key=part", "data.split=test",
                "eval.split=test") != 0
     assert "holds the same 3 pairs as the training split" in capsys.readouterr().err
+
+
+def test_eval_retrieval_reads_a_csv_with_other_column_names(table, tiny_run, tmp_path, monkeypatch, capsys):
+    """A hospital's CSV: images in ``filename`` under another folder, notes in ``clinical_notes``,
+    the split in ``part``: given as data.* keys, or taken from the run when the data is the run's own."""
+    import shutil
+
+    from unimlip_fast.config import load_config, save_config
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["filename,clinical_notes,part"]
+    for i, part in enumerate(SPLITS):
+        shutil.copy(table / f"img{i}.png", images / f"img{i}.png")
+        rows.append(f"img{i}.png,scan number {i},{part}")
+    (tmp_path / "notes.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "r.json"
+    keys = ["--data-key", "image_key=filename", "--data-key", "data.caption_key=clinical_notes",
+            "--data-key", f"image_root={images}", "--data-key", "split_key=part"]
+    args = ["eval", "retrieval", "--checkpoint", tiny_run, "--data", f"csv:{tmp_path / 'notes.csv'}", "--split",
+            "test", "--json", out]
+    assert run_cli(monkeypatch, *args, *keys) == 0
+    assert json.loads(out.read_text())["n"] == 3
+    assert run_cli(monkeypatch, *args, "--data-key", "image_kee=filename") == 1
+    assert "image_key" in capsys.readouterr().err  # an unknown key names the valid ones
+
+    run = tmp_path / "run"  # the run was trained on this CSV with these keys: they are the defaults
+    shutil.copytree(tiny_run, run)
+    cfg = load_config(run / "config.yaml")
+    cfg.data.format, cfg.data.path, cfg.data.image_root = "csv", str(tmp_path / "notes.csv"), str(images)
+    cfg.data.image_key, cfg.data.caption_key, cfg.data.split_key = "filename", "clinical_notes", "part"
+    save_config(cfg, run / "config.yaml")
+    out.unlink()
+    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", run, "--data", f"csv:{tmp_path / 'notes.csv'}",
+                   "--split", "test", "--json", out) == 0
+    assert json.loads(out.read_text())["n"] == 3

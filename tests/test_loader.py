@@ -194,3 +194,12 @@ def test_nothing_loadable_is_a_clear_error(tmp_path, tok):
         path.write_bytes(b"not an image")
     with pytest.raises(DataError, match="failed to load"):
         next(iter(build_loader(build_dataset(records, tok, SIZE, LENGTH), 2)))
+
+
+def test_the_cpu_loader_says_how_many_workers_in_words(phantom_ds):
+    from .helpers import train_loader
+
+    described = {n: train_loader("cpu", phantom_ds, batch=8, num_workers=n).description for n in (0, 1, 2)}
+    assert described[0].endswith("in the training process (as configured)")
+    assert described[1].endswith("in 1 worker (as configured)")
+    assert described[2].endswith("in 2 workers (as configured)")

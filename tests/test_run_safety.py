@@ -181,3 +181,50 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     open_metrics(path, resume_step=None).close()
     assert path.read_text() == ""
+
+
+def test_a_start_refused_by_the_lock_never_deletes_the_winners_folder(tmp_path, monkeypatch, capsys):
+    """Two starts found the folder missing; the other took the lock first and has not logged a step
+    yet: the one refused leaves the folder alone."""
+    run = tmp_path / "runs" / "shared"
+    winner = RunLock(run)
+    real_acquire = RunLock.acquire
+
+    def the_other_process_wins(self):
+        if not winner.held:  # between this start's mkdir and its lock, the other one takes it
+            run.mkdir(parents=True, exist_ok=True)
+            real_acquire(winner)
+            (run / "config.yaml").write_text("the winner's\n")
+        real_acquire(self)
+
+    monkeypatch.setattr(RunLock, "acquire", the_other_process_wins)
+    try:
+        assert cli(*RUN_ARGS, "--run-dir", run) != 0
+        assert "in use by pid" in capsys.readouterr().err
+        assert (run / "config.yaml").read_text() == "the winner's\n" and (run / "run.lock").is_file()
+    finally:
+        winner.release()
+
+
+def test_a_failed_start_removes_the_folder_and_the_runs_folder_it_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(*RUN_ARGS, "data.format=csv", f"data.path={tmp_path / 'missing.csv'}") != 0
+    assert "missing.csv" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no runs/ left behind
+
+
+def test_a_resume_says_when_it_rewrites_a_config_that_is_not_plain_yaml(run_copy, capsys):
+    config = run_copy / "config.yaml"
+    config.write_text("!!python/object:os.system {}\n" + config.read_text())
+    assert cli(*RUN_ARGS, "--run-dir", run_copy, "--resume", "latest", "train.max_steps=5") == 0
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert f"{config} held other settings or text than this run's and was rewritten" in err
+    assert not config.read_text().startswith("!!python")
+
+
+def test_report_names_a_config_that_is_not_plain_yaml(run_copy, monkeypatch, capsys):
+    config = run_copy / "config.yaml"
+    config.write_text("model: !!python/object:os.system {}\n")
+    assert run_cli(monkeypatch, "report", run_copy) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: not valid YAML") and len(err.splitlines()) == 1

@@ -163,7 +163,11 @@ def test_mixed_sizes_never_sample_the_padding():
 
 
 def test_backend_choice():
-    assert resolve_backend("auto", "cpu", "shards") == ("cpu", "auto: no CUDA device")
+    assert resolve_backend("auto", "cpu", None) == ("cpu", "auto: no CUDA device")
+    assert resolve_backend("auto", "cpu", "shards")[0] == "torch"  # the backend that reads them
+    with pytest.raises(DataError, match=r"^data.shards=shards is read by data.backend=torch, dali or auto; "
+                                        r"data.backend=cpu reads the source files"):
+        resolve_backend("cpu", "cpu", "shards")
     assert resolve_backend("torch", "cpu", None)[0] == "torch"
     # auto on a CUDA device (only the device's type is read): DALI needs shards, else the torch path
     assert resolve_backend("auto", "cuda", None) == ("torch", "auto: CUDA, no packed shards (data.shards)")

@@ -27,7 +27,25 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretraining r
 app.add_typer(finetune_app, name="finetune")
 console = make_console()
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"unimlip-fast {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """High-throughput Uni-Mlip pretraining and evaluation."""
+
+
 CHECKPOINT_SPECS = "pmc-clip:PATH, or open_clip:hf-hub:ORG/NAME | local-dir:DIR | MODEL_NAME:WEIGHTS"
+
 DsConfigOpt = Annotated[Optional[Path], typer.Option(
     "--ds-config", help="DeepSpeed JSON (ZeRO stage, precision): a path, or the name of a shipped one (zero2.json).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
@@ -170,8 +188,44 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
 
 
-def parse_data_spec(spec: str):
-    """``FORMAT:PATH`` -> DataConfig; ``phantom:N`` is N generated phantom pairs (no files)."""
+# The keys of a data set's reading that a command taking --data takes from the run it evaluates,
+# when the data is the run's own (a CSV's columns, its image folder, its split column).
+RUN_DATA_KEYS = ("image_root", "image_key", "caption_key", "split_key")
+DATA_KEY_HELP = ("KEY=VALUE for a data.* key as pretraining takes it, e.g. image_key=filename caption_key=notes "
+                 "image_root=DIR (repeatable); the data of the run being evaluated defaults to the run's own keys.")
+
+
+def parse_data_spec(spec: str, data_keys: list[str] | None = None, run: Path | None = None):
+    """``FORMAT:PATH`` -> DataConfig; ``phantom:N`` is N generated phantom pairs (no files).
+    ``data_keys``: ``KEY=VALUE`` (or ``data.KEY=VALUE``) for any ``data.*`` key, as pretraining
+    takes them; ``run``: a run folder whose own data this may be, whose reading keys are the defaults."""
+    import dataclasses
+
+    from .config import DataConfig, load_schema
+    from .run_folder import RunFolder
+
+    base = _parse_data_spec(spec)
+    keys = [k.removeprefix("data.") for k in data_keys or []]
+    if run is not None and base.path and RunFolder.of(run).config.is_file():
+        from .config import load_config
+
+        own = load_config(RunFolder.of(run).config).data
+        if own.format == base.format and own.path and Path(own.path).resolve() == Path(base.path).resolve():
+            keys = [f"{k}={getattr(own, k)}" for k in RUN_DATA_KEYS if getattr(own, k)] + keys
+    if not keys:
+        return base
+    fields = [f"{f.name}={getattr(base, f.name)}" for f in dataclasses.fields(DataConfig)
+              if f.name in ("format", "path", "phantom_size")]
+    return load_schema(DataConfig, None, fields + keys)
+
+
+def _require_data_path(data_cfg) -> None:
+    """A --data path that does not exist, said before the model is loaded (seconds)."""
+    if data_cfg.format != "phantom" and not Path(data_cfg.path).exists():
+        raise FileNotFoundError(f"--data {data_cfg.format}:{data_cfg.path}: {data_cfg.path} not found")
+
+
+def _parse_data_spec(spec: str):
     from .config import DataConfig
 
     fmt, sep, path = spec.partition(":")
@@ -203,13 +257,16 @@ def eval_retrieval(
     roco_protocol: Annotated[bool, typer.Option("--roco-2000", help="ROCO's 2,000-pair test protocol.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    data_key: Annotated[Optional[list[str]], typer.Option("--data-key", help=DATA_KEY_HELP)] = None,
 ) -> None:
     """Image-text retrieval: Recall@1/5/10 and ranks, image->text and text->image.
 
     Example: unimlip-fast eval retrieval --checkpoint runs/medpix --data medpix:../shared/data/medpix2 --split test
     """
-    data_cfg = parse_data_spec(data)
-    data_cfg.split_key = split_key
+    data_cfg = parse_data_spec(data, data_key, checkpoint)
+    _require_data_path(data_cfg)
+    if split_key:
+        data_cfg.split_key = split_key
     _quiet_libraries()
     from .eval.retrieval import RetrievalProtocol, evaluate_loaded_retrieval
     from .loading import load
@@ -389,15 +446,18 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 2,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    data_key: Annotated[Optional[list[str]], typer.Option("--data-key", help=DATA_KEY_HELP)] = None,
 ) -> None:
     """Image and caption embeddings with their keys, in resumable parts.
 
     Example: unimlip-fast embed --checkpoint runs/medpix_cpu --data medpix:../shared/data/medpix2 --output emb/medpix
     """
-    from .data.records import describe_skips
+    from .data.records import DataError, describe_skips
     if (data is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
-    data_cfg = parse_data_spec(data) if data else None
+    data_cfg = parse_data_spec(data, data_key, checkpoint) if data else None
+    if data_cfg is not None:
+        _require_data_path(data_cfg)
     _quiet_libraries()
     from .embed import EmbedOptions, embed_to_index, packed_source, records_source
     from .loading import load
@@ -416,6 +476,9 @@ def embed(
     finally:
         close()
     skipped = describe_skips({**index["read_skipped"], **index["skipped"]}) or "none"
+    if index["n_images"] == 0:  # captions alone are no image index: a failure, said in one line
+        raise DataError(f"no image could be embedded (skipped: {skipped}); {output} holds {index['n_texts']} "
+                        "captions only")
     console.print(f"{index['n_images']} images and {index['n_texts']} captions in {len(index['parts'])} parts at "
                   f"{output}; skipped: {skipped}", highlight=False)
 
@@ -630,11 +693,12 @@ def main() -> None:
             sys.exit(code)
     except (typer.Exit, click.exceptions.Exit) as e:
         sys.exit(e.exit_code)
-    except (typer.Abort, click.exceptions.Abort):
-        console.print("aborted")
+    except (typer.Abort, click.exceptions.Abort) as e:  # click's word for a KeyboardInterrupt
+        # a training run stopped on a signal says where it stopped and how to go on
+        console.print(str(e.__cause__ or "") or "aborted", highlight=False, soft_wrap=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted")
+    except KeyboardInterrupt as e:
+        console.print(str(e) or "interrupted", highlight=False, soft_wrap=True)
         sys.exit(130)
     except Exception as e:
         if _is_click_error(e):  # typer vendors its own click: recognised by what it offers
@@ -655,6 +719,9 @@ def _is_click_error(e: Exception) -> bool:
 def _in_words(e: Exception) -> str:
     """The error's message; the class name only where the message alone would not say what went wrong."""
     message = str(e)
+    if "Original Traceback" in message:  # raised in a DataLoader worker: its own message, not the traceback
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in message:
         return f"file not found: {e.filename}"
     if isinstance(e, (ValueError, OSError, RuntimeError)) and message:  # ConfigError, DataError, ...: worded

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .durable import write_atomic
+
 # The allowed values of each choice, written once: the config checks them, the CLI offers them.
 DataFormat = Literal["medpix", "pmc-oa", "roco", "csv", "jsonl", "phantom"]
 PackFormat = Literal["medpix", "pmc-oa", "roco", "csv", "jsonl"]  # what `data pack` reads (phantom is generated)
@@ -345,13 +347,13 @@ def load_schema(schema: type, path: str | Path | None = None, overrides: list[st
         path = find_config_file(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        tree = _read_tree(path)
+        tree = read_config_tree(path)
     for key, value in parse_overrides(list(overrides), schema):
         _set_dotted(tree, key, value, schema)
     return _build(schema, tree)
 
 
-def _read_tree(path: Path) -> dict[str, Any]:
+def read_config_tree(path: Path) -> dict[str, Any]:
     """A recipe file's contents; a syntax error names the file, the line and what is wrong."""
     text = path.read_text()
     try:
@@ -406,5 +408,13 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+def save_config(config: Config, path: str | Path) -> str | None:
+    """Write ``config`` as plain YAML; returns a note when this replaced a file holding something
+    else (edited by hand, or not plain YAML), which is otherwise lost without a word."""
+    path = Path(path)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    before = path.read_text(errors="replace") if path.is_file() else None
+    write_atomic(path, text)
+    if before is None or before == text:
+        return None
+    return f"{path} held other settings or text than this run's and was rewritten with this run's settings"

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.records import DataError
 from .data.sources import read_records
+from .durable import write_atomic
 from .inference import EmbeddingModel
 
 INDEX_VERSION = 1
@@ -163,12 +164,6 @@ def _save_npy(path: Path, rows: np.ndarray) -> None:
         np.save(fh, rows)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_part(folder: Path, k: int, part: dict[str, Any], storage: str) -> list[str]:
     """One part's files, each written to a temporary name and renamed; returns their names."""
     name = _part_name(k)
@@ -193,7 +188,7 @@ def write_part(folder: Path, k: int, part: dict[str, Any], storage: str) -> list
                  f"{name}.text.parquet": lambda p: pq.write_table(
                      table(part["text"], part["text_keys"], part["captions"]), p)}
     for file_name, write in files.items():
-        _write_atomic(folder / file_name, write)
+        write_atomic(folder / file_name, write, what="the embeddings part")
     return list(files)
 
 
@@ -223,7 +218,7 @@ def _open_index(folder: Path, header: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_index(folder: Path, index: dict[str, Any]) -> None:
-    _write_atomic(folder / "index.json", lambda p: p.write_text(json.dumps(index, indent=1)))
+    write_atomic(folder / "index.json", json.dumps(index, indent=1))
 
 
 @dataclass(frozen=True)

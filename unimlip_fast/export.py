@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,11 @@ import torch
 
 from .config import Config, load_config, save_config
 from .data.views import CLIP_MEAN, CLIP_STD
+from .durable import write_atomic
 from .model import UniMlip, assemble
 from .provenance import code_commit
 from .run_folder import RunFolder
+from .weights_file import read_safetensors
 
 EXPORT_FORMATS = ("open_clip",)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -219,9 +220,8 @@ def export_open_clip(checkpoint: str | Path, output: str | Path, hub_id: str | N
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(folder))
     model.text.encoder.config.save_pretrained(str(folder))  # config.json, for hf_model_name
-    tmp = folder / (OPEN_CLIP_WEIGHTS + ".tmp")
-    save_file(to_open_clip_state(model.state_dict()), str(tmp))
-    os.replace(tmp, folder / OPEN_CLIP_WEIGHTS)
+    state = to_open_clip_state(model.state_dict())
+    write_atomic(folder / OPEN_CLIP_WEIGHTS, lambda tmp: save_file(state, str(tmp)), what="the weights")
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(cfg, model, hub_id), indent=2))
     save_config(cfg, folder / UNIMLIP_CONFIG)
     (folder / "README.md").write_text(model_card(cfg, run, run.read_summary(), hub_id))
@@ -242,7 +242,6 @@ def is_export(path: str | Path) -> bool:
 
 def load_export(folder: str | Path, device: torch.device | str = "cpu") -> tuple[UniMlip, object, Config]:
     """An open_clip export folder -> (model, tokenizer, cfg), as :meth:`RunFolder.load_model` gives for a run."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
@@ -250,7 +249,7 @@ def load_export(folder: str | Path, device: torch.device | str = "cpu") -> tuple
     cfg = _inference_config(load_config(folder / UNIMLIP_CONFIG))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     text_config = AutoConfig.from_pretrained(str(folder / "config.json"))
-    model = assemble(cfg, tokenizer, text_config, from_open_clip_state(load_file(str(weights))), weights)
+    model = assemble(cfg, tokenizer, text_config, from_open_clip_state(read_safetensors(weights)), weights)
     return model.to(device).eval(), tokenizer, cfg
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .export import is_export, load_export, open_clip_weights
@@ -16,6 +15,7 @@ from .inference import EmbeddingModel, TrainedModel, resolve_device
 from .interop import OPEN_CLIP_PREFIX, PMC_CLIP_PREFIX, is_foreign, load_foreign
 from .model.pmc_clip import LoadReport, load_state, map_open_clip_key, read_pmc_clip_state, same_name
 from .run_folder import RunFolder
+from .weights_file import read_safetensors
 
 
 def load(checkpoint: str | Path, device: str | torch.device | None = None) -> EmbeddingModel:
@@ -39,11 +39,11 @@ def load_init_from(model: nn.Module, path: str) -> LoadReport:
         return load_state(model, load_foreign(path, torch.device("cpu")).model.state_dict(), map_open_clip_key)
     source = Path(path)
     if is_export(source):
-        return load_state(model, load_file(str(open_clip_weights(source))), map_open_clip_key)
+        return load_state(model, read_safetensors(open_clip_weights(source)), map_open_clip_key)
     if source.is_dir():
         source = RunFolder(source).weights
     if source.suffix == ".safetensors":
-        return load_state(model, load_file(str(source)), same_name)
+        return load_state(model, read_safetensors(source), same_name)
     return load_state(model, read_pmc_clip_state(source))
 
 

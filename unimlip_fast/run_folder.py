@@ -155,15 +155,15 @@ class RunFolder:
 
     def load_model(self, device="cpu"):
         """``(model, tokenizer, config)`` of the finished run, the model in eval mode on ``device``."""
-        from safetensors.torch import load_file
         from transformers import AutoConfig, AutoTokenizer
 
         from .config import load_config
         from .model import assemble
+        from .weights_file import read_safetensors
 
         self.require_finished()
         cfg = load_config(self.config)
         tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer))
         text_config = AutoConfig.from_pretrained(str(self.text_encoder_config))
-        model = assemble(cfg, tokenizer, text_config, load_file(str(self.weights)), self.weights)
+        model = assemble(cfg, tokenizer, text_config, read_safetensors(self.weights), self.weights)
         return model.to(device).eval(), tokenizer, cfg

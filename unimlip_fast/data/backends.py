@@ -5,7 +5,8 @@
   torchvision), views as batched ops on the training device; reads packed shards when given,
   else the records of the trainer's dataset.
 - ``dali``: :class:`.dali.DALILoader` over packed shards (needs ``shards``; optional dependency).
-- ``auto``: DALI where it imports, CUDA is there and shards are given; else torch on CUDA; else cpu.
+- ``auto``: DALI where it imports, CUDA is there and shards are given; else torch on CUDA or with
+  shards; else cpu. ``cpu`` with shards is refused (it reads the source files only).
   A DALI pipeline that fails to build or to yield its first batch then falls back to the torch GPU
   path, with the reason logged and in the loader's ``description``; ``dali`` asked for by name fails.
 
@@ -47,6 +48,9 @@ def resolve_backend(backend: DataBackend, device: torch.device | str, shards=Non
                         "or nvidia-dali-cuda120 on a CUDA 12 driver)")
     if backend == "dali" and not shards:
         raise DataError("data.backend=dali reads packed shards: set data.shards to a `unimlip-fast data pack` folder")
+    if backend == "cpu" and shards:
+        raise DataError(f"data.shards={shards} is read by data.backend=torch, dali or auto; data.backend=cpu reads "
+                        "the source files: set data.backend=torch (or auto), or leave data.shards empty")
     if backend != "auto":
         return backend, "as configured"
     if device.type == "cuda" and dali_available() and shards:
@@ -54,6 +58,8 @@ def resolve_backend(backend: DataBackend, device: torch.device | str, shards=Non
     if device.type == "cuda":
         missing = "DALI not installed" if shards else "no packed shards (data.shards)"
         return "torch", f"auto: CUDA, {missing}"
+    if shards:
+        return "torch", "auto: no CUDA device, packed shards (read by the torch backend)"
     return "cpu", "auto: no CUDA device"
 
 

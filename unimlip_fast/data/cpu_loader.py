@@ -97,7 +97,9 @@ class CPULoader:
         self.spec = spec
         self.sampler = DistributedBatchSampler.for_spec(len(source), spec)
         self.loader = _data_loader(_ViewDataset(source, spec), self.sampler, _Collate(spec), spec.num_workers)
-        self.description = f"cpu backend: PIL decode and views in {spec.num_workers} workers"
+        where = ("the training process" if spec.num_workers == 0 else
+                 f"{spec.num_workers} worker{'s' if spec.num_workers > 1 else ''}")
+        self.description = f"cpu backend: PIL decode and views in {where}"
 
     def __len__(self) -> int:
         return len(self.sampler)

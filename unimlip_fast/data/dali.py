@@ -149,7 +149,8 @@ class DALILoader:
         self.iterator = DALIGenericIterator([pipe], self.keys, reader_name="reader",
                                             last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
         where = "GPU (mixed nvJPEG decode)" if device_id is not None else "CPU operators (device_id=None)"
-        self.description = f"dali backend: {where}, shards {source.root}"
+        self.description = f"dali backend: {where}, shards {source.root}" + (
+            f"; skipped when verifying the shards: {source.damage_note()}" if source.damage_note() else "")
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.spec.skip_batches)

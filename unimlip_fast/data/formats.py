@@ -47,7 +47,8 @@ def _add(records: list[Record], skipped: Skips, index: ImageIndex, key, caption_
 
 def _pairs(records: list[Record], skipped: Skips, source) -> ItemSet[Record]:
     hint = ""
-    if set(k for k, v in skipped.items() if v) <= {"missing_image", "outside_root"}:
+    reasons = {k for k, v in skipped.items() if v}
+    if reasons and reasons <= {"missing_image", "outside_root"}:  # not a file with no rows at all
         hint = ("; every image is missing or outside the image folder: set data.image_root to the folder "
                 "the image paths are relative to")
     return finish(records, skipped, source, "image-caption pairs", hint)
@@ -152,7 +153,8 @@ def refuse_held_out_split(path: Path, split: str | None, split_key: str) -> None
         return
     raise DataError(f"{path} is one file with no split, so split {split!r} would be the training rows again: "
                     f"set data.split_key to the column naming each row's split (--split-key), give a folder "
-                    f"holding train{path.suffix} and {split}{path.suffix}, or read every row with split all")
+                    f"holding train{path.suffix} and {split}{path.suffix}; to evaluate a model trained on other data, "
+                    f"read every row with split all; a run pretraining on this file evaluates nothing with eval.split=")
 
 
 def in_split(row: dict, split_key: str, split: str | None) -> bool | None:

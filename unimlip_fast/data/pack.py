@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PACK_FORMATS, DataConfig
+from ..durable import write_atomic
 from .dataset import tokenize_captions
 from .decoding import check_image_bytes
 from .reading import clean_caption
@@ -37,7 +38,6 @@ from .shard_format import (
     member_name,
     sample_digest,
     sample_key,
-    write_atomic,
     write_index,
 )
 from .sources import read_records
@@ -129,16 +129,19 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
 
     ids, mask = tokenize_captions(tokenizer, [g[2] for g in good], context_length)
     lengths = mask.sum(axis=1)
-    tmp_tar = tar_path.with_name(tar_path.name + ".tmp")
     index, digests = [], {}
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for (i, key, caption, data, ext), row, n in zip(good, ids, lengths):
-            members = [(ext, data), ("ids", row[:n].astype("<i4").tobytes()),
-                       ("idx", np.int64(i).astype("<i8").tobytes()), ("txt", caption.encode()),
-                       ("key", str(key).encode())]
-            index.append([(e, *_add_member(tar, member_name(i, e), d), member_name(i, e)) for e, d in members])
-            digests[sample_key(i)] = sample_digest(dict(members))
-    os.replace(tmp_tar, tar_path)
+
+    def write_tar(tmp_tar: Path) -> None:
+        index.clear()
+        with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for (i, key, caption, data, ext), row, n in zip(good, ids, lengths):
+                members = [(ext, data), ("ids", row[:n].astype("<i4").tobytes()),
+                           ("idx", np.int64(i).astype("<i8").tobytes()), ("txt", caption.encode()),
+                           ("key", str(key).encode())]
+                index.append([(e, *_add_member(tar, member_name(i, e), d), member_name(i, e)) for e, d in members])
+                digests[sample_key(i)] = sample_digest(dict(members))
+
+    write_atomic(tar_path, write_tar, what="the shard")
     write_index(index_path, index)
     stat = tar_path.stat()
     marker = {"shard": name, "tar": tar_path.name, "index": index_path.name, "samples": len(good),

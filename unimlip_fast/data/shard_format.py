@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..durable import write_atomic
 from .records import DataError
 
 PACK_VERSION = 1
@@ -124,14 +125,6 @@ def parse_index(path: Path) -> list[IndexSample]:
     if len(samples) != int(head[1]):
         raise DataError(f"{path}: the header says {head[1]} samples, the file lists {len(samples)}")
     return samples
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name of this process, then rename: readers (other ranks) see the old
-    file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def sample_digest(parts: dict[str, bytes]) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..durable import write_atomic
 from .decoding import SampleError, check_image_bytes, decode_image_bytes
 from .records import DataError
 from .shard_format import (
@@ -42,10 +43,11 @@ from .shard_format import (
     ids_in_vocabulary,
     parse_index,
     read_manifest,
-    write_atomic,
     write_index,
 )
 
+# How verification scans a tar; a verified index cached by an older scan is made again.
+SCAN_VERSION = 2
 # One row per usable sample.
 SAMPLE_DTYPE = np.dtype([("shard", np.int32), ("index", np.int64), ("img_off", np.int64), ("img_size", np.int64),
                          ("ids_off", np.int64), ("ids_size", np.int64), ("jpeg", np.bool_)])
@@ -62,6 +64,7 @@ class ShardSet:
     samples: np.ndarray  # SAMPLE_DTYPE, in index order, shard by shard
     read_skipped: collections.Counter = field(default_factory=collections.Counter)  # found while verifying
     rebuilt: list[str] = field(default_factory=list)  # tars whose missing index was rebuilt
+    skipped_by_shard: dict[str, dict[str, int]] = field(default_factory=dict)  # tar name -> read_skipped's part
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -90,6 +93,21 @@ class ShardSet:
     def tokenizer_path(self) -> Path:
         return self.root / self.manifest["tokenizer"]["path"]
 
+    def damage_note(self) -> str:
+        """What verification skipped, shard by shard (``shard-000009.tar: 25 missing_in_shard``); '' for none."""
+        return "; ".join(f"{tar}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+                         for tar, counts in sorted(self.skipped_by_shard.items()))
+
+
+def _is_sample_member(m: tarfile.TarInfo, file_size: int) -> bool:
+    """Whether a tar member can be part of a sample: a regular file named ``<digits>.<ext>`` (no
+    folder, no ``..``, not absolute) whose data lies inside the tar. Links are never followed."""
+    name = m.name
+    if not m.isfile() or "/" in name or "\\" in name or "." not in name:
+        return False
+    base = name.split(".", 1)[0]
+    return base.isascii() and base.isdigit() and m.offset_data + m.size <= file_size
+
 
 def _rows(shard: int, samples) -> list[tuple]:
     rows = []
@@ -102,26 +120,43 @@ def _rows(shard: int, samples) -> list[tuple]:
     return rows
 
 
-def scan_tar(path: Path, check_images: bool = True, vocab_size: int | None = None) -> tuple[list, collections.Counter]:
+def scan_tar(path: Path, check_images: bool = True, vocab_size: int | None = None,
+             expected: list[str] | int | None = None) -> tuple[list, collections.Counter]:
     """The samples of a tar that have an image (decodable) and caption ids (within ``vocab_size``),
-    in index form, and the rest counted by reason. Reads the headers, the ids, and the images' bytes
-    when ``check_images``."""
+    in index form, and the rest counted by reason: ``bad_member`` for each member that is no part
+    of a sample (links, paths, other names: never followed or written anywhere), and, given the
+    sample keys the pack wrote (``expected``; or their number), ``missing_in_shard`` for those not
+    found at all. Reads the
+    headers, the ids, and the images' bytes when ``check_images``."""
     groups: dict[str, dict[str, tuple[int, int, str]]] = {}
     order: list[str] = []
     skipped: collections.Counter = collections.Counter()
+    file_size = path.stat().st_size
     try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if not m.isfile() or m.name.startswith(".") or "." not in Path(m.name).name:
-                    continue
-                base, ext = m.name.split(".", 1)
-                if base not in groups:
-                    groups[base] = {}
-                    order.append(base)
-                groups[base][ext] = (m.offset_data, m.size, m.name)
+        # ignore_zeros: a damaged header is passed over block by block (tar members are 512-byte
+        # aligned) and the members after it are kept; without it tarfile takes it for the end.
+        with tarfile.open(path, "r:", ignore_zeros=True) as tar:
+            try:
+                for m in tar:
+                    if not _is_sample_member(m, file_size):  # a link, a path, a name not of a sample
+                        skipped["bad_member"] += 1
+                        continue
+                    base, ext = m.name.split(".", 1)
+                    if base not in groups:
+                        groups[base] = {}
+                        order.append(base)
+                    groups[base][ext] = (m.offset_data, m.size, m.name)
+            except (tarfile.ReadError, EOFError):
+                pass  # damage past which the tar cannot be read: what was found is kept, the rest counted missing
     except (tarfile.ReadError, EOFError, OSError) as e:
         raise DataError(f"{path}: unreadable tar ({e}); repack it (delete its .json marker and run data pack "
                         "again)") from e
+    if isinstance(expected, int):
+        missing = max(0, expected - len(groups))
+    else:
+        missing = len(set(expected) - set(groups)) if expected is not None else 0
+    if missing:
+        skipped["missing_in_shard"] = missing
     good = []
     with open(path, "rb") as fh:
         for base in order:
@@ -150,6 +185,19 @@ def scan_tar(path: Path, check_images: bool = True, vocab_size: int | None = Non
     return good, skipped
 
 
+def _packed_keys(root: Path, entry: dict) -> list[str] | int | None:
+    """The sample keys the pack wrote into a shard (from its completion marker), else their number
+    (the manifest's), else None."""
+    marker = PackedFolder(root).marker_of(entry["tar"])
+    try:
+        digests = json.loads(marker.read_text()).get("sample_digests")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        digests = None
+    if isinstance(digests, dict):
+        return list(digests)
+    return entry.get("samples") if isinstance(entry.get("samples"), int) else None
+
+
 def _verified_dir(root: Path) -> Path:
     d = PackedFolder(root).verified
     try:
@@ -176,7 +224,8 @@ def _verify(root: Path, entry: dict, st: os.stat_result, vocab_size: int) -> tup
     own_index = root / entry["index"]
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
+        same_tar = meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns
+        if same_tar and meta.get("scan") == SCAN_VERSION:
             if meta.get("unchanged") and own_index.is_file():
                 return own_index, parse_index(own_index), collections.Counter()
             if not meta.get("unchanged") and index_path.is_file():
@@ -184,11 +233,13 @@ def _verify(root: Path, entry: dict, st: os.stat_result, vocab_size: int) -> tup
     tar = root / entry["tar"]
     if (own_index.is_file() and st.st_size == entry["size"] and entry.get("blake2b")
             and file_digest(tar) == entry["blake2b"]):
-        write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "unchanged": True}))
+        write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "scan": SCAN_VERSION,
+                                          "unchanged": True}))
         return own_index, parse_index(own_index), collections.Counter()
-    samples, skipped = scan_tar(tar, vocab_size=vocab_size)
+    samples, skipped = scan_tar(tar, vocab_size=vocab_size, expected=_packed_keys(root, entry))
     write_index(index_path, samples)
-    write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "skipped": dict(skipped)}))
+    write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "scan": SCAN_VERSION,
+                                      "skipped": dict(skipped)}))
     return index_path, samples, skipped
 
 
@@ -219,10 +270,13 @@ def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardS
 
     tars, indices, rows = [], [], []
     read_skipped: collections.Counter = collections.Counter()
+    skipped_by_shard: dict[str, dict[str, int]] = {}
     for s, entry in enumerate(manifest["shards"]):
         if s in verified:
             index_path, samples, skipped = verified[s]
             read_skipped.update(skipped)
+            if any(skipped.values()):
+                skipped_by_shard[entry["tar"]] = {k: v for k, v in skipped.items() if v}
         else:
             index_path = root / entry["index"]
             samples = parse_index(index_path)
@@ -234,7 +288,8 @@ def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardS
     if not rows:
         raise DataError(f"{root}: no usable samples ({dict(read_skipped)} skipped)")
     rebuilt = [entry["tar"] for entry in manifest["shards"] if not (root / entry["index"]).is_file()]
-    return ShardSet(root, manifest, tars, indices, np.array(rows, dtype=SAMPLE_DTYPE), read_skipped, rebuilt)
+    return ShardSet(root, manifest, tars, indices, np.array(rows, dtype=SAMPLE_DTYPE), read_skipped, rebuilt,
+                    skipped_by_shard)
 
 
 # ------------------------------------------------------------------------------------ ids -> tokens
@@ -307,20 +362,22 @@ class ShardDataset:
 
 
 _OPENED: dict[tuple, ShardSet] = {}
+_CHECKED: set[tuple] = set()
 
 
 def load_shards(shards: str | os.PathLike | ShardSet, dataset=None) -> ShardSet:
-    """Open (once per process and manifest version) a packed folder, checked against ``dataset``."""
+    """Open (once per process and manifest version) a packed folder, checked against ``dataset``
+    (once per dataset)."""
     if isinstance(shards, ShardSet):
         return shards
     root = Path(shards)
     manifest = PackedFolder(root).manifest
-    key = (str(root.resolve()), manifest.stat().st_mtime_ns if manifest.is_file() else 0, id(dataset))
+    key = (str(root.resolve()), manifest.stat().st_mtime_ns if manifest.is_file() else 0)
     if key not in _OPENED:
-        opened = open_shards(root)
-        if dataset is not None:
-            check_against_dataset(opened, dataset)
-        _OPENED[key] = opened
+        _OPENED[key] = open_shards(root)
+    if dataset is not None and (key, id(dataset)) not in _CHECKED:
+        check_against_dataset(_OPENED[key], dataset)
+        _CHECKED.add((key, id(dataset)))
     return _OPENED[key]
 
 

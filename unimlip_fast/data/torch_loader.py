@@ -170,7 +170,9 @@ class TorchLoader:
                                  persistent_workers=False)
         decode = "GPU nvJPEG (torchvision)" if self.gpu_decode else "PIL in workers"
         self.description = (f"torch backend: {decode} decode, views on {spec.device.type} "
-                            f"({'packed shards ' + str(source.root) if from_shards else 'records'})")
+                            f"({'packed shards ' + str(source.root) if from_shards else 'records'})"
+                            + (f"; skipped when verifying the shards: {source.damage_note()}"
+                               if from_shards and source.damage_note() else ""))
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -23,6 +23,7 @@ from ..data.decoding import DECODE_ERRORS, decode_image, decode_size, failure_re
 from ..data.records import DataError
 from ..data.spec import seeded_generator
 from ..data.views import eval_view_one, weak_view_one
+from ..durable import write_atomic
 from ..inference import EmbeddingModel
 from ..model import UniMlip
 from ..run_folder import RunFolder
@@ -258,9 +259,7 @@ class RunLog:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp)), what="the weights")
 
     def finish(self, results: dict, json_out: Path | None) -> dict:
         results = {**results, "wall_s": round(time.time() - self.start, 1), "run_dir": str(self.run_dir)}

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..weights_file import load_weights_only
+
 _FUSION_BLOCK = {
     "attn.in_proj_weight": "self_attn.in_proj_weight",
     "attn.in_proj_bias": "self_attn.in_proj_bias",
@@ -69,7 +71,7 @@ def map_pmc_clip_key(key: str, value: torch.Tensor) -> tuple[str | None, torch.T
 
 def read_pmc_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of PMC-CLIP's checkpoint file (under ``state_dict``, or the file's own mapping)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_weights_only(path, map_location="cpu")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a PMC-CLIP checkpoint (expected a state_dict mapping of tensors)")

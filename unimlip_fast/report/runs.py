@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..config import read_config_tree
 from ..run_folder import RunFolder
 
 RETRIEVAL_KEYS = tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
@@ -62,9 +61,11 @@ class RunRecord:
 def read_run(path: str | Path) -> RunRecord:
     path = Path(path)
     run = RunFolder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run folder not found: {path}")
     if not run.metrics.is_file():
         raise FileNotFoundError(f"{path} is not a run folder: no {run.metrics.name} in it")
-    config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
+    config = read_config_tree(run.config) if run.config.is_file() else {}  # not plain YAML: the file named
     train_by_step, eval_by_step = {}, {}
     metrics, unreadable = _read_jsonl(run.metrics)
     for row in metrics:

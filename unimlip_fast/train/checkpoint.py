@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import weights_file
+from ..durable import DiskFullError, disk_full_named, fsync_path, require_free_space, write_atomic
 from .distributed import DistEnv, barrier
 from .replicas import average_batchnorm_stats
 
@@ -50,28 +52,6 @@ def rng_file_name(rank: int) -> str:
     return f"rng_rank{rank}.safetensors"
 
 
-# --- durable writes -------------------------------------------------------------------------------
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file: fsync, rename, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 # --- RNG state without pickle ---------------------------------------------------------------------
 
 def save_rng_state(path: Path) -> None:
@@ -87,8 +67,8 @@ def save_rng_state(path: Path) -> None:
         tensors["cuda"] = torch.cuda.get_rng_state()
     plain = {"python_version": version, "python_gauss_next": gauss_next, "numpy_name": np_name,
              "numpy_pos": int(np_pos), "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss)}
-    save_file(tensors, str(path), metadata={"plain": json.dumps(plain)})
-    fsync_path(path)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"plain": json.dumps(plain)}),
+                 what="the RNG state")
 
 
 def load_rng_state(path: Path) -> None:
@@ -121,22 +101,11 @@ def _deepspeed_safe_globals() -> list[Any]:
 
 
 def load_weights_only(path: str | Path, map_location=None) -> Any:
-    """``torch.load`` that never runs code from the file; errors name the file and what is wrong."""
-    import pickle
-
+    """A DeepSpeed file through ``torch.load`` that never runs code from it; errors name the file and what is wrong."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), None)
-        if unsafe:
-            raise CheckpointError(f"{path} holds more than tensors and plain values, refused (loading it would "
-                                  f"run code from the file): {unsafe}") from None
-        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
-        raise CheckpointError(f"{path} is damaged or not a checkpoint file: {detail}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged or not a checkpoint file: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        return weights_file.load_weights_only(path, map_location, _deepspeed_safe_globals())
+    except (weights_file.DamagedFileError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from None
 
 
 @contextmanager
@@ -158,7 +127,7 @@ def write_manifest(folder: Path, step: int, world_size: int) -> None:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         fsync_path(path)
         files[str(path.relative_to(folder))] = path.stat().st_size
-    write_durably(folder / MANIFEST, json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
+    write_atomic(folder / MANIFEST, json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
     fsync_path(folder)
 
 
@@ -246,20 +215,47 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, 
     if env.is_main and tmp.exists():  # left by a write that was killed
         shutil.rmtree(tmp)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
-    save_rng_state(tmp / rng_file_name(env.rank))
-    barrier()
+    try:
+        # A full disk: one line naming the file (not torch's "unexpected pos"); the partial folder
+        # goes, the previous complete checkpoint stays.
+        with disk_full_named(tmp, lambda: checkpoint_bytes(engine.module, ckpt_dir), "a checkpoint"):
+            engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
+            save_rng_state(tmp / rng_file_name(env.rank))
+        barrier()
+        if env.is_main:
+            with disk_full_named(tmp, lambda: checkpoint_bytes(engine.module, ckpt_dir), "a checkpoint"):
+                write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state))
+                write_manifest(tmp, step, env.world_size)
+    except DiskFullError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if env.is_main:
-        write_durably(tmp / TRAINER_STATE, json.dumps(trainer_state))
-        write_manifest(tmp, step, env.world_size)
         if final.exists():  # the same step written again (a resumed run stopping where it resumed)
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_path(ckpt_dir)
-        write_durably(ckpt_dir / LATEST, tag)
+        write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last)
     barrier()
     return final
+
+
+def checkpoint_bytes(model: torch.nn.Module, ckpt_dir: Path) -> int:
+    """About how many bytes one checkpoint of ``model`` takes: the newest complete one's size, or
+    (none yet) the weights as trained plus AdamW's two fp32 moments and, under reduced precision,
+    its fp32 master copy."""
+    for folder in checkpoint_folders(ckpt_dir):
+        if incompleteness(folder) is None:
+            return sum(json.loads((folder / MANIFEST).read_text())["files"].values())
+    params = list(model.parameters())
+    count = sum(p.numel() for p in params)
+    element = params[0].element_size() if params else 4
+    return count * element + count * 4 * (2 if element == 4 else 3)
+
+
+def require_room_for_checkpoint(model: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Refuse to start a run whose checkpoint folder's disk cannot hold one checkpoint of ``model``."""
+    require_free_space(ckpt_dir, checkpoint_bytes(model, ckpt_dir), "one checkpoint")
 
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -307,9 +303,5 @@ def export_weights(engine, path: Path, env: DistEnv) -> None:
     if env.is_main:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items() if v.is_floating_point()}
         tensors.update({k: v.detach().cpu().contiguous() for k, v in state.items() if not v.is_floating_point()})
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp))
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp)), what="the weights")
     barrier()

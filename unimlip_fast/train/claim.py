@@ -50,6 +50,10 @@ class RunLock:
         os.write(fd, json.dumps(record).encode())
         self._fd = fd
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -93,14 +97,24 @@ def claim_run_folder(run_dir: Path, env: DistEnv, resume: str | None,
     """Lock ``run_dir`` for this run (rank 0) and yield (tag to resume from or None, notes on the choice).
 
     Rank 0 decides and every rank gets its decision, errors included, so no rank waits on one that failed.
+    A run that fails before its first step removes the folder when this process created it (an
+    atomic ``mkdir``: of two processes that both found it missing, one only) and, the lock still
+    held, no other run is using it: a start refused by the lock never deletes anything.
     """
     if resume and overwrite:
         raise RunFolderError("--overwrite starts a run over; it cannot be combined with --resume")
     lock = RunLock(run_dir)
     decision: dict = {}
+    made_here = False
+    made_parents = [p for p in run_dir.parents if not p.exists()]  # nearest first (``runs/``)
     if env.is_main:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir()
+                made_here = True
+            except FileExistsError:
+                pass
             lock.acquire()
             if resume:
                 tag, notes = choose_resume(RunFolder(run_dir).checkpoints, resume, env.world_size)
@@ -109,6 +123,8 @@ def claim_run_folder(run_dir: Path, env: DistEnv, resume: str | None,
                 check_fresh_start(run_dir, overwrite)
                 decision = {"tag": None, "notes": []}
         except Exception as e:
+            if lock.held:
+                _remove_if_made_here(run_dir, made_here, made_parents)
             lock.release()
             broadcast_from_main({"error": f"{type(e).__name__}: {e}"})
             raise
@@ -117,5 +133,20 @@ def claim_run_folder(run_dir: Path, env: DistEnv, resume: str | None,
         raise RunFolderError(f"rank 0 could not open the run folder: {decision['error']}")
     try:
         yield decision["tag"], decision["notes"]
+    except BaseException:
+        if env.is_main:
+            _remove_if_made_here(run_dir, made_here, made_parents)
+        raise
     finally:
         lock.release()
+
+
+def _remove_if_made_here(run_dir: Path, made_here: bool, made_parents: list[Path]) -> None:
+    """A failed start's folder goes when this process made it and no step ran (call with the lock held)."""
+    if made_here and RunFolder(run_dir).never_started():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in made_parents:  # removed only when empty: another run may have started in it since
+            try:
+                parent.rmdir()
+            except OSError:
+                break

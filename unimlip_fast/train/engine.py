@@ -14,7 +14,6 @@ import json
 import math
 import random
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +23,12 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, save_config, to_dict
-from ..data.backends import build_train_loader
+from ..data.backends import build_train_loader, resolve_backend
 from ..data.dataset import build_dataset
 from ..data.decoding import set_max_image_pixels
 from ..data.masking import MaskingTables
 from ..data.records import describe_skips
+from ..data.shards import load_shards
 from ..data.sources import read_records
 from ..data.spec import batches_per_epoch, loader_spec, trim_padding
 from ..kernels import kernels_note, resolve_ops
@@ -38,7 +38,7 @@ from ..objective import compute_terms, total_loss
 from ..provenance import code_commit
 from ..run_folder import RunFolder
 from .accumulate import build_accumulator
-from .checkpoint import export_weights, load_checkpoint, save_checkpoint
+from .checkpoint import export_weights, load_checkpoint, require_room_for_checkpoint, save_checkpoint
 from .claim import claim_run_folder
 from .distributed import DistEnv, barrier, init_distributed
 from .ds_config import fp32_variant, load_ds_config, precision_of, resolve_ds_config
@@ -48,6 +48,7 @@ from .monitor import Monitor
 from .nonfinite import NonFiniteCount, NonFiniteGuard, deepspeed_skips_nonfinite, guard_note, loss_finite_everywhere
 from .replicas import average_batchnorm_stats, clamp_parameter_
 from .schedule import build_optimizer, phase_start_step, warmup_cosine
+from .stopping import TrainingStopped, stop_on_signals, stop_requested, stop_signal
 
 
 @dataclass
@@ -74,17 +75,14 @@ def seed_everything(seed: int) -> None:
 def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path | None = None,
              resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """``resume``: ``latest`` or a checkpoint tag; ``overwrite``: start over in a folder holding a run.
-    A run that fails before its first step leaves no run folder behind when it made the folder itself."""
+    A run that fails before its first step leaves no run folder behind when it made the folder itself
+    (:func:`.claim.claim_run_folder`). SIGINT or SIGTERM ends it after the step in progress, with a
+    checkpoint (:mod:`.stopping`)."""
     env = init_distributed()
     run_dir = Path(run_dir or Path("runs") / cfg.name)
-    made_here = not run_dir.exists()
-    try:
-        with claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes):
-            return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
-    except BaseException:
-        if made_here and env.is_main and RunFolder(run_dir).never_started():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    with (stop_on_signals(f"the run in {run_dir}"),
+          claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes)):
+        return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
 
 
 def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, resume_tag: str | None,
@@ -107,9 +105,11 @@ class Pretraining:
 
     def setup(self, ds_config_path: str | None, resume_tag: str | None, resume_notes: list[str]) -> None:
         cfg, env, run = self.cfg, self.env, self.run_folder
+        resolve_backend(cfg.data.backend, env.device, cfg.data.shards or None)  # a backend refused: before any work
+        config_notes = []
         if env.is_main:
             run.checkpoints.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run.config)
+            config_notes = [note for note in [save_config(cfg, run.config)] if note]
         barrier()
         seed_everything(cfg.train.seed + env.rank)
 
@@ -120,7 +120,7 @@ class Pretraining:
                                     resume_tag is not None)
         self.model = model = build_model(cfg.model, cfg.loss, self.tokenizer)
         model.ops = resolve_ops(cfg.model.kernels, env.device)
-        notes = resume_notes + eval_note + [kernels_note(cfg.model.kernels, model.ops, env.device)]
+        notes = resume_notes + config_notes + eval_note + [kernels_note(cfg.model.kernels, model.ops, env.device)]
         self.fast = resolve_fast(cfg.train, env.device)
         apply_fast(model, self.fast)
         notes.append(self.fast.note(cfg.train.fast, env.device))
@@ -145,6 +145,7 @@ class Pretraining:
         # The second phase: SimCLR on, or strong views fed without it (data.strong_views=on).
         self.second_phase = cfg.loss.simclr > 0 or cfg.data.strong_views == "on"
 
+        require_room_for_checkpoint(model, run.checkpoints)
         self.engine, self.ds_config = deepspeed_engine(model, cfg, ds_config_path, env, self.total_steps,
                                                        fused_adamw=self.fast.fused_adamw)
         self.state = TrainerState()
@@ -189,8 +190,14 @@ class Pretraining:
         try:
             self.spec = loader_spec(cfg, env.rank, env.world_size, env.device,
                                     next(engine.module.parameters()).dtype, self.mlm_tables)
+            self.stopping = False
             self.train()
             save_checkpoint(engine, run.checkpoints, state.step, asdict(state), env, cfg.train.keep_last)
+            if self.stopping and state.step < self.stop_at:
+                message = (f"stopped on {stop_signal() or 'a signal to another rank'} after step {state.step}: "
+                           f"checkpoint saved in {run.checkpoints}; continue with --resume latest")
+                self.monitor.info(message)
+                raise TrainingStopped(message)
             if state.step >= self.total_steps:
                 export_weights(engine, run.weights, env)
         finally:
@@ -201,6 +208,8 @@ class Pretraining:
         summary = {"steps": state.step, "epochs": state.epoch, "wall_s": round(time.time() - started, 1),
                    "skipped_records": dict(self.records.skipped), "skipped_samples": state.skipped,
                    "nonfinite_steps": state.nonfinite_total, "run_dir": str(run.path), "commit": code_commit()}
+        if cfg.data.shards:  # what verifying the shards skipped, named by shard (in skipped_samples too, summed)
+            summary["skipped_by_shard"] = load_shards(cfg.data.shards).skipped_by_shard
         if env.is_main and state.step >= self.total_steps:
             summary.update(_final_eval(engine.module, self.tokenizer, cfg, env, run))
             run.summary.write_text(json.dumps(summary, indent=2))
@@ -221,7 +230,7 @@ class Pretraining:
         self.engine.train()
         self.described = None
         self.to_compile = {WARMUP, SIMCLR} if self.fast.compile else set()
-        while self.state.step < self.stop_at:
+        while self.state.step < self.stop_at and not self.stopping:
             self.run_epoch()
 
     def run_epoch(self) -> None:
@@ -296,7 +305,8 @@ class Pretraining:
             took = interval.exclude_step(cfg.train.batch_size)
             self.monitor.info(f"compile: the first {phase} step took {took:.1f} s (kept out of samples/s)")
         self._after_step(phase)
-        if state.step >= self.stop_at or self.phase_at(state.step) != phase:
+        self.stopping = stop_requested(self.env, state.step, cfg.train.log_every)  # SIGINT, SIGTERM: stopping.py
+        if state.step >= self.stop_at or self.phase_at(state.step) != phase or self.stopping:
             return False
         interval.mark_data()
         return True

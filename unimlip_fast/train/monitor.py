@@ -8,7 +8,6 @@ facts (commit, devices, precision, ...), one line each, so the run report can sh
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.markup import render
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..console import make_console
+from ..durable import write_atomic
 from ..run_folder import RunFolder
 
 
@@ -37,12 +37,7 @@ def open_metrics(path: Path, resume_step: int | None):
                 continue  # the end of a line whose write a kill interrupted
             if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resume_step:
                 kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept), what="the metrics kept")
     return path.open("a")
 
 
