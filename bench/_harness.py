@@ -9,6 +9,7 @@ On CUDA the time is the median of ``repeats`` runs between device events, after 
 the memory is the peak allocated during one run minus what was allocated before it. A step that
 runs out of memory gives status "OOM". On CPU (smoke tests only) the clock is the host's.
 """
+
 from __future__ import annotations
 
 import csv

@@ -20,6 +20,7 @@ peak memory above what the process held before the first step, and the extra for
     nice -n 5 python bench/bench_accum.py                    # CPU rows appended to bench/results.csv
     python bench/bench_accum.py --gpu --csv /tmp/accum.csv --budget 150
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ def _config(gpu: bool, global_batch: int, micro: int):
     overrides = [f"train.batch_size={global_batch}", f"train.micro_batch_size={micro}", "train.grad_clip=1.0"]
     if gpu:  # the paper's sizes; the text tower has BiomedBERT-base's shape, initialised at random
         cfg = load_config(REPO / "configs/paper.yaml", overrides + ["model.kernels=triton"])
-        cfg.model.text = TextConfig(encoder="random-bert", vocab_size=8192, hidden_size=768, num_layers=12,
-                                    num_heads=12, context_length=77)
+        cfg.model.text = TextConfig(
+            encoder="random-bert", vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, context_length=77
+        )
         return cfg
     medpix = SHARED_DATA / "medpix2"
     data = [f"data.path={medpix}"] if medpix.is_dir() else ["data.format=phantom", f"data.phantom_size={global_batch}"]
@@ -71,8 +73,14 @@ def _one_batch(cfg, tokenizer, device: torch.device, loaded: int = GLOBAL_BATCH)
     n = min(loaded, cfg.train.batch_size)
     records = (records * (n // len(records) + 1))[:n]
     dataset = build_dataset(records, tokenizer, cfg.model.image_size, cfg.model.text.context_length)
-    spec = LoaderSpec(n, cfg.model.image_size, strong_views=True, mlm=MaskingTables.from_tokenizer(tokenizer),
-                      mlm_prob=cfg.loss.mlm_prob, num_workers=cfg.data.num_workers)
+    spec = LoaderSpec(
+        n,
+        cfg.model.image_size,
+        strong_views=True,
+        mlm=MaskingTables.from_tokenizer(tokenizer),
+        mlm_prob=cfg.loss.mlm_prob,
+        num_workers=cfg.data.num_workers,
+    )
     loader = build_train_loader("cpu", dataset, spec)
     batch = next(iter(loader))
     batch.pop("skipped", None)
@@ -136,11 +144,13 @@ def child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, bud
             tokenizer = AutoTokenizer.from_pretrained(tmp)
     model = build_model(cfg.model, cfg.loss, tokenizer)
     model.ops = resolve_ops(cfg.model.kernels, env.device)
-    ds = resolve_ds_config(load_ds_config(str(REPO / "configs" / ("zero2.json" if gpu else "zero2_fp32.json"))),
-                           cfg, env.world_size)
+    ds = resolve_ds_config(
+        load_ds_config(str(REPO / "configs" / ("zero2.json" if gpu else "zero2_fp32.json"))), cfg, env.world_size
+    )
     ds = ds if gpu else fp32_variant(ds)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train, env.device),
-                                      config=ds, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg.train, env.device), config=ds, dist_init_required=False
+    )
     engine.train()
     first = _one_batch(cfg, tokenizer, env.device)
     last_wall, searching = 0.0, len(plan) > 1
@@ -198,8 +208,18 @@ def child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, bud
 
 def _run_child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, budget: float):
     """Yields each result as the child prints it (a run cut short by a timeout keeps its rows)."""
-    cmd = [sys.executable, __file__, "--child", ",".join(f"{g}x{m}" for g, m in plan), "--warmup",
-           str(warmup), "--repeats", str(repeats), "--budget", str(budget)] + (["--gpu"] if gpu else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        ",".join(f"{g}x{m}" for g, m in plan),
+        "--warmup",
+        str(warmup),
+        "--repeats",
+        str(repeats),
+        "--budget",
+        str(budget),
+    ] + (["--gpu"] if gpu else [])
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}", "TOKENIZERS_PARALLELISM": "false"}
     seen = 0
     with tempfile.TemporaryFile("w+") as err:
@@ -216,28 +236,57 @@ def _run_child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int
             yield {"global_batch": global_batch, "micro_batch": micro, "status": f"failed: {tail[0][:200]}"}
 
 
-def run(csv_path: str | Path, gpu: bool, warmup: int, repeats: int, budget: float, global_batch: int = GLOBAL_BATCH,
-        micro_batches: tuple[int, ...] = CPU_MICRO_BATCHES) -> list[dict]:
+def run(
+    csv_path: str | Path,
+    gpu: bool,
+    warmup: int,
+    repeats: int,
+    budget: float,
+    global_batch: int = GLOBAL_BATCH,
+    micro_batches: tuple[int, ...] = CPU_MICRO_BATCHES,
+) -> list[dict]:
     device = torch.device("cuda" if gpu else "cpu")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu: no CUDA device")
     env = environment(device)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    what = ("paper model (ResNet-50 224 px, 12x768 text), bf16 autocast, fused kernels" if gpu else
-            "CPU recipe's model (configs/medpix_cpu.yaml), fp32, " +
-            ("MedPix" if (SHARED_DATA / "medpix2").is_dir() else "phantom") + " images")
+    what = (
+        "paper model (ResNet-50 224 px, 12x768 text), bf16 autocast, fused kernels"
+        if gpu
+        else "CPU recipe's model (configs/medpix_cpu.yaml), fp32, "
+        + ("MedPix" if (SHARED_DATA / "medpix2").is_dir() else "phantom")
+        + " images"
+    )
     rows, reference = [], {}
     started = time.time()
 
     def record(result: dict) -> None:
         if result["micro_batch"] == result["global_batch"] and result["status"] == "ok":
             reference.update(result)
-        ratio = (result["samples_per_s"] / reference["samples_per_s"]
-                 if reference and result.get("samples_per_s") and result["global_batch"] == reference["global_batch"]
-                 else None)
-        row = {"bench": "accum", "time": stamp, **{k: result.get(k, "") for k in (
-            "global_batch", "micro_batch", "status", "samples_per_s", "peak_extra_mib", "extra_forward_samples_per_s",
-            "extra_forward_share")}, "vs_whole_batch": round(ratio, 3) if ratio else "", "note": what, **env}
+        ratio = (
+            result["samples_per_s"] / reference["samples_per_s"]
+            if reference and result.get("samples_per_s") and result["global_batch"] == reference["global_batch"]
+            else None
+        )
+        row = {
+            "bench": "accum",
+            "time": stamp,
+            **{
+                k: result.get(k, "")
+                for k in (
+                    "global_batch",
+                    "micro_batch",
+                    "status",
+                    "samples_per_s",
+                    "peak_extra_mib",
+                    "extra_forward_samples_per_s",
+                    "extra_forward_share",
+                )
+            },
+            "vs_whole_batch": round(ratio, 3) if ratio else "",
+            "note": what,
+            **env,
+        }
         rows.append(row)
         append_rows(csv_path, [row])
         print(json.dumps({k: row[k] for k in list(row)[2:11]}), flush=True)
@@ -248,10 +297,13 @@ def run(csv_path: str | Path, gpu: bool, warmup: int, repeats: int, budget: floa
         for result in _run_child(gpu, plan, warmup, repeats, budget):
             results.append(result)
             record(result)
-        reached = max((r["global_batch"] for r in results if r["status"] == "ok" and r["micro_batch"] == 96),
-                      default=None)
-        print(f"largest global batch in micro-batches of 96 on one GPU: {reached} (each of 8 GPUs holding that "
-              f"many: {8 * reached if reached else None})")
+        reached = max(
+            (r["global_batch"] for r in results if r["status"] == "ok" and r["micro_batch"] == 96), default=None
+        )
+        print(
+            f"largest global batch in micro-batches of 96 on one GPU: {reached} (each of 8 GPUs holding that "
+            f"many: {8 * reached if reached else None})"
+        )
     else:
         for micro in micro_batches:
             for result in _run_child(gpu, [(global_batch, micro)], warmup, repeats, budget):
@@ -266,19 +318,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="the paper's model on a CUDA device")
     parser.add_argument("--warmup", type=int, default=1, help="steps before the clock starts")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps (the median is reported)")
-    parser.add_argument("--budget", type=float, default=900.0,
-                        help="seconds per micro-batch size on the CPU; in all with --gpu")
+    parser.add_argument(
+        "--budget", type=float, default=900.0, help="seconds per micro-batch size on the CPU; in all with --gpu"
+    )
     parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH, help="CPU: the global batch")
-    parser.add_argument("--micro-batches", default=",".join(map(str, CPU_MICRO_BATCHES)),
-                        help="CPU: the micro-batch sizes, the whole batch first")
+    parser.add_argument(
+        "--micro-batches",
+        default=",".join(map(str, CPU_MICRO_BATCHES)),
+        help="CPU: the micro-batch sizes, the whole batch first",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         plan = [tuple(map(int, item.split("x"))) for item in args.child.split(",")]
         child(args.gpu, plan, args.warmup, args.repeats, args.budget)
         return 0
-    run(args.csv, args.gpu, args.warmup, args.repeats, args.budget, args.global_batch,
-        tuple(int(m) for m in args.micro_batches.split(",")))
+    run(
+        args.csv,
+        args.gpu,
+        args.warmup,
+        args.repeats,
+        args.budget,
+        args.global_batch,
+        tuple(int(m) for m in args.micro_batches.split(",")),
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ downloaded). One CSV row per path, with the card, versions and commit.
 
 Without CUDA only the CPU loader is measured (briefly), and the output says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,10 @@ def samples_per_s(loader, device: torch.device, seconds: float, warm: int) -> tu
 def synthetic_batch(tokenizer, batch: int, device: torch.device) -> dict:
     """A SimCLR-phase batch of random images and caption ids (48 tokens, 15% as MLM labels)."""
     g = torch.Generator(device=device).manual_seed(0)
-    images = {k: torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device, generator=g)
-              for k in ("image", "image_a", "image_b")}
+    images = {
+        k: torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device, generator=g)
+        for k in ("image", "image_a", "image_b")
+    }
     ids = torch.randint(len(tokenizer) // 4, len(tokenizer), (batch, 48), device=device, generator=g)
     ids[:, 0] = tokenizer.cls_token_id
     labels = torch.where(torch.rand(batch, 48, device=device, generator=g) < 0.15, ids, torch.full_like(ids, -100))
@@ -102,8 +105,9 @@ def synthetic_batch(tokenizer, batch: int, device: torch.device) -> dict:
     return {**images, "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_labels": labels}
 
 
-def train_step_samples_per_s(tokenizer, device: torch.device, batches=TRAIN_BATCHES, warmup: int = 3,
-                             repeats: int = 10) -> list[tuple[int, str, float, str]]:
+def train_step_samples_per_s(
+    tokenizer, device: torch.device, batches=TRAIN_BATCHES, warmup: int = 3, repeats: int = 10
+) -> list[tuple[int, str, float, str]]:
     """``[(batch, status, samples/s, what)]`` of the training step at each per-GPU batch: 96 is the paper's
     global 768 on 8 GPUs; a larger one keeps one GPU busier (more samples/s, a harder target)."""
     from unimlip_fast.kernels import resolve_ops
@@ -111,13 +115,16 @@ def train_step_samples_per_s(tokenizer, device: torch.device, batches=TRAIN_BATC
     from unimlip_fast.objective import compute_terms, total_loss
 
     cfg = Config()  # the paper's sizes; the text tower is BiomedBERT-base's shape, initialised at random
-    cfg.model.text = TextConfig(encoder="random-bert", vocab_size=len(tokenizer), hidden_size=768, num_layers=12,
-                                num_heads=12)
+    cfg.model.text = TextConfig(
+        encoder="random-bert", vocab_size=len(tokenizer), hidden_size=768, num_layers=12, num_heads=12
+    )
     model = build_model(cfg.model, cfg.loss, tokenizer).to(device).train()
     model.ops = resolve_ops("auto", device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    what = ("ResNet-50 224px + BERT-base-sized text (12x768), fusion 4, bf16 autocast, 5 terms, "
-            f"{'fused ' if device.type == 'cuda' else ''}AdamW")
+    what = (
+        "ResNet-50 224px + BERT-base-sized text (12x768), fusion 4, bf16 autocast, 5 terms, "
+        f"{'fused ' if device.type == 'cuda' else ''}AdamW"
+    )
 
     def step(data: dict) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -129,8 +136,9 @@ def train_step_samples_per_s(tokenizer, device: torch.device, batches=TRAIN_BATC
 
     results = []
     for batch in batches:
-        m = measure(functools.partial(step, synthetic_batch(tokenizer, batch, device)), device, warmup=warmup,
-                    repeats=repeats)
+        m = measure(
+            functools.partial(step, synthetic_batch(tokenizer, batch, device)), device, warmup=warmup, repeats=repeats
+        )
         value = batch / (m.median_ms / 1e3) if m.status == "ok" else float("nan")
         note = what if m.status == "ok" else f"{m.status}; {what}"
         if m.peak_extra_mib is not None:
@@ -141,15 +149,18 @@ def train_step_samples_per_s(tokenizer, device: torch.device, batches=TRAIN_BATC
     return results
 
 
-def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int | None = None,
-        smoke: bool = False) -> list[dict]:
+def run(
+    csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int | None = None, smoke: bool = False
+) -> list[dict]:
     """``smoke``: every input path on the CPU (the torch and DALI code paths without a GPU), no
     training step; numbers that say nothing about a GPU."""
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     workers = workers or os.cpu_count() or 1
     if not MEDPIX.is_dir():
-        raise SystemExit(f"MedPix not found at {MEDPIX} (../shared/data beside the repository, or "
-                         f"$UNIMLIP_SHARED_DATA; bench/gpu_carry.sh carries it to a GPU machine)")
+        raise SystemExit(
+            f"MedPix not found at {MEDPIX} (../shared/data beside the repository, or "
+            f"$UNIMLIP_SHARED_DATA; bench/gpu_carry.sh carries it to a GPU machine)"
+        )
     env = environment(device)
     try:
         import nvidia.dali
@@ -167,9 +178,20 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
     rows: list[dict] = []
 
     def row(path: str, value: float, note: str, status: str = "ok", batch: int = BATCH) -> None:
-        r = {"bench": "data", "time": stamp, "path": path, "status": status,
-             "samples_per_s": round(value, 1) if value == value else "", "batch": batch, "image_size": IMAGE_SIZE,
-             "views": 3, "workers": workers, "cpus": os.cpu_count(), "note": note, **env}
+        r = {
+            "bench": "data",
+            "time": stamp,
+            "path": path,
+            "status": status,
+            "samples_per_s": round(value, 1) if value == value else "",
+            "batch": batch,
+            "image_size": IMAGE_SIZE,
+            "views": 3,
+            "workers": workers,
+            "cpus": os.cpu_count(),
+            "note": note,
+            **env,
+        }
         rows.append(r)
         append_rows(csv_path, [r])
         print(f"{path:12s} {r['samples_per_s']!s:>10} samples/s  {status}  {note}", flush=True)
@@ -180,8 +202,13 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
         records = read_records(data, "train")
         tokenizer = _tokenizer([r.caption for r in records.items], tmp / "tokenizer")
         t0 = time.time()
-        pack(data, tmp / "shards", str(tmp / "tokenizer"), "train",
-             PackOptions(shard_size=256, context_length=CONTEXT, workers=workers, progress=False))
+        pack(
+            data,
+            tmp / "shards",
+            str(tmp / "tokenizer"),
+            "train",
+            PackOptions(shard_size=256, context_length=CONTEXT, workers=workers, progress=False),
+        )
         print(f"packed {len(records)} MedPix pairs in {time.time() - t0:.1f} s ({workers} processes)", flush=True)
         shards = tiled(open_shards(tmp / "shards"), REPEAT)
         dataset = build_dataset(records.items * REPEAT, tokenizer, IMAGE_SIZE, CONTEXT)
@@ -191,9 +218,19 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
         def make(backend: str, dtype=torch.float32):
             def loader():
                 epoch[0] += 1
-                spec = LoaderSpec(BATCH, IMAGE_SIZE, seed=0, epoch=epoch[0], strong_views=True, mlm=mlm,
-                                  num_workers=workers, device=device, dtype=dtype)
+                spec = LoaderSpec(
+                    BATCH,
+                    IMAGE_SIZE,
+                    seed=0,
+                    epoch=epoch[0],
+                    strong_views=True,
+                    mlm=mlm,
+                    num_workers=workers,
+                    device=device,
+                    dtype=dtype,
+                )
                 return build_train_loader(backend, dataset, spec, shards=None if backend == "cpu" else shards)
+
             return loader
 
         cpu_seconds = seconds if device.type == "cuda" or smoke else min(seconds, 5.0)
@@ -209,8 +246,11 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
         row("torch_gpu", torch_gpu, f"{decode}; views as batched {device.type} ops; bf16")
         if dali_available():
             dali_gpu, _ = samples_per_s(make("dali", torch.bfloat16), device, seconds, warm)
-            row("dali_gpu", dali_gpu, "mixed (nvJPEG) decode, GPU views; bf16" if device.type == "cuda"
-                else "CPU operators (smoke run)")
+            row(
+                "dali_gpu",
+                dali_gpu,
+                "mixed (nvJPEG) decode, GPU views; bf16" if device.type == "cuda" else "CPU operators (smoke run)",
+            )
         else:
             dali_gpu = float("nan")
             row("dali_gpu", dali_gpu, "DALI not installed: the torch GPU path is the GPU number", status="skipped")
@@ -222,8 +262,10 @@ def run(csv_path: str | Path = DEFAULT_CSV, seconds: float = 10.0, workers: int 
             row(f"train_step_{batch}", value, note, status, batch)
     best = max(v for v in (torch_gpu, dali_gpu) if v == v)
     step = max((v for _, _, v, _ in steps if v == v), default=float("nan"))
-    print(f"GPU path / CPU loader: {best / cpu:.1f}x (target >= 4x); GPU path / fastest training step "
-          f"({step:.0f} samples/s): {best / step:.1f}x (target >= 2x)")
+    print(
+        f"GPU path / CPU loader: {best / cpu:.1f}x (target >= 4x); GPU path / fastest training step "
+        f"({step:.0f} samples/s): {best / step:.1f}x (target >= 2x)"
+    )
     return rows
 
 

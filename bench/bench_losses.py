@@ -12,6 +12,7 @@ reference cannot run its row says OOM; sizes past the time budget say "skipped".
 From a prepared GPU script: ``from bench.bench_losses import run; rows = run(csv_path=...)``.
 Exits 2 with a message where no CUDA device is present.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def _features(b: int, dim: int, device: torch.device, dtype: torch.dtype, g: tor
     return F.normalize(x, dim=-1).to(dtype).requires_grad_()
 
 
-def contrastive_steps(ops: LossOps, b: int, device: torch.device, dtype: torch.dtype,
-                      itc_dim: int = ITC_DIM, simclr_dim: int = SIMCLR_DIM) -> dict[str, Callable[[], object]]:
+def contrastive_steps(
+    ops: LossOps, b: int, device: torch.device, dtype: torch.dtype, itc_dim: int = ITC_DIM, simclr_dim: int = SIMCLR_DIM
+) -> dict[str, Callable[[], object]]:
     """{op: a zero-argument forward + backward step} on fresh features of global batch ``b``."""
     g = torch.Generator(device=device).manual_seed(0)
     img, img_fp, txt, txt_fp = (_features(b, itc_dim, device, dtype, g) for _ in range(4))
@@ -72,9 +74,17 @@ def dropblock_step(ops: LossOps, shape, device: torch.device, dtype: torch.dtype
     return step
 
 
-def run(csv_path: str | Path = DEFAULT_CSV, sizes=SIZES, device: str | torch.device = "cuda",
-        dtype: torch.dtype = torch.bfloat16, time_budget_s: float = 150.0, repeats: int = 10,
-        itc_dim: int = ITC_DIM, simclr_dim: int = SIMCLR_DIM, dropblock_shape=DROPBLOCK_SHAPE) -> list[dict]:
+def run(
+    csv_path: str | Path = DEFAULT_CSV,
+    sizes=SIZES,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    time_budget_s: float = 150.0,
+    repeats: int = 10,
+    itc_dim: int = ITC_DIM,
+    simclr_dim: int = SIMCLR_DIM,
+    dropblock_shape=DROPBLOCK_SHAPE,
+) -> list[dict]:
     """Measure everything, append the rows to ``csv_path`` as they come, and return them.
 
     Sizes are taken in order; a size whose predicted time would overrun ``time_budget_s`` is
@@ -91,15 +101,27 @@ def run(csv_path: str | Path = DEFAULT_CSV, sizes=SIZES, device: str | torch.dev
     started = time.perf_counter()
 
     def record(bench: str, op: str, impl: str, b: int | str, dim: int | str, result) -> None:
-        row = {"time": stamp, **env, "bench": bench, "op": op, "impl": impl, "B": b, "D": dim,
-               "dtype": str(dtype).removeprefix("torch."), "status": result.status,
-               "median_ms": None if result.median_ms is None else round(result.median_ms, 4),
-               "peak_extra_mib": None if result.peak_extra_mib is None else round(result.peak_extra_mib, 1),
-               "repeats": result.repeats}
+        row = {
+            "time": stamp,
+            **env,
+            "bench": bench,
+            "op": op,
+            "impl": impl,
+            "B": b,
+            "D": dim,
+            "dtype": str(dtype).removeprefix("torch."),
+            "status": result.status,
+            "median_ms": None if result.median_ms is None else round(result.median_ms, 4),
+            "peak_extra_mib": None if result.peak_extra_mib is None else round(result.peak_extra_mib, 1),
+            "repeats": result.repeats,
+        }
         rows.append(row)
         append_rows(csv_path, [row])
-        print(f"{bench:10s} {op:12s} {impl:9s} B={b!s:>7} {row['status']:7s} "
-              f"{row['median_ms'] or '-':>10} ms  {row['peak_extra_mib'] or '-':>10} MiB", flush=True)
+        print(
+            f"{bench:10s} {op:12s} {impl:9s} B={b!s:>7} {row['status']:7s} "
+            f"{row['median_ms'] or '-':>10} ms  {row['peak_extra_mib'] or '-':>10} MiB",
+            flush=True,
+        )
 
     last = None  # (B, milliseconds of one step of every op and impl that ran) at the last size
     for b in sizes:

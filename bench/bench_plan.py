@@ -12,6 +12,7 @@ be equal).
     python bench/bench_plan.py                       # micro-batches 4,8,16,32; rows to bench/results.csv
     python bench/bench_plan.py --batches 8 --csv /tmp/plan.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,16 @@ VOCAB = 8192
 
 
 def small_config(batch: int) -> Config:
-    return load_config(None, MODELS["small"] + [
-        "model.text.encoder=random-bert", f"model.text.vocab_size={VOCAB}", f"model.text.context_length={CONTEXT}",
-        f"train.batch_size={batch}"])
+    return load_config(
+        None,
+        MODELS["small"]
+        + [
+            "model.text.encoder=random-bert",
+            f"model.text.vocab_size={VOCAB}",
+            f"model.text.context_length={CONTEXT}",
+            f"train.batch_size={batch}",
+        ],
+    )
 
 
 def real_step(cfg: Config, batch_size: int, device: torch.device) -> tuple[int, float]:
@@ -71,18 +79,38 @@ def main(argv: list[str] | None = None) -> int:
         error = (traced.step_peak - measured) / measured
         worst = max(worst, abs(error))
         flops_traced = traced.flops / batch_size
-        row = {"bench": "plan", "time": stamp, "device": "CUDA" if device.type == "cuda" else "CPU",
-               "model": "small", "batch": batch_size, "traced_step_peak_mib": round(traced.step_peak / 2**20, 1),
-               "measured_step_peak_mib": round(measured / 2**20, 1), "error_pct": round(100 * error, 1),
-               "traced_gflops_per_sample": round(flops_traced / 1e9, 4),
-               "bench_step_gflops_per_sample": round(flops_measured / 1e9, 4),
-               "flops_equal": flops_traced == flops_measured,
-               "note": "fp32, SimCLR phase, 5 terms, 3 views at 64px, context 77; peak above the resident "
-                       "weights and batch (gradients, activations, temporaries)", **env}
+        row = {
+            "bench": "plan",
+            "time": stamp,
+            "device": "CUDA" if device.type == "cuda" else "CPU",
+            "model": "small",
+            "batch": batch_size,
+            "traced_step_peak_mib": round(traced.step_peak / 2**20, 1),
+            "measured_step_peak_mib": round(measured / 2**20, 1),
+            "error_pct": round(100 * error, 1),
+            "traced_gflops_per_sample": round(flops_traced / 1e9, 4),
+            "bench_step_gflops_per_sample": round(flops_measured / 1e9, 4),
+            "flops_equal": flops_traced == flops_measured,
+            "note": "fp32, SimCLR phase, 5 terms, 3 views at 64px, context 77; peak above the resident "
+            "weights and batch (gradients, activations, temporaries)",
+            **env,
+        }
         append_rows(args.csv, [row])
-        print("  ".join(f"{k}={row[k]}" for k in ("batch", "traced_step_peak_mib", "measured_step_peak_mib",
-                                                   "error_pct", "traced_gflops_per_sample",
-                                                   "bench_step_gflops_per_sample", "flops_equal")), flush=True)
+        print(
+            "  ".join(
+                f"{k}={row[k]}"
+                for k in (
+                    "batch",
+                    "traced_step_peak_mib",
+                    "measured_step_peak_mib",
+                    "error_pct",
+                    "traced_gflops_per_sample",
+                    "bench_step_gflops_per_sample",
+                    "flops_equal",
+                )
+            ),
+            flush=True,
+        )
     print(f"largest |error|: {100 * worst:.1f}%")
     return 0
 

@@ -30,6 +30,7 @@ say CPU. One CSV row per result, with versions and commit.
     python bench/bench_step.py                                  # rows appended to bench/results.csv
     python bench/bench_step.py --model small --batches 16 --repeats 3 --csv /tmp/step.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,19 +69,42 @@ MODELS = {
     # The paper's: ResNet-50 (width 64) at 224 px; a BERT-base-shaped text tower; fusion and heads at their defaults.
     "paper": ["model.text.hidden_size=768", "model.text.num_layers=12", "model.text.num_heads=12"],
     # A CPU-sized stand-in: the same architecture, narrower and shallower, at 64 px.
-    "small": ["model.image_size=64", "model.vision_layers=[1,1,1,1]", "model.vision_width=32", "model.embed_dim=128",
-              "model.text.hidden_size=128", "model.text.num_layers=2", "model.text.num_heads=4",
-              "model.fusion_layers=1", "model.fusion_heads=4", "model.simclr_hidden=512", "model.simclr_out=64"],
+    "small": [
+        "model.image_size=64",
+        "model.vision_layers=[1,1,1,1]",
+        "model.vision_width=32",
+        "model.embed_dim=128",
+        "model.text.hidden_size=128",
+        "model.text.num_layers=2",
+        "model.text.num_heads=4",
+        "model.fusion_layers=1",
+        "model.fusion_heads=4",
+        "model.simclr_hidden=512",
+        "model.simclr_out=64",
+    ],
 }
-MODEL_NOTES = {"paper": "ResNet-50 224px + BERT-base-sized text (12x768), fusion 4x768",
-               "small": "small CPU model: ResNet [1,1,1,1] width 32 at 64px, text 2x128, fusion 1x128"}
+MODEL_NOTES = {
+    "paper": "ResNet-50 224px + BERT-base-sized text (12x768), fusion 4x768",
+    "small": "small CPU model: ResNet [1,1,1,1] width 32 at 64px, text 2x128, fusion 1x128",
+}
 
 
 def bench_config(model: str, vocab_size: int, batch: int, overrides: list[str]) -> Config:
-    return load_config(None, MODELS[model] + overrides + [
-        "model.text.encoder=random-bert", f"model.text.vocab_size={vocab_size}", f"model.text.context_length={CONTEXT}",
-        "model.text.hidden_dropout=0.0",  # in both paths: BERT's dropout would draw differently inside the compile
-        f"train.batch_size={batch}", "train.fast=true", "train.warmup_steps=1", "train.max_steps=1000"])
+    return load_config(
+        None,
+        MODELS[model]
+        + overrides
+        + [
+            "model.text.encoder=random-bert",
+            f"model.text.vocab_size={vocab_size}",
+            f"model.text.context_length={CONTEXT}",
+            "model.text.hidden_dropout=0.0",  # in both paths: BERT's dropout would draw differently inside the compile
+            f"train.batch_size={batch}",
+            "train.fast=true",
+            "train.warmup_steps=1",
+            "train.max_steps=1000",
+        ],
+    )
 
 
 def set_perturbations(model, cfg: Config, on: bool) -> None:
@@ -98,8 +122,13 @@ class Reference:
         self.model, self.cfg, self.device = model.to(device).train(), cfg, device
         apply_fast(self.model, REFERENCE_STEP)
         self.model.ops = REFERENCE_OPS
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                           eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.train.lr,
+            betas=tuple(cfg.train.betas),
+            eps=cfg.train.eps,
+            weight_decay=cfg.train.weight_decay,
+        )
 
     def forward(self, batch):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -134,8 +163,9 @@ class Fast:
         self.choices = resolve_fast(cfg.train, device)
         model.ops = resolve_ops("auto", device)
         apply_fast(model, self.choices)
-        self.engine, self.ds = deepspeed_engine(model, cfg, ds_config, env, cfg.train.max_steps,
-                                               fused_adamw=self.choices.fused_adamw)
+        self.engine, self.ds = deepspeed_engine(
+            model, cfg, ds_config, env, cfg.train.max_steps, fused_adamw=self.choices.fused_adamw
+        )
         self.model = self.engine.module
         self.engine.train()
 
@@ -150,7 +180,6 @@ class Fast:
         clock.mark("backward")
         self.engine.step()  # its gradient-norm read is the step's one host sync
         clock.mark("optimizer")
-
 
 
 def count_flops_per_sample(path: Reference, batch: dict) -> float:
@@ -196,8 +225,12 @@ def run_steps(path, next_batch, device: torch.device, warmup: int, repeats: int)
         import resource
 
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's, lifetime
-    return {"step_ms": statistics.median(totals), "first_step_s": first_step_s, "peak_gib": peak_gib,
-            **{f"{s}_ms": statistics.median(v) for s, v in per_stage.items()}}
+    return {
+        "step_ms": statistics.median(totals),
+        "first_step_s": first_step_s,
+        "peak_gib": peak_gib,
+        **{f"{s}_ms": statistics.median(v) for s, v in per_stage.items()},
+    }
 
 
 def untouched_terms(path, batch: dict, cfg: Config) -> dict[str, float]:
@@ -214,15 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV file the rows are appended to")
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="paper (default on CUDA) or small (CPU)")
-    parser.add_argument("--batches", default=None,
-                        help="per-GPU batches, 'max' = the largest that fits (default 96,max on CUDA, 16 on a CPU)")
+    parser.add_argument(
+        "--batches",
+        default=None,
+        help="per-GPU batches, 'max' = the largest that fits (default 96,max on CUDA, 16 on a CPU)",
+    )
     parser.add_argument("--ds-config", default=str(REPO / "configs" / "zero2_bf16.json"))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--feeds", default="batch,data", help="batch (resident batch) and/or data (input pipeline)")
     parser.add_argument("--workers", type=int, default=0, help="input workers (0: every core)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.compile=false to measure without one speed-up")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. train.compile=false to measure without one speed-up",
+    )
     parser.add_argument("--budget", type=float, default=0, help="seconds; later rows are skipped past it (0: none)")
     args = parser.parse_args(argv)
     started = time.time()
@@ -235,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     feeds = args.feeds.split(",")
     workers = args.workers or os.cpu_count() or 1
     if not MEDPIX.is_dir():
-        raise SystemExit(f"MedPix not found at {MEDPIX} (../shared/data beside the repository, "
-                         "or $UNIMLIP_SHARED_DATA)")
+        raise SystemExit(
+            f"MedPix not found at {MEDPIX} (../shared/data beside the repository, or $UNIMLIP_SHARED_DATA)"
+        )
     env = environment(device)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     peak_dtype = torch.bfloat16 if cuda else torch.float32
@@ -256,15 +298,29 @@ def main(argv: list[str] | None = None) -> int:
         if "data" in feeds and cuda:
             from unimlip_fast.data.pack import PackOptions, pack
 
-            pack(data, tmp / "shards", str(tmp / "tokenizer"), "train",
-                 PackOptions(shard_size=256, context_length=CONTEXT, workers=workers, progress=False))
+            pack(
+                data,
+                tmp / "shards",
+                str(tmp / "tokenizer"),
+                "train",
+                PackOptions(shard_size=256, context_length=CONTEXT, workers=workers, progress=False),
+            )
             shards = tmp / "shards"
         dataset = build_dataset(records, tokenizer, image_size, CONTEXT)
         mlm = MaskingTables.from_tokenizer(tokenizer)
 
         def loader(batch_size: int, dtype: torch.dtype, epoch: int = 0):
-            spec = LoaderSpec(batch_size, image_size, seed=0, epoch=epoch, strong_views=True, mlm=mlm,
-                              num_workers=workers if cuda else min(workers, 2), device=device, dtype=dtype)
+            spec = LoaderSpec(
+                batch_size,
+                image_size,
+                seed=0,
+                epoch=epoch,
+                strong_views=True,
+                mlm=mlm,
+                num_workers=workers if cuda else min(workers, 2),
+                device=device,
+                dtype=dtype,
+            )
             return build_train_loader("torch" if cuda else "cpu", dataset, spec, shards=shards)
 
         def endless(batch_size: int, dtype: torch.dtype):
@@ -283,33 +339,65 @@ def main(argv: list[str] | None = None) -> int:
         # Per sample, at the first batch: the B x B contrastive logits add well under 0.1% at other batches.
         flops_per_sample = count_flops_per_sample(reference, fixed_at[first])
         reference_terms = untouched_terms(reference, fixed_at[first], base_cfg)  # before the reference's steps
-        notes = (f"{MODEL_NOTES[model_name]}; {'CUDA' if cuda else 'CPU'}; SimCLR phase, 5 terms, 3 views at "
-                 f"{image_size}px, context {CONTEXT}; reference: {'bf16 autocast' if cuda else 'fp32'}, eager")
+        notes = (
+            f"{MODEL_NOTES[model_name]}; {'CUDA' if cuda else 'CPU'}; SimCLR phase, 5 terms, 3 views at "
+            f"{image_size}px, context {CONTEXT}; reference: {'bf16 autocast' if cuda else 'fp32'}, eager"
+        )
         rows, rates = [], {}
         worst = float("nan")
 
         def row(path, feed: str, batch: int, result: dict | None, status: str = "ok") -> None:
-            r = {"bench": "step", "time": stamp, "device": "CUDA" if cuda else "CPU", "model": model_name,
-                 "path": path.name, "feed": feed, "batch": batch, "status": status}
+            r = {
+                "bench": "step",
+                "time": stamp,
+                "device": "CUDA" if cuda else "CPU",
+                "model": model_name,
+                "path": path.name,
+                "feed": feed,
+                "batch": batch,
+                "status": status,
+            }
             if result:
                 sps = batch / (result["step_ms"] / 1e3)
                 rates[(path.name, feed, batch)] = sps
                 other = rates.get(("reference", feed, batch))
-                r.update({"samples_per_s": round(sps, 1),
-                          "ratio_vs_reference": round(sps / other, 2) if path.name == "fast" and other else "",
-                          **{k: round(result[k], 1) for k in ("step_ms", *(f"{s}_ms" for s in STAGES))},
-                          "first_step_s": round(result["first_step_s"], 1), "peak_gib": round(result["peak_gib"], 2),
-                          "gflops_per_sample": round(flops_per_sample / 1e9, 1),
-                          "mfu_pct": round(100 * flops_per_sample * sps / 1e12 / peak, 1),
-                          "matmul_peak_tflops": float(f"{peak:.3g}"), "peak_kind": peak_kind,
-                          "loss_max_rel_diff": f"{worst:.1e}" if path.name == "fast" else ""})
+                r.update(
+                    {
+                        "samples_per_s": round(sps, 1),
+                        "ratio_vs_reference": round(sps / other, 2) if path.name == "fast" and other else "",
+                        **{k: round(result[k], 1) for k in ("step_ms", *(f"{s}_ms" for s in STAGES))},
+                        "first_step_s": round(result["first_step_s"], 1),
+                        "peak_gib": round(result["peak_gib"], 2),
+                        "gflops_per_sample": round(flops_per_sample / 1e9, 1),
+                        "mfu_pct": round(100 * flops_per_sample * sps / 1e12 / peak, 1),
+                        "matmul_peak_tflops": float(f"{peak:.3g}"),
+                        "peak_kind": peak_kind,
+                        "loss_max_rel_diff": f"{worst:.1e}" if path.name == "fast" else "",
+                    }
+                )
             r["note"] = notes + (f"; fast: {path.note}" if path.name == "fast" else "")
             r.update(env)
             rows.append(r)
             append_rows(args.csv, [r])
-            shown = {k: r[k] for k in ("path", "feed", "batch", "status", "samples_per_s", "ratio_vs_reference",
-                                       "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_gib", "mfu_pct",
-                                       "first_step_s") if k in r}
+            shown = {
+                k: r[k]
+                for k in (
+                    "path",
+                    "feed",
+                    "batch",
+                    "status",
+                    "samples_per_s",
+                    "ratio_vs_reference",
+                    "data_ms",
+                    "forward_ms",
+                    "backward_ms",
+                    "optimizer_ms",
+                    "peak_gib",
+                    "mfu_pct",
+                    "first_step_s",
+                )
+                if k in r
+            }
             print("  ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
         def over_budget() -> bool:
@@ -350,8 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.empty_cache()
         fast = Fast(base, base_cfg, device, args.ds_config)
-        fast.note = (f"{fast.choices.note(True, device).removeprefix('fast: ')}, kernels {fast.model.ops.name}, "
-                     f"DeepSpeed {Path(args.ds_config).stem}" + ("" if cuda else " as fp32 (CPU)"))
+        fast.note = (
+            f"{fast.choices.note(True, device).removeprefix('fast: ')}, kernels {fast.model.ops.name}, "
+            f"DeepSpeed {Path(args.ds_config).stem}" + ("" if cuda else " as fp32 (CPU)")
+        )
         t0 = time.perf_counter()
         fast_terms = untouched_terms(fast, fixed_at[first], base_cfg)  # from the same initial weights
         print(f"first fast forward (it compiles, with train.compile): {time.perf_counter() - t0:.1f} s", flush=True)

@@ -17,6 +17,7 @@ the uninterrupted run ends, every logged step once.
 
 Everything (both run folders, each session's log, ``soak.json``) goes under ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,17 +34,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def command(run_dir: Path, args, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "unimlip_fast.cli", "pretrain", str(REPO / "configs/demo.yaml"),
-           "--ds-config", str(REPO / "configs/zero2.json"), "--run-dir", str(run_dir),
-           f"train.max_steps={args.max_steps}", f"train.ckpt_every={args.ckpt_every}", "train.log_every=1",
-           *args.overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unimlip_fast.cli",
+        "pretrain",
+        str(REPO / "configs/demo.yaml"),
+        "--ds-config",
+        str(REPO / "configs/zero2.json"),
+        "--run-dir",
+        str(run_dir),
+        f"train.max_steps={args.max_steps}",
+        f"train.ckpt_every={args.ckpt_every}",
+        "train.log_every=1",
+        *args.overrides,
+    ]
     return cmd + (["--resume", "latest"] if resume else [])
 
 
 def launch(cmd: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                            start_new_session=True)  # its own process group: the kill takes the workers too
+    return subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+    )  # its own process group: the kill takes the workers too
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -76,8 +89,9 @@ def writing_checkpoint(run_dir: Path, since: float) -> str | None:
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether ``--resume latest`` has something to find (a finished folder, or a written one not yet renamed)."""
     ckpt = run_dir / "checkpoints"
-    return ckpt.is_dir() and ((ckpt / "latest").exists() or any(ckpt.glob("step_*"))
-                              or any(ckpt.glob("tmp-step_*/manifest.json")))
+    return ckpt.is_dir() and (
+        (ckpt / "latest").exists() or any(ckpt.glob("step_*")) or any(ckpt.glob("tmp-step_*/manifest.json"))
+    )
 
 
 def latest_step(run_dir: Path) -> int:
@@ -85,8 +99,9 @@ def latest_step(run_dir: Path) -> int:
     return int(pointer.read_text().strip().removeprefix("step_")) if pointer.is_file() else 0
 
 
-def wait_for_moment(proc: subprocess.Popen, run_dir: Path, mode: str, rng: random.Random, args,
-                    start_steps: int) -> bool:
+def wait_for_moment(
+    proc: subprocess.Popen, run_dir: Path, mode: str, rng: random.Random, args, start_steps: int
+) -> bool:
     """Sleep until the chosen moment; False if the process ended first."""
     deadline = time.time() + args.session_timeout
     if mode == "startup":
@@ -100,8 +115,11 @@ def wait_for_moment(proc: subprocess.Popen, run_dir: Path, mode: str, rng: rando
         # once this session has logged a step (it rewrites metrics.jsonl when it starts), a random
         # time within the next 1.5 x ckpt_every steps
         metrics, launched = run_dir / "metrics.jsonl", time.time()
-        while (not metrics.is_file() or metrics.stat().st_mtime <= launched
-               or max(logged_steps(run_dir), default=0) <= start_steps):
+        while (
+            not metrics.is_file()
+            or metrics.stat().st_mtime <= launched
+            or max(logged_steps(run_dir), default=0) <= start_steps
+        ):
             if proc.poll() is not None or time.time() > deadline:
                 return proc.poll() is None
             time.sleep(0.1)
@@ -123,8 +141,11 @@ def wait_for_moment(proc: subprocess.Popen, run_dir: Path, mode: str, rng: rando
 
 
 def session_note(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
-             if any(k in line for k in ("refused", "renamed", "gone", "resuming from", "resumed from", "error"))]
+    lines = [
+        line.strip()
+        for line in log.read_text(errors="replace").splitlines()
+        if any(k in line for k in ("refused", "renamed", "gone", "resuming from", "resumed from", "error"))
+    ]
     return " | ".join(lines)
 
 
@@ -163,8 +184,11 @@ def soak(args) -> dict:
         # near the end a training kill could let the run finish before the last kill: startup and
         # checkpoint kills only (a kill inside a write loses that checkpoint, so the run stays put)
         near_end = latest_step(soaked) + 2 * args.ckpt_every >= args.max_steps
-        mode = (rng.choices(["startup", "checkpoint"], weights=[0.3, 0.7]) if near_end else
-                rng.choices(["startup", "training", "checkpoint"], weights=[0.15, 0.45, 0.4]))[0]
+        mode = (
+            rng.choices(["startup", "checkpoint"], weights=[0.3, 0.7])
+            if near_end
+            else rng.choices(["startup", "training", "checkpoint"], weights=[0.15, 0.45, 0.4])
+        )[0]
         t0 = time.time()
         proc = launch(cmd, log)
         alive = wait_for_moment(proc, soaked, mode, rng, args, start_steps)
@@ -176,12 +200,22 @@ def soak(args) -> dict:
         inside = writing_checkpoint(soaked, t0)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        report["kills"].append({"session": session, "mode": mode, "after_s": round(time.time() - t0, 2),
-                                "resumed": resume, "inside_checkpoint_write": inside,
-                                "last_logged_step": max(logged_steps(soaked), default=0),
-                                "log": session_note(log)})
-        print(f"kill {len(report['kills'])}: {mode} after {time.time() - t0:.1f}s, step "
-              f"{report['kills'][-1]['last_logged_step']}, inside write: {inside}", flush=True)
+        report["kills"].append(
+            {
+                "session": session,
+                "mode": mode,
+                "after_s": round(time.time() - t0, 2),
+                "resumed": resume,
+                "inside_checkpoint_write": inside,
+                "last_logged_step": max(logged_steps(soaked), default=0),
+                "log": session_note(log),
+            }
+        )
+        print(
+            f"kill {len(report['kills'])}: {mode} after {time.time() - t0:.1f}s, step "
+            f"{report['kills'][-1]['last_logged_step']}, inside write: {inside}",
+            flush=True,
+        )
 
     session += 1
     log = out / f"session_{session:02d}.log"
@@ -220,8 +254,12 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=24, help="train.max_steps of both runs")
     parser.add_argument("--ckpt-every", type=int, default=3, help="train.ckpt_every of both runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
-    parser.add_argument("--startup-s", type=float, default=0.0,
-                        help="startup kills land in [0.5, this] seconds (0: the reference's time to its first step)")
+    parser.add_argument(
+        "--startup-s",
+        type=float,
+        default=0.0,
+        help="startup kills land in [0.5, this] seconds (0: the reference's time to its first step)",
+    )
     parser.add_argument("--step-s", type=float, default=0.0, help="seconds per step (0: from the reference)")
     parser.add_argument("--ckpt-write-s", type=float, default=0.05, help="checkpoint kills land this far into a write")
     parser.add_argument("--session-timeout", type=float, default=600.0)

@@ -6,6 +6,7 @@ failed load; optionally save a screenshot of the top of the page.
 Needs Chromium (Debian: apt-get install chromium) and websocket-client. Exits 1 if the page logged
 anything at all, or if an image on it did not decode.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def problems_of(events: list[dict]) -> list[str]:
     for e in events:
         method, params = e.get("method"), e.get("params", {})
         if method == "Runtime.consoleAPICalled":
-            found.append(f"console.{params['type']}: " + " ".join(str(a.get("value", a.get("description")))
-                                                                for a in params["args"]))
+            found.append(
+                f"console.{params['type']}: "
+                + " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
+            )
         elif method == "Runtime.exceptionThrown":
             found.append(f"exception: {params['exceptionDetails'].get('text')}")
         elif method == "Log.entryAdded":
@@ -81,10 +84,21 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=9333)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as profile:
-        browser = subprocess.Popen(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                    f"--user-data-dir={profile}", f"--remote-debugging-port={args.port}",
-                                    f"--window-size={args.width},{args.height}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        browser = subprocess.Popen(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={args.port}",
+                f"--window-size={args.width},{args.height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             session = Session(devtools_page(args.port))
             for domain in ("Runtime", "Log", "Network", "Page"):
@@ -92,8 +106,13 @@ def main() -> int:
             session.call("Page.navigate", url=args.html.resolve().as_uri())
             session.wait_for("Page.loadEventFired")
             time.sleep(1.0)  # late console messages
-            images = session.call("Runtime.evaluate", returnByValue=True, expression=(
-                "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])"))
+            images = session.call(
+                "Runtime.evaluate",
+                returnByValue=True,
+                expression=(
+                    "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])"
+                ),
+            )
             images = images["result"]["value"]
             if args.screenshot:
                 shot = session.call("Page.captureScreenshot", format="png")

@@ -4,6 +4,7 @@ Imported as ``unimlip_fast.kernels``. ``resolve_ops`` picks one implementation p
 Triton files (``contrastive_triton.py``, ``dropblock_triton.py``) are imported only when the
 Triton ops are asked for, so the package imports where triton is not installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,10 @@ def reference_reason(device: torch.device) -> str | None:
     if torch.cuda.is_available():
         capability = torch.cuda.get_device_capability(device)
         if capability < TRITON_MIN_CAPABILITY:
-            return (f"{torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}, older than the "
-                    f"sm_{TRITON_MIN_CAPABILITY[0]}{TRITON_MIN_CAPABILITY[1]} the Triton kernels need")
+            return (
+                f"{torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}, older than the "
+                f"sm_{TRITON_MIN_CAPABILITY[0]}{TRITON_MIN_CAPABILITY[1]} the Triton kernels need"
+            )
     return None
 
 
@@ -77,9 +80,11 @@ def resolve_ops(choice: Kernels, device: torch.device) -> LossOps:
     if choice == "reference" or (choice == "auto" and reference_reason(device) is not None):
         return REFERENCE_OPS
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"model.kernels=triton needs a CUDA device (this run is on {device.type}); use "
-                         "model.kernels=reference or auto, or TRITON_INTERPRET=1 to run the kernels in Triton's "
-                         "slow interpreter")
+        raise ValueError(
+            f"model.kernels=triton needs a CUDA device (this run is on {device.type}); use "
+            "model.kernels=reference or auto, or TRITON_INTERPRET=1 to run the kernels in Triton's "
+            "slow interpreter"
+        )
     return triton_ops()
 
 

@@ -33,6 +33,7 @@ the GPU, 3 at D = 256), the price of never writing a B x N tile. Products and su
 in fp32; the probabilities are rounded to the features' dtype for the tensor-core product, as
 flash-attention does. Offsets are int32: N * D must stay below 2**31.
 """
+
 from __future__ import annotations
 
 import os
@@ -103,9 +104,17 @@ def _cosines(
     a_ptr,  # [A, D] the rows of the tile
     b_ptr,  # [Bn, D] the columns of the first tile
     c_ptr,  # [Bn, D] the columns of the second tile (read only with TWO)
-    a_idx, b_idx, a_len, b_len, D,
-    TWO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_idx,
+    b_idx,
+    a_len,
+    b_len,
+    D,
+    TWO: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """fp32 tiles A[a_idx] . B[b_idx]^T and (TWO) A[a_idx] . C[b_idx]^T, sharing the loads of A."""
     ab = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
@@ -142,9 +151,17 @@ def _fwd_kernel(
     lse_ptr,  # [K * 2, B] fp32 out: log-sum-exp of each row's logits
     loss_ptr,  # [K * 2, B] fp32 out: lse - scale * positive cosine
     dscale_ptr,  # [K * 2, B] fp32 out: softmax-weighted mean cosine - positive cosine
-    B, N, D, row_offset,
-    DTYPE: tl.constexpr, SELF_TERMS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    B,
+    N,
+    D,
+    row_offset,
+    DTYPE: tl.constexpr,
+    SELF_TERMS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     side = tl.program_id(1)  # loss * 2 + side
@@ -159,8 +176,9 @@ def _fwd_kernel(
     w_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        xy, xz = _cosines(x_ptr, y_ptr, z_ptr, rows, cols, B, N, D,
-                          SELF_TERMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        xy, xz = _cosines(
+            x_ptr, y_ptr, z_ptr, rows, cols, B, N, D, SELF_TERMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         valid = (cols < N)[None, :]
         m_i, l_i, w_i = _online_lse(tl.where(valid, xy * scale, float("-inf")), xy, m_i, l_i, w_i)
         if SELF_TERMS:
@@ -191,9 +209,18 @@ def _bwd_rows_kernel(
     scale_ptr,  # [1] fp32
     lse_ptr,  # [K * 2, B] fp32 from the forward
     grad_ptr,  # [K] fp32 upstream gradient of each loss
-    B, N, D, row_offset,
-    DTYPE: tl.constexpr, SELF_TERMS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    B,
+    N,
+    D,
+    row_offset,
+    DTYPE: tl.constexpr,
+    SELF_TERMS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -218,8 +245,9 @@ def _bwd_rows_kernel(
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
-            xy, xz = _cosines(x_ptr, y_ptr, z_ptr, rows, cols, B, N, D,
-                              SELF_TERMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            xy, xz = _cosines(
+                x_ptr, y_ptr, z_ptr, rows, cols, B, N, D, SELF_TERMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K
+            )
             p = tl.exp(tl.where(col_ok[None, :], xy * scale - lse[:, None], float("-inf")))
             # The positive's -1 goes in before the rounding to DTYPE: P_ii - 1 is tiny when P_ii is near 1.
             p = coef * tl.where(cols[None, :] == rows[:, None] + row_offset, p - 1.0, p)
@@ -237,15 +265,24 @@ def _bwd_rows_kernel(
 @triton.jit
 def _bwd_cols_kernel(
     out_ptr,  # [C, 5] int64 per column tensor: address of C [N, D], of its gradient [N, D], first use,
-              # uses, and 1 where the rows kernel has already written part of that gradient
+    # uses, and 1 where the rows kernel has already written part of that gradient
     use_ptr,  # [U, 5] int64 per use as columns: address of the partner rows Xp [B, D], of the self rows
-              # Xs [B, D], their lse rows (loss * 2 + side), loss
+    # Xs [B, D], their lse rows (loss * 2 + side), loss
     scale_ptr,  # [1] fp32
     lse_ptr,  # [K * 2, B] fp32 from the forward
     grad_ptr,  # [K] fp32 upstream gradient of each loss
-    B, N, D, row_offset,
-    DTYPE: tl.constexpr, SELF_TERMS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    B,
+    N,
+    D,
+    row_offset,
+    DTYPE: tl.constexpr,
+    SELF_TERMS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # The partner rows are those whose positives live in C (C = c1: side b, C = c2: side a); the
     # other side's rows reach C through their self terms (NT-Xent).
@@ -273,8 +310,9 @@ def _bwd_cols_kernel(
         for m0 in range(0, B, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < B
-            cxp, cxs = _cosines(c_ptr, xp_ptr, xs_ptr, cols, rows, N, B, D,
-                                SELF_TERMS, UPCAST, PRECISION, BLOCK_N, BLOCK_M, BLOCK_K)  # [BLOCK_N, BLOCK_M]
+            cxp, cxs = _cosines(
+                c_ptr, xp_ptr, xs_ptr, cols, rows, N, B, D, SELF_TERMS, UPCAST, PRECISION, BLOCK_N, BLOCK_M, BLOCK_K
+            )  # [BLOCK_N, BLOCK_M]
             lse_p = tl.load(lse_ptr + lse_p_row * B + rows, mask=row_ok, other=0.0)
             p = tl.exp(tl.where(row_ok[None, :], cxp * scale - lse_p[None, :], float("-inf")))
             # Column j is the positive of local row j - row_offset: its -1, as in the rows kernel.
@@ -312,8 +350,16 @@ def _tables(device: torch.device, *tables: list[list[int]]) -> list[torch.Tensor
 
 def _flags(features: list[torch.Tensor], self_terms: bool, blocks: Blocks) -> dict:
     upcast, precision = _dot_flags(features[0].dtype)
-    return dict(DTYPE=TL_DTYPES[features[0].dtype], SELF_TERMS=self_terms, UPCAST=upcast, PRECISION=precision,
-                BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, num_warps=blocks.warps)
+    return dict(
+        DTYPE=TL_DTYPES[features[0].dtype],
+        SELF_TERMS=self_terms,
+        UPCAST=upcast,
+        PRECISION=precision,
+        BLOCK_M=blocks.m,
+        BLOCK_N=blocks.n,
+        BLOCK_K=blocks.k,
+        num_warps=blocks.warps,
+    )
 
 
 def contrastive_forward(features, losses: list[Loss], scale, row_offset: int, self_terms: bool, blocks: Blocks):
@@ -325,13 +371,14 @@ def contrastive_forward(features, losses: list[Loss], scale, row_offset: int, se
     lse, loss_rows, dscale_rows = (torch.empty(len(sides), b, device=scale.device) for _ in range(3))
     (table,) = _tables(scale.device, sides)
     _fwd_kernel[(triton.cdiv(b, blocks.m), len(sides))](
-        table, scale, lse, loss_rows, dscale_rows, b, n, d, row_offset,
-        **_flags(features, self_terms, blocks))
+        table, scale, lse, loss_rows, dscale_rows, b, n, d, row_offset, **_flags(features, self_terms, blocks)
+    )
     return lse, loss_rows, dscale_rows
 
 
-def contrastive_backward(features, losses: list[Loss], scale, lse, grad, row_offset: int, self_terms: bool,
-                         blocks: Blocks) -> list[torch.Tensor | None]:
+def contrastive_backward(
+    features, losses: list[Loss], scale, lse, grad, row_offset: int, self_terms: bool, blocks: Blocks
+) -> list[torch.Tensor | None]:
     """-> the gradient of each feature (None for those no loss reads); ``grad`` [K] fp32."""
     (b, d), n = features[losses[0][0]].shape, features[losses[0][2]].shape[0]
     address = [f.data_ptr() for f in features]
@@ -356,9 +403,11 @@ def contrastive_backward(features, losses: list[Loss], scale, lse, grad, row_off
     col_outs, col_flat = _grouped(col_uses, address, grads, lambda i: [int(i in row_uses)])
     tables = _tables(scale.device, row_outs, row_flat, col_outs, col_flat)
     _bwd_rows_kernel[(triton.cdiv(b, blocks.m), d_blocks, len(row_outs))](
-        tables[0], tables[1], scale, lse, grad, b, n, d, row_offset, **flags)
+        tables[0], tables[1], scale, lse, grad, b, n, d, row_offset, **flags
+    )
     _bwd_cols_kernel[(triton.cdiv(n, blocks.n), d_blocks, len(col_outs))](
-        tables[2], tables[3], scale, lse, grad, b, n, d, row_offset, **flags)
+        tables[2], tables[3], scale, lse, grad, b, n, d, row_offset, **flags
+    )
     return grads
 
 
@@ -373,39 +422,60 @@ def _grouped(uses_by_tensor: dict, address, grads, extra) -> tuple[list, list]:
 
 # --- the custom ops: one op for fake tensors, the meta device and torch.compile; their autograd ----------
 def _losses_of(indices: list[int]) -> list[tuple[int, int, int, int]]:
-    return [tuple(indices[i:i + 4]) for i in range(0, len(indices), 4)]
+    return [tuple(indices[i : i + 4]) for i in range(0, len(indices), 4)]
 
 
 @torch.library.custom_op("unimlip::contrastive", mutates_args=())
-def contrastive_op(features: list[torch.Tensor], indices: list[int], scale: torch.Tensor, row_offset: int,
-                   self_terms: bool, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def contrastive_op(
+    features: list[torch.Tensor],
+    indices: list[int],
+    scale: torch.Tensor,
+    row_offset: int,
+    self_terms: bool,
+    blocks: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the [K] losses, the [2K, B] row log-sum-exps, d loss / d scale [K]); ``indices``: (r1, r2, c1, c2) per loss,
     flat, into ``features``; ``blocks``: the fields of :class:`Blocks`."""
     losses = _losses_of(indices)
     scale32 = scale.detach().float().reshape(1).contiguous()
-    lse, loss_rows, dscale_rows = contrastive_forward(features, losses, scale32, row_offset, self_terms,
-                                                      Blocks(*blocks))
+    lse, loss_rows, dscale_rows = contrastive_forward(
+        features, losses, scale32, row_offset, self_terms, Blocks(*blocks)
+    )
     half_mean = 0.5 / features[losses[0][0]].shape[0]
-    return (loss_rows.view(len(losses), -1).sum(dim=1) * half_mean, lse,
-            dscale_rows.view(len(losses), -1).sum(dim=1) * half_mean)
+    return (
+        loss_rows.view(len(losses), -1).sum(dim=1) * half_mean,
+        lse,
+        dscale_rows.view(len(losses), -1).sum(dim=1) * half_mean,
+    )
 
 
 @contrastive_op.register_fake
 def _contrastive_shapes(features, indices, scale, row_offset, self_terms, blocks):
     k, b = len(indices) // 4, features[indices[0]].shape[0]
     like = features[0]
-    return (like.new_empty(k, dtype=torch.float32), like.new_empty(2 * k, b, dtype=torch.float32),
-            like.new_empty(k, dtype=torch.float32))
+    return (
+        like.new_empty(k, dtype=torch.float32),
+        like.new_empty(2 * k, b, dtype=torch.float32),
+        like.new_empty(k, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("unimlip::contrastive_backward", mutates_args=())
-def contrastive_backward_op(features: list[torch.Tensor], indices: list[int], scale: torch.Tensor, lse: torch.Tensor,
-                            grad: torch.Tensor, row_offset: int, self_terms: bool,
-                            blocks: list[int]) -> list[torch.Tensor]:
+def contrastive_backward_op(
+    features: list[torch.Tensor],
+    indices: list[int],
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    row_offset: int,
+    self_terms: bool,
+    blocks: list[int],
+) -> list[torch.Tensor]:
     """The gradient of every feature (each is read by some loss) for the losses' gradient ``grad`` [K]."""
     scale32 = scale.detach().float().reshape(1).contiguous()
-    return contrastive_backward(features, _losses_of(indices), scale32, lse, grad.float().contiguous(), row_offset,
-                                self_terms, Blocks(*blocks))
+    return contrastive_backward(
+        features, _losses_of(indices), scale32, lse, grad.float().contiguous(), row_offset, self_terms, Blocks(*blocks)
+    )
 
 
 @contrastive_backward_op.register_fake
@@ -431,8 +501,9 @@ def _contrastive_autograd(ctx, grad_losses, _grad_lse, _grad_dscale):
 contrastive_op.register_autograd(_contrastive_autograd, setup_context=_save_for_contrastive_backward)
 
 
-def contrastive_losses(losses, scale, row_offset: int = 0, self_terms: bool = False,
-                       blocks: Blocks | None = None) -> torch.Tensor:
+def contrastive_losses(
+    losses, scale, row_offset: int = 0, self_terms: bool = False, blocks: Blocks | None = None
+) -> torch.Tensor:
     """[K] fp32 losses, one per (r1, r2, c1, c2) in ``losses`` (see the module doc). Rows are
     [B, D], columns [N, D]; a tensor object given several times is read in place and gets one
     gradient, summed over its uses."""
@@ -479,8 +550,16 @@ def infonce_triton(img, txt, scale, img_all=None, txt_all=None, row_offset: int 
     return contrastive_losses([(img, txt, img_all, txt_all)], scale, row_offset, blocks=blocks)[0]
 
 
-def ntxent_triton(za, zb, tau: float, za_all=None, zb_all=None, row_offset: int = 0, negatives: str = "cross-view",
-                  blocks: Blocks | None = None):
+def ntxent_triton(
+    za,
+    zb,
+    tau: float,
+    za_all=None,
+    zb_all=None,
+    row_offset: int = 0,
+    negatives: str = "cross-view",
+    blocks: Blocks | None = None,
+):
     """Fused ``ntxent_reference``: same arguments, same value, gradients for every input.
     ``cross-view`` (the paper's Eq. 2) is InfoNCE between the views at scale 1 / tau: the same
     kernels without the self terms; ``all`` adds each side's own views (itself excluded)."""
@@ -488,12 +567,14 @@ def ntxent_triton(za, zb, tau: float, za_all=None, zb_all=None, row_offset: int 
     za_all = za if za_all is None else za_all
     zb_all = zb if zb_all is None else zb_all
     scale = torch.full((1,), 1.0 / tau, device=za.device)
-    return contrastive_losses([(za, zb, za_all, zb_all)], scale, row_offset, self_terms=negatives == "all",
-                              blocks=blocks)[0]
+    return contrastive_losses(
+        [(za, zb, za_all, zb_all)], scale, row_offset, self_terms=negatives == "all", blocks=blocks
+    )[0]
 
 
-def itc_terms_triton(imgs, txts, scale, imgs_all=None, txts_all=None, row_offset: int = 0,
-                     blocks: Blocks | None = None) -> torch.Tensor:
+def itc_terms_triton(
+    imgs, txts, scale, imgs_all=None, txts_all=None, row_offset: int = 0, blocks: Blocks | None = None
+) -> torch.Tensor:
     """Fused ``itc_terms_reference``: K InfoNCE terms in the same three launches. Features shared
     by several terms (the same tensor objects) are read in place by all of them, and each gets
     one gradient, accumulated in one program per tile over every term that reads it."""

@@ -5,6 +5,7 @@ block fits, with the seed rate gamma = p / b^2 * HW / ((H - b + 1)(W - b + 1)), 
 to b x b blocks. Normalisation is by the kept fraction of the whole tensor (Ghiasi's
 reference and timm): out = x * mask * numel(mask) / sum(mask).
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ the number of kept elements to one int32 on the device (no host sync), then the 
 regenerates the mask and writes x * mask * numel / kept. The backward is the apply pass on the
 incoming gradient, with the same seed and count.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,11 +35,19 @@ def _dropblock_kernel(
     x_ptr,  # [P, H * W] input: the planes of [N, C, H, W] (read by the apply pass)
     out_ptr,  # [P, H * W] output (written by the apply pass)
     kept_ptr,  # [1] int32 kept elements of the whole tensor: the count pass adds, the apply pass reads
-    seed, offset, P, H, W, gamma, numel,
+    seed,
+    offset,
+    P,
+    H,
+    W,
+    gamma,
+    numel,
     BLOCK: tl.constexpr,  # the (odd) block size b
     APPLY: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # fp16 on the GPU (0/1 and small counts are exact); fp32 when interpreting
-    PLANES: tl.constexpr, PIXELS: tl.constexpr, BLOCK_C: tl.constexpr,
+    PLANES: tl.constexpr,
+    PIXELS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK // 2
     planes = tl.program_id(0) * PLANES + tl.arange(0, PLANES)
@@ -76,7 +85,9 @@ def _dropblock_kernel(
 @triton.jit
 def _centre_uniforms_kernel(
     out_ptr,  # [P * centres] fp32: the uniform the kernel above draws for each possible centre
-    seed, offset, total,
+    seed,
+    offset,
+    total,
     BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -104,8 +115,9 @@ def launch_layout(height: int, width: int, block: int) -> tuple[dict[str, int], 
     return dict(PLANES=planes, PIXELS=pixels, BLOCK_C=chunk), 4 if planes * pixels <= 4096 else 8
 
 
-def dropblock_apply(x: torch.Tensor, p: float, block_size: int, seed: int, offset: int = 0,
-                    kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dropblock_apply(
+    x: torch.Tensor, p: float, block_size: int, seed: int, offset: int = 0, kept: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (x * mask * numel / kept, kept). Counts the kept elements first unless ``kept`` is given."""
     n, c, h, w = x.shape
     assert x.is_contiguous() and h * w <= MAX_PIXELS and x.numel() < 2**31
@@ -123,8 +135,9 @@ def dropblock_apply(x: torch.Tensor, p: float, block_size: int, seed: int, offse
     return out, kept
 
 
-def dropblock_noise(shape: tuple[int, int, int, int], block_size: int, seed: int, offset: int = 0,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+def dropblock_noise(
+    shape: tuple[int, int, int, int], block_size: int, seed: int, offset: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The kernel's random stream as the reference's ``noise`` [N, C, H, W]: its uniform at each
     possible block centre, 1 elsewhere (never a centre). For tests."""
     n, c, h, w = shape
@@ -134,14 +147,15 @@ def dropblock_noise(shape: tuple[int, int, int, int], block_size: int, seed: int
     grid = (triton.cdiv(uniforms.numel(), 1024),)
     _centre_uniforms_kernel[grid](uniforms, seed, offset, uniforms.numel(), BLOCK=1024)
     noise = torch.ones(shape, device=device, dtype=torch.float32)
-    noise[:, :, half:half + rows, half:half + cols] = uniforms.view(n, c, rows, cols)
+    noise[:, :, half : half + rows, half : half + cols] = uniforms.view(n, c, rows, cols)
     return noise
 
 
 # --- the custom op: one op for fake tensors, the meta device and torch.compile; its autograd ---------------
 @torch.library.custom_op("unimlip::dropblock", mutates_args=())
-def dropblock_op(x: torch.Tensor, p: float, block_size: int, seed: int,
-                 offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dropblock_op(
+    x: torch.Tensor, p: float, block_size: int, seed: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x with blocks dropped, the kept count [1] int32 the backward reuses)."""
     return dropblock_apply(x, p, block_size, seed, offset)
 
@@ -152,8 +166,9 @@ def _dropblock_shapes(x, p, block_size, seed, offset):
 
 
 @torch.library.custom_op("unimlip::dropblock_backward", mutates_args=())
-def dropblock_backward_op(grad_out: torch.Tensor, kept: torch.Tensor, p: float, block_size: int, seed: int,
-                          offset: int) -> torch.Tensor:
+def dropblock_backward_op(
+    grad_out: torch.Tensor, kept: torch.Tensor, p: float, block_size: int, seed: int, offset: int
+) -> torch.Tensor:
     """The apply pass on the incoming gradient: the same mask (same seed) and the same count."""
     return dropblock_apply(grad_out.contiguous(), p, block_size, seed, offset, kept=kept)[0]
 

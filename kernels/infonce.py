@@ -7,6 +7,7 @@ Shapes: the rows are this rank's features, the columns the features of the globa
 (all ranks gathered, this rank's included, in rank order). Row ``i`` is the positive of
 column ``row_offset + i``. With one process, rows and columns are the same tensors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,6 +47,6 @@ def itc_terms_reference(
     """[K] InfoNCE losses, term k on (imgs[k], txts[k]): the composition the fused op must match."""
     imgs_all = imgs if imgs_all is None else imgs_all
     txts_all = txts if txts_all is None else txts_all
-    return torch.stack([
-        infonce_reference(i, t, scale, ia, ta, row_offset) for i, t, ia, ta in zip(imgs, txts, imgs_all, txts_all)
-    ])
+    return torch.stack(
+        [infonce_reference(i, t, scale, ia, ta, row_offset) for i, t, ia, ta in zip(imgs, txts, imgs_all, txts_all)]
+    )

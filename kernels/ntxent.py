@@ -9,6 +9,7 @@ gathered views of the global batch; row ``i`` pairs with column ``row_offset + i
   scale fixed at 1 / tau, and it is computed as such (one implementation of that loss).
 - ``all`` (SLIP, SimCLR's paper): over the 2N - 1 other views of both sides, itself excluded.
 """
+
 from __future__ import annotations
 
 import typing

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny configs and models that run in seconds on a CPU."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,7 @@ def tiny_batch(tiny_cfg, tiny_tokenizer):
     """A batch of 6 in the loader's contract, strong views and MLM labels included."""
     g = torch.Generator().manual_seed(0)
     b, size, length = 6, tiny_cfg.model.image_size, tiny_cfg.model.text.context_length
-    tok = tiny_tokenizer(CAPTIONS[:b], padding="max_length", truncation=True, max_length=length,
-                         return_tensors="pt")
+    tok = tiny_tokenizer(CAPTIONS[:b], padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     labels = torch.full((b, length), -100)
     labels[:, 2] = tok["input_ids"][:, 2]
     ids = tok["input_ids"].clone()
@@ -42,7 +42,9 @@ def tiny_batch(tiny_cfg, tiny_tokenizer):
         "image": torch.randn(b, 3, size, size, generator=g),
         "image_a": torch.randn(b, 3, size, size, generator=g),
         "image_b": torch.randn(b, 3, size, size, generator=g),
-        "input_ids": ids, "attention_mask": tok["attention_mask"], "mlm_labels": labels,
+        "input_ids": ids,
+        "attention_mask": tok["attention_mask"],
+        "mlm_labels": labels,
     }
 
 
@@ -59,8 +61,10 @@ def pytest_collection_modifyitems(config, items):
     in the name or the ``gpu`` marker) run the compiled kernels."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
-    skip = pytest.mark.skip(reason="runs Triton's interpreter on CPU tensors; this machine compiles for CUDA "
-                                   "(the GPU cases cover it; TRITON_INTERPRET=1 runs these)")
+    skip = pytest.mark.skip(
+        reason="runs Triton's interpreter on CPU tensors; this machine compiles for CUDA "
+        "(the GPU cases cover it; TRITON_INTERPRET=1 runs these)"
+    )
     for item in items:
         on_gpu = "gpu" in item.name or "cuda" in item.name or item.get_closest_marker("gpu") is not None
         if item.get_closest_marker("interpreter") is not None and not on_gpu:
@@ -78,6 +82,8 @@ def one_blas_thread():
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
 # --- end kernels -------------------------------------------------------------------------------------
 
 

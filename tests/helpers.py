@@ -1,6 +1,7 @@
 """Helpers shared by the test modules (test modules import this, never each other): paths, tiny
 configs, the CLI entry point, a WordPiece tokenizer, a packed MedPix subset, a shard edited by hand,
 and the batch-contract checks every backend must pass."""
+
 from __future__ import annotations
 
 import csv
@@ -25,22 +26,41 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("UNIMLIP_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 TINY_OVERRIDES = [
-    "model.embed_dim=32", "model.image_size=64", "model.vision_layers=[1,1,1,1]", "model.vision_width=16",
-    "model.fusion_layers=1", "model.fusion_heads=4", "model.simclr_hidden=64", "model.simclr_out=16",
-    "model.text.encoder=random-bert", "model.text.context_length=24", "model.text.vocab_size=256",
-    "model.text.hidden_size=32", "model.text.num_layers=1", "model.text.num_heads=4",
+    "model.embed_dim=32",
+    "model.image_size=64",
+    "model.vision_layers=[1,1,1,1]",
+    "model.vision_width=16",
+    "model.fusion_layers=1",
+    "model.fusion_heads=4",
+    "model.simclr_hidden=64",
+    "model.simclr_out=16",
+    "model.text.encoder=random-bert",
+    "model.text.context_length=24",
+    "model.text.vocab_size=256",
+    "model.text.hidden_size=32",
+    "model.text.num_layers=1",
+    "model.text.num_heads=4",
     "model.kernels=reference",
 ]
 
 TINY_RUN = TINY_OVERRIDES + [
-    "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",
-    "train.log_every=1", "train.warmup_steps=2", "train.simclr_start=3", "train.lr=1e-3",
+    "data.format=phantom",
+    "data.phantom_size=96",
+    "data.num_workers=0",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "train.simclr_start=3",
+    "train.lr=1e-3",
 ]
 
 CAPTIONS = [
     f"{modality} of the {region} showing {count} {size} lesions in the {position}"
-    for modality in ("ct", "mri") for region in ("head", "chest", "abdomen") for count in ("one", "two")
-    for size in ("small", "large") for position in ("upper left", "lower right")
+    for modality in ("ct", "mri")
+    for region in ("head", "chest", "abdomen")
+    for count in ("one", "two")
+    for size in ("small", "large")
+    for position in ("upper left", "lower right")
 ]  # 48 distinct captions
 
 
@@ -124,8 +144,13 @@ def _dali_available() -> bool:
 
 
 # The backends that read packed shards; DALI's cases skip where it does not import.
-GPU_BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(
-    not _dali_available(), reason="nvidia.dali does not import (pip install '.[dali]')"))]
+GPU_BACKENDS = [
+    "torch",
+    pytest.param(
+        "dali",
+        marks=pytest.mark.skipif(not _dali_available(), reason="nvidia.dali does not import (pip install '.[dali]')"),
+    ),
+]
 
 
 def train_loader(backend: str, dataset, batch: int = B, shards=None, **spec):
@@ -169,13 +194,22 @@ def pack_medpix(root: Path, n: int = N_PACKED, shard_size: int = 40) -> Path:
     from unimlip_fast.data.pack import PackOptions, pack
 
     out = root / "shards"
-    pack(DataConfig(format="medpix", path=str(medpix_path())), out, str(tiny_tokenizer_dir(root)), "train",
-         PackOptions(shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False))
+    pack(
+        DataConfig(format="medpix", path=str(medpix_path())),
+        out,
+        str(tiny_tokenizer_dir(root)),
+        "train",
+        PackOptions(shard_size=shard_size, context_length=CONTEXT, workers=1, limit=n, progress=False),
+    )
     return out
 
 
-def rewrite_shard(tar_path: Path, corrupt: set[str] = frozenset(), drop: set[str] = frozenset(),
-                  replace: dict[str, bytes] | None = None) -> None:
+def rewrite_shard(
+    tar_path: Path,
+    corrupt: set[str] = frozenset(),
+    drop: set[str] = frozenset(),
+    replace: dict[str, bytes] | None = None,
+) -> None:
     """Rewrite a tar in place: members named in ``corrupt`` get garbage bytes, those in ``drop`` go,
     those in ``replace`` get the bytes given."""
     with tarfile.open(tar_path, "r:") as tar:
@@ -263,10 +297,27 @@ def unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 
 
 def run_args(shards: Path, backend: str, run_dir: Path) -> list:
-    return ["pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2.json", "--run-dir", run_dir,
-            *TINY_OVERRIDES, "data.format=medpix", f"data.path={medpix_path()}", f"data.shards={shards}",
-            f"data.backend={backend}", "data.num_workers=0", "train.batch_size=16", "train.max_steps=4",
-            "train.simclr_start=2", "train.log_every=1", "train.warmup_steps=1", "eval.split=", "train.ckpt_every=0"]
+    return [
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2.json",
+        "--run-dir",
+        run_dir,
+        *TINY_OVERRIDES,
+        "data.format=medpix",
+        f"data.path={medpix_path()}",
+        f"data.shards={shards}",
+        f"data.backend={backend}",
+        "data.num_workers=0",
+        "train.batch_size=16",
+        "train.max_steps=4",
+        "train.simclr_start=2",
+        "train.log_every=1",
+        "train.warmup_steps=1",
+        "eval.split=",
+        "train.ckpt_every=0",
+    ]
 
 
 # ------------------------------------------------------------------ downstream release shapes
@@ -275,7 +326,7 @@ def write_image(path: Path, seed: int, size: int = 40, bright: bool = False) -> 
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 90, (size, size), dtype=np.uint8)
     if bright:
-        a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+        a[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(a, "L").save(path)
 
@@ -283,15 +334,23 @@ def write_image(path: Path, seed: int, size: int = 40, bright: bool = False) -> 
 def finetuning_base_run(folder: Path) -> Path:
     """A finished pretraining run folder with a tiny random model at 32 px, its tokenizer knowing
     a few question words too (what fine-tuning loads)."""
-    return make_run_folder(folder, TINY_OVERRIDES + ["model.image_size=32"],
-                           CAPTIONS + ["is there a lesion in the chest", "yes no left right"])
+    return make_run_folder(
+        folder,
+        TINY_OVERRIDES + ["model.image_size=32"],
+        CAPTIONS + ["is there a lesion in the chest", "yes no left right"],
+    )
 
 
 def _chexpert_row(path: str, frontal: bool, values: dict) -> dict:
     from unimlip_fast.data.labelled import CHEXPERT_LABELS
 
-    row = {"Path": path, "Sex": "Male", "Age": "60", "Frontal/Lateral": "Frontal" if frontal else "Lateral",
-           "AP/PA": "AP"}
+    row = {
+        "Path": path,
+        "Sex": "Male",
+        "Age": "60",
+        "Frontal/Lateral": "Frontal" if frontal else "Lateral",
+        "AP/PA": "AP",
+    }
     row.update({label: values.get(label, "") for label in CHEXPERT_LABELS})
     return row
 
@@ -311,9 +370,17 @@ def write_chexpert(root: Path, n_patients: int = 12, bad_rows: bool = True) -> P
                 rel = f"CheXpert-v1.0-small/{split}/patient{p:05d}/study{study}/view1_frontal.jpg"
                 positive = (p + study) % 2 == 0
                 write_image(root / rel, seed=p * 10 + study + (0 if split == "train" else 1000), bright=positive)
-                rows.append(_chexpert_row(rel, True, {"Cardiomegaly": "1.0" if positive else "0.0",
-                                                      "Edema": "-1.0" if p % 3 == 0 else "",
-                                                      "No Finding": "" if positive else "1.0"}))
+                rows.append(
+                    _chexpert_row(
+                        rel,
+                        True,
+                        {
+                            "Cardiomegaly": "1.0" if positive else "0.0",
+                            "Edema": "-1.0" if p % 3 == 0 else "",
+                            "No Finding": "" if positive else "1.0",
+                        },
+                    )
+                )
             lateral = f"CheXpert-v1.0-small/{split}/patient{p:05d}/study1/view2_lateral.jpg"
             write_image(root / lateral, seed=p)
             rows.append(_chexpert_row(lateral, False, {"Cardiomegaly": "1.0"}))
@@ -338,8 +405,15 @@ def write_mimic(root: Path) -> Path:
     for s in range(6):
         subject, study = f"1{s:07d}", f"5{s:07d}"
         split = "train" if s < 4 else ("validate" if s == 4 else "test")
-        label_rows.append({"subject_id": subject, "study_id": study, **{lab: "" for lab in CHEXPERT_LABELS},
-                           "Edema": "-1.0", "Cardiomegaly": "1.0" if s % 2 else "0.0"})
+        label_rows.append(
+            {
+                "subject_id": subject,
+                "study_id": study,
+                **{lab: "" for lab in CHEXPERT_LABELS},
+                "Edema": "-1.0",
+                "Cardiomegaly": "1.0" if s % 2 else "0.0",
+            }
+        )
         for view, dicom in (("PA", f"d{s}pa"), ("LATERAL", f"d{s}lat"), ("AP", f"d{s}ap")):
             split_rows.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": split})
             meta_rows.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view})
@@ -372,18 +446,65 @@ def write_slake(root: Path, n_images: int = 8) -> Path:
             write_image(root / "imgs" / f"xmlab{i}" / "source.jpg", seed=i, bright=bright)
             for lang in ("en", "zh"):
                 qid += 1
-                rows.append({"img_id": i, "img_name": f"xmlab{i}/source.jpg", "question": "Is there a lesion?",
-                             "answer": " Yes" if bright else "No ", "q_lang": lang, "answer_type": "CLOSED",
-                             "content_type": "Abnormality", "modality": "CT", "location": "Chest", "qid": qid})
-            rows.append({"img_id": i, "img_name": f"xmlab{i}/source.jpg", "question": "Which side?",
-                         "answer": "Left" if i % 3 else "Right", "q_lang": "en", "answer_type": "OPEN", "qid": qid})
-        rows.append({"img_id": 99, "img_name": "xmlab99/source.jpg", "question": "Is this CT?", "answer": "Yes",
-                     "q_lang": "en", "answer_type": "CLOSED", "qid": -1})
-        rows.append({"img_id": 0, "img_name": "xmlab0/source.jpg", "question": "  ", "answer": "Yes",
-                     "q_lang": "en", "answer_type": "CLOSED", "qid": -2})
+                rows.append(
+                    {
+                        "img_id": i,
+                        "img_name": f"xmlab{i}/source.jpg",
+                        "question": "Is there a lesion?",
+                        "answer": " Yes" if bright else "No ",
+                        "q_lang": lang,
+                        "answer_type": "CLOSED",
+                        "content_type": "Abnormality",
+                        "modality": "CT",
+                        "location": "Chest",
+                        "qid": qid,
+                    }
+                )
+            rows.append(
+                {
+                    "img_id": i,
+                    "img_name": f"xmlab{i}/source.jpg",
+                    "question": "Which side?",
+                    "answer": "Left" if i % 3 else "Right",
+                    "q_lang": "en",
+                    "answer_type": "OPEN",
+                    "qid": qid,
+                }
+            )
+        rows.append(
+            {
+                "img_id": 99,
+                "img_name": "xmlab99/source.jpg",
+                "question": "Is this CT?",
+                "answer": "Yes",
+                "q_lang": "en",
+                "answer_type": "CLOSED",
+                "qid": -1,
+            }
+        )
+        rows.append(
+            {
+                "img_id": 0,
+                "img_name": "xmlab0/source.jpg",
+                "question": "  ",
+                "answer": "Yes",
+                "q_lang": "en",
+                "answer_type": "CLOSED",
+                "qid": -2,
+            }
+        )
         if split == "test":
-            rows.append({"img_id": n_images, "img_name": f"xmlab{n_images}/source.jpg", "question": "Which organ?",
-                         "answer": "Spleen", "q_lang": "en", "answer_type": "OPEN", "qid": -3})
+            rows.append(
+                {
+                    "img_id": n_images,
+                    "img_name": f"xmlab{n_images}/source.jpg",
+                    "question": "Which organ?",
+                    "answer": "Spleen",
+                    "q_lang": "en",
+                    "answer_type": "OPEN",
+                    "qid": -3,
+                }
+            )
         (root / f"{split}.json").write_text(json.dumps(rows))
     return root
 
@@ -397,8 +518,14 @@ def spawn_ranks(worker, world: int, *args, accelerator: str = "cpu") -> None:
 
 
 def _as_rank(rank: int, worker, world: int, port: int, accelerator: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR=accelerator)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR=accelerator,
+    )
     torch.set_num_threads(1)
     worker(rank, world, *args)
 
@@ -411,8 +538,13 @@ def pmc_clip_checkpoint(model, vocab: int, width: int, embed: int, layers: int, 
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
     state = {f"module.{k}": v.clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
-    state.update({f"module.text_encoder.{k.removeprefix('text.encoder.')}": v.clone()
-                  for k, v in model.state_dict().items() if k.startswith("text.encoder.")})
+    state.update(
+        {
+            f"module.text_encoder.{k.removeprefix('text.encoder.')}": v.clone()
+            for k, v in model.state_dict().items()
+            if k.startswith("text.encoder.")
+        }
+    )
     state["module.text_encoder.pooler.dense.weight"] = r(width, width)  # BertModel's pooler, unused
     state["module.text_projection"] = r(width, embed)
     state["module.logit_scale"] = torch.tensor(math.log(1 / 0.07))  # 0-dim, as PMC-CLIP stores it
@@ -422,10 +554,20 @@ def pmc_clip_checkpoint(model, vocab: int, width: int, embed: int, layers: int, 
     state["module.ln_final.weight"], state["module.ln_final.bias"] = r(width), r(width)  # likewise
     for i in range(layers):
         block = f"module.fusion_module.resblocks.{i}."
-        state.update({block + "attn.in_proj_weight": r(3 * width, width), block + "attn.in_proj_bias": r(3 * width),
-                      block + "attn.out_proj.weight": r(width, width), block + "attn.out_proj.bias": r(width),
-                      block + "ln_1.weight": 1 + r(width), block + "ln_1.bias": r(width),
-                      block + "ln_2.weight": 1 + r(width), block + "ln_2.bias": r(width),
-                      block + "mlp.c_fc.weight": r(4 * width, width), block + "mlp.c_fc.bias": r(4 * width),
-                      block + "mlp.c_proj.weight": r(width, 4 * width), block + "mlp.c_proj.bias": r(width)})
+        state.update(
+            {
+                block + "attn.in_proj_weight": r(3 * width, width),
+                block + "attn.in_proj_bias": r(3 * width),
+                block + "attn.out_proj.weight": r(width, width),
+                block + "attn.out_proj.bias": r(width),
+                block + "ln_1.weight": 1 + r(width),
+                block + "ln_1.bias": r(width),
+                block + "ln_2.weight": 1 + r(width),
+                block + "ln_2.bias": r(width),
+                block + "mlp.c_fc.weight": r(4 * width, width),
+                block + "mlp.c_fc.bias": r(4 * width),
+                block + "mlp.c_proj.weight": r(width, 4 * width),
+                block + "mlp.c_proj.bias": r(width),
+            }
+        )
     return state

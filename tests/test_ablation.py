@@ -1,6 +1,7 @@
 """`unimlip-fast ablate`: the paper's rows (terms, views, statistics), the paired bootstrap and its
 verdicts, and a tiny base plus two rows of each table on phantom data through the command, stopped
 and picked up again without rerunning what finished."""
+
 import json
 
 import numpy as np
@@ -21,8 +22,15 @@ from unimlip_fast.config import ConfigError
 from .helpers import REPO, TINY_OVERRIDES, read_metrics, run_cli
 
 TINY_ABLATION = TINY_OVERRIDES + [
-    "data.format=phantom", "data.phantom_size=64", "data.num_workers=0", "train.batch_size=16",
-    "train.log_every=1", "train.warmup_steps=1", "train.max_steps=3", "train.lr=1e-3", "eval.split=dev+test",
+    "data.format=phantom",
+    "data.phantom_size=64",
+    "data.num_workers=0",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "train.max_steps=3",
+    "train.lr=1e-3",
+    "eval.split=dev+test",
     "model.text.hidden_dropout=0.0",
 ]
 
@@ -33,11 +41,19 @@ def _on(cfg) -> set[str]:
 
 # What the paper's rows are: (terms, strong views through the image encoder, statistics frozen).
 PAPER_ROWS = {
-    3: [({"itc", "mlm"}, False, False), ({"itc", "mlm", "simclr"}, True, False), ({"itc", "mlm"}, True, False),
-        ({"itc", "mlm", "simclr"}, True, True)],
-    4: [({"itc", "mlm"}, False, False), ({"itc", "mlm", "itc_img_fp"}, False, False),
-        ({"itc", "mlm", "itc_txt_fp"}, False, False), ({"itc", "mlm", "simclr"}, True, True),
-        ({"itc", "mlm", "itc_img_fp", "itc_txt_fp", "simclr"}, True, True)],
+    3: [
+        ({"itc", "mlm"}, False, False),
+        ({"itc", "mlm", "simclr"}, True, False),
+        ({"itc", "mlm"}, True, False),
+        ({"itc", "mlm", "simclr"}, True, True),
+    ],
+    4: [
+        ({"itc", "mlm"}, False, False),
+        ({"itc", "mlm", "itc_img_fp"}, False, False),
+        ({"itc", "mlm", "itc_txt_fp"}, False, False),
+        ({"itc", "mlm", "simclr"}, True, True),
+        ({"itc", "mlm", "itc_img_fp", "itc_txt_fp", "simclr"}, True, True),
+    ],
 }
 
 
@@ -69,8 +85,10 @@ def test_tables_share_their_common_rows():
 
 
 def test_summary_is_mean_and_sample_spread():
-    per_seed = {s: {"n": 10, "i2t": {"R@1": v, "R@5": v, "R@10": v}, "t2i": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0}}
-                for s, v in ((0, 10.0), (1, 20.0))}
+    per_seed = {
+        s: {"n": 10, "i2t": {"R@1": v, "R@5": v, "R@10": v}, "t2i": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0}}
+        for s, v in ((0, 10.0), (1, 20.0))
+    }
     summary = summarise(per_seed)
     assert summary["i2t"]["R@1"] == {"mean": 15.0, "std": 7.07, "min": 10.0, "max": 20.0}
     assert summary["t2i"]["R@10"]["std"] == 0.0
@@ -123,12 +141,30 @@ def test_ablate_base_and_two_rows_of_each_table(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "pretrain", stopped_part_way)
     out = tmp_path / "ablation"
-    args = ["ablate", REPO / "configs/demo.yaml", *TINY_ABLATION, "--table", "3,4", "--seeds", "2",
-            "--rows", "itc_mlm,views_no_simclr,itc_img_fp", "--base-epochs", "1", "--out", out,
-            "--ds-config", REPO / "configs/zero2_fp32.json"]
+    args = [
+        "ablate",
+        REPO / "configs/demo.yaml",
+        *TINY_ABLATION,
+        "--table",
+        "3,4",
+        "--seeds",
+        "2",
+        "--rows",
+        "itc_mlm,views_no_simclr,itc_img_fp",
+        "--base-epochs",
+        "1",
+        "--out",
+        out,
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+    ]
     assert run_cli(monkeypatch, *args) == 130
-    assert [p.relative_to(out).as_posix() for p in calls] == ["base", "itc_mlm/seed0", "views_no_simclr/seed0",
-                                                              "itc_img_fp/seed0"]
+    assert [p.relative_to(out).as_posix() for p in calls] == [
+        "base",
+        "itc_mlm/seed0",
+        "views_no_simclr/seed0",
+        "itc_img_fp/seed0",
+    ]
     partial = json.loads((out / "results.json").read_text())
     assert partial["rows"]["itc_mlm"]["seeds_done"] == [0] and partial["rows"]["views_no_simclr"]["seeds_done"] == [0]
     assert partial["rows"]["itc_img_fp"]["seeds_done"] == []
@@ -138,7 +174,11 @@ def test_ablate_base_and_two_rows_of_each_table(tmp_path, monkeypatch):
     stop_at[0] = 0
     assert run_cli(monkeypatch, *args) == 0
     assert [p.relative_to(out).as_posix() for p in calls] == [  # the base and the finished runs not rerun
-        "itc_img_fp/seed0", "itc_mlm/seed1", "views_no_simclr/seed1", "itc_img_fp/seed1"]
+        "itc_img_fp/seed0",
+        "itc_mlm/seed1",
+        "views_no_simclr/seed1",
+        "itc_img_fp/seed1",
+    ]
     results = json.loads((out / "results.json").read_text())
     assert (out / "table.md").read_text() == markdown_tables(results)
     table = (out / "table.md").read_text()
@@ -181,9 +221,22 @@ def test_a_frozen_row_keeps_the_bases_statistics(tmp_path, monkeypatch, capsys):
     """Table 3's row 4 freezes the BatchNorm statistics from its first step: the run ends with the
     base's running statistics exactly, while its affine weights learn."""
     out = tmp_path / "ablation"
-    args = ["ablate", REPO / "configs/demo.yaml", *TINY_ABLATION, "train.max_steps=2", "--table", "3",
-            "--rows", "simclr_frozen", "--base-epochs", "1", "--out", out,
-            "--ds-config", REPO / "configs/zero2_fp32.json"]
+    args = [
+        "ablate",
+        REPO / "configs/demo.yaml",
+        *TINY_ABLATION,
+        "train.max_steps=2",
+        "--table",
+        "3",
+        "--rows",
+        "simclr_frozen",
+        "--base-epochs",
+        "1",
+        "--out",
+        out,
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+    ]
     assert run_cli(monkeypatch, *args) == 0
     base_bn, row_bn = _bn_buffers(out / "base"), _bn_buffers(out / "simclr_frozen/seed0")
     assert base_bn.keys() == row_bn.keys() and len(base_bn) > 0
@@ -194,7 +247,8 @@ def test_a_frozen_row_keeps_the_bases_statistics(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     code = run_cli(monkeypatch, *args[:-4], "train.lr=2e-3", *args[-4:])
     assert code != 0 and "holds a run with other settings (train.lr: 0.001 there, 0.002 now)" in " ".join(
-        capsys.readouterr().err.split())
+        capsys.readouterr().err.split()
+    )
 
 
 def test_ablate_refuses_a_recipe_without_evaluation(tmp_path, monkeypatch, capsys):

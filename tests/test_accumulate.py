@@ -12,6 +12,7 @@ in eval mode too, so no statistic depends on the batch). Two references, plain P
 Loss terms and every parameter's gradient (averaged over ranks as DeepSpeed does) must agree to a
 relative 1e-5, under ZeRO-2 and ZeRO-3, on one process and on two gloo ranks.
 """
+
 import dataclasses
 import json
 import os
@@ -35,12 +36,17 @@ PER_RANK, MICRO, SEED = 8, 2, 123
 RANDOMNESS_OFF = ["model.dropblock_p=0.0", "model.text_dropout=0.0", "model.text.hidden_dropout=0.0"]
 
 
-def make_everything(world: int, deterministic: bool, device: str = "cpu", kernels: str = "reference",
-                    overrides: tuple[str, ...] = ()):
+def make_everything(
+    world: int, deterministic: bool, device: str = "cpu", kernels: str = "reference", overrides: tuple[str, ...] = ()
+):
     """The same config, model (with realistic frozen statistics) and global batch in every process."""
-    cfg = load_config(None, TINY_OVERRIDES + [f"train.batch_size={PER_RANK * world}", f"train.micro_batch_size={MICRO}",
-                                              "train.grad_clip=0.0"] + (RANDOMNESS_OFF if deterministic else [])
-                      + [f"model.kernels={kernels}", *overrides])
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES
+        + [f"train.batch_size={PER_RANK * world}", f"train.micro_batch_size={MICRO}", "train.grad_clip=0.0"]
+        + (RANDOMNESS_OFF if deterministic else [])
+        + [f"model.kernels={kernels}", *overrides],
+    )
     tokenizer = build_tokenizer(cfg.model.text, CAPTIONS)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.loss, tokenizer)
@@ -67,8 +73,13 @@ def make_everything(world: int, deterministic: bool, device: str = "cpu", kernel
 
 def make_batch(images: torch.Tensor, tokenizer, n: int) -> dict:
     """n captions from across CAPTIONS, 1 to 3 tokens masked (micro-batches hold different counts)."""
-    tok = tokenizer([CAPTIONS[i * 48 // n] for i in range(n)], padding="max_length", truncation=True,
-                    max_length=24, return_tensors="pt")
+    tok = tokenizer(
+        [CAPTIONS[i * 48 // n] for i in range(n)],
+        padding="max_length",
+        truncation=True,
+        max_length=24,
+        return_tensors="pt",
+    )
     ids, labels = tok["input_ids"].clone(), torch.full((n, 24), -100)
     for i in range(n):
         for pos in range(2, 3 + i % 3):
@@ -81,11 +92,17 @@ def _concat(features: list[dict]) -> dict:
     return {**joined, "logit_scale": features[0]["logit_scale"]}
 
 
-def reference(world: int, rank: int, deterministic: bool, device: str = "cpu", kernels: str = "reference",
-              overrides: tuple[str, ...] = ()):
+def reference(
+    world: int,
+    rank: int,
+    deterministic: bool,
+    device: str = "cpu",
+    kernels: str = "reference",
+    overrides: tuple[str, ...] = (),
+):
     """Plain PyTorch on this rank's share of the batch: (terms, total, {name: grad averaged over ranks})."""
     cfg, model, batch = make_everything(world, deterministic, device, kernels, overrides)
-    local = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+    local = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in batch.items()}
     model.train()
     model.simclr_head.eval()
     torch.manual_seed(SEED + rank)
@@ -105,8 +122,17 @@ def reference(world: int, rank: int, deterministic: bool, device: str = "cpu", k
     return {k: v.item() for k, v in terms.items()}, total.item(), grads
 
 
-def accumulated(world: int, rank: int, deterministic: bool, ds_json: str, phase: str = SIMCLR, device: str = "cpu",
-                kernels: str = "reference", overrides: tuple[str, ...] = (), compiled: bool = False):
+def accumulated(
+    world: int,
+    rank: int,
+    deterministic: bool,
+    ds_json: str,
+    phase: str = SIMCLR,
+    device: str = "cpu",
+    kernels: str = "reference",
+    overrides: tuple[str, ...] = (),
+    compiled: bool = False,
+):
     """The same through DeepSpeed and the accumulator: (terms, total, grads, engine, model); ``compiled``:
     the image trunk and the text tower under ``torch.compile`` (``aot_eager``), as ``train.compile`` does."""
     import deepspeed
@@ -119,10 +145,14 @@ def accumulated(world: int, rank: int, deterministic: bool, ds_json: str, phase:
     cfg, model, batch = make_everything(world, deterministic, device, kernels, overrides)
     if compiled:
         apply_fast(model, dataclasses.replace(REFERENCE_STEP, compile=True), compile_backend="aot_eager")
-    local = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+    local = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in batch.items()}
     ds = fp32_variant(resolve_ds_config(load_ds_config(str(REPO / "configs" / ds_json)), cfg, world))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train, torch.device(device)),
-                                      config=ds, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(model, cfg.train, torch.device(device)),
+        config=ds,
+        dist_init_required=False,
+    )
     engine.train()
     engine.module.simclr_head.eval()
     accumulator = build_accumulator(engine, cfg, model.ops, world, torch.device(device))
@@ -162,14 +192,19 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
     init_distributed()
     report = {}
-    for name, deterministic, ds_json in [("whole batch, ZeRO-2", True, "zero2_fp32.json"),
-                                         ("same draws, ZeRO-2", False, "zero2_fp32.json"),
-                                         ("same draws, ZeRO-3", False, "zero3.json")]:
+    for name, deterministic, ds_json in [
+        ("whole batch, ZeRO-2", True, "zero2_fp32.json"),
+        ("same draws, ZeRO-2", False, "zero2_fp32.json"),
+        ("same draws, ZeRO-3", False, "zero3.json"),
+    ]:
         got = accumulated(world, rank, deterministic, ds_json)
         report[name] = compare(got[:3], reference(world, rank, deterministic))
         engine = got[3]
-        report[name + ": one optimizer step"] = ([] if (engine.global_steps, engine.micro_steps) == (1, 4)
-                                                 else [f"steps {engine.global_steps}, micro {engine.micro_steps}"])
+        report[name + ": one optimizer step"] = (
+            []
+            if (engine.global_steps, engine.micro_steps) == (1, 4)
+            else [f"steps {engine.global_steps}, micro {engine.micro_steps}"]
+        )
         if deterministic:  # randomness on really changes the features (else the second case proves nothing)
             rand = accumulated(world, rank, False, ds_json)[0]
             report["randomness is on"] = [] if abs(rand["itc_txt_fp"] - got[0]["itc_txt_fp"]) > 1e-4 else ["same"]
@@ -185,7 +220,7 @@ def _running_statistics(world: int, rank: int) -> list[str]:
     model = accumulated(world, rank, False, "zero2_fp32.json", phase=WARMUP)[4]
     _, ref, batch = make_everything(world, False)
     ref.train()
-    local = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+    local = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in batch.items()}
     with torch.no_grad():
         for micro in split_batch(local, MICRO):
             ref(micro, WARMUP)
@@ -220,8 +255,10 @@ def _compiled_worker(rank: int, world: int, out_dir: str) -> None:
     torch._dynamo.reset()
     got = accumulated(1, 0, False, "zero2_fp32.json", overrides=no_bert_dropout, compiled=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    report = {"same draws, towers compiled": compare(got[:3], reference(1, 0, False, overrides=no_bert_dropout)),
-              "dynamo captured the towers": [] if graphs >= 2 else [f"{graphs} graphs"]}
+    report = {
+        "same draws, towers compiled": compare(got[:3], reference(1, 0, False, overrides=no_bert_dropout)),
+        "dynamo captured the towers": [] if graphs >= 2 else [f"{graphs} graphs"],
+    }
     with open(os.path.join(out_dir, "compiled.json"), "w") as fh:
         json.dump(report, fh)
     torch.distributed.destroy_process_group()
@@ -283,23 +320,45 @@ def test_stopped_and_resumed_accumulated_run_matches_uninterrupted(tmp_path, mon
     from unimlip_fast.cli import main
 
     def run(run_dir, *extra) -> None:
-        monkeypatch.setattr(sys, "argv", ["unimlip-fast", "pretrain", str(REPO / "configs/demo.yaml"), "--ds-config",
-                                          str(REPO / "configs/zero2_fp32.json"), "--run-dir", str(run_dir), *extra])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "unimlip-fast",
+                "pretrain",
+                str(REPO / "configs/demo.yaml"),
+                "--ds-config",
+                str(REPO / "configs/zero2_fp32.json"),
+                "--run-dir",
+                str(run_dir),
+                *extra,
+            ],
+        )
         with pytest.raises(SystemExit) as e:
             main()
             raise SystemExit(0)
         assert e.value.code == 0
 
-    common = TINY_OVERRIDES + ["data.format=phantom", "data.phantom_size=96", "data.num_workers=0",
-                               "train.batch_size=16", "train.micro_batch_size=4", "train.log_every=1",
-                               "train.warmup_steps=2", "train.simclr_start=2", "train.lr=1e-3", "train.max_steps=4",
-                               "eval.split="]
+    common = TINY_OVERRIDES + [
+        "data.format=phantom",
+        "data.phantom_size=96",
+        "data.num_workers=0",
+        "train.batch_size=16",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "train.warmup_steps=2",
+        "train.simclr_start=2",
+        "train.lr=1e-3",
+        "train.max_steps=4",
+        "eval.split=",
+    ]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run(whole, *common)
     run(parts, *common, "train.stop_after_steps=2")
     run(parts, *common, "--resume", "latest")
-    read = lambda d: {m["step"]: m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                      if "loss/total" in m}
+    read = lambda d: {
+        m["step"]: m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss/total" in m
+    }
     a, b = read(whole), read(parts)
     assert sorted(b) == [1, 2, 3, 4] and b[4]["phase"] == "simclr"
     assert all(m["accum/micro_batch"] == 4 and m["accum/extra_forward_samples_per_s"] > 0 for m in a.values())

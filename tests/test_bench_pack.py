@@ -1,4 +1,5 @@
 """bench/bench_pack.py end to end on a small set: a packer killed mid-way, resumed, nothing lost or repacked."""
+
 import sys
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """The command line as a user meets it: usage errors, messages in words, shipped configs found by
 name, logs that are not wrapped, no run folder left by a failed start."""
+
 import pytest
 
 from unimlip_fast.config import ConfigError, find_config_file, load_config
@@ -60,9 +61,19 @@ def test_long_lines_are_not_wrapped_off_a_terminal(capsys):
 def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "pairs.csv").write_text("file,text\nnope.png,a caption\n")
     run = tmp_path / "run"
-    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", run, *TINY_RUN,
-                   "data.format=csv", f"data.path={tmp_path / 'pairs.csv'}", "data.image_key=file",
-                   "data.caption_key=text", "data.split=")
+    code = run_cli(
+        monkeypatch,
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--run-dir",
+        run,
+        *TINY_RUN,
+        "data.format=csv",
+        f"data.path={tmp_path / 'pairs.csv'}",
+        "data.image_key=file",
+        "data.caption_key=text",
+        "data.split=",
+    )
     assert code == 1 and "missing_image" in capsys.readouterr().err
     assert not run.exists()
 

@@ -22,27 +22,38 @@ def test_unknown_key_in_recipe_file(tmp_path):
         load_config(recipe)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.max_steps=abc", "expected an integer"),
-    ("train.lr=fast", "expected a number"),
-    ("loss.freeze_bn_stats=maybe", "true/false"),
-    ("model.vision_layers=3", "expected a list"),
-    ("data.format=dicom", "data.format"),
-    ("train.max_steps", "KEY=VALUE"),
-    ("loss.simclr_negatives=same-view", "loss.simclr_negatives"),
-    ("data.strong_views=sometimes", "data.strong_views"),
-    ("data.strong_views=off", "leaves SimCLR without its views"),
-    ("data.weak_scale=[0.9]", "data.weak_scale"),
-    ("data.strong_scale=[0.5,0.2]", "data.strong_scale"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_steps=abc", "expected an integer"),
+        ("train.lr=fast", "expected a number"),
+        ("loss.freeze_bn_stats=maybe", "true/false"),
+        ("model.vision_layers=3", "expected a list"),
+        ("data.format=dicom", "data.format"),
+        ("train.max_steps", "KEY=VALUE"),
+        ("loss.simclr_negatives=same-view", "loss.simclr_negatives"),
+        ("data.strong_views=sometimes", "data.strong_views"),
+        ("data.strong_views=off", "leaves SimCLR without its views"),
+        ("data.weak_scale=[0.9]", "data.weak_scale"),
+        ("data.strong_scale=[0.5,0.2]", "data.strong_scale"),
+    ],
+)
 def test_override_types_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
 
 def test_overrides_are_typed_and_round_trip(tmp_path):
-    cfg = load_config(None, ["train.max_steps=30", "train.lr=3e-4", "model.vision_layers=[1,2,2,1]",
-                             "loss.freeze_bn_stats=false", "data.format=phantom"])
+    cfg = load_config(
+        None,
+        [
+            "train.max_steps=30",
+            "train.lr=3e-4",
+            "model.vision_layers=[1,2,2,1]",
+            "loss.freeze_bn_stats=false",
+            "data.format=phantom",
+        ],
+    )
     assert cfg.train.max_steps == 30 and cfg.train.lr == pytest.approx(3e-4)
     assert cfg.model.vision_layers == [1, 2, 2, 1] and cfg.loss.freeze_bn_stats is False
     save_config(cfg, tmp_path / "c.yaml")
@@ -109,10 +120,13 @@ def test_overrides_are_parsed_with_their_own_schema():
     assert load_vqa_config(None, ["data.path=/x", "train.init=random"]).train.init == "random"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.fast=sometimes", "train.fast must be true, false or auto, got 'sometimes'"),
-    ("train.report_to=[tensorboard, mlflow]", r"train.report_to\[1\] must be one of tensorboard, wandb"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.fast=sometimes", "train.fast must be true, false or auto, got 'sometimes'"),
+        ("train.report_to=[tensorboard, mlflow]", r"train.report_to\[1\] must be one of tensorboard, wandb"),
+    ],
+)
 def test_choices_are_checked_by_the_loader(override, message):
     """The choices are types of the schema: loading alone (no cross-field validation) rejects them."""
     with pytest.raises(ConfigError, match=message):

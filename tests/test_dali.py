@@ -1,6 +1,7 @@
 """What only the DALI backend needs checking: its colour ops are DALI's own (pipeline built with CPU
 operators and ``device_id=None``, the same definition the GPU runs with "mixed" decoding). The checks
 every backend shares run over both GPU backends in test_shards.py."""
+
 import pytest
 import torch
 
@@ -33,8 +34,12 @@ def test_dali_strong_views_follow_the_recipe(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = DataConfig(format="jsonl", path=str(tmp_path / "pairs.jsonl"), image_root=str(tmp_path / "im"), split="all")
     out = tmp_path / "packed"
-    pack(data, out, str(tiny_tokenizer_dir(tmp_path)),
-         options=PackOptions(shard_size=50, context_length=24, progress=False))
+    pack(
+        data,
+        out,
+        str(tiny_tokenizer_dir(tmp_path)),
+        options=PackOptions(shard_size=50, context_length=24, progress=False),
+    )
     batches = list(shard_loader("dali", out, strong_views=True, seed=0))
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

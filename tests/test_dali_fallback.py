@@ -1,5 +1,6 @@
 """data.backend=auto: a DALI pipeline that fails to build or to yield its first batch falls back to the torch GPU
 path with the reason logged; data.backend=dali fails loudly. The failures are injected (no GPU needed)."""
+
 from __future__ import annotations
 
 import json
@@ -54,12 +55,18 @@ class FirstBatchFails(BuildFails):
 @pytest.fixture
 def dali_chosen(monkeypatch):
     """``auto`` takes DALI here, as it would on a CUDA machine with DALI and shards."""
-    monkeypatch.setattr(backends, "resolve_backend", lambda backend, device, shards=None: (
-        ("dali", "auto: DALI imports, CUDA, packed shards") if backend == "auto" else (backend, "as configured")))
+    monkeypatch.setattr(
+        backends,
+        "resolve_backend",
+        lambda backend, device, shards=None: (
+            ("dali", "auto: DALI imports, CUDA, packed shards") if backend == "auto" else (backend, "as configured")
+        ),
+    )
 
 
-@pytest.mark.parametrize(("failing", "reason"), [(BuildFails, "CUDA driver too old"),
-                                                 (FirstBatchFails, "decode error in the first batch")])
+@pytest.mark.parametrize(
+    ("failing", "reason"), [(BuildFails, "CUDA driver too old"), (FirstBatchFails, "decode error in the first batch")]
+)
 def test_auto_falls_back_to_the_torch_path_with_the_reason(monkeypatch, caplog, packed, dali_chosen, failing, reason):
     monkeypatch.setattr(backends, "dali_loader", failing)
     with caplog.at_level(logging.WARNING, logger=backends.__name__):

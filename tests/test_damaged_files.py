@@ -1,6 +1,7 @@
 """Damaged weight files are one line naming the file: a pickle or a truncated file under the name
 ``model.safetensors`` (eval, report, ``unimlip_fast.load``), and a ``model.init_from`` pickle that
 would run code (refused, not run, and no advice on how to load it anyway)."""
+
 from __future__ import annotations
 
 import json
@@ -53,9 +54,21 @@ def test_a_damaged_model_safetensors_is_named(how, finished, tmp_path, monkeypat
     assert code == 1 and err.startswith(f"error: {weights} is damaged or not a safetensors file")
     assert len(err.splitlines()) == 1 and "SafetensorError" not in err
     (run / "metrics.jsonl").write_text('{"step": 1, "loss/total": 1.0, "lr": 0.001, "phase": "warmup"}\n')
-    (run / "summary.json").write_text(json.dumps({"steps": 1, "epochs": 1, "wall_s": 1.0, "skipped_records": {},
-                                                  "skipped_samples": {}, "nonfinite_steps": 0, "run_dir": str(run),
-                                                  "commit": "x", "retrieval": {}}))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "steps": 1,
+                "epochs": 1,
+                "wall_s": 1.0,
+                "skipped_records": {},
+                "skipped_samples": {},
+                "nonfinite_steps": 0,
+                "run_dir": str(run),
+                "commit": "x",
+                "retrieval": {},
+            }
+        )
+    )
     run_cli(monkeypatch, "report", run, "--data", "phantom:16", "--split", "test")
     out = capsys.readouterr()
     assert str(weights) in (out.out + out.err).replace("\n", "") and "Traceback" not in out.err
@@ -76,9 +89,19 @@ def test_an_init_from_pickle_with_code_is_refused_in_one_line(tmp_path, monkeypa
     torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1), "hook": Planted(marker)}}, planted)
     with pytest.raises(CodeInFileError):
         load_weights_only(planted)
-    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2_fp32.json",
-                   "--run-dir", tmp_path / "run", *TINY_RUN, "train.max_steps=1", "eval.split=",
-                   f"model.init_from={planted}")
+    code = run_cli(
+        monkeypatch,
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+        "--run-dir",
+        tmp_path / "run",
+        *TINY_RUN,
+        "train.max_steps=1",
+        "eval.split=",
+        f"model.init_from={planted}",
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and not marker.exists()
     assert err.startswith(f"error: {planted} holds more than tensors and plain values: code (")

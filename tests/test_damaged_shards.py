@@ -1,6 +1,7 @@
 """Damaged shards never end a run: token ids outside the vocabulary skipped and counted (when a
 shard is verified, and per sample when read), a missing index rebuilt from its tar, and
 ``data verify`` naming the samples changed in place."""
+
 import json
 import os
 
@@ -54,7 +55,7 @@ def test_ids_outside_the_vocabulary_are_counted_when_a_shard_is_verified(packed,
     copy = copy_packed(packed, tmp_path / "copy")
     key = first_member_names(copy)[5]
     offset, size = member(copy, key, "ids")
-    ids = np.frombuffer((copy / "shard-000000.tar").read_bytes()[offset:offset + size], "<i4").copy()
+    ids = np.frombuffer((copy / "shard-000000.tar").read_bytes()[offset : offset + size], "<i4").copy()
     ids[1] = vocab_size(copy) + 7
     rewrite_shard(copy / "shard-000000.tar", replace={f"{key}.ids": ids.tobytes()})
     shards = open_shards(copy)
@@ -117,7 +118,7 @@ def test_a_damaged_header_loses_one_sample_and_the_rest_of_the_shard_is_kept(pac
     tar = copy / "shard-000001.tar"
     data = bytearray(tar.read_bytes())
     start = header_offset(copy, middle, "jpg", 1)
-    data[start:start + 100] = bytes(b ^ 0xFF for b in data[start:start + 100])
+    data[start : start + 100] = bytes(b ^ 0xFF for b in data[start : start + 100])
     tar.write_bytes(bytes(data))
     shards = open_shards(copy)
     assert dict(shards.read_skipped) == {"missing_image": 1} and len(shards) == N_PACKED - 1

@@ -1,5 +1,6 @@
 """Two CPU ranks under DeepSpeed ZeRO-2 (gloo) give the loss and gradients of one process on the
 concatenated batch: the contrastive terms really are global-batch losses."""
+
 import os
 
 import pytest
@@ -16,10 +17,22 @@ pytestmark = pytest.mark.slow
 # Deterministic on every rank: no dropout, no DropBlock noise, no SimCLR head (its BatchNorm uses
 # per-rank batch statistics, like SLIP's without SyncBatchNorm). The image encoder's BatchNorm is
 # frozen (SimCLR phase), so per-rank and whole-batch normalisation agree.
-OVERRIDES = TINY_OVERRIDES + ["model.dropblock_p=0.0", "model.text_dropout=0.0", "model.text.hidden_dropout=0.0",
-                              "loss.simclr=0.0", "train.batch_size=8", "train.grad_clip=0.0"]
-CHECKED = ["visual.conv1.weight", "visual.attnpool.c_proj.weight", "text_projection.weight",
-           "text.encoder.embeddings.word_embeddings.weight", "fusion.head.weight", "logit_scale"]
+OVERRIDES = TINY_OVERRIDES + [
+    "model.dropblock_p=0.0",
+    "model.text_dropout=0.0",
+    "model.text.hidden_dropout=0.0",
+    "loss.simclr=0.0",
+    "train.batch_size=8",
+    "train.grad_clip=0.0",
+]
+CHECKED = [
+    "visual.conv1.weight",
+    "visual.attnpool.c_proj.weight",
+    "text_projection.weight",
+    "text.encoder.embeddings.word_embeddings.weight",
+    "fusion.head.weight",
+    "logit_scale",
+]
 
 
 def make_everything():
@@ -36,8 +49,12 @@ def make_everything():
     labels[:, 3] = tok["input_ids"][:, 3]  # one masked token per caption: per-rank MLM means average exactly
     ids = tok["input_ids"].clone()
     ids[:, 3] = tokenizer.mask_token_id
-    batch = {"image": torch.randn(8, 3, 64, 64, generator=g), "input_ids": ids,
-             "attention_mask": tok["attention_mask"], "mlm_labels": labels}
+    batch = {
+        "image": torch.randn(8, 3, 64, 64, generator=g),
+        "input_ids": ids,
+        "attention_mask": tok["attention_mask"],
+        "mlm_labels": labels,
+    }
     return cfg, model, batch
 
 
@@ -51,10 +68,11 @@ def _rank_main(rank, world, out_dir, ds_json):
 
     env = init_distributed()
     cfg, model, batch = make_everything()
-    half = {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
+    half = {k: v[rank * 4 : (rank + 1) * 4] for k, v in batch.items()}
     ds = resolve_ds_config(load_ds_config(ds_json), cfg, world)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train, env.device),
-                                      config=ds, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg.train, env.device), config=ds, dist_init_required=False
+    )
     engine.train()
     terms = compute_terms(engine(half, SIMCLR), cfg.loss, model.ops)
     loss = total_loss(terms, cfg.loss)
@@ -64,8 +82,10 @@ def _rank_main(rank, world, out_dir, ds_json):
     losses = torch.stack([loss.detach()])
     torch.distributed.all_reduce(losses)
     if rank == 0:
-        torch.save({"loss": (losses / world).item(), "grads": grads,
-                    "terms": {k: v.item() for k, v in terms.items()}}, os.path.join(out_dir, "ranks.pt"))
+        torch.save(
+            {"loss": (losses / world).item(), "grads": grads, "terms": {k: v.item() for k, v in terms.items()}},
+            os.path.join(out_dir, "ranks.pt"),
+        )
     torch.distributed.destroy_process_group()
 
 

@@ -2,6 +2,7 @@
 a library's own wording with no space left) is one line naming the path, the megabytes free and
 needed, leaves no partial file, keeps the last complete checkpoint, and a start is refused when
 one checkpoint cannot fit."""
+
 from __future__ import annotations
 
 import errno
@@ -121,8 +122,10 @@ def test_a_checkpoint_on_a_full_disk_keeps_the_last_complete_one(tmp_path, monke
     monkeypatch.setattr(durable, "free_bytes", lambda path: 0)
     with pytest.raises(DiskFullError) as e:
         save_checkpoint(FakeEngine(fail=True), ckpt_dir, 4, {"step": 4}, ENV, keep_last=2)
-    assert str(e.value).startswith(f"no space left on device writing {ckpt_dir / (TMP_PREFIX + 'step_0000004')} "
-                                   "(0 MB free, a checkpoint needs about")
+    assert str(e.value).startswith(
+        f"no space left on device writing {ckpt_dir / (TMP_PREFIX + 'step_0000004')} "
+        "(0 MB free, a checkpoint needs about"
+    )
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [LATEST, "step_0000002"]  # the partial folder is gone
     assert incompleteness(ckpt_dir / "step_0000002") is None and (ckpt_dir / LATEST).read_text() == "step_0000002"
     assert size == sum(p.stat().st_size for p in (ckpt_dir / "step_0000002").rglob("*") if p.name != "manifest.json")
@@ -155,11 +158,22 @@ def test_pretrain_refuses_to_start_on_a_disk_that_cannot_hold_a_checkpoint(tmp_p
 
     monkeypatch.setattr(durable, "free_bytes", lambda path: MB // 2)
     run = tmp_path / "run"
-    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2_fp32.json",
-                   "--run-dir", run, *TINY_RUN, "train.max_steps=2", "eval.split=")
+    code = run_cli(
+        monkeypatch,
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+        "--run-dir",
+        run,
+        *TINY_RUN,
+        "train.max_steps=2",
+        "eval.split=",
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and err.startswith(f"error: not enough space on the disk of {run / 'checkpoints'}: 0 MB free, "
-                                        "one checkpoint needs about ")
+    assert code == 1 and err.startswith(
+        f"error: not enough space on the disk of {run / 'checkpoints'}: 0 MB free, one checkpoint needs about "
+    )
     assert not run.exists()
 
 

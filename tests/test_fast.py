@@ -7,6 +7,7 @@ exact value is 0).
 Compilation here uses the ``aot_eager`` backend (dynamo's graph capture and AOT autograd, as
 inductor gets them, without the C++ build that takes minutes on a CPU); the GPU check compiles with
 inductor. The image trunk and the text tower compile to one graph each, with no break."""
+
 import dataclasses
 
 import pytest
@@ -24,16 +25,29 @@ from .helpers import CAPTIONS, TINY_OVERRIDES
 # text-embedding dropout and DropBlock run outside the compiled parts and stay on.
 OVERRIDES = TINY_OVERRIDES + ["model.text.hidden_dropout=0.0"]
 ALL_ON = FastChoices(channels_last=True, compile=True, sdpa=True, fused_adamw=True)
-VARIANTS = {**{key: dataclasses.replace(REFERENCE_STEP, **{key: True})
-               for key in ("channels_last", "compile", "sdpa", "fused_adamw")}, "all": ALL_ON}
+VARIANTS = {
+    **{
+        key: dataclasses.replace(REFERENCE_STEP, **{key: True})
+        for key in ("channels_last", "compile", "sdpa", "fused_adamw")
+    },
+    "all": ALL_ON,
+}
 
 
 def _step(cfg, tokenizer, batch, choices: FastChoices, phase: str):
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.loss, tokenizer).train().double()
     with torch.no_grad():  # realistic BatchNorm statistics before the SimCLR phase freezes them
-        model.visual(torch.randn(32, 3, cfg.model.image_size, cfg.model.image_size, dtype=torch.float64,
-                                 generator=torch.Generator().manual_seed(2)))
+        model.visual(
+            torch.randn(
+                32,
+                3,
+                cfg.model.image_size,
+                cfg.model.image_size,
+                dtype=torch.float64,
+                generator=torch.Generator().manual_seed(2),
+            )
+        )
     apply_fast(model, choices, compile_backend="aot_eager")
     torch.manual_seed(1)  # the same DropBlock and text dropout draws in both steps
     features = model(batch, phase)
@@ -58,9 +72,15 @@ def setup():
     tok["attention_mask"][-1, 12:] = 0  # padding that attention must ignore
     # Images that differ by more than noise, so the SimCLR head's BatchNorm does not divide by ~0.
     shift = torch.linspace(-2, 2, b, dtype=torch.float64)[:, None, None, None]
-    batch = {**{view: torch.randn(b, 3, size, size, generator=g, dtype=torch.float64) + shift
-                for view in ("image", "image_a", "image_b")},
-             "input_ids": ids, "attention_mask": tok["attention_mask"], "mlm_labels": labels}
+    batch = {
+        **{
+            view: torch.randn(b, 3, size, size, generator=g, dtype=torch.float64) + shift
+            for view in ("image", "image_a", "image_b")
+        },
+        "input_ids": ids,
+        "attention_mask": tok["attention_mask"],
+        "mlm_labels": labels,
+    }
     reference = {phase: _step(cfg, tokenizer, batch, REFERENCE_STEP, phase) for phase in (SIMCLR,)}
     return cfg, tokenizer, batch, reference
 
@@ -82,8 +102,7 @@ def test_fast_step_equals_reference(setup, variant):
         layer_scale[layer] = max(layer_scale.get(layer, 0.0), grad.abs().max().item())
     for name in grads:
         scale = layer_scale[name.rsplit(".", 1)[0]]
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-9 * scale + 1e-14,
-                                   msg=_named(name))
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-9 * scale + 1e-14, msg=_named(name))
     if variant == "fused_adamw":  # the same gradients, so the same AdamW update
         for name in weights:
             torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-12, atol=1e-14, msg=_named(name))
@@ -131,8 +150,10 @@ def test_trunk_and_text_tower_compile_without_graph_breaks(setup, phase):
     model = build_model(cfg.model, cfg.loss, tokenizer).train()
     apply_fast(model, FastChoices(channels_last=True, sdpa=True))
     set_batchnorm_stats_frozen(model.visual, phase == SIMCLR)
-    for part, args in ((model.visual.trunk, (batch["image"],)),
-                       (model.text, (batch["input_ids"], batch["attention_mask"]))):
+    for part, args in (
+        (model.visual.trunk, (batch["image"],)),
+        (model.text, (batch["input_ids"], batch["attention_mask"])),
+    ):
         explained = torch._dynamo.explain(part)(*args)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
@@ -163,9 +184,21 @@ def test_fast_step_trains_through_the_trainer(tmp_path, monkeypatch, capsys):
     from .helpers import REPO
 
     monkeypatch.setattr(engine, "apply_fast", functools.partial(apply_fast, compile_backend="aot_eager"))
-    cfg = load_config(REPO / "configs/demo.yaml", OVERRIDES + [
-        "data.format=phantom", "data.phantom_size=48", "data.num_workers=0", "train.batch_size=8", "train.log_every=1",
-        "train.max_steps=3", "train.simclr_start=2", "eval.split=", "train.fast=true"])
+    cfg = load_config(
+        REPO / "configs/demo.yaml",
+        OVERRIDES
+        + [
+            "data.format=phantom",
+            "data.phantom_size=48",
+            "data.num_workers=0",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.max_steps=3",
+            "train.simclr_start=2",
+            "eval.split=",
+            "train.fast=true",
+        ],
+    )
     summary = engine.pretrain(cfg, str(REPO / "configs/zero2_fp32.json"), tmp_path / "run")
     out = " ".join(capsys.readouterr().err.split())  # the run's notes, as rich wrapped them
     assert summary["steps"] == 3 and summary["nonfinite_steps"] == 0

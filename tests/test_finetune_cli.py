@@ -1,4 +1,5 @@
 """`finetune classify` and `finetune vqa` end to end through the CLI, tiny: one process and two ranks."""
+
 import json
 import os
 import subprocess
@@ -25,9 +26,26 @@ def _metrics(folder):
 def test_classify_chexpert_shaped(tmp_path, monkeypatch, run_dir):
     release = write_chexpert(tmp_path / "data")
     out, js = tmp_path / "ft", tmp_path / "r.json"
-    code = run_cli(monkeypatch, "finetune", "classify", "--checkpoint", run_dir, "--data", f"chexpert:{release}",
-                   "--fraction", "0.5", "--run-dir", out, "--json", js, *FAST, "train.epochs=3", "train.patience=1",
-                   "data.val_fraction=0.25", "data.uncertainty=u-ignore")
+    code = run_cli(
+        monkeypatch,
+        "finetune",
+        "classify",
+        "--checkpoint",
+        run_dir,
+        "--data",
+        f"chexpert:{release}",
+        "--fraction",
+        "0.5",
+        "--run-dir",
+        out,
+        "--json",
+        js,
+        *FAST,
+        "train.epochs=3",
+        "train.patience=1",
+        "data.val_fraction=0.25",
+        "data.uncertainty=u-ignore",
+    )
     assert code == 0
     results = json.loads(js.read_text())
     assert set(results) >= {"macro_auc", "per_label", "n_train", "n_test", "fraction"}
@@ -49,8 +67,26 @@ def test_classify_nih1000_tenth_of_the_labels(tmp_path, monkeypatch, run_dir):
     if not nih.is_dir():
         pytest.skip(f"real NIH data not found at {nih}")
     js = tmp_path / "r.json"
-    assert run_cli(monkeypatch, "finetune", "classify", "--checkpoint", run_dir, "--data", f"nih:{nih}",
-                   "--fraction", "0.1", "--run-dir", tmp_path / "ft", "--json", js, *FAST, "train.epochs=1") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "finetune",
+            "classify",
+            "--checkpoint",
+            run_dir,
+            "--data",
+            f"nih:{nih}",
+            "--fraction",
+            "0.1",
+            "--run-dir",
+            tmp_path / "ft",
+            "--json",
+            js,
+            *FAST,
+            "train.epochs=1",
+        )
+        == 0
+    )
     results = json.loads(js.read_text())
     assert results["n_test"] == 200 and 50 <= results["n_train"] <= 70
     assert {"Pneumothorax", "Emphysema", "Hernia"} <= set(results["excluded_labels"])  # no positive in test
@@ -60,9 +96,24 @@ def test_classify_nih1000_tenth_of_the_labels(tmp_path, monkeypatch, run_dir):
 def test_vqa_slake_shaped(tmp_path, monkeypatch, run_dir):
     root = write_slake(tmp_path / "slake")
     out, js = tmp_path / "ft", tmp_path / "r.json"
-    code = run_cli(monkeypatch, "finetune", "vqa", "--checkpoint", run_dir, "--data", f"slake:{root}",
-                   "--run-dir", out, "--json", js, *FAST, "train.epochs=2", "model.learnable_tokens=4",
-                   "train.freeze_text=true", "train.freeze_image=true")
+    code = run_cli(
+        monkeypatch,
+        "finetune",
+        "vqa",
+        "--checkpoint",
+        run_dir,
+        "--data",
+        f"slake:{root}",
+        "--run-dir",
+        out,
+        "--json",
+        js,
+        *FAST,
+        "train.epochs=2",
+        "model.learnable_tokens=4",
+        "train.freeze_text=true",
+        "train.freeze_image=true",
+    )
     assert code == 0
     results = json.loads(js.read_text())
     assert set(results) >= {"open", "closed", "overall", "n_test", "n_unseen_answers"}
@@ -83,8 +134,14 @@ def test_vqa_majority_baseline_on_vqa_rad(tmp_path, monkeypatch):
     results = json.loads(js.read_text())
     assert results["n_test"] == 451 and results["n_unseen_answers"] > 0
     closed = json.loads((root / "testset.json").read_text())
-    expected = sum(" ".join(str(q["answer"]).split()).lower() == results["majority_answers"]["CLOSED"]
-                   for q in closed if q["answer_type"].strip() == "CLOSED") / 272
+    expected = (
+        sum(
+            " ".join(str(q["answer"]).split()).lower() == results["majority_answers"]["CLOSED"]
+            for q in closed
+            if q["answer_type"].strip() == "CLOSED"
+        )
+        / 272
+    )
     assert results["closed"] == pytest.approx(expected)
 
 
@@ -93,13 +150,38 @@ def test_unfinished_run_and_bad_data_are_one_line(tmp_path, monkeypatch, capsys,
     half.mkdir()
     (half / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     release = write_chexpert(tmp_path / "data", n_patients=4, bad_rows=False)
-    assert run_cli(monkeypatch, "finetune", "classify", "--checkpoint", half, "--data", f"chexpert:{release}",
-                   "--run-dir", tmp_path / "o", *FAST) == 1
+    assert (
+        run_cli(
+            monkeypatch,
+            "finetune",
+            "classify",
+            "--checkpoint",
+            half,
+            "--data",
+            f"chexpert:{release}",
+            "--run-dir",
+            tmp_path / "o",
+            *FAST,
+        )
+        == 1
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert "not a finished pretraining run" in err and "Traceback" not in err
     assert run_cli(monkeypatch, "finetune", "classify", "--checkpoint", run_dir, "--data", "xray:/x") != 0
-    assert run_cli(monkeypatch, "finetune", "vqa", "--checkpoint", run_dir, "--data", f"slake:{tmp_path}",
-                   "--run-dir", tmp_path / "o2") == 1
+    assert (
+        run_cli(
+            monkeypatch,
+            "finetune",
+            "vqa",
+            "--checkpoint",
+            run_dir,
+            "--data",
+            f"slake:{tmp_path}",
+            "--run-dir",
+            tmp_path / "o2",
+        )
+        == 1
+    )
     assert "train.json not found" in " ".join(capsys.readouterr().err.split())
 
 
@@ -108,12 +190,33 @@ def test_two_ranks_under_torchrun(tmp_path, run_dir):
     """Classification and VQA with two gloo ranks: the same results files, the global batch split."""
     release, slake = write_chexpert(tmp_path / "data"), write_slake(tmp_path / "slake")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for task, data, extra in (("classify", f"chexpert:{release}", ["data.val_fraction=0.25"]),
-                              ("vqa", f"slake:{slake}", ["model.learnable_tokens=4"])):
+    for task, data, extra in (
+        ("classify", f"chexpert:{release}", ["data.val_fraction=0.25"]),
+        ("vqa", f"slake:{slake}", ["model.learnable_tokens=4"]),
+    ):
         out = tmp_path / task
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "unimlip_fast.cli", "finetune", task, "--checkpoint", str(run_dir),
-               "--data", data, "--run-dir", str(out), *FAST, "train.epochs=2", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "unimlip_fast.cli",
+            "finetune",
+            task,
+            "--checkpoint",
+            str(run_dir),
+            "--data",
+            data,
+            "--run-dir",
+            str(out),
+            *FAST,
+            "train.epochs=2",
+            *extra,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "2 rank(s), global batch 8" in proc.stderr

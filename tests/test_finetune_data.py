@@ -1,4 +1,5 @@
 """Downstream readers on the real files and on small release-shaped files; label fractions; answers; AUC."""
+
 import math
 
 import numpy as np
@@ -58,8 +59,10 @@ def test_nih_official_lists(tmp_path):
     """Data_Entry_2017.csv (the first release: a trailing empty column) with train_val_list/test_list."""
     from .helpers import write_image
 
-    header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position," \
-             "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+    header = (
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+    )
     rows, train_val, test = [], [], []
     for p in range(10):
         for k in range(2):

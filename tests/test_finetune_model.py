@@ -1,5 +1,6 @@
 """Fine-tuning's pieces: the pretrained run loaded (or drawn afresh), the attention pool resized,
 batches over ranks, the VQA model's shapes and parameter groups."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,8 +63,14 @@ def test_vqa_model_shapes_and_gradients(tmp_path):
 
 def test_majority_baseline_and_vocabulary():
     q = lambda a, t: QAItem("x.jpg", "q?", a, t)
-    train = [q("yes", "CLOSED"), q("no", "CLOSED"), q("no", "CLOSED"), q("left", "OPEN"), q("liver", "OPEN"),
-             q("liver", "OPEN")]
+    train = [
+        q("yes", "CLOSED"),
+        q("no", "CLOSED"),
+        q("no", "CLOSED"),
+        q("left", "OPEN"),
+        q("liver", "OPEN"),
+        q("liver", "OPEN"),
+    ]
     test = [q("no", "CLOSED"), q("yes", "CLOSED"), q("liver", "OPEN"), q("spleen", "OPEN")]
     out = majority_baseline(train, test)
     assert out["majority_answers"] == {"CLOSED": "no", "OPEN": "liver"}
@@ -88,8 +95,9 @@ def test_precomputed_question_states_and_feature_maps_match_the_live_towers(tmp_
     run = finetuning_base_run(tmp_path / "run")
     backbone, tokenizer, _ = load_pretrained_run(run, "pretrained", 0, torch.device("cpu"))
     model = VQAModel(backbone, n_answers=3, image_size=32, learnable_tokens=2).eval()
-    tok = tokenizer(["is there a lesion", "which side is it on"], padding="max_length", max_length=24,
-                    return_tensors="pt")
+    tok = tokenizer(
+        ["is there a lesion", "which side is it on"], padding="max_length", max_length=24, return_tensors="pt"
+    )
     states = question_states(model.text, tok["input_ids"], tok["attention_mask"], torch.device("cpu"), batch_size=1)
     image = torch.randn(2, 3, 32, 32)
     live = model(image, tok["input_ids"], tok["attention_mask"])

@@ -1,4 +1,5 @@
 """Record readers: every format on tiny files, skip counts per reason, the real MedPix, phantom."""
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,9 @@ def test_pmc_oa_folder_file_and_image_root(tmp_path):
 
     # A jsonl file given directly, images in a separate image_root.
     _jsonl(tmp_path / "elsewhere" / "pmc_oa.jsonl", rows[:2])
-    cfg = DataConfig(format="pmc-oa", path=str(tmp_path / "elsewhere" / "pmc_oa.jsonl"),
-                     image_root=str(root / "images"))
+    cfg = DataConfig(
+        format="pmc-oa", path=str(tmp_path / "elsewhere" / "pmc_oa.jsonl"), image_root=str(root / "images")
+    )
     assert len(read_records(cfg)) == 2
 
 
@@ -137,15 +139,20 @@ def test_csv_columns_root_and_bad_rows(tmp_path):
     _img(tmp_path / "imgs" / "scans" / "c.jpg")
     (tmp_path / "pairs.csv").write_text(
         "file,text,extra\n"
-        "scans/a.jpg,\"MRI, T2 weighted\",1\n"
+        'scans/a.jpg,"MRI, T2 weighted",1\n'
         "scans/b.jpg,nan,2\n"
         "scans/c.jpg,,3\n"
         "scans/d.jpg,missing,4\n"
         "scans/c.jpg,too,many,fields\n"
         "scans/c.jpg\n"
     )
-    cfg = DataConfig(format="csv", path=str(tmp_path / "pairs.csv"), image_key="file", caption_key="text",
-                     image_root=str(tmp_path / "imgs"))
+    cfg = DataConfig(
+        format="csv",
+        path=str(tmp_path / "pairs.csv"),
+        image_key="file",
+        caption_key="text",
+        image_root=str(tmp_path / "imgs"),
+    )
     rs = read_records(cfg)
     assert [(r.key, r.caption) for r in rs.items] == [("scans/a.jpg", "MRI, T2 weighted")]
     assert rs.items[0].image.endswith("scans/a.png")
@@ -157,12 +164,15 @@ def test_csv_columns_root_and_bad_rows(tmp_path):
 
 def test_jsonl_generic_relative_to_its_folder(tmp_path):
     _img(tmp_path / "set" / "x1.png")
-    _jsonl(tmp_path / "set" / "test.jsonl", [
-        {"path": "x1.jpg", "report": "Normal chest."},
-        {"path": "x2.jpg", "report": "Gone."},
-        '{"path": "x1.jpg", "report": NaN}',
-        {"path": None, "report": "No path."},
-    ])
+    _jsonl(
+        tmp_path / "set" / "test.jsonl",
+        [
+            {"path": "x1.jpg", "report": "Normal chest."},
+            {"path": "x2.jpg", "report": "Gone."},
+            '{"path": "x1.jpg", "report": NaN}',
+            {"path": None, "report": "No path."},
+        ],
+    )
     cfg = DataConfig(format="jsonl", path=str(tmp_path / "set"), image_key="path", caption_key="report")
     rs = read_records(cfg, "test")  # a folder: {split}.jsonl inside
     assert [r.caption for r in rs.items] == ["Normal chest."]
@@ -173,10 +183,12 @@ def test_roco_eval_subset_is_the_published_protocol(tmp_path):
     """M3AE's prepro_irtr_roco, written out: random.seed(42) once, the raw lines of train, validation
     and test shuffled in that order, then the first n test lines of two fields and >= 3 words."""
     root = tmp_path / "roco" / "data"
-    lines = {"train": [f"ROCO_1{i:04d}\t train caption number {i}" for i in range(37)],
-             "validation": [f"ROCO_2{i:04d}\t val caption {i}" for i in range(11)],
-             "test": [f"ROCO_3{i:04d}\t {' '.join(['word'] * (1 + i % 5))} {i % 4}" for i in range(60)]
-             + ["a line without a tab", "ROCO_39998\t the same caption", "ROCO_39999\t the same caption"]}
+    lines = {
+        "train": [f"ROCO_1{i:04d}\t train caption number {i}" for i in range(37)],
+        "validation": [f"ROCO_2{i:04d}\t val caption {i}" for i in range(11)],
+        "test": [f"ROCO_3{i:04d}\t {' '.join(['word'] * (1 + i % 5))} {i % 4}" for i in range(60)]
+        + ["a line without a tab", "ROCO_39998\t the same caption", "ROCO_39999\t the same caption"],
+    }
     for split, rows in lines.items():
         folder = root / split / "radiology"
         folder.mkdir(parents=True)
@@ -253,8 +265,12 @@ def test_phantom_lesions_in_named_quadrant():
         if f["modality"] != "CT" or f["size"] != "large" or f["region"] != "abdomen":
             continue
         grey = image[..., 0].astype(float)
-        quads = {("upper", "left"): grey[:32, :32], ("upper", "right"): grey[:32, 32:],
-                 ("lower", "left"): grey[32:, :32], ("lower", "right"): grey[32:, 32:]}
+        quads = {
+            ("upper", "left"): grey[:32, :32],
+            ("upper", "right"): grey[:32, 32:],
+            ("lower", "left"): grey[32:, :32],
+            ("lower", "right"): grey[32:, 32:],
+        }
         brightest = max(quads, key=lambda k: (quads[k] > 200).sum())
         hits += " ".join(brightest) == f["position"]
         total += 1

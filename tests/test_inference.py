@@ -1,4 +1,5 @@
 """unimlip_fast.load: the same embeddings as retrieval's evaluation, the README example, bad runs."""
+
 import os
 import re
 import shutil

@@ -2,6 +2,7 @@
 in open_clip's layouts (a local-dir folder of a small ViT, an RN50 ``.pt``) and a checkpoint in
 PMC-CLIP's layout; their embeddings through our loader equal their own, and retrieval, zero-shot,
 embedding, search and fine-tuning run on them end to end. No network."""
+
 import json
 
 import pytest
@@ -64,8 +65,11 @@ def their_model(open_clip, spec: str):
 def test_open_clip_embeddings_equal_open_clips_own(layout, request, open_clip, image_folder):
     """(RN50 at 224 px: about 30 s on a busy 2-core machine, so marked slow; it runs in CI.)"""
     small = layout.startswith("local-dir")
-    spec = (f"open_clip:local-dir:{request.getfixturevalue('vit_dir')}" if small
-            else f"open_clip:RN50:{request.getfixturevalue('rn50_pt')}")
+    spec = (
+        f"open_clip:local-dir:{request.getfixturevalue('vit_dir')}"
+        if small
+        else f"open_clip:RN50:{request.getfixturevalue('rn50_pt')}"
+    )
     ours = unimlip_fast.load(spec, device="cpu")
     model, transform, tokenizer = their_model(open_clip, spec)
     paths = sorted(str(p) for p in image_folder.glob("scan*"))[: 6 if small else 2]
@@ -116,8 +120,10 @@ def test_specs_that_name_nothing_are_one_clear_line(tmp_path, monkeypatch, capsy
         parse_spec(f"open_clip:RN50:{tmp_path / 'w.pt'}")
     with pytest.raises(ValueError, match="expected open_clip:hf-hub:ORG/NAME"):
         parse_spec("open_clip:hf-hub:just-a-name")
-    assert parse_spec("open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224").name == \
-        "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    assert (
+        parse_spec("open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224").name
+        == "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    )
     assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", "open_clip:RN50", "--data", "phantom:8") != 0
     err = capsys.readouterr().err
     assert "open_clip:MODEL_NAME:WEIGHTS" in " ".join(err.split()) and "Traceback" not in err
@@ -135,7 +141,7 @@ def pairs_csv(image_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     for name in names:
         shutil.copy(image_folder / name, folder / name)
-    rows = ["image,caption,part"] + [f"{n},\"{c}\",test" for n, c in zip(names, CAPTIONS)]
+    rows = ["image,caption,part"] + [f'{n},"{c}",test' for n, c in zip(names, CAPTIONS)]
     (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
     return folder / "pairs.csv"
 
@@ -153,8 +159,24 @@ def test_retrieval_and_zeroshot_cli_on_open_clip(vit_dir, pairs_csv, label_csv, 
     spec = f"open_clip:local-dir:{vit_dir}"
     ours = unimlip_fast.load(spec, device="cpu")
     out = tmp_path / "r.json"
-    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", spec, "--data", f"csv:{pairs_csv}",
-                   "--split-key", "part", "--json", out, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"csv:{pairs_csv}",
+            "--split-key",
+            "part",
+            "--json",
+            out,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert results["n"] == 6 and results["skipped_records"] == {"undecodable_image": 1}  # the broken file's pair
     assert results["model"] == ours.describe()
@@ -172,8 +194,22 @@ def test_retrieval_and_zeroshot_cli_on_open_clip(vit_dir, pairs_csv, label_csv, 
     assert (results["i2t"], results["t2i"]) == (expected["i2t"], expected["t2i"])
 
     zs = tmp_path / "zs.json"
-    assert run_cli(monkeypatch, "eval", "zeroshot", "--checkpoint", spec, "--data", f"csv:{label_csv}",
-                   "--json", zs, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "zeroshot",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"csv:{label_csv}",
+            "--json",
+            zs,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     zero = json.loads(zs.read_text())
     assert zero["n_test"] == 6 and zero["model"] == ours.describe()
     assert zero["logit_scale"] == pytest.approx(ours.logit_scale)
@@ -182,8 +218,25 @@ def test_retrieval_and_zeroshot_cli_on_open_clip(vit_dir, pairs_csv, label_csv, 
 def test_embed_and_search_with_an_open_clip_spec(vit_dir, pairs_csv, tmp_path, monkeypatch):
     spec = f"open_clip:local-dir:{vit_dir}"
     out = tmp_path / "index"
-    assert run_cli(monkeypatch, "embed", "--checkpoint", spec, "--data", f"csv:{pairs_csv}", "--split", "all",
-                   "--output", out, "--workers", 0, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "embed",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"csv:{pairs_csv}",
+            "--split",
+            "all",
+            "--output",
+            out,
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     index = json.loads((out / "index.json").read_text())
     ours = unimlip_fast.load(spec, device="cpu")
     assert index["checkpoint"] == spec and index["weights_sha256"] == ours.describe()["weights_sha256"]
@@ -193,18 +246,44 @@ def test_embed_and_search_with_an_open_clip_spec(vit_dir, pairs_csv, tmp_path, m
     rows = np.load(out / "part-00000.text.npy")
     torch.testing.assert_close(torch.from_numpy(rows), ours.encode_text(CAPTIONS[:7]), atol=1e-5, rtol=0)
     hits = tmp_path / "hits.json"
-    assert run_cli(monkeypatch, "search", "--index", out, "--text", CAPTIONS[2], "-k", 3, "--json", hits,
-                   "--device", "cpu") == 0  # the model from the index's spec
+    assert (
+        run_cli(
+            monkeypatch, "search", "--index", out, "--text", CAPTIONS[2], "-k", 3, "--json", hits, "--device", "cpu"
+        )
+        == 0
+    )  # the model from the index's spec
     assert len(json.loads(hits.read_text())) == 3
 
 
 def test_finetune_classify_on_open_clip_image_tower(vit_dir, tmp_path, monkeypatch, capsys):
     release = write_chexpert(tmp_path / "data")
     spec, js = f"open_clip:local-dir:{vit_dir}", tmp_path / "r.json"
-    common = ["--data", f"chexpert:{release}", "--fraction", "1.0", "data.num_workers=0", "train.batch_size=8",
-              "train.epochs=1", "data.val_fraction=0.25"]
-    assert run_cli(monkeypatch, "finetune", "classify", "--checkpoint", spec, *common, "--run-dir", tmp_path / "ft",
-                   "--json", js, "data.image_size=64") == 0
+    common = [
+        "--data",
+        f"chexpert:{release}",
+        "--fraction",
+        "1.0",
+        "data.num_workers=0",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "data.val_fraction=0.25",
+    ]
+    assert (
+        run_cli(
+            monkeypatch,
+            "finetune",
+            "classify",
+            "--checkpoint",
+            spec,
+            *common,
+            "--run-dir",
+            tmp_path / "ft",
+            "--json",
+            js,
+            "data.image_size=64",
+        )
+        == 0
+    )
     results = json.loads(js.read_text())
     assert results["checkpoint"] == spec and results["model"] == unimlip_fast.load(spec, device="cpu").describe()
     assert 0 <= results["macro_auc"] <= 1
@@ -212,8 +291,20 @@ def test_finetune_classify_on_open_clip_image_tower(vit_dir, tmp_path, monkeypat
 
     assert any(k.startswith("visual.transformer.") for k in load_file(str(tmp_path / "ft" / "best.safetensors")))
     # a ViT is fine-tuned at its own size: another one is one line
-    assert run_cli(monkeypatch, "finetune", "classify", "--checkpoint", spec, *common, "--run-dir", tmp_path / "x",
-                   "data.image_size=96") != 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "finetune",
+            "classify",
+            "--checkpoint",
+            spec,
+            *common,
+            "--run-dir",
+            tmp_path / "x",
+            "data.image_size=96",
+        )
+        != 0
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert "takes 64 px images; set data.image_size=64" in err and "Traceback" not in err
 
@@ -233,8 +324,20 @@ def test_random_init_draws_the_architecture_afresh_from_the_seed(vit_dir, pmc_cl
 
 def test_finetune_vqa_refuses_open_clip_in_one_line(vit_dir, tmp_path, monkeypatch, capsys):
     root = write_slake(tmp_path / "slake")
-    assert run_cli(monkeypatch, "finetune", "vqa", "--checkpoint", f"open_clip:local-dir:{vit_dir}", "--data",
-                   f"slake:{root}", "--run-dir", tmp_path / "v") != 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "finetune",
+            "vqa",
+            "--checkpoint",
+            f"open_clip:local-dir:{vit_dir}",
+            "--data",
+            f"slake:{root}",
+            "--run-dir",
+            tmp_path / "v",
+        )
+        != 0
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert "VQA fine-tuning needs Uni-Mlip's image trunk" in err and "Traceback" not in err
 
@@ -253,8 +356,9 @@ def pmc_clip(tmp_path_factory):
     tokenizer = build_tokenizer(cfg.model.text, CAPTIONS)
     torch.manual_seed(3)
     source = build_model(cfg.model, cfg.loss, tokenizer).eval()
-    state = pmc_clip_checkpoint(source, len(tokenizer), cfg.model.text.hidden_size, cfg.model.embed_dim,
-                                cfg.model.fusion_layers)
+    state = pmc_clip_checkpoint(
+        source, len(tokenizer), cfg.model.text.hidden_size, cfg.model.embed_dim, cfg.model.fusion_layers
+    )
     torch.save({"state_dict": state, "epoch": 100}, root / "checkpoint.pt")
     text = root / "pubmedbert"
     tokenizer.save_pretrained(str(text))
@@ -286,8 +390,24 @@ def test_pmc_clip_spec_through_retrieval_and_init_from(pmc_clip, pairs_csv, tmp_
 
     spec, source, tokenizer, _ = pmc_clip
     out = tmp_path / "r.json"
-    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", spec, "--data", f"csv:{pairs_csv}",
-                   "--split-key", "part", "--json", out, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"csv:{pairs_csv}",
+            "--split-key",
+            "part",
+            "--json",
+            out,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert results["n"] == 6 and results["model"]["spec"] == spec
     cfg = load_config(None, [*TINY_OVERRIDES, "model.text.context_length=77"])
@@ -302,9 +422,28 @@ def test_pmc_clip_spec_fine_tunes_vqa(pmc_clip, tmp_path, monkeypatch):
     spec = pmc_clip[0]
     root = write_slake(tmp_path / "slake")
     js = tmp_path / "v.json"
-    assert run_cli(monkeypatch, "finetune", "vqa", "--checkpoint", spec, "--data", f"slake:{root}", "--run-dir",
-                   tmp_path / "v", "--json", js, "data.image_size=64", "data.num_workers=0", "train.batch_size=8",
-                   "train.epochs=1", "model.learnable_tokens=4", "train.freeze_text=true") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "finetune",
+            "vqa",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"slake:{root}",
+            "--run-dir",
+            tmp_path / "v",
+            "--json",
+            js,
+            "data.image_size=64",
+            "data.num_workers=0",
+            "train.batch_size=8",
+            "train.epochs=1",
+            "model.learnable_tokens=4",
+            "train.freeze_text=true",
+        )
+        == 0
+    )
     results = json.loads(js.read_text())
     assert results["n_test"] == 9 and results["model"]["spec"] == spec
     assert results["model"]["weights_sha256"] == unimlip_fast.load(spec, device="cpu").describe()["weights_sha256"]
@@ -344,12 +483,44 @@ def test_open_clip_on_medpix_and_nih1000(vit_dir, tmp_path, monkeypatch):
         pytest.skip(f"real MedPix / NIH data not found under {SHARED_DATA}")
     spec = f"open_clip:local-dir:{vit_dir}"
     out, zs = tmp_path / "r.json", tmp_path / "zs.json"
-    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", spec, "--data", f"medpix:{medpix}",
-                   "--split", "test", "--json", out, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"medpix:{medpix}",
+            "--split",
+            "test",
+            "--json",
+            out,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert results["n"] > 100 and results["n_duplicates_dropped"] > 0
     assert 0 <= results["i2t"]["R@10"] <= 100 and results["model"]["spec"] == spec
-    assert run_cli(monkeypatch, "eval", "zeroshot", "--checkpoint", spec, "--data", f"nih:{nih}", "--split", "test",
-                   "--json", zs, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "zeroshot",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"nih:{nih}",
+            "--split",
+            "test",
+            "--json",
+            zs,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     zero = json.loads(zs.read_text())
     assert zero["n_test"] == 200 and 0 <= zero["macro_auc"] <= 1

@@ -1,5 +1,6 @@
 """bench/bench_losses.py runs end to end on tiny sizes on CPU (interpreter), and refuses cleanly
 without a GPU when run as a script. Timings here mean nothing; the code path is what is tested."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,17 @@ def test_every_row_is_written_and_the_budget_skips_larger_sizes(tmp_path):
     from bench.bench_losses import run
 
     out = tmp_path / "losses.csv"
-    rows = run(out, sizes=(8, 4096), device="cpu", dtype=torch.float32, repeats=1, time_budget_s=5.0,
-               itc_dim=16, simclr_dim=8, dropblock_shape=(2, 4, 7, 7))
+    rows = run(
+        out,
+        sizes=(8, 4096),
+        device="cpu",
+        dtype=torch.float32,
+        repeats=1,
+        time_budget_s=5.0,
+        itc_dim=16,
+        simclr_dim=8,
+        dropblock_shape=(2, 4, 7, 7),
+    )
     assert len(rows) == 2 * 2 * 3 + 2
     assert {r["status"] for r in rows if r["B"] != 4096} == {"ok"}
     assert {r["status"] for r in rows if r["B"] == 4096} == {"skipped"}  # 8 -> 4096 predicts 2**18 times longer

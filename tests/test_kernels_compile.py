@@ -5,6 +5,7 @@ compiler rejects (dot shapes, layouts, types) on a machine without a device. The
 one child process, since this test session runs triton in interpreter mode. Needs triton's CUDA
 backend (it ships ptxas); the first run takes ~40 s, later ones hit triton's cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,13 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = pytest.mark.slow
 
-CONTRASTIVE = [(kernel, self_terms, dtype)
-               for kernel in ("fwd", "bwd_rows", "bwd_cols")
-               for self_terms in (False, True) for dtype in ("bf16", "fp32")
-               if not (dtype == "fp32" and self_terms)]  # the slowest compile (20 s), same code as the rest
+CONTRASTIVE = [
+    (kernel, self_terms, dtype)
+    for kernel in ("fwd", "bwd_rows", "bwd_cols")
+    for self_terms in (False, True)
+    for dtype in ("bf16", "fp32")
+    if not (dtype == "fp32" and self_terms)
+]  # the slowest compile (20 s), same code as the rest
 DROPBLOCK = ["count", "apply"]
 DROPBLOCK_MAPS = [(7, 7, 3), (32, 32, 7)]  # ResNet's last map; the largest the kernel takes
 
@@ -55,26 +59,46 @@ def compile_all_cases() -> dict[str, str]:
     for kernel, self_terms, dtype in CONTRASTIVE:
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         blocks = ct.default_blocks(768, torch_dtype, self_terms)
-        constexprs = dict(DTYPE=ct.TL_DTYPES[torch_dtype], SELF_TERMS=self_terms, UPCAST=False,
-                          PRECISION="tf32x3" if dtype == "fp32" else "tf32",
-                          BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k)
+        constexprs = dict(
+            DTYPE=ct.TL_DTYPES[torch_dtype],
+            SELF_TERMS=self_terms,
+            UPCAST=False,
+            PRECISION="tf32x3" if dtype == "fp32" else "tf32",
+            BLOCK_M=blocks.m,
+            BLOCK_N=blocks.n,
+            BLOCK_K=blocks.k,
+        )
         if kernel != "fwd":
             constexprs["BLOCK_D"] = blocks.d
         pointers = {"*": "*fp32", "table_ptr": "*i64", "out_ptr": "*i64", "use_ptr": "*i64"}
         scalars = {name: "i32" for name in ("B", "N", "D", "row_offset")}
         results[f"{kernel}-{self_terms}-{dtype}"] = _try(
-            _compile, ct.JIT_KERNELS[kernel], pointers, scalars, constexprs, blocks.warps,
+            _compile,
+            ct.JIT_KERNELS[kernel],
+            pointers,
+            scalars,
+            constexprs,
+            blocks.warps,
             # Asynchronous, vectorised copies: the features' addresses come from tables, and without
             # the alignment hint the loads fall back to one 2-byte load per element.
-            "cp.async" if dtype == "bf16" else "")
+            "cp.async" if dtype == "bf16" else "",
+        )
     for mode in DROPBLOCK:
         for height, width, block in DROPBLOCK_MAPS:
             layout, warps = dbt.launch_layout(height, width, block)
             constexprs = dict(BLOCK=block, APPLY=mode == "apply", DOT_DTYPE=dbt.tl.float16, **layout)
-            scalars = {"seed": "i32", "offset": "i32", "P": "i32", "H": "i32", "W": "i32", "gamma": "fp32",
-                       "numel": "fp32"}
+            scalars = {
+                "seed": "i32",
+                "offset": "i32",
+                "P": "i32",
+                "H": "i32",
+                "W": "i32",
+                "gamma": "fp32",
+                "numel": "fp32",
+            }
             results[f"dropblock-{mode}-{height}x{width}"] = _try(
-                _compile, dbt.JIT_KERNELS["dropblock"], {"*": "*bf16", "kept_ptr": "*i32"}, scalars, constexprs, warps)
+                _compile, dbt.JIT_KERNELS["dropblock"], {"*": "*bf16", "kept_ptr": "*i32"}, scalars, constexprs, warps
+            )
     return results
 
 

@@ -5,6 +5,7 @@ kernel may be off by at most twice PyTorch's own error in the input dtype, plus 
 fp32 summation order ("twice PyTorch's error", as flash-attention's tests).
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,11 @@ def _cases(strength: list[float]) -> list:
     GPU row blocks, D of the ITC embedding) on two of them, to keep the interpreter under a minute."""
     small = [(1, 5), (7, 64), (130, 5)]
     full = [(b, d, s, t) for b, d in small for s in strength for t in DTYPES]
-    large = [(b, d, s, t) for b, d in [(130, 768), (769, 64)]
-             for s, t in [(strength[1], torch.float32), (strength[0], torch.bfloat16)]]
+    large = [
+        (b, d, s, t)
+        for b, d in [(130, 768), (769, 64)]
+        for s, t in [(strength[1], torch.float32), (strength[0], torch.bfloat16)]
+    ]
     return [pytest.param(*case, id=f"B{case[0]}-D{case[1]}-{case[2]:g}-{str(case[3])[6:]}") for case in full + large]
 
 
@@ -89,12 +93,15 @@ def test_cross_view_ntxent_is_infonce_between_the_views():
     sims = za[rows] @ zb.T / tau  # [B, N]: a_i . b_k
     sims_t = zb[rows] @ za.T / tau  # [B, N]: b_i . a_k
     positives = torch.arange(b) + b
-    eq2 = 0.5 * ((sims.logsumexp(1) - sims[torch.arange(b), positives]).mean()
-                 + (sims_t.logsumexp(1) - sims_t[torch.arange(b), positives]).mean())
+    eq2 = 0.5 * (
+        (sims.logsumexp(1) - sims[torch.arange(b), positives]).mean()
+        + (sims_t.logsumexp(1) - sims_t[torch.arange(b), positives]).mean()
+    )
     as_infonce = infonce_reference(za[rows], zb[rows], torch.tensor([1 / tau], dtype=torch.float64), za, zb, b)
     reference = ntxent_reference(za[rows], zb[rows], tau, za, zb, b, negatives="cross-view")
-    kernel = triton_ops.ntxent_triton(za[rows].float(), zb[rows].float(), tau, za.float(), zb.float(), b,
-                                      negatives="cross-view")
+    kernel = triton_ops.ntxent_triton(
+        za[rows].float(), zb[rows].float(), tau, za.float(), zb.float(), b, negatives="cross-view"
+    )
     torch.testing.assert_close(as_infonce, eq2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(reference, eq2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kernel.double(), eq2, rtol=1e-5, atol=1e-6)
@@ -147,10 +154,15 @@ def test_local_rows_against_gathered_columns(op):
     reference's value and gradients for rows and columns separately (row_offset > 0)."""
     world, b, d = 3, 11, 24
     x, y = _unit_rows(world * b, d, torch.float32, 6), _unit_rows(world * b, d, torch.float32, 7)
-    ops = {"infonce": (triton_ops.infonce_triton, infonce_reference, torch.tensor([20.0])),
-           "ntxent": (triton_ops.ntxent_triton, ntxent_reference, 0.2),
-           "ntxent-all": (lambda *a: triton_ops.ntxent_triton(*a, negatives="all"),
-                          lambda *a: ntxent_reference(*a, negatives="all"), 0.2)}
+    ops = {
+        "infonce": (triton_ops.infonce_triton, infonce_reference, torch.tensor([20.0])),
+        "ntxent": (triton_ops.ntxent_triton, ntxent_reference, 0.2),
+        "ntxent-all": (
+            lambda *a: triton_ops.ntxent_triton(*a, negatives="all"),
+            lambda *a: ntxent_reference(*a, negatives="all"),
+            0.2,
+        ),
+    }
     kernel, reference, scale = ops[op]
     for rank in range(world):
         rows = slice(rank * b, (rank + 1) * b)
@@ -186,16 +198,27 @@ def test_itc_terms_share_features_and_match_three_infonce_calls(dtype):
 
     def weighted(itc_terms):
         def loss(img_all, img_fp_all, txt_all, txt_fp_all, scale):
-            local = [t[rank * b:(rank + 1) * b] for t in (img_all, img_fp_all, txt_all, txt_fp_all)]
+            local = [t[rank * b : (rank + 1) * b] for t in (img_all, img_fp_all, txt_all, txt_fp_all)]
             li, lif, lt, ltf = local
-            losses = itc_terms([li, lif, li], [lt, lt, ltf], scale,
-                               [img_all, img_fp_all, img_all], [txt_all, txt_all, txt_fp_all], rank * b)
+            losses = itc_terms(
+                [li, lif, li],
+                [lt, lt, ltf],
+                scale,
+                [img_all, img_fp_all, img_all],
+                [txt_all, txt_all, txt_fp_all],
+                rank * b,
+            )
             assert losses.shape == (3,)
             return (losses * weights).sum()
+
         return loss
 
-    assert_close_to_fp64(weighted(triton_ops.itc_terms_triton), weighted(itc_terms_reference),
-                         [img, img_fp, txt, txt_fp, torch.tensor([50.0])], FLOOR[dtype])
+    assert_close_to_fp64(
+        weighted(triton_ops.itc_terms_triton),
+        weighted(itc_terms_reference),
+        [img, img_fp, txt, txt_fp, torch.tensor([50.0])],
+        FLOOR[dtype],
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled kernels, bf16 tensor cores)")
@@ -224,5 +247,6 @@ def test_features_at_an_unaligned_address():
     img = storage[1:].view(b, d)  # 4 bytes past an aligned address
     txt = _unit_rows(b, d, torch.float32, 31)
     assert img.data_ptr() % 16 != 0
-    assert_close_to_fp64(triton_ops.infonce_triton, infonce_reference, [img, txt, torch.tensor([10.0])],
-                         FLOOR[torch.float32])
+    assert_close_to_fp64(
+        triton_ops.infonce_triton, infonce_reference, [img, txt, torch.tensor([10.0])], FLOOR[torch.float32]
+    )

@@ -8,6 +8,7 @@ gradient; DeepSpeed's averaging across ranks then divides by world_size. The tes
 that: (grad on rank r) / world == single-process grad of rank r's rows, for every input, and the
 rank-averaged loss and logit-scale gradient equal the single-process ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,14 @@ def _call(ops, op: str, local: list[torch.Tensor], gathered: list[torch.Tensor],
     # itc: (img, txt), (img_fp, txt), (img, txt_fp) with img, img_fp, txt, txt_fp = sets 0..3
     img, img_fp, txt, txt_fp = local
     img_all, img_fp_all, txt_all, txt_fp_all = gathered
-    losses = ops.itc_terms([img, img_fp, img], [txt, txt, txt_fp], scale,
-                           [img_all, img_fp_all, img_all], [txt_all, txt_all, txt_fp_all], offset)
+    losses = ops.itc_terms(
+        [img, img_fp, img],
+        [txt, txt, txt_fp],
+        scale,
+        [img_all, img_fp_all, img_all],
+        [txt_all, txt_all, txt_fp_all],
+        offset,
+    )
     return (losses * torch.tensor([0.3, 0.5, 0.7])).sum()
 
 
@@ -83,8 +90,13 @@ def _rank_main(rank: int, world: int, init_file: str) -> None:
                 torch.testing.assert_close(mean_loss / WORLD, want_loss, rtol=1e-5, atol=1e-6, msg=where)
                 torch.testing.assert_close(mean_dscale / WORLD, want_dscale, rtol=1e-5, atol=1e-6, msg=where)
                 for i, (x, want) in enumerate(zip(local, want_grads)):
-                    torch.testing.assert_close(x.grad / WORLD, want[rows], rtol=1e-5, atol=1e-6,
-                                               msg=lambda m, i=i, where=where: f"{where} input {i}: {m}")
+                    torch.testing.assert_close(
+                        x.grad / WORLD,
+                        want[rows],
+                        rtol=1e-5,
+                        atol=1e-6,
+                        msg=lambda m, i=i, where=where: f"{where} input {i}: {m}",
+                    )
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()

@@ -3,6 +3,7 @@ determinism for a seed, and the statistics of the drawn blocks.
 
 On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
+
 from __future__ import annotations
 
 import pytest

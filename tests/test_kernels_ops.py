@@ -1,4 +1,5 @@
 """The op sets the objective chooses between: same call signatures, lazy Triton import."""
+
 from __future__ import annotations
 
 import inspect
@@ -22,7 +23,7 @@ def test_triton_ops_take_the_reference_arguments(op):
     fused, reference = inspect.signature(getattr(TRITON_OPS, op)), inspect.signature(getattr(REFERENCE_OPS, op))
     names = list(fused.parameters)
     assert names[: len(reference.parameters)] == list(reference.parameters)
-    for name in names[len(reference.parameters):]:  # extras (seed=, blocks=) are optional
+    for name in names[len(reference.parameters) :]:  # extras (seed=, blocks=) are optional
         assert fused.parameters[name].default is not inspect.Parameter.empty
 
 
@@ -34,8 +35,9 @@ def test_auto_takes_triton_on_cuda_only():
         resolve_ops("fast", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 0), "reference"), ((7, 5), "reference"), ((8, 0), "triton"),
-                                                  ((9, 0), "triton")])
+@pytest.mark.parametrize(
+    "capability, expected", [((7, 0), "reference"), ((7, 5), "reference"), ((8, 0), "triton"), ((9, 0), "triton")]
+)
 def test_auto_takes_the_reference_below_sm80_and_says_why(monkeypatch, capability, expected):
     """A V100 (sm_70, faked here) gets the reference under auto, and the log line names the card and why."""
     from unimlip_fast.kernels import kernels_note
@@ -65,8 +67,10 @@ def test_triton_off_cuda_without_the_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_the_package_imports_without_triton():
-    code = ("import sys; sys.modules['triton'] = None; import unimlip_fast.kernels as k; "
-            "assert k.resolve_ops('auto', __import__('torch').device('cpu')).name == 'reference'")
+    code = (
+        "import sys; sys.modules['triton'] = None; import unimlip_fast.kernels as k; "
+        "assert k.resolve_ops('auto', __import__('torch').device('cpu')).name == 'reference'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
@@ -85,8 +89,11 @@ def test_objective_through_the_fused_kernels_matches_the_reference(switched_off,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     base = {k: torch.randn(13, 24, generator=g) for k in ("img", "txt", "img_perturbed", "txt_perturbed")}
-    base.update(simclr_a=torch.randn(13, 8, generator=g), simclr_b=torch.randn(13, 8, generator=g),
-                logit_scale=torch.tensor([14.0]))
+    base.update(
+        simclr_a=torch.randn(13, 8, generator=g),
+        simclr_b=torch.randn(13, 8, generator=g),
+        logit_scale=torch.tensor([14.0]),
+    )
     base = {k: v.to(device) for k, v in base.items()}
 
     def run(ops):

@@ -1,4 +1,5 @@
 """The CPU loader: batch contract, deterministic disjoint per-rank batches, resume, bad samples."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -89,8 +90,16 @@ def test_batch_contract_strong_views_and_mlm(phantom_ds, tok):
     tables = MaskingTables.from_tokenizer(tok)
     loader = build_loader(phantom_ds, 4, seed=0, epoch=0, strong_views=True, mlm=tables, mlm_prob=0.15)
     batch = next(iter(loader))
-    assert set(batch) == {"image", "image_a", "image_b", "input_ids", "attention_mask", "mlm_labels", "index",
-                          "skipped"}
+    assert set(batch) == {
+        "image",
+        "image_a",
+        "image_b",
+        "input_ids",
+        "attention_mask",
+        "mlm_labels",
+        "index",
+        "skipped",
+    }
     for key in ("image", "image_a", "image_b"):
         assert batch[key].shape == (4, 3, SIZE, SIZE) and batch[key].dtype == torch.float32
     assert not torch.allclose(batch["image_a"], batch["image_b"])

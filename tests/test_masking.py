@@ -1,4 +1,5 @@
 """Whole-word MLM masking: statistics, whole words, specials untouched, labels right."""
+
 from __future__ import annotations
 
 import pytest

@@ -6,6 +6,7 @@ to chance), which is why the paper adds it only after a first phase.
 
 The full recipe (configs/medpix_cpu.yaml, ~25 minutes here) and its numbers are in the README.
 """
+
 import json
 
 import pytest
@@ -20,9 +21,18 @@ BAR_R10 = 12.0  # both directions; the full recipe reaches more, see the README
 def test_short_medpix_run_learns_retrieval(tmp_path, monkeypatch):
     data = medpix_path()
     run = tmp_path / "medpix"
-    code = run_cli(monkeypatch, "pretrain", REPO / "configs/medpix_cpu.yaml", "--run-dir", run,
-                   f"data.path={data}", "train.epochs=3", "train.simclr_start=0.8", "train.warmup_steps=10",
-                   "train.ckpt_every=0")
+    code = run_cli(
+        monkeypatch,
+        "pretrain",
+        REPO / "configs/medpix_cpu.yaml",
+        "--run-dir",
+        run,
+        f"data.path={data}",
+        "train.epochs=3",
+        "train.simclr_start=0.8",
+        "train.warmup_steps=10",
+        "train.ckpt_every=0",
+    )
     assert code == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [m for m in metrics if "loss/total" in m][-1]

@@ -6,6 +6,7 @@ terms through the reference ops, DropBlock, MLM, AdamW), both passes of the cont
 the fine-tuning steps (classification, VQA), the embed/encode path and retrieval's scoring; the fused
 ops as the custom ops ``unimlip::contrastive`` and ``unimlip::dropblock``.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """A non-finite step on one of two ranks (gloo, DeepSpeed ZeRO-2) is skipped on both: no weight, no
 optimizer moment and no lr schedule position moves on either rank; it is counted; too many in a row
 stop the run on every rank. The check is DeepSpeed's own gradient-norm check (no added host sync)."""
+
 import json
 
 import pytest
@@ -10,9 +11,16 @@ from .helpers import CAPTIONS, REPO, TINY_OVERRIDES, spawn_ranks
 
 pytestmark = pytest.mark.slow
 
-TINY_RUN = TINY_OVERRIDES + ["data.format=phantom", "data.phantom_size=64", "data.num_workers=0",
-                             "train.batch_size=16", "train.log_every=1", "train.warmup_steps=2",
-                             "train.simclr_start=2", "eval.split="]
+TINY_RUN = TINY_OVERRIDES + [
+    "data.format=phantom",
+    "data.phantom_size=64",
+    "data.num_workers=0",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "train.simclr_start=2",
+    "eval.split=",
+]
 
 
 def _setup():
@@ -24,15 +32,22 @@ def _setup():
 def _snapshot(engine):
     inner = engine.optimizer.optimizer  # the torch AdamW over DeepSpeed's flat partitions
     moments = [t.clone() for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
-    return {"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
-            "moments": moments, "lr": engine.get_lr()[0], "schedule": engine.lr_scheduler.last_epoch}
+    return {
+        "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+        "moments": moments,
+        "lr": engine.get_lr()[0],
+        "schedule": engine.lr_scheduler.last_epoch,
+    }
 
 
 def _same(a, b) -> bool:
-    return (all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
-            and len(a["moments"]) == len(b["moments"]) > 0
-            and all(torch.equal(x, y) for x, y in zip(a["moments"], b["moments"]))
-            and a["lr"] == b["lr"] and a["schedule"] == b["schedule"])
+    return (
+        all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+        and len(a["moments"]) == len(b["moments"]) > 0
+        and all(torch.equal(x, y) for x, y in zip(a["moments"], b["moments"]))
+        and a["lr"] == b["lr"]
+        and a["schedule"] == b["schedule"]
+    )
 
 
 def _engine_rank(rank, world, out_dir):
@@ -60,13 +75,17 @@ def _engine_rank(rank, world, out_dir):
         ds = resolve_ds_config(load_ds_config(str(REPO / "configs" / ds_json)), cfg, world)
         optimizer = build_optimizer(model, cfg.train, env.device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / 2)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
-                                          dist_init_required=False)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, dist_init_required=False
+        )
         engine.train()
         g = torch.Generator().manual_seed(rank)
-        tok = tokenizer(CAPTIONS[rank * 4:rank * 4 + 4], padding="max_length", max_length=24, return_tensors="pt")
-        batch = {"image": torch.randn(4, 3, 64, 64, generator=g), "input_ids": tok["input_ids"],
-                 "attention_mask": tok["attention_mask"]}
+        tok = tokenizer(CAPTIONS[rank * 4 : rank * 4 + 4], padding="max_length", max_length=24, return_tensors="pt")
+        batch = {
+            "image": torch.randn(4, 3, 64, 64, generator=g),
+            "input_ids": tok["input_ids"],
+            "attention_mask": tok["attention_mask"],
+        }
         dtype = next(engine.module.parameters()).dtype
         batch["image"] = batch["image"].to(dtype)
 
@@ -94,10 +113,13 @@ def _engine_rank(rank, world, out_dir):
         after_third = _snapshot(engine)
         results[ds_json] = {
             "checked_in_step": deepspeed_skips_nonfinite(ds),
-            "first_applied": first_applied, "skipped_applied": skipped_applied,
-            "unchanged": _same(before, after_skip), "third_applied": third_applied,
+            "first_applied": first_applied,
+            "skipped_applied": skipped_applied,
+            "unchanged": _same(before, after_skip),
+            "third_applied": third_applied,
             "third_moved": not _same(after_skip, after_third),
-            "counted": count.total, "stopped": stopped,
+            "counted": count.total,
+            "stopped": stopped,
             "schedule": [before["schedule"], after_skip["schedule"], after_third["schedule"]],
         }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))

@@ -1,4 +1,5 @@
 """Each loss term against a direct computation, in float64."""
+
 import math
 
 import pytest
@@ -46,10 +47,17 @@ def direct_ntxent_all(za, zb, tau):
 def features(b=7, d=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    return {"img": r(b, d), "txt": r(b, d), "img_perturbed": r(b, d), "txt_perturbed": r(b, d),
-            "simclr_a": r(b, 4), "simclr_b": r(b, 4), "mlm_logits": r(9, 11),
-            "mlm_targets": torch.randint(0, 11, (9,), generator=g),
-            "logit_scale": torch.tensor([1 / 0.07], dtype=torch.float64)}
+    return {
+        "img": r(b, d),
+        "txt": r(b, d),
+        "img_perturbed": r(b, d),
+        "txt_perturbed": r(b, d),
+        "simclr_a": r(b, 4),
+        "simclr_b": r(b, 4),
+        "mlm_logits": r(9, 11),
+        "mlm_targets": torch.randint(0, 11, (9,), generator=g),
+        "logit_scale": torch.tensor([1 / 0.07], dtype=torch.float64),
+    }
 
 
 @pytest.mark.parametrize("scale", [1.0, 14.29, 100.0])

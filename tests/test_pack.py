@@ -1,4 +1,5 @@
 """`data pack`: shard contents, DALI index files, manifest, bad records, resuming, the CLI."""
+
 import json
 import sys
 import tarfile
@@ -109,9 +110,27 @@ def test_pack_medpix_keeps_every_caption_s_ids(tmp_path):
 
 def test_cli_data_pack(tmp_path, monkeypatch, capsys):
     out = tmp_path / "packed"
-    args = ["unimlip-fast", "data", "pack", "--format", "medpix", "--input", str(medpix_path()), "--output", str(out),
-            "--split", "test", "--shard-size", "150", "--tokenizer", str(tiny_tokenizer_dir(tmp_path)),
-            "--context-length", str(CONTEXT), "--workers", "2"]
+    args = [
+        "unimlip-fast",
+        "data",
+        "pack",
+        "--format",
+        "medpix",
+        "--input",
+        str(medpix_path()),
+        "--output",
+        str(out),
+        "--split",
+        "test",
+        "--shard-size",
+        "150",
+        "--tokenizer",
+        str(tiny_tokenizer_dir(tmp_path)),
+        "--context-length",
+        str(CONTEXT),
+        "--workers",
+        "2",
+    ]
     monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(SystemExit) as e:
         main()

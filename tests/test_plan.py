@@ -1,4 +1,5 @@
 """The planner: model-state accounting, the traced step against the same step run for real, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,15 @@ def tiny(batch: int = 16, *extra: str):
     return load_config(None, [*TINY_OVERRIDES, f"train.batch_size={batch}", *extra])
 
 
-@pytest.mark.parametrize(("precision", "stage", "expected_per_param"), [
-    ("bf16", 2, 2 + (2 + 4 + 8) / 8),  # half weights whole; half grads, fp32 master and moments over 8 ranks
-    ("bf16", 3, 16 / 8),
-    ("fp32", 1, 4 + 4 + 8 / 8),
-    ("autocast-bf16", 0, 16),
-])
+@pytest.mark.parametrize(
+    ("precision", "stage", "expected_per_param"),
+    [
+        ("bf16", 2, 2 + (2 + 4 + 8) / 8),  # half weights whole; half grads, fp32 master and moments over 8 ranks
+        ("bf16", 3, 16 / 8),
+        ("fp32", 1, 4 + 4 + 8 / 8),
+        ("autocast-bf16", 0, 16),
+    ],
+)
 def test_model_states_follow_the_zero_accounting(precision, stage, expected_per_param):
     ds = {"zero_optimization": {"stage": stage, "contiguous_gradients": False}}
     states = model_states(1000, 0, precision, ds, world_size=8)
@@ -50,8 +54,9 @@ def test_traced_peak_matches_the_real_step():
     traced = trace_step(cfg, text, "fp32", 8, SIMCLR)
     torch.manual_seed(0)
     model = planned_model(cfg, text, "fp32", device="cpu")
-    measured = measured_step_peak(model, shaped_batch(cfg, 8, SIMCLR, torch.float32, text.config.vocab_size),
-                                  cfg, SIMCLR)
+    measured = measured_step_peak(
+        model, shaped_batch(cfg, 8, SIMCLR, torch.float32, text.config.vocab_size), cfg, SIMCLR
+    )
     assert traced.step_peak == pytest.approx(measured, rel=0.15)
 
 
@@ -93,8 +98,18 @@ def test_plan_finds_the_largest_micro_batch_and_its_accumulation():
 
 @pytest.mark.slow  # several traces of the step (about 30 s on a loaded 2-core machine)
 def test_cli_plan_json(monkeypatch, capsys):
-    code = run_cli(monkeypatch, "plan", "demo.yaml", *TINY_OVERRIDES, "train.batch_size=64", "--gpu", "v100-32gb",
-                   "--gpus", "2", "--json")
+    code = run_cli(
+        monkeypatch,
+        "plan",
+        "demo.yaml",
+        *TINY_OVERRIDES,
+        "train.batch_size=64",
+        "--gpu",
+        "v100-32gb",
+        "--gpus",
+        "2",
+        "--json",
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["card"] == "v100-32gb" and out["fits"] and out["gpus"] == 2
@@ -109,8 +124,7 @@ def test_cli_plan_bad_card_is_one_line(monkeypatch, capsys):
 
 
 def test_cli_plan_that_cannot_fit_is_one_line(monkeypatch, capsys):
-    code = run_cli(monkeypatch, "plan", "demo.yaml", *TINY_OVERRIDES, "model.simclr_hidden=65536",
-                   "--gpu", "v100-16gb")
+    code = run_cli(monkeypatch, "plan", "demo.yaml", *TINY_OVERRIDES, "model.simclr_hidden=65536", "--gpu", "v100-16gb")
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert "does not fit on v100-16gb even at micro-batch 1" in err

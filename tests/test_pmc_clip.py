@@ -13,18 +13,31 @@ from .helpers import pmc_clip_checkpoint
 def pmc_clip_fusion(state: dict, layers: int, heads: int, text_states, image_features) -> torch.Tensor:
     """PMC-CLIP's ``encode_text`` fusion and MLM logits, written out from its released code."""
     b, length, width = text_states.shape
-    x = torch.cat([text_states, state["module.img_special_token"].expand(b, -1, -1),
-                   F.normalize(image_features, dim=-1)[:, None]], dim=1)
+    x = torch.cat(
+        [
+            text_states,
+            state["module.img_special_token"].expand(b, -1, -1),
+            F.normalize(image_features, dim=-1)[:, None],
+        ],
+        dim=1,
+    )
     for i in range(layers):
         p = {k.split(f"resblocks.{i}.", 1)[1]: v for k, v in state.items() if f"resblocks.{i}." in k}
         attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-        attn.load_state_dict({"in_proj_weight": p["attn.in_proj_weight"], "in_proj_bias": p["attn.in_proj_bias"],
-                              "out_proj.weight": p["attn.out_proj.weight"], "out_proj.bias": p["attn.out_proj.bias"]})
+        attn.load_state_dict(
+            {
+                "in_proj_weight": p["attn.in_proj_weight"],
+                "in_proj_bias": p["attn.in_proj_bias"],
+                "out_proj.weight": p["attn.out_proj.weight"],
+                "out_proj.bias": p["attn.out_proj.bias"],
+            }
+        )
         h = F.layer_norm(x, (width,), p["ln_1.weight"], p["ln_1.bias"])
         x = x + attn(h, h, h, need_weights=False)[0]
         h = F.layer_norm(x, (width,), p["ln_2.weight"], p["ln_2.bias"])
-        x = x + F.linear(F.gelu(F.linear(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])), p["mlp.c_proj.weight"],
-                         p["mlp.c_proj.bias"])
+        x = x + F.linear(
+            F.gelu(F.linear(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])), p["mlp.c_proj.weight"], p["mlp.c_proj.bias"]
+        )
     return x[:, :length] @ state["module.mlm_projection"]
 
 
@@ -43,8 +56,12 @@ def test_pmc_clip_checkpoint_fills_every_fusion_weight_and_computes_its_fusion(t
     report = load_init_from(target, str(path))
     assert not [k for k in report.missing if k.startswith(("fusion.", "visual.", "text."))], report.missing
     assert all(k.startswith("simclr_head.") for k in report.missing)  # Uni-Mlip's own, not PMC-CLIP's
-    assert set(report.unexpected) == {"module.positional_embedding", "module.ln_final.weight",
-                                      "module.ln_final.bias", "module.text_encoder.pooler.dense.weight"}
+    assert set(report.unexpected) == {
+        "module.positional_embedding",
+        "module.ln_final.weight",
+        "module.ln_final.bias",
+        "module.text_encoder.pooler.dense.weight",
+    }
     assert report.mismatched == []
     torch.testing.assert_close(target.fusion.head.weight, state["module.mlm_projection"].T)
     torch.testing.assert_close(target.text_projection.weight, state["module.text_projection"].T)

@@ -1,5 +1,6 @@
 """BatchNorm statistics agree across ranks once frozen and in what is exported; the logit scale is
 clamped after the optimizer step (also in DeepSpeed's master copy), never in the forward pass."""
+
 import math
 import os
 
@@ -13,8 +14,14 @@ from unimlip_fast.objective import compute_terms, total_loss
 from .helpers import CAPTIONS, REPO, TINY_OVERRIDES, spawn_ranks
 
 TINY_RUN = TINY_OVERRIDES + [
-    "data.format=phantom", "data.phantom_size=96", "data.num_workers=0", "train.batch_size=16",
-    "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3", "eval.split=",
+    "data.format=phantom",
+    "data.phantom_size=96",
+    "data.num_workers=0",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "train.lr=1e-3",
+    "eval.split=",
 ]
 
 
@@ -106,14 +113,25 @@ def test_logit_scale_clamped_after_each_step_in_the_master_copy(ds_json):
     from unimlip_fast.train.schedule import build_optimizer
 
     env = init_distributed()
-    cfg = load_config(None, TINY_OVERRIDES + ["model.logit_scale_init=99.0", "train.lr=0.1", "train.batch_size=6",
-                                              "train.grad_clip=0.0", "loss.mlm=0", "loss.simclr=0"])
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES
+        + [
+            "model.logit_scale_init=99.0",
+            "train.lr=0.1",
+            "train.batch_size=6",
+            "train.grad_clip=0.0",
+            "loss.mlm=0",
+            "loss.simclr=0",
+        ],
+    )
     tokenizer = build_tokenizer(cfg.model.text, CAPTIONS)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.loss, tokenizer)
     ds = resolve_ds_config(load_ds_config(str(REPO / "configs" / ds_json)), cfg, env.world_size)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train, env.device),
-                                      config=ds, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg.train, env.device), config=ds, dist_init_required=False
+    )
     tok = tokenizer(CAPTIONS[:6], padding="max_length", max_length=24, return_tensors="pt")
     batch = {"image": torch.randn(6, 3, 64, 64), **tok}
     cap = math.log(cfg.model.logit_scale_max)

@@ -1,5 +1,6 @@
 """The run report of a tiny pretraining run: every figure a real image embedded in one offline page,
 the gallery's marked matches checked against the data, overlays, and runs that recorded less."""
+
 import base64
 import html
 import io
@@ -16,8 +17,14 @@ from .helpers import REPO, TINY_OVERRIDES, run_cli
 FIGURES = ("losses", "throughput", "retrieval", "gallery_i2t", "gallery_t2i")
 PHANTOM_SIZE = 96
 TINY_RUN = TINY_OVERRIDES + [
-    "data.format=phantom", f"data.phantom_size={PHANTOM_SIZE}", "data.num_workers=0", "train.batch_size=16",
-    "train.log_every=1", "train.warmup_steps=2", "train.simclr_start=3", "train.lr=1e-3",
+    "data.format=phantom",
+    f"data.phantom_size={PHANTOM_SIZE}",
+    "data.num_workers=0",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "train.simclr_start=3",
+    "train.lr=1e-3",
 ]
 
 
@@ -26,8 +33,19 @@ def demo_run(tmp_path_factory):
     """Six steps, SimCLR from step 3, retrieval on the phantom test split every 3 steps and at the end."""
     run = tmp_path_factory.mktemp("report") / "run"
     with pytest.MonkeyPatch.context() as monkeypatch:
-        code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2.json",
-                       "--run-dir", run, *TINY_RUN, "train.max_steps=6", "eval.split=test", "eval.every=3")
+        code = run_cli(
+            monkeypatch,
+            "pretrain",
+            REPO / "configs/demo.yaml",
+            "--ds-config",
+            REPO / "configs/zero2.json",
+            "--run-dir",
+            run,
+            *TINY_RUN,
+            "train.max_steps=6",
+            "eval.split=test",
+            "eval.every=3",
+        )
     assert code == 0
     return run
 
@@ -50,13 +68,23 @@ def test_report_states_the_run_facts(demo_run):
     facts = next(e["facts"] for e in entries if "facts" in e)
     assert facts["precision"] == "fp32" and facts["zero_stage"] == 2 and facts["simclr_step"] == 3
     assert facts["world_size"] == 1 and facts["total_steps"] == 6
-    said = {topic: next(e["note"].removeprefix(f"{topic}:").strip() for e in entries
-                        if e.get("note", "").startswith(f"{topic}:")) for topic in ("kernels", "data")}
+    said = {
+        topic: next(
+            e["note"].removeprefix(f"{topic}:").strip() for e in entries if e.get("note", "").startswith(f"{topic}:")
+        )
+        for topic in ("kernels", "data")
+    }
     assert "model.kernels=reference" in said["kernels"] and "cpu" in said["data"]  # what was chosen, and why
     page = (demo_run / "report.html").read_text()
-    for name, value in (("commit", facts["commit"]), ("kernels (chosen, why)", said["kernels"]),
-                        ("data backend (chosen, why)", said["data"]), ("precision", "fp32"), ("ZeRO stage", "2"),
-                        ("non-finite steps (skipped)", "0"), ("records skipped while reading", "none")):
+    for name, value in (
+        ("commit", facts["commit"]),
+        ("kernels (chosen, why)", said["kernels"]),
+        ("data backend (chosen, why)", said["data"]),
+        ("precision", "fp32"),
+        ("ZeRO stage", "2"),
+        ("non-finite steps (skipped)", "0"),
+        ("records skipped while reading", "none"),
+    ):
         assert f"<td>{name}</td><td>{html.escape(value)}" in page, name
     final = json.loads((demo_run / "summary.json").read_text())["retrieval"]
     assert f"<td>{final['i2t']['R@10']:g}</td>" in page
@@ -67,8 +95,10 @@ def test_gallery_marks_the_true_matches(demo_run):
     from unimlip_fast.data.sources import read_records
     from unimlip_fast.report.gallery import build_gallery
 
-    data = {r.key: " ".join(r.caption.split())
-            for r in read_records(DataConfig(format="phantom", phantom_size=PHANTOM_SIZE), "test").items}
+    data = {
+        r.key: " ".join(r.caption.split())
+        for r in read_records(DataConfig(format="phantom", phantom_size=PHANTOM_SIZE), "test").items
+    }
     (gallery,) = json.loads((demo_run / "report_gallery.json").read_text())
     assert len(gallery["image_queries"]) == 8 and len(gallery["caption_queries"]) == 4
     for query in gallery["image_queries"] + gallery["caption_queries"]:
@@ -111,8 +141,9 @@ def test_report_of_a_run_that_recorded_less(demo_run, tmp_path):
     from unimlip_fast.report import write_report
 
     old = tmp_path / "old"
-    shutil.copytree(demo_run, old, ignore=shutil.ignore_patterns("model.safetensors", "summary.json", "notes.jsonl",
-                                                                 "report*"))
+    shutil.copytree(
+        demo_run, old, ignore=shutil.ignore_patterns("model.safetensors", "summary.json", "notes.jsonl", "report*")
+    )
     with (old / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "loss/to')  # cut short by a kill
     files = write_report([old])
@@ -131,8 +162,19 @@ def test_a_failing_report_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(unimlip_fast.report, "write_report", broken)
     run = tmp_path / "run"
-    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", run, *TINY_RUN,
-                   "train.max_steps=2", "eval.split=") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "pretrain",
+            REPO / "configs/demo.yaml",
+            "--run-dir",
+            run,
+            *TINY_RUN,
+            "train.max_steps=2",
+            "eval.split=",
+        )
+        == 0
+    )
     assert (run / "summary.json").is_file() and (run / "model.safetensors").is_file()
     assert "report not written: RuntimeError: drawing failed" in (run / "notes.jsonl").read_text()
 

@@ -1,6 +1,7 @@
 """Run folders that nothing can spoil: no pickle on resume, incomplete checkpoints refused by name
 with a fall-back to the newest complete one, damaged files named, a fresh run refusing an old
 folder, one writer per folder, and each step once in metrics.jsonl after a resume."""
+
 import json
 import os
 import shutil
@@ -20,8 +21,17 @@ from unimlip_fast.train.monitor import open_metrics
 
 from .helpers import REPO, TINY_RUN, run_cli
 
-RUN_ARGS = ["pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2_fp32.json", *TINY_RUN,
-            "train.max_steps=4", "train.ckpt_every=2", "train.keep_last=3", "eval.split="]
+RUN_ARGS = [
+    "pretrain",
+    REPO / "configs/demo.yaml",
+    "--ds-config",
+    REPO / "configs/zero2_fp32.json",
+    *TINY_RUN,
+    "train.max_steps=4",
+    "train.ckpt_every=2",
+    "train.keep_last=3",
+    "eval.split=",
+]
 STEP2, STEP4 = "step_0000002", "step_0000004"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 

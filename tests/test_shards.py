@@ -2,6 +2,7 @@
 (decode in workers, views as batched tensor ops) and ``dali`` (skipped where nvidia.dali does not
 import): the batch contract, determinism, ranks, bad samples inside a shard, ids unchanged, resume,
 a run."""
+
 import json
 import sys
 
@@ -156,8 +157,9 @@ def test_mixed_sizes_never_sample_the_padding():
     images = [torch.ones(3, 40, 30), torch.zeros(3, 80, 100)]
     x, hs, ws = canvas(images)
     assert x.shape == (2, 3, 81, 101) and hs.tolist() == [40, 80] and ws.tolist() == [30, 100]
-    views = make_views(x, hs, ws, 16, torch.Generator().manual_seed(0), strong=False,
-                       recipe=ViewRecipe(weak_scale=(0.08, 1.0)))["image"]
+    views = make_views(
+        x, hs, ws, 16, torch.Generator().manual_seed(0), strong=False, recipe=ViewRecipe(weak_scale=(0.08, 1.0))
+    )["image"]
     white = (1 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
     assert torch.allclose(views[0], white.view(3, 1, 1).expand(3, 16, 16), atol=1e-5)
 
@@ -165,8 +167,11 @@ def test_mixed_sizes_never_sample_the_padding():
 def test_backend_choice():
     assert resolve_backend("auto", "cpu", None) == ("cpu", "auto: no CUDA device")
     assert resolve_backend("auto", "cpu", "shards")[0] == "torch"  # the backend that reads them
-    with pytest.raises(DataError, match=r"^data.shards=shards is read by data.backend=torch, dali or auto; "
-                                        r"data.backend=cpu reads the source files"):
+    with pytest.raises(
+        DataError,
+        match=r"^data.shards=shards is read by data.backend=torch, dali or auto; "
+        r"data.backend=cpu reads the source files",
+    ):
         resolve_backend("cpu", "cpu", "shards")
     assert resolve_backend("torch", "cpu", None)[0] == "torch"
     # auto on a CUDA device (only the device's type is read): DALI needs shards, else the torch path
@@ -196,8 +201,9 @@ def test_torch_backend_on_records_without_shards(tiny_tokenizer):
     from unimlip_fast.data.dataset import build_dataset
     from unimlip_fast.data.sources import read_records
 
-    ds = build_dataset(read_records(DataConfig(format="phantom", phantom_size=64), "train"), tiny_tokenizer,
-                       IMAGE_SIZE, CONTEXT)
+    ds = build_dataset(
+        read_records(DataConfig(format="phantom", phantom_size=64), "train"), tiny_tokenizer, IMAGE_SIZE, CONTEXT
+    )
     gpu = epoch(train_loader("torch", ds, batch=8, seed=1, strong_views=True))
     cpu = epoch(train_loader("cpu", ds, batch=8, seed=1))
     assert [b["index"].tolist() for b in gpu] == [b["index"].tolist() for b in cpu]
@@ -272,12 +278,18 @@ def test_torch_jpeg_bytes_decoded_in_the_main_process(packed, monkeypatch):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda(backend, packed, mlm_tables):
-    batches = epoch(shard_loader(backend, packed, mlm=mlm_tables, strong_views=True, device="cuda",
-                                 dtype=torch.bfloat16))
+    batches = epoch(
+        shard_loader(backend, packed, mlm=mlm_tables, strong_views=True, device="cuda", dtype=torch.bfloat16)
+    )
     assert len(batches) == N_PACKED // B
     for batch in batches:
-        check_contract({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}, B, strong=True, mlm=True,
-                       dtype=torch.bfloat16)
+        check_contract(
+            {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
+            B,
+            strong=True,
+            mlm=True,
+            dtype=torch.bfloat16,
+        )
         assert all(v.is_cuda for v in batch.values() if torch.is_tensor(v))
 
 
@@ -292,6 +304,7 @@ def test_changed_shards_verified_in_parallel(packed, tmp_path):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_resumed_run_matches_uninterrupted(backend, packed, tmp_path, monkeypatch):
     """The trainer's exact resume (test_train.py) through a GPU backend: mid-epoch, SimCLR phase included."""
+
     def run(run_dir, *extra):
         args = [str(a) for a in run_args(packed, backend, run_dir)]
         k = args.index("--ds-config") + 1
@@ -301,8 +314,11 @@ def test_resumed_run_matches_uninterrupted(backend, packed, tmp_path, monkeypatc
             main()
             raise SystemExit(0)
         assert e.value.code == 0
-        return {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                if "loss/total" in m}
+        return {
+            m["step"]: m
+            for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss/total" in m
+        }
 
     whole = run(tmp_path / "whole")
     run(tmp_path / "parts", "train.stop_after_steps=3")

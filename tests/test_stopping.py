@@ -1,6 +1,7 @@
 """SIGINT or SIGTERM to a running pretraining: it ends the step in progress, saves a checkpoint,
 and exits 130 with one line saying where it stopped; DataLoader workers (which a Ctrl-C reaches
 too) do not fail the run."""
+
 from __future__ import annotations
 
 import json
@@ -28,12 +29,31 @@ def steps_logged(run_dir) -> int:
 @pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
 def test_a_signal_stops_the_run_with_a_checkpoint(sig, to_group, tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "unimlip_fast.cli", "pretrain", REPO / "configs/demo.yaml", "--ds-config",
-            REPO / "configs/zero2_fp32.json", "--run-dir", run, *TINY_RUN, "data.num_workers=2",
-            "train.max_steps=100000", "train.ckpt_every=0", "eval.split="]
+    args = [
+        sys.executable,
+        "-m",
+        "unimlip_fast.cli",
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+        "--run-dir",
+        run,
+        *TINY_RUN,
+        "data.num_workers=2",
+        "train.max_steps=100000",
+        "train.ckpt_every=0",
+        "eval.split=",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # its own group: a Ctrl-C reaches every worker
+    proc = subprocess.Popen(
+        [str(a) for a in args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own group: a Ctrl-C reaches every worker
     try:
         deadline = time.monotonic() + 240  # a guard against a hang, not a measurement
         while steps_logged(run) < 2 and proc.poll() is None and time.monotonic() < deadline:

@@ -1,5 +1,6 @@
 """The package's shape, checked on its source: each folder layout named in one module, no import
 cycle, one copy of each helper, short parameter lists."""
+
 from __future__ import annotations
 
 import ast
@@ -11,9 +12,20 @@ PACKAGE = REPO / "unimlip_fast"
 
 # File names of a layout, and the modules that own it (paths relative to the package).
 LAYOUT_FILES = {
-    "unimlip_fast/run_folder.py": {"config.yaml", "metrics.jsonl", "notes.jsonl", "wandb_id.txt", "run.lock",
-                                   "text_encoder_config.json", "model.safetensors", "summary.json", "report.html",
-                                   "results.json", "best.safetensors", "answers.txt"},
+    "unimlip_fast/run_folder.py": {
+        "config.yaml",
+        "metrics.jsonl",
+        "notes.jsonl",
+        "wandb_id.txt",
+        "run.lock",
+        "text_encoder_config.json",
+        "model.safetensors",
+        "summary.json",
+        "report.html",
+        "results.json",
+        "best.safetensors",
+        "answers.txt",
+    },
     "unimlip_fast/data/shard_format.py": {"manifest.json", "plan.json"},
     "unimlip_fast/train/checkpoint.py": {"manifest.json", "trainer_state.json"},
     "unimlip_fast/ablation.py": {"results.json", "table.md"},  # the ablation's own folder
@@ -96,7 +108,7 @@ def import_cycles() -> list[list[str]]:
     def visit(node: str, stack: list[str]) -> None:
         for nxt in sorted(graph[node]):
             if nxt in stack:
-                cycle = stack[stack.index(nxt):]
+                cycle = stack[stack.index(nxt) :]
                 start = cycle.index(min(cycle))
                 key = tuple(cycle[start:] + cycle[:start])
                 if key not in done:
@@ -121,9 +133,12 @@ def test_no_import_cycle():
 def test_the_data_layer_knows_no_model():
     """data/ reads, packs and loads; the tokenizer's resolution lives outside model/ (text_encoders.py)."""
     modules = {module_name(path) for path in package_modules()}
-    found = {module_name(path): sorted(name for name in imported_modules(path, modules)
-                                       if name.startswith("unimlip_fast.model"))
-             for path in sorted((PACKAGE / "data").glob("*.py"))}
+    found = {
+        module_name(path): sorted(
+            name for name in imported_modules(path, modules) if name.startswith("unimlip_fast.model")
+        )
+        for path in sorted((PACKAGE / "data").glob("*.py"))
+    }
     assert {name: models for name, models in found.items() if models} == {}
 
 
@@ -144,8 +159,10 @@ MAX_PARAMETERS = 7
 
 def _is_cli_command(node: ast.AST) -> bool:
     """A Typer command: one parameter per command-line option is its interface, not a long call."""
-    return any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "command"
-               for d in getattr(node, "decorator_list", []))
+    return any(
+        isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "command"
+        for d in getattr(node, "decorator_list", [])
+    )
 
 
 def long_parameter_lists(paths: list[Path]) -> dict[str, str]:
@@ -154,8 +171,13 @@ def long_parameter_lists(paths: list[Path]) -> dict[str, str]:
     found = {}
     for path in paths:
         tree = ast.parse(path.read_text())
-        methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body
-                   if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        methods = {
+            id(f)
+            for c in ast.walk(tree)
+            if isinstance(c, ast.ClassDef)
+            for f in c.body
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and not _is_cli_command(node):
                 args = node.args
@@ -177,7 +199,6 @@ def test_no_function_takes_more_than_seven_parameters():
 def test_the_parameter_check_counts(tmp_path, monkeypatch):
     """Eight parameters are found; a method's seven besides ``self`` are not."""
     module = tmp_path / "m.py"
-    module.write_text("def f(a, b, c, d, e, f, g, h): ...\n"
-                      "class C:\n    def m(self, a, b, c, d, e, f, g): ...\n")
+    module.write_text("def f(a, b, c, d, e, f, g, h): ...\nclass C:\n    def m(self, a, b, c, d, e, f, g): ...\n")
     monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
     assert list(long_parameter_lists([module])) == ["m.py f"]

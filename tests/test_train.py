@@ -1,4 +1,5 @@
 """End to end through the CLI's entry point on tiny synthetic data: train, checkpoint, resume, evaluate."""
+
 import json
 
 import pytest
@@ -8,10 +9,22 @@ from .helpers import REPO, TINY_RUN, read_metrics, run_cli
 
 __all__ = ["TINY_RUN", "run_cli"]  # read from here by older test modules; helpers.py is their home
 
+
 def test_pretrain_then_eval_retrieval(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs/zero2.json",
-                   "--run-dir", run, *TINY_RUN, "train.max_steps=5", "train.ckpt_every=2", "eval.split=")
+    code = run_cli(
+        monkeypatch,
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2.json",
+        "--run-dir",
+        run,
+        *TINY_RUN,
+        "train.max_steps=5",
+        "train.ckpt_every=2",
+        "eval.split=",
+    )
     assert code == 0
     metrics = [m for m in read_metrics(run) if "loss/total" in m]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
@@ -28,8 +41,22 @@ def test_pretrain_then_eval_retrieval(tmp_path, monkeypatch):
     assert (run / "checkpoints/latest").read_text() == "step_0000005"
 
     out = tmp_path / "retrieval.json"
-    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", run, "--data", "phantom:64", "--split", "test",
-                   "--json", out) == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            run,
+            "--data",
+            "phantom:64",
+            "--split",
+            "test",
+            "--json",
+            out,
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert set(results) >= {"n", "i2t", "t2i", "n_duplicates_dropped"}
     assert set(results["i2t"]) >= {"R@1", "R@5", "R@10", "median_rank"}
@@ -40,11 +67,17 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
     common = ["--ds-config", REPO / "configs/zero2_fp32.json", *TINY_RUN, "train.max_steps=6", "eval.split="]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", whole, *common) == 0
-    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", parts, *common,
-                   "train.stop_after_steps=4") == 0
+    assert (
+        run_cli(
+            monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", parts, *common, "train.stop_after_steps=4"
+        )
+        == 0
+    )
     assert not (parts / "model.safetensors").exists()  # stopped, not finished
-    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", parts, *common,
-                   "--resume", "latest") == 0
+    assert (
+        run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", parts, *common, "--resume", "latest")
+        == 0
+    )
     a = {m["step"]: m for m in read_metrics(whole) if "loss/total" in m}
     b = {m["step"]: m for m in read_metrics(parts) if "loss/total" in m}
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -61,8 +94,16 @@ def test_unknown_config_key_is_one_clear_line(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    code = run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--run-dir", tmp_path / "new",
-                   *TINY_RUN, "--resume", "latest")
+    code = run_cli(
+        monkeypatch,
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--run-dir",
+        tmp_path / "new",
+        *TINY_RUN,
+        "--resume",
+        "latest",
+    )
     assert code != 0 and "no complete checkpoint" in capsys.readouterr().err
 
 
@@ -73,18 +114,40 @@ def test_eval_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert "checkpoint incomplete" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("ds_json, precision, micro_batch", [
-    ("zero2.json", "as-configured", 0), ("zero2_bf16.json", "as-configured", 0), ("zero1.json", "fp32", 0),
-    ("zero3.json", "fp32", 0), ("zero2.json", "as-configured", 4), ("zero2_bf16.json", "as-configured", 4)])
+@pytest.mark.parametrize(
+    "ds_json, precision, micro_batch",
+    [
+        ("zero2.json", "as-configured", 0),
+        ("zero2_bf16.json", "as-configured", 0),
+        ("zero1.json", "fp32", 0),
+        ("zero3.json", "fp32", 0),
+        ("zero2.json", "as-configured", 4),
+        ("zero2_bf16.json", "as-configured", 4),
+    ],
+)
 def test_deepspeed_configs_train(tmp_path, monkeypatch, ds_json, precision, micro_batch):
     """DeepSpeed's torch_autocast (bf16) and its bf16 mode, which casts parameters but not the
     BatchNorm buffers, both train, the statistics staying fp32, with and without accumulation in
     micro-batches; so do ZeRO-1 and ZeRO-3 (whose sharded weights are gathered for the safetensors
     export). fp16 is refused by DeepSpeed on a CPU."""
     run = tmp_path / "run"
-    assert run_cli(monkeypatch, "pretrain", REPO / "configs/demo.yaml", "--ds-config", REPO / "configs" / ds_json,
-                   "--run-dir", run, *TINY_RUN, "train.max_steps=4", f"train.cpu_precision={precision}",
-                   f"train.micro_batch_size={micro_batch}", "eval.split=") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "pretrain",
+            REPO / "configs/demo.yaml",
+            "--ds-config",
+            REPO / "configs" / ds_json,
+            "--run-dir",
+            run,
+            *TINY_RUN,
+            "train.max_steps=4",
+            f"train.cpu_precision={precision}",
+            f"train.micro_batch_size={micro_batch}",
+            "eval.split=",
+        )
+        == 0
+    )
     metrics = [m for m in read_metrics(run) if "loss/total" in m]
     assert len(metrics) == 4 and all(m["loss/total"] == m["loss/total"] for m in metrics)
     assert {m["phase"] for m in metrics} == {"warmup", "simclr"}

@@ -1,4 +1,5 @@
 """Views: shapes, ranges, determinism, and each op against a direct computation."""
+
 from __future__ import annotations
 
 import colorsys
@@ -179,9 +180,11 @@ def test_every_strong_view_path_reads_the_recipe(p_grey):
     recipe = V.ViewRecipe(p_jitter=0.0, p_grey=p_grey)
     x = torch.rand(4, 3, 20, 20, generator=_gen(1))
     hs = ws = torch.full((4,), 20.0)
-    views = [V.strong_view(x, 12, _gen(0), recipe),
-             torch.stack(V.strong_views_one(x[0].permute(1, 2, 0).numpy(), 12, _gen(0), recipe)),
-             make_views(canvas(list(x))[0], hs, ws, 12, _gen(0), True, recipe)["image_a"]]
+    views = [
+        V.strong_view(x, 12, _gen(0), recipe),
+        torch.stack(V.strong_views_one(x[0].permute(1, 2, 0).numpy(), 12, _gen(0), recipe)),
+        make_views(canvas(list(x))[0], hs, ws, 12, _gen(0), True, recipe)["image_a"],
+    ]
     for view in views:
         spread = (_unnormalize(view).amax(1) - _unnormalize(view).amin(1)).flatten(1).amax(1)
         assert bool((spread < 1e-4).all()) == (p_grey == 1.0) and bool((spread > 1e-2).all()) == (p_grey == 0.0)

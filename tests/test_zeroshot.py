@@ -1,4 +1,5 @@
 """Zero-shot classification: prompt ensembles, positive-vs-negative scores, the fine-tuning JSON shape."""
+
 import json
 
 import numpy as np
@@ -55,17 +56,41 @@ def test_prompt_ensembles_average_normalised_prompt_embeddings(tiny_run):
 
 def test_zeroshot_cli_on_a_label_csv(tiny_run, label_csv, tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps({"templates": {"positive": ["{} is present"], "negative": ["{} is absent"]},
-                                   "labels": {"Mass": {"positive": ["a mass"], "negative": ["no mass"]}}}))
+    prompts.write_text(
+        json.dumps(
+            {
+                "templates": {"positive": ["{} is present"], "negative": ["{} is absent"]},
+                "labels": {"Mass": {"positive": ["a mass"], "negative": ["no mass"]}},
+            }
+        )
+    )
     out = tmp_path / "zs.json"
-    assert run_cli(monkeypatch, "eval", "zeroshot", "--checkpoint", tiny_run, "--data", f"csv:{label_csv}",
-                   "--prompts", prompts, "--json", out, "--device", "cpu") == 0
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "zeroshot",
+            "--checkpoint",
+            tiny_run,
+            "--data",
+            f"csv:{label_csv}",
+            "--prompts",
+            prompts,
+            "--json",
+            out,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert set(results) >= {"macro_auc", "per_label", "n_test", "excluded_labels", "chance_macro_auc_p95"}
     assert results["n_test"] == 6 and results["skipped"] == {"undecodable_image": 1}
     assert set(results["per_label"]) == {"Effusion", "Mass"} and results["n_positive"] == {"Effusion": 3, "Mass": 2}
-    assert results["prompts"]["Effusion"] == {"positive": ["pleural effusion is present"],
-                                             "negative": ["pleural effusion is absent"]}
+    assert results["prompts"]["Effusion"] == {
+        "positive": ["pleural effusion is present"],
+        "negative": ["pleural effusion is absent"],
+    }
     assert results["prompts"]["Mass"]["positive"] == ["a mass"]
     assert results["macro_auc"] == pytest.approx(np.mean(list(results["per_label"].values())))
     assert all(0.0 <= v <= 1.0 for v in results["per_label"].values())

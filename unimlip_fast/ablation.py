@@ -22,6 +22,7 @@ queries scored by both rows: the difference in R@1 and R@10 with a 95% interval,
 against the paper's direction. ``results.json`` keeps every query's rank, so any interval can be
 recomputed; ``table.md`` prints the paper's R@1 beside ours. Both are rewritten after every run.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,20 +62,31 @@ class Row:
         """The row as config overrides; the second phase (views, SimCLR, frozen statistics) from step 0."""
         weights = [f"loss.{t}={PAPER_WEIGHTS[t] if t in self.terms else 0}" for t in TERMS]
         views = "off" if not self.strong_views else "auto" if "simclr" in self.terms else "on"
-        return [*weights, f"data.strong_views={views}", f"loss.freeze_bn_stats={str(self.frozen).lower()}",
-                "train.simclr_start=0"]
+        return [
+            *weights,
+            f"data.strong_views={views}",
+            f"loss.freeze_bn_stats={str(self.frozen).lower()}",
+            "train.simclr_start=0",
+        ]
 
 
 _ITC_MLM = frozenset({"itc", "mlm"})
 ITC_MLM = Row("itc_mlm", "ITC + MLM", _ITC_MLM, False, False, (22.2, 21.7))
-SIMCLR_FROZEN = Row("simclr_frozen", "ITC + MLM + SimCLR, statistics frozen", _ITC_MLM | {"simclr"}, True, True,
-                    (25.7, 24.0))
+SIMCLR_FROZEN = Row(
+    "simclr_frozen", "ITC + MLM + SimCLR, statistics frozen", _ITC_MLM | {"simclr"}, True, True, (25.7, 24.0)
+)
 TABLES: dict[int, list[Row]] = {
     3: [
         ITC_MLM,
         Row("simclr", "ITC + MLM + SimCLR, statistics not frozen", _ITC_MLM | {"simclr"}, True, False, (5.0, 1.0)),
-        Row("views_no_simclr", "ITC + MLM, strong views fed (SimCLR weight 0), not frozen", _ITC_MLM, True, False,
-            (4.0, 6.9)),
+        Row(
+            "views_no_simclr",
+            "ITC + MLM, strong views fed (SimCLR weight 0), not frozen",
+            _ITC_MLM,
+            True,
+            False,
+            (4.0, 6.9),
+        ),
         SIMCLR_FROZEN,
     ],
     4: [
@@ -91,8 +103,14 @@ EXTRA_COMPARISONS: dict[int, list[tuple[str, str]]] = {
     4: [("all", "itc_img_fp"), ("all", "itc_txt_fp"), ("all", "simclr_frozen")],
 }
 # The base: PMC-CLIP's own objective (ITC + MLM at 0.5 / 0.5, the weak view only).
-BASE_OVERRIDES = ["loss.itc=0.5", "loss.itc_img_fp=0", "loss.itc_txt_fp=0", "loss.simclr=0", "loss.mlm=0.5",
-                  "data.strong_views=off"]
+BASE_OVERRIDES = [
+    "loss.itc=0.5",
+    "loss.itc_img_fp=0",
+    "loss.itc_txt_fp=0",
+    "loss.simclr=0",
+    "loss.mlm=0.5",
+    "data.strong_views=off",
+]
 
 
 def parse_tables(text: str) -> list[int]:
@@ -102,8 +120,9 @@ def parse_tables(text: str) -> list[int]:
     except ValueError:
         tables = []
     if not tables or any(t not in TABLES for t in tables):
-        raise ConfigError(f"--table takes {', '.join(map(str, sorted(TABLES)))} or several comma-separated, "
-                          f"got {text!r}")
+        raise ConfigError(
+            f"--table takes {', '.join(map(str, sorted(TABLES)))} or several comma-separated, got {text!r}"
+        )
     return sorted(set(tables))
 
 
@@ -113,8 +132,10 @@ def rows_of(tables: list[int], only: list[str] | None = None) -> list[Row]:
     if only:
         unknown = sorted(set(only) - {r.key for r in rows})
         if unknown:
-            raise ConfigError(f"no row {unknown[0]!r} in Table {', '.join(map(str, tables))}; its rows: "
-                              f"{', '.join(r.key for r in rows)}")
+            raise ConfigError(
+                f"no row {unknown[0]!r} in Table {', '.join(map(str, tables))}; its rows: "
+                f"{', '.join(r.key for r in rows)}"
+            )
         rows = [r for r in rows if r.key in only]
     return rows
 
@@ -127,8 +148,17 @@ def base_config(config: str | Path, overrides: list[str], base_epochs: int | Non
 
 def run_config(config: str | Path, row: Row, seed: int, overrides: list[str], base: str | Path) -> Config:
     """The recipe, the user's overrides, the row, the seed, and the base it continues."""
-    return _with_eval(load_config(config, [*overrides, *row.overrides(), f"train.seed={seed}",
-                                           f"model.init_from={base if is_foreign(base) else Path(base).resolve()}"]))
+    return _with_eval(
+        load_config(
+            config,
+            [
+                *overrides,
+                *row.overrides(),
+                f"train.seed={seed}",
+                f"model.init_from={base if is_foreign(base) else Path(base).resolve()}",
+            ],
+        )
+    )
 
 
 def _with_eval(cfg: Config) -> Config:
@@ -154,8 +184,9 @@ class AblationPlan:
     base_epochs: int | None = None
 
 
-def run_ablation(plan: AblationPlan, train: Callable[..., dict[str, Any]] | None = None,
-                 log: Callable[[str], None] = print) -> dict:
+def run_ablation(
+    plan: AblationPlan, train: Callable[..., dict[str, Any]] | None = None, log: Callable[[str], None] = print
+) -> dict:
     """Makes (or takes) the base, runs what is missing of the plan's tables (its seeds a row, from the
     recipe's train.seed up, every row's first seed before any second), and writes ``results.json`` and
     ``table.md`` in its ``out`` after each run."""
@@ -169,8 +200,11 @@ def run_ablation(plan: AblationPlan, train: Callable[..., dict[str, Any]] | None
     first_seed = load_config(config, overrides).train.seed
     out.mkdir(parents=True, exist_ok=True)
     base_path = _base(plan, train, log)
-    configs = {(row.key, s): run_config(config, row, first_seed + s, overrides, base_path)
-               for row in rows for s in range(seeds)}
+    configs = {
+        (row.key, s): run_config(config, row, first_seed + s, overrides, base_path)
+        for row in rows
+        for s in range(seeds)
+    }
     runs: dict[str, dict[int, dict[str, Any]]] = {row.key: {} for row in rows}
     # Seed by seed, every row once per round: a run stopped part-way has every row on the same seeds,
     # so each comparison is paired on all it has.
@@ -178,8 +212,9 @@ def run_ablation(plan: AblationPlan, train: Callable[..., dict[str, Any]] | None
         for row in rows:
             cfg = configs[(row.key, s)]
             run_dir = out / row.key / f"seed{cfg.train.seed}"
-            runs[row.key][cfg.train.seed] = _finished_or_run(cfg, run_dir, ds_config, train, log,
-                                                             f"row {row.key} ({row.label}), seed {cfg.train.seed}")
+            runs[row.key][cfg.train.seed] = _finished_or_run(
+                cfg, run_dir, ds_config, train, log, f"row {row.key} ({row.label}), seed {cfg.train.seed}"
+            )
             if _is_main():
                 write_tables(plan, rows, runs, base_path)
     return tabulate(tables, rows, runs, config, overrides, seeds, base_path)
@@ -202,8 +237,9 @@ def _base(plan: AblationPlan, train: Callable, log: Callable[[str], None]) -> Pa
     return run_dir
 
 
-def _finished_or_run(cfg: Config, run_dir: Path, ds_config: str | None, train: Callable,
-                     log: Callable[[str], None], what: str) -> dict[str, Any]:
+def _finished_or_run(
+    cfg: Config, run_dir: Path, ds_config: str | None, train: Callable, log: Callable[[str], None], what: str
+) -> dict[str, Any]:
     """The retrieval results of a finished run in ``run_dir`` (with per-query ranks), else runs it
     (resuming from a complete checkpoint) first. A folder holding another config is refused."""
     _refuse_other_settings(run_dir, cfg)
@@ -275,7 +311,8 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, dict[s
             out[direction][metric] = {
                 "mean": round(statistics.fmean(values), 2),
                 "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-                "min": min(values), "max": max(values),
+                "min": min(values),
+                "max": max(values),
             }
     return out
 
@@ -285,8 +322,9 @@ def recall_at(ranks: np.ndarray, k: int) -> np.ndarray:
     return 100.0 * (ranks <= k).mean(axis=-1)
 
 
-def paired_bootstrap(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int, samples: int = BOOTSTRAP_SAMPLES,
-                     seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    ranks_a: np.ndarray, ranks_b: np.ndarray, k: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
     """R@k of A minus R@k of B, averaged over the seeds, and its 95% percentile interval.
 
     ``ranks_a``, ``ranks_b``: [S, Q] ranks of the same Q queries from S paired seeds. Each bootstrap
@@ -304,7 +342,7 @@ def paired_bootstrap(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int, samples: 
         seed_draw = rng.integers(0, n_seeds, size=(n, n_seeds))
         query_draw = rng.integers(0, n_queries, size=(n, n_queries))
         drawn = hits[seed_draw[:, :, None], query_draw[:, None, :]]  # [n, S, Q]
-        estimates[start:start + n] = 100.0 * drawn.mean(axis=(1, 2))
+        estimates[start : start + n] = 100.0 * drawn.mean(axis=(1, 2))
     low, high = np.percentile(estimates, [2.5, 97.5])
     return 100.0 * float(hits.mean()), float(low), float(high)
 
@@ -328,14 +366,18 @@ def compare(rows: dict[str, Row], runs: dict, row_key: str, against: str) -> dic
         for key in (row_key, against):
             per_query = [runs[key][s]["per_query"] for s in seeds]
             if any(q["keys"] != per_query[0]["keys"] for q in per_query) or (
-                    stacked and per_query[0]["keys"] != stacked[0][1]):
+                stacked and per_query[0]["keys"] != stacked[0][1]
+            ):
                 raise RuntimeError(f"rows {row_key} and {against} were evaluated on different queries")
             stacked.append((np.array([q[direction] for q in per_query]), per_query[0]["keys"]))
         for metric in COMPARED:
             diff, low, high = paired_bootstrap(stacked[0][0], stacked[1][0], int(metric[2:]))
             result[f"{direction} {metric}"] = {
-                "difference": round(diff, 2), "ci95": [round(low, 2), round(high, 2)],
-                "paper_difference": round(expected, 2), "verdict": verdict(low, high, expected)}
+                "difference": round(diff, 2),
+                "ci95": [round(low, 2), round(high, 2)],
+                "paper_difference": round(expected, 2),
+                "verdict": verdict(low, high, expected),
+            }
     return result
 
 
@@ -347,16 +389,28 @@ def comparisons_of(table: int) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------- tables
 
 
-def tabulate(tables: list[int], rows: list[Row], runs: dict, config, overrides: list[str], seeds: int,
-             base: Path) -> dict:
+def tabulate(
+    tables: list[int], rows: list[Row], runs: dict, config, overrides: list[str], seeds: int, base: Path
+) -> dict:
     by_key = {row.key: row for t in tables for row in TABLES[t]}
-    results: dict[str, Any] = {"config": str(config), "overrides": list(overrides), "seeds_per_row": seeds,
-                               "base": str(base), "bootstrap_samples": BOOTSTRAP_SAMPLES, "rows": {}, "tables": {}}
+    results: dict[str, Any] = {
+        "config": str(config),
+        "overrides": list(overrides),
+        "seeds_per_row": seeds,
+        "base": str(base),
+        "bootstrap_samples": BOOTSTRAP_SAMPLES,
+        "rows": {},
+        "tables": {},
+    }
     for row in rows:
         per_seed = runs[row.key]
         results["rows"][row.key] = {
-            "label": row.label, "terms": sorted(row.terms), "strong_views": row.strong_views, "frozen": row.frozen,
-            "overrides": row.overrides(), "seeds_done": sorted(per_seed),
+            "label": row.label,
+            "terms": sorted(row.terms),
+            "strong_views": row.strong_views,
+            "frozen": row.frozen,
+            "overrides": row.overrides(),
+            "seeds_done": sorted(per_seed),
             "per_seed": {str(s): {d: {m: r[d][m] for m in METRICS} for d in DIRECTIONS} for s, r in per_seed.items()},
             "summary": summarise(per_seed) if per_seed else None,
             "paper_r1": dict(zip(DIRECTIONS, row.paper_r1)),
@@ -382,20 +436,29 @@ def markdown_tables(results: dict) -> str:
     for table, content in results["tables"].items():
         lines += _markdown_table(int(table), content, results["rows"]) + [""]
     n_queries = {r["n_queries"] for r in results["rows"].values() if r["n_queries"]}
-    lines += [f"Ours: mean ± sample std over the seeds (percent), {'/'.join(map(str, sorted(n_queries))) or '?'} "
-              "queries each way. The paper's numbers: ROCO retrieval R@1 after pretraining on ROCO at full "
-              "scale, a reference for the direction, not a like-for-like comparison.",
-              f"Intervals: 95%, paired bootstrap over queries and seeds ({results['bootstrap_samples']} samples). "
-              "Verdict: the paper's direction holds (interval on its side of 0), is reversed (on the other "
-              "side), or cannot be told (the interval holds 0).",
-              f"Base: {results['base']}. Recipe: {results['config']}; overrides: "
-              f"{' '.join(results['overrides']) or 'none'}."]
+    lines += [
+        f"Ours: mean ± sample std over the seeds (percent), {'/'.join(map(str, sorted(n_queries))) or '?'} "
+        "queries each way. The paper's numbers: ROCO retrieval R@1 after pretraining on ROCO at full "
+        "scale, a reference for the direction, not a like-for-like comparison.",
+        f"Intervals: 95%, paired bootstrap over queries and seeds ({results['bootstrap_samples']} samples). "
+        "Verdict: the paper's direction holds (interval on its side of 0), is reversed (on the other "
+        "side), or cannot be told (the interval holds 0).",
+        f"Base: {results['base']}. Recipe: {results['config']}; overrides: {' '.join(results['overrides']) or 'none'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def _markdown_table(table: int, content: dict, rows: dict) -> list[str]:
-    head = ["row", "seeds", "paper i2t R@1", "ours i2t R@1", "paper t2i R@1", "ours t2i R@1",
-            "ours i2t R@5 / R@10", "ours t2i R@5 / R@10"]
+    head = [
+        "row",
+        "seeds",
+        "paper i2t R@1",
+        "ours i2t R@1",
+        "paper t2i R@1",
+        "ours t2i R@1",
+        "ours i2t R@5 / R@10",
+        "ours t2i R@5 / R@10",
+    ]
     lines = [f"Table {table}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda s, d, m: f"{s[d][m]['mean']:.1f} ± {s[d][m]['std']:.1f}"
     for n, key in enumerate(content["rows"], start=1):
@@ -406,8 +469,9 @@ def _markdown_table(table: int, content: dict, rows: dict) -> list[str]:
         cells += [f"{fmt(s, d, 'R@5')} / {fmt(s, d, 'R@10')}" if s else "–" for d in DIRECTIONS]
         lines.append("| " + " | ".join(cells) + " |")
     if content["comparisons"]:
-        head = ["comparison", "paper (i2t / t2i R@1)"] + [f"{d} {m}: ours [95% CI], verdict"
-                                                          for d in DIRECTIONS for m in COMPARED]
+        head = ["comparison", "paper (i2t / t2i R@1)"] + [
+            f"{d} {m}: ours [95% CI], verdict" for d in DIRECTIONS for m in COMPARED
+        ]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in content["comparisons"]:
             paper = " / ".join(f"{c[f'{d} R@1']['paper_difference']:+.1f}" for d in DIRECTIONS)

@@ -3,6 +3,7 @@
 Errors reach the user as one clear line and a non-zero exit code; set UNIMLIP_DEBUG=1 for the
 traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,12 @@ from rich.table import Table
 from .config import DATA_FORMATS, DEFAULT_RECIPE, PACK_FORMATS
 from .console import make_console
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="High-throughput Uni-Mlip pretraining and evaluation.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="High-throughput Uni-Mlip pretraining and evaluation.",
+)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained model.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets.")
 app.add_typer(eval_app, name="eval")
@@ -38,16 +43,21 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """High-throughput Uni-Mlip pretraining and evaluation."""
 
 
 CHECKPOINT_SPECS = "pmc-clip:PATH, or open_clip:hf-hub:ORG/NAME | local-dir:DIR | MODEL_NAME:WEIGHTS"
 
-DsConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--ds-config", help="DeepSpeed JSON (ZeRO stage, precision): a path, or the name of a shipped one (zero2.json).")]
+DsConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--ds-config", help="DeepSpeed JSON (ZeRO stage, precision): a path, or the name of a shipped one (zero2.json)."
+    ),
+]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/<name>).")]
 
 
@@ -65,15 +75,24 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def pretrain(
-    config: Annotated[Optional[str], typer.Argument(
-        help=f"Recipe YAML/JSON: a path, or the name of a shipped one (demo.yaml, medpix_cpu.yaml, paper.yaml); "
-             f"left out: {DEFAULT_RECIPE}.", show_default=False)] = None,
+    config: Annotated[
+        Optional[str],
+        typer.Argument(
+            help=f"Recipe YAML/JSON: a path, or the name of a shipped one (demo.yaml, medpix_cpu.yaml, paper.yaml); "
+            f"left out: {DEFAULT_RECIPE}.",
+            show_default=False,
+        ),
+    ] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.max_steps=30.")] = None,
     ds_config: DsConfigOpt = None,
     run_dir: RunDirOpt = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint tag.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a run folder that holds a run "
-                                            "(deletes its checkpoints and metrics).")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Start over in a run folder that holds a run (deletes its checkpoints and metrics)."
+        ),
+    ] = False,
 ) -> None:
     """Pretrain Uni-Mlip.
 
@@ -95,12 +114,14 @@ def pretrain(
         return
     if "retrieval" in summary:
         print_retrieval(summary["retrieval"])
-    console.print(f"run folder: {summary['run_dir']}  steps: {summary['steps']}  "
-                  f"wall time: {_duration(summary['wall_s'])}  "
-                  f"skipped records: {describe_skips(summary['skipped_records']) or 'none'}  "
-                  f"skipped samples: {describe_skips(summary['skipped_samples']) or 'none'}  "
-                  f"non-finite steps: {summary['nonfinite_steps']}", highlight=False)
-
+    console.print(
+        f"run folder: {summary['run_dir']}  steps: {summary['steps']}  "
+        f"wall time: {_duration(summary['wall_s'])}  "
+        f"skipped records: {describe_skips(summary['skipped_records']) or 'none'}  "
+        f"skipped samples: {describe_skips(summary['skipped_samples']) or 'none'}  "
+        f"non-finite steps: {summary['nonfinite_steps']}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -108,15 +129,26 @@ def plan(
     config: Annotated[str, typer.Argument(help="Recipe YAML/JSON: a path, or the name of a shipped one.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides.")] = None,
     ds_config: DsConfigOpt = None,
-    gpu: Annotated[str, typer.Option("--gpu", help="The card: v100-16gb, v100-32gb, a100-40gb, a100-80gb, "
-                                     "h100-80gb, h200, l40s, rtx-4090.")] = "h100-80gb",
+    gpu: Annotated[
+        str,
+        typer.Option(
+            "--gpu", help="The card: v100-16gb, v100-32gb, a100-40gb, a100-80gb, h100-80gb, h200, l40s, rtx-4090."
+        ),
+    ] = "h100-80gb",
     gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs in the run.")] = 1,
-    mfu: Annotated[float, typer.Option("--mfu", min=0.01, max=1.0, help="Model FLOPs utilisation the predicted "
-                                       "time assumes.")] = 0.35,
-    link: Annotated[Optional[str], typer.Option("--link", help="The link ZeRO's collectives run on (nvlink2-4, "
-                                                "pcie3-5, ib-edr/hdr/ndr); default: the card's.")] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Samples per epoch (default: known for "
-                                                   "pmc-oa).")] = None,
+    mfu: Annotated[
+        float, typer.Option("--mfu", min=0.01, max=1.0, help="Model FLOPs utilisation the predicted time assumes.")
+    ] = 0.35,
+    link: Annotated[
+        Optional[str],
+        typer.Option(
+            "--link",
+            help="The link ZeRO's collectives run on (nvlink2-4, pcie3-5, ib-edr/hdr/ndr); default: the card's.",
+        ),
+    ] = None,
+    samples: Annotated[
+        Optional[int], typer.Option("--samples", help="Samples per epoch (default: known for pmc-oa).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The plan as JSON on stdout.")] = False,
 ) -> None:
     """Fit, largest micro-batch, memory by kind, predicted time and ZeRO traffic per card, from one step traced
@@ -134,27 +166,50 @@ def plan(
     cfg = load_config(config, list(overrides or []))
     _quiet_libraries()
     ds = load_ds_config(str(find_config_file(ds_config)) if ds_config else None)
-    result = make_plan(cfg, ds, card, gpus, Assumptions(mfu=mfu, link=link, samples=samples),
-                       log=(lambda line: None) if as_json else (lambda line: console.print(line, highlight=False)))
+    result = make_plan(
+        cfg,
+        ds,
+        card,
+        gpus,
+        Assumptions(mfu=mfu, link=link, samples=samples),
+        log=(lambda line: None) if as_json else (lambda line: console.print(line, highlight=False)),
+    )
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
         show_plan(result, make_console(stderr=False), config)
 
+
 @app.command()
 def ablate(
     config: Annotated[Path, typer.Argument(help="Recipe YAML/JSON; it needs eval.split for retrieval.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides for every run.")] = None,
-    table: Annotated[str, typer.Option("--table", help="The paper's Table 3 (BatchNorm statistics and SimCLR), "
-                                       "4 (each term added to ITC + MLM), or 3,4 (their rows shared).")] = "3",
+    table: Annotated[
+        str,
+        typer.Option(
+            "--table",
+            help="The paper's Table 3 (BatchNorm statistics and SimCLR), "
+            "4 (each term added to ITC + MLM), or 3,4 (their rows shared).",
+        ),
+    ] = "3",
     seeds: Annotated[int, typer.Option("--seeds", help="Runs per row, seeds train.seed, train.seed + 1, ...")] = 1,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the base, the runs and the tables "
-                                                "(default runs/ablate_<name>).")] = None,
-    base: Annotated[Optional[Path], typer.Option("--base", help="The ITC + MLM model every row continues: a "
-                                                 "finished run folder or a PMC-CLIP checkpoint (default: made "
-                                                 "once in OUT/base with PMC-CLIP's objective).")] = None,
-    base_epochs: Annotated[Optional[int], typer.Option("--base-epochs", help="Epochs of the base made in OUT/base "
-                                                       "(default: the recipe's).")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Folder for the base, the runs and the tables (default runs/ablate_<name>)."),
+    ] = None,
+    base: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--base",
+            help="The ITC + MLM model every row continues: a "
+            "finished run folder or a PMC-CLIP checkpoint (default: made "
+            "once in OUT/base with PMC-CLIP's objective).",
+        ),
+    ] = None,
+    base_epochs: Annotated[
+        Optional[int],
+        typer.Option("--base-epochs", help="Epochs of the base made in OUT/base (default: the recipe's)."),
+    ] = None,
     rows: Annotated[Optional[str], typer.Option("--rows", help="Only these rows, comma-separated keys.")] = None,
     ds_config: DsConfigOpt = None,
 ) -> None:
@@ -170,9 +225,17 @@ def ablate(
     tables = parse_tables(table)
     folder = out or Path("runs") / f"ablate_{load_config(config, overrides or []).name}"
     _quiet_libraries()
-    plan = AblationPlan(config, tables, seeds, overrides or [], folder, str(ds_config) if ds_config else None,
-                        only=[r.strip() for r in rows.split(",")] if rows else None, base=base,
-                        base_epochs=base_epochs)
+    plan = AblationPlan(
+        config,
+        tables,
+        seeds,
+        overrides or [],
+        folder,
+        str(ds_config) if ds_config else None,
+        only=[r.strip() for r in rows.split(",")] if rows else None,
+        base=base,
+        base_epochs=base_epochs,
+    )
     run_ablation(plan, log=lambda line: console.print(line, highlight=False))
     if os.environ.get("RANK", "0") == "0":
         console.print((folder / TABLE_FILE).read_text(), highlight=False)
@@ -191,8 +254,10 @@ def _duration(seconds: float) -> str:
 # The keys of a data set's reading that a command taking --data takes from the run it evaluates,
 # when the data is the run's own (a CSV's columns, its image folder, its split column).
 RUN_DATA_KEYS = ("image_root", "image_key", "caption_key", "split_key")
-DATA_KEY_HELP = ("KEY=VALUE for a data.* key as pretraining takes it, e.g. image_key=filename caption_key=notes "
-                 "image_root=DIR (repeatable); the data of the run being evaluated defaults to the run's own keys.")
+DATA_KEY_HELP = (
+    "KEY=VALUE for a data.* key as pretraining takes it, e.g. image_key=filename caption_key=notes "
+    "image_root=DIR (repeatable); the data of the run being evaluated defaults to the run's own keys."
+)
 
 
 def parse_data_spec(spec: str, data_keys: list[str] | None = None, run: Path | None = None):
@@ -214,8 +279,11 @@ def parse_data_spec(spec: str, data_keys: list[str] | None = None, run: Path | N
             keys = [f"{k}={getattr(own, k)}" for k in RUN_DATA_KEYS if getattr(own, k)] + keys
     if not keys:
         return base
-    fields = [f"{f.name}={getattr(base, f.name)}" for f in dataclasses.fields(DataConfig)
-              if f.name in ("format", "path", "phantom_size")]
+    fields = [
+        f"{f.name}={getattr(base, f.name)}"
+        for f in dataclasses.fields(DataConfig)
+        if f.name in ("format", "path", "phantom_size")
+    ]
     return load_schema(DataConfig, None, fields + keys)
 
 
@@ -230,8 +298,10 @@ def _parse_data_spec(spec: str):
 
     fmt, sep, path = spec.partition(":")
     if not sep or fmt not in DATA_FORMATS:
-        raise typer.BadParameter(f"--data must be FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)} "
-                                 "(phantom:N for N generated phantom pairs)")
+        raise typer.BadParameter(
+            f"--data must be FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)} "
+            "(phantom:N for N generated phantom pairs)"
+        )
     if fmt == "phantom":
         if path and not path.isdigit():
             raise typer.BadParameter(f"--data phantom:N takes a number of pairs, got {path!r}")
@@ -243,17 +313,30 @@ def _parse_data_spec(spec: str):
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder (or its weights), export, "
-                                            f"{CHECKPOINT_SPECS}.")],
-    data: Annotated[str, typer.Option("--data", help=f"FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}, "
-                                      "e.g. medpix:../shared/data/medpix2; phantom:N for N generated phantom pairs.")],
-    split: Annotated[str, typer.Option("--split", help="train, dev, test or all (the data set's own split files).")
-                     ] = "test",
-    split_key: Annotated[str, typer.Option("--split-key", help="csv/jsonl: the column naming each row's split "
-                                           "(one file without it is training data).")] = "",
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help=f"Finished run folder (or its weights), export, {CHECKPOINT_SPECS}.")
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help=f"FORMAT:PATH with FORMAT one of {', '.join(DATA_FORMATS)}, "
+            "e.g. medpix:../shared/data/medpix2; phantom:N for N generated phantom pairs.",
+        ),
+    ],
+    split: Annotated[
+        str, typer.Option("--split", help="train, dev, test or all (the data set's own split files).")
+    ] = "test",
+    split_key: Annotated[
+        str,
+        typer.Option(
+            "--split-key", help="csv/jsonl: the column naming each row's split (one file without it is training data)."
+        ),
+    ] = "",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
-    keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates",
-                                                  help="Keep pairs with repeated captions.")] = False,
+    keep_duplicates: Annotated[
+        bool, typer.Option("--keep-duplicates", help="Keep pairs with repeated captions.")
+    ] = False,
     roco_protocol: Annotated[bool, typer.Option("--roco-2000", help="ROCO's 2,000-pair test protocol.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
@@ -272,8 +355,13 @@ def eval_retrieval(
     from .loading import load
 
     trained = load(checkpoint, device)
-    results = evaluate_loaded_retrieval(trained, data_cfg, split, batch_size,
-                                        RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol))
+    results = evaluate_loaded_retrieval(
+        trained,
+        data_cfg,
+        split,
+        batch_size,
+        RetrievalProtocol(keep_duplicates=keep_duplicates, roco_2000=roco_protocol),
+    )
     print_retrieval(results)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,8 +373,9 @@ def eval_zeroshot(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder, export, {CHECKPOINT_SPECS}.")],
     data: Annotated[str, typer.Option("--data", help="nih|chexpert|mimic|csv:PATH, e.g. nih:../shared/data/nih1000.")],
     split: Annotated[str, typer.Option("--split", help="train, valid or test (not for csv).")] = "test",
-    prompts: Annotated[Optional[Path], typer.Option("--prompts",
-                                                    help="Prompts JSON (templates and/or per label).")] = None,
+    prompts: Annotated[
+        Optional[Path], typer.Option("--prompts", help="Prompts JSON (templates and/or per label).")
+    ] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
@@ -312,9 +401,11 @@ def eval_zeroshot(
     model = load(checkpoint, device)
     results = evaluate_zeroshot(model, labelled, prompt_sets, batch_size, workers)
     results["split"] = split if fmt != "csv" else "all"
-    table = Table(title=f"zero-shot on {data} ({results['split']}): n={results['n_test']}, macro AUC "
-                        f"{results['macro_auc']:.4f} (chance 0.5; random rankings: 5th-95th percentile "
-                        f"{results['chance_macro_auc_p05']:.4f}-{results['chance_macro_auc_p95']:.4f})")
+    table = Table(
+        title=f"zero-shot on {data} ({results['split']}): n={results['n_test']}, macro AUC "
+        f"{results['macro_auc']:.4f} (chance 0.5; random rankings: 5th-95th percentile "
+        f"{results['chance_macro_auc_p05']:.4f}-{results['chance_macro_auc_p95']:.4f})"
+    )
     table.add_column("label")
     table.add_column("positives", justify="right")
     table.add_column("AUC", justify="right")
@@ -332,12 +423,22 @@ def eval_zeroshot(
 @app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folder(s); several are drawn on the same axes.")],
-    output: Annotated[Optional[Path], typer.Option("--output", help="The HTML file (default RUN/report.html for one "
-                                                   "run, ./report.html for several); PNGs go beside it.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="FORMAT:PATH for the gallery, when the run's own data "
-                                                "path does not resolve from here.")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Evaluation split for the gallery (default the "
-                                                 "run's eval.split).")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            help="The HTML file (default RUN/report.html for one run, ./report.html for several); PNGs go beside it.",
+        ),
+    ] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data", help="FORMAT:PATH for the gallery, when the run's own data path does not resolve from here."
+        ),
+    ] = None,
+    split: Annotated[
+        Optional[str], typer.Option("--split", help="Evaluation split for the gallery (default the run's eval.split).")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N] (the gallery's embeddings).")] = "cpu",
 ) -> None:
     """An HTML report of a run: loss terms, throughput, retrieval, a retrieval gallery, the run's facts.
@@ -362,14 +463,21 @@ def data_pack(
     output: Annotated[Path, typer.Option("--output", help="Folder for the shards, their indices and manifest.json.")],
     split: Annotated[str, typer.Option("--split", help="train, dev, test or all.")] = "train",
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard.")] = 1000,
-    tokenizer: Annotated[str, typer.Option("--tokenizer", help="Hub name, local folder, or minilm (a random-bert "
-                                           "run's tokenizer folder for random-bert).")] = "minilm",
+    tokenizer: Annotated[
+        str,
+        typer.Option(
+            "--tokenizer",
+            help="Hub name, local folder, or minilm (a random-bert run's tokenizer folder for random-bert).",
+        ),
+    ] = "minilm",
     context_length: Annotated[int, typer.Option("--context-length")] = 77,
     workers: Annotated[int, typer.Option("--workers", help="Processes packing shards in parallel.")] = max(
-        1, (os.cpu_count() or 2) - 1),
+        1, (os.cpu_count() or 2) - 1
+    ),
     image_root: Annotated[str, typer.Option("--image-root", help="csv/jsonl: image folder.")] = "",
-    shuffle_seed: Annotated[int, typer.Option("--shuffle-seed", help="Order of records over shards; -1 keeps the "
-                                              "source's order.")] = 0,
+    shuffle_seed: Annotated[
+        int, typer.Option("--shuffle-seed", help="Order of records over shards; -1 keeps the source's order.")
+    ] = 0,
 ) -> None:
     """Pack image-caption pairs into webdataset shards with pre-tokenised captions (resumable).
 
@@ -386,9 +494,12 @@ def data_pack(
     options = PackOptions(shard_size, context_length, workers, shuffle_seed=None if shuffle_seed < 0 else shuffle_seed)
     manifest = pack(data, output, tokenizer, split, options)
     skipped = describe_skips(manifest["skipped"]) or "none"
-    console.print(f"{manifest['n_samples']} samples in {len(manifest['shards'])} shards at {output}; "
-                  f"tokenizer {tokenizer} (vocab {manifest['tokenizer']['vocab_size']}, context {context_length}); "
-                  f"skipped: {skipped}", highlight=False)
+    console.print(
+        f"{manifest['n_samples']} samples in {len(manifest['shards'])} shards at {output}; "
+        f"tokenizer {tokenizer} (vocab {manifest['tokenizer']['vocab_size']}, context {context_length}); "
+        f"skipped: {skipped}",
+        highlight=False,
+    )
 
 
 @data_app.command("verify")
@@ -417,8 +528,13 @@ def _progress_reporter(label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     if console.is_terminal:
-        bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                       TimeRemainingColumn(), console=console)
+        bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
         task = bar.add_task(label, total=None)
         bar.start()
         return (lambda done, total: bar.update(task, completed=done, total=total)), bar.stop
@@ -437,8 +553,12 @@ def _progress_reporter(label: str):
 def embed(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help=f"Finished run folder, export, {CHECKPOINT_SPECS}.")],
     output: Annotated[Path, typer.Option("--output", help="Index folder (created; an unfinished one resumes).")],
-    data: Annotated[Optional[str], typer.Option(
-        "--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2; phantom:N for N generated pairs.")] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data", help="FORMAT:PATH, e.g. medpix:../shared/data/medpix2; phantom:N for N generated pairs."
+        ),
+    ] = None,
     shards: Annotated[Optional[Path], typer.Option("--shards", help="A `data pack` folder instead of --data.")] = None,
     split: Annotated[str, typer.Option("--split", help="With --data: train, dev, test or all.")] = "all",
     storage: Annotated[str, typer.Option("--format", help="npy, or parquet (needs pyarrow).")] = "npy",
@@ -453,6 +573,7 @@ def embed(
     Example: unimlip-fast embed --checkpoint runs/medpix_cpu --data medpix:../shared/data/medpix2 --output emb/medpix
     """
     from .data.records import DataError, describe_skips
+
     if (data is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --data FORMAT:PATH and --shards DIR")
     data_cfg = parse_data_spec(data, data_key, checkpoint) if data else None
@@ -471,16 +592,21 @@ def embed(
         source = f"shards:{shards.resolve()}"
     report, close = _progress_reporter("embedding")
     try:
-        index = embed_to_index(model, items, n, source, output, read_skipped,
-                               EmbedOptions(part_size, batch_size, workers, storage, report))
+        index = embed_to_index(
+            model, items, n, source, output, read_skipped, EmbedOptions(part_size, batch_size, workers, storage, report)
+        )
     finally:
         close()
     skipped = describe_skips({**index["read_skipped"], **index["skipped"]}) or "none"
     if index["n_images"] == 0:  # captions alone are no image index: a failure, said in one line
-        raise DataError(f"no image could be embedded (skipped: {skipped}); {output} holds {index['n_texts']} "
-                        "captions only")
-    console.print(f"{index['n_images']} images and {index['n_texts']} captions in {len(index['parts'])} parts at "
-                  f"{output}; skipped: {skipped}", highlight=False)
+        raise DataError(
+            f"no image could be embedded (skipped: {skipped}); {output} holds {index['n_texts']} captions only"
+        )
+    console.print(
+        f"{index['n_images']} images and {index['n_texts']} captions in {len(index['parts'])} parts at "
+        f"{output}; skipped: {skipped}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -489,10 +615,13 @@ def search(
     text: Annotated[Optional[str], typer.Option("--text", help="Query text.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="Query image.")] = None,
     k: Annotated[int, typer.Option("-k", help="Results to show.")] = 10,
-    over: Annotated[Optional[str], typer.Option("--over", help="image or text embeddings (default: the other "
-                                                 "modality than the query's).")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Model for the query (default: the "
-                                                      "index's).")] = None,
+    over: Annotated[
+        Optional[str],
+        typer.Option("--over", help="image or text embeddings (default: the other modality than the query's)."),
+    ] = None,
+    checkpoint: Annotated[
+        Optional[str], typer.Option("--checkpoint", help="Model for the query (default: the index's).")
+    ] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
@@ -522,8 +651,10 @@ def search(
         json_out.write_text(json.dumps(hits, indent=2))
 
 
-FinetuneCheckpointOpt = Annotated[Optional[str], typer.Option(
-    "--checkpoint", help=f"A finished pretraining run folder, an export, {CHECKPOINT_SPECS}.")]
+FinetuneCheckpointOpt = Annotated[
+    Optional[str],
+    typer.Option("--checkpoint", help=f"A finished pretraining run folder, an export, {CHECKPOINT_SPECS}."),
+]
 FinetuneConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Fine-tuning recipe YAML/JSON.")]
 FinetuneOverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.epochs=5.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")]
@@ -545,8 +676,9 @@ def finetune_classify(
     data: Annotated[str, typer.Option("--data", help="nih|chexpert|mimic:PATH, e.g. nih:../shared/data/nih1000.")],
     checkpoint: FinetuneCheckpointOpt = None,
     overrides: FinetuneOverridesArg = None,
-    fraction: Annotated[Optional[float], typer.Option("--fraction", help="Share of the training labels: "
-                                                      "0.01, 0.1, 1.0.")] = None,
+    fraction: Annotated[
+        Optional[float], typer.Option("--fraction", help="Share of the training labels: 0.01, 0.1, 1.0.")
+    ] = None,
     config: FinetuneConfigOpt = None,
     json_out: JsonOpt = None,
     run_dir: RunDirOpt = None,
@@ -568,8 +700,9 @@ def finetune_classify(
     from .train.distributed import init_distributed
 
     env = init_distributed()
-    out = _finetune_run_dir(run_dir, cfg.name, cfg.data.format, f"f{cfg.data.fraction:g}", cfg.train.init,
-                            f"s{cfg.train.seed}")
+    out = _finetune_run_dir(
+        run_dir, cfg.name, cfg.data.format, f"f{cfg.data.fraction:g}", cfg.train.init, f"s{cfg.train.seed}"
+    )
     results = run(cfg, checkpoint, out, env, json_out, echo=lambda m: console.print(m, highlight=False))
     if env.is_main:
         print_classify(results)
@@ -583,8 +716,10 @@ def finetune_vqa(
     config: FinetuneConfigOpt = None,
     json_out: JsonOpt = None,
     run_dir: RunDirOpt = None,
-    majority: Annotated[bool, typer.Option("--majority-baseline", help="No model: the most frequent training "
-                                           "answer of each answer type.")] = False,
+    majority: Annotated[
+        bool,
+        typer.Option("--majority-baseline", help="No model: the most frequent training answer of each answer type."),
+    ] = False,
 ) -> None:
     """Medical VQA as classification over the training answers: accuracy on open, closed, all.
 
@@ -621,8 +756,10 @@ def finetune_vqa(
 
 
 def print_classify(results: dict) -> None:
-    table = Table(title=f"{results['data']} test: n={results['n_test']}, trained on {results['n_train']} images "
-                        f"(fraction {results['fraction']:g}), init {results['init']}, seed {results['seed']}")
+    table = Table(
+        title=f"{results['data']} test: n={results['n_test']}, trained on {results['n_train']} images "
+        f"(fraction {results['fraction']:g}), init {results['init']}, seed {results['seed']}"
+    )
     table.add_column("label")
     table.add_column("AUC", justify="right")
     for label, auc in results["per_label"].items():
@@ -630,15 +767,22 @@ def print_classify(results: dict) -> None:
     table.add_row("[bold]macro[/bold]", f"[bold]{results['macro_auc']:.4f}[/bold]")
     make_console(stderr=False).print(table)
     if results["excluded_labels"]:
-        console.print(f"one class only in the test split, left out of the macro AUC: "
-                      f"{', '.join(results['excluded_labels'])}", highlight=False)
-    console.print(f"best validation macro AUC {results['val_macro_auc']:.4f} at epoch {results['best_epoch']} "
-                  f"of {results['epochs_run']}; run folder {results['run_dir']}", highlight=False)
+        console.print(
+            f"one class only in the test split, left out of the macro AUC: {', '.join(results['excluded_labels'])}",
+            highlight=False,
+        )
+    console.print(
+        f"best validation macro AUC {results['val_macro_auc']:.4f} at epoch {results['best_epoch']} "
+        f"of {results['epochs_run']}; run folder {results['run_dir']}",
+        highlight=False,
+    )
 
 
 def print_vqa(results: dict, title: str) -> None:
-    table = Table(title=f"VQA test ({title}): n={results['n_test']}, "
-                        f"{results['n_unseen_answers']} answers unseen in training (counted wrong)")
+    table = Table(
+        title=f"VQA test ({title}): n={results['n_test']}, "
+        f"{results['n_unseen_answers']} answers unseen in training (counted wrong)"
+    )
     for col in ("open", "closed", "overall"):
         table.add_column(col, justify="right")
     table.add_row(*(f"{100 * results[c]:.2f}" for c in ("open", "closed", "overall")))
@@ -650,9 +794,15 @@ def export(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Finished run folder.")],
     output: Annotated[Path, typer.Option("--output", help="Folder to write.")],
     fmt: Annotated[str, typer.Option("--format", help="open_clip.")] = "open_clip",
-    hub_id: Annotated[Optional[str], typer.Option("--hub-id", help="ORG/NAME: the Hugging Face repo the folder will "
-                                                  "be uploaded to (names a bundled text tower, goes into the model "
-                                                  "card).")] = None,
+    hub_id: Annotated[
+        Optional[str],
+        typer.Option(
+            "--hub-id",
+            help="ORG/NAME: the Hugging Face repo the folder will "
+            "be uploaded to (names a bundled text tower, goes into the model "
+            "card).",
+        ),
+    ] = None,
 ) -> None:
     """Export a finished run for other tools (open_clip's local-dir folder, with a model card).
 
@@ -666,13 +816,16 @@ def export(
     from .export import export as run_export
 
     folder = run_export(checkpoint, fmt, output, hub_id)
-    console.print(f"{fmt} export at {folder}: open_clip.create_model_and_transforms('local-dir:{folder}')",
-                  highlight=False)
+    console.print(
+        f"{fmt} export at {folder}: open_clip.create_model_and_transforms('local-dir:{folder}')", highlight=False
+    )
 
 
 def print_retrieval(results: dict) -> None:
-    table = Table(title=f"retrieval on {results.get('split', '?')}: n={results['n']} "
-                        f"({results.get('n_duplicates_dropped', 0)} duplicate captions dropped)")
+    table = Table(
+        title=f"retrieval on {results.get('split', '?')}: n={results['n']} "
+        f"({results.get('n_duplicates_dropped', 0)} duplicate captions dropped)"
+    )
     table.add_column("direction")
     for col in ("R@1", "R@5", "R@10", "median_rank", "mean_rank"):
         table.add_column(col, justify="right")

@@ -3,6 +3,7 @@
 Unknown keys are errors that list the valid ones; override values are parsed as YAML scalars and
 type-checked against the field they replace. The resolved config is saved into the run folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -396,8 +397,9 @@ def validate(config: Config) -> None:
     if config.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
     if config.train.micro_batch_size < 0 or config.train.micro_batch_size == 1:
-        raise ConfigError("train.micro_batch_size must be 0 (the whole per-rank batch) or at least 2 "
-                          "(BatchNorm needs two samples)")
+        raise ConfigError(
+            "train.micro_batch_size must be 0 (the whole per-rank batch) or at least 2 (BatchNorm needs two samples)"
+        )
     if config.model.dropblock_size % 2 != 1:
         raise ConfigError("model.dropblock_size must be odd")
     if not 0.0 <= config.model.dropblock_p < 1.0 or not 0.0 <= config.model.text_dropout < 1.0:

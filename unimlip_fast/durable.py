@@ -8,6 +8,7 @@ megabytes free and the megabytes the write needed. :func:`disk_full_named` gives
 for writes made by other code (DeepSpeed's checkpoint files), and :func:`require_free_space`
 refuses to start what the disk cannot hold.
 """
+
 from __future__ import annotations
 
 import errno
@@ -32,8 +33,10 @@ class DiskFullError(OSError):
         self.path, self.free_bytes, self.needed_bytes, self.what = Path(path), free_bytes, needed_bytes, what
 
     def __str__(self) -> str:
-        return (f"no space left on device writing {self.path} ({self.free_bytes / MB:.0f} MB free, {self.what} "
-                f"needs about {max(1, round(self.needed_bytes / MB))} MB)")
+        return (
+            f"no space left on device writing {self.path} ({self.free_bytes / MB:.0f} MB free, {self.what} "
+            f"needs about {max(1, round(self.needed_bytes / MB))} MB)"
+        )
 
 
 def free_bytes(path: str | os.PathLike) -> int:
@@ -57,8 +60,9 @@ def is_disk_full(error: BaseException, path: str | os.PathLike) -> bool:
 
 
 @contextmanager
-def disk_full_named(path: str | os.PathLike, needed_bytes: int | Callable[[], int] = 0,
-                    what: str = "the file") -> Iterator[None]:
+def disk_full_named(
+    path: str | os.PathLike, needed_bytes: int | Callable[[], int] = 0, what: str = "the file"
+) -> Iterator[None]:
     """Turn a failure of the writes inside into :class:`DiskFullError` when the disk is full.
     ``needed_bytes``: what the write needs (a callable is asked only on failure)."""
     try:
@@ -94,12 +98,13 @@ def temporary_name(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path], None],
-                 what: str = "the file") -> None:
+def write_atomic(
+    path: str | os.PathLike, content: str | bytes | Callable[[Path], None], what: str = "the file"
+) -> None:
     """Replace ``path`` with ``content`` (text, bytes, or a function writing the file it is given),
-    through a temporary file in the same folder: fsync, rename, fsync the folder; the file gets the
-mode a plain ``open`` gives (whatever library wrote it). On failure the
-    temporary file is removed and ``path`` is as before; a full disk raises :class:`DiskFullError`."""
+        through a temporary file in the same folder: fsync, rename, fsync the folder; the file gets the
+    mode a plain ``open`` gives (whatever library wrote it). On failure the
+        temporary file is removed and ``path`` is as before; a full disk raises :class:`DiskFullError`."""
     path = Path(path)
     tmp = temporary_name(path)
     data = content.encode() if isinstance(content, str) else content
@@ -128,8 +133,10 @@ class NotEnoughSpaceError(DiskFullError):
     """A start refused because the disk cannot hold what it would write."""
 
     def __str__(self) -> str:
-        return (f"not enough space on the disk of {self.path}: {self.free_bytes / MB:.0f} MB free, {self.what} "
-                f"needs about {max(1, round(self.needed_bytes / MB))} MB; free some space or choose another folder")
+        return (
+            f"not enough space on the disk of {self.path}: {self.free_bytes / MB:.0f} MB free, {self.what} "
+            f"needs about {max(1, round(self.needed_bytes / MB))} MB; free some space or choose another folder"
+        )
 
 
 def require_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:

@@ -15,6 +15,7 @@ are written under temporary names and renamed, then ``index.json`` is rewritten:
 point and started again keeps every finished part and embeds the rest. An image that cannot be read
 is skipped and counted (its caption is still embedded); the counts are in ``index.json``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -130,12 +131,22 @@ def _collate(samples):
     return index, (torch.stack([x for _, x in good]) if good else None), failed
 
 
-def embed_images(model: EmbeddingModel, images: list, batch_size: int = 64, workers: int = 0,
-                 on_batch: Callable[[int], None] = lambda n: None) -> tuple[list[int], np.ndarray, dict[str, int]]:
+def embed_images(
+    model: EmbeddingModel,
+    images: list,
+    batch_size: int = 64,
+    workers: int = 0,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> tuple[list[int], np.ndarray, dict[str, int]]:
     """Images (paths, bytes or PIL images), decoded in ``workers`` processes and embedded in batches ->
     ``(positions of the images that loaded, their embeddings [n,D] float32, images skipped per reason)``."""
-    loader = DataLoader(_ImageFiles(images, model.preprocess), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, pin_memory=model.device.type == "cuda")
+    loader = DataLoader(
+        _ImageFiles(images, model.preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=model.device.type == "cuda",
+    )
     kept, rows, skipped = [], [], collections.Counter()
     for index, batch, failed in loader:
         skipped.update(failed)
@@ -146,13 +157,24 @@ def embed_images(model: EmbeddingModel, images: list, batch_size: int = 64, work
     return kept, (np.concatenate(rows) if rows else np.zeros((0, model.embed_dim), np.float32)), dict(skipped)
 
 
-def embed_part(model: EmbeddingModel, items: list[Item], batch_size: int, workers: int,
-               on_batch: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+def embed_part(
+    model: EmbeddingModel,
+    items: list[Item],
+    batch_size: int,
+    workers: int,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:
     """Image and caption embeddings of one part, and the images skipped per reason."""
     kept, image_rows, skipped = embed_images(model, [it.image for it in items], batch_size, workers, on_batch)
     texts = model.encode_text([it.caption for it in items], batch_size=max(batch_size, 64)).numpy()
-    return {"image": image_rows, "image_keys": [items[i].key for i in kept], "text": texts,
-            "text_keys": [it.key for it in items], "captions": [it.caption for it in items], "skipped": skipped}
+    return {
+        "image": image_rows,
+        "image_keys": [items[i].key for i in kept],
+        "text": texts,
+        "text_keys": [it.key for it in items],
+        "captions": [it.caption for it in items],
+        "skipped": skipped,
+    }
 
 
 def _part_name(k: int) -> str:
@@ -168,10 +190,13 @@ def write_part(folder: Path, k: int, part: dict[str, Any], storage: str) -> list
     """One part's files, each written to a temporary name and renamed; returns their names."""
     name = _part_name(k)
     if storage == "npy":
-        files = {f"{name}.image.npy": lambda p: _save_npy(p, part["image"]),
-                 f"{name}.text.npy": lambda p: _save_npy(p, part["text"]),
-                 f"{name}.keys.json": lambda p: p.write_text(json.dumps(
-                     {k_: part[k_] for k_ in ("image_keys", "text_keys", "captions")}))}
+        files = {
+            f"{name}.image.npy": lambda p: _save_npy(p, part["image"]),
+            f"{name}.text.npy": lambda p: _save_npy(p, part["text"]),
+            f"{name}.keys.json": lambda p: p.write_text(
+                json.dumps({k_: part[k_] for k_ in ("image_keys", "text_keys", "captions")})
+            ),
+        }
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -184,9 +209,12 @@ def write_part(folder: Path, k: int, part: dict[str, Any], storage: str) -> list
             columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
             return pa.table(columns)
 
-        files = {f"{name}.image.parquet": lambda p: pq.write_table(table(part["image"], part["image_keys"]), p),
-                 f"{name}.text.parquet": lambda p: pq.write_table(
-                     table(part["text"], part["text_keys"], part["captions"]), p)}
+        files = {
+            f"{name}.image.parquet": lambda p: pq.write_table(table(part["image"], part["image_keys"]), p),
+            f"{name}.text.parquet": lambda p: pq.write_table(
+                table(part["text"], part["text_keys"], part["captions"]), p
+            ),
+        }
     for file_name, write in files.items():
         write_atomic(folder / file_name, write, what="the embeddings part")
     return list(files)
@@ -212,8 +240,10 @@ def _open_index(folder: Path, header: dict[str, Any]) -> dict[str, Any]:
     index = json.loads(path.read_text())
     for key in ("checkpoint", "source", "part_size", "format", "embed_dim", "weights_sha256"):
         if index.get(key) != header[key] and (key in index or key != "weights_sha256"):  # older: no digest
-            raise DataError(f"{folder} holds an index with {key}={index.get(key)!r}, not {header[key]!r}; "
-                            "embed into an empty folder (or the same settings to resume)")
+            raise DataError(
+                f"{folder} holds an index with {key}={index.get(key)!r}, not {header[key]!r}; "
+                "embed into an empty folder (or the same settings to resume)"
+            )
     return index
 
 
@@ -234,9 +264,15 @@ class EmbedOptions:
     progress: Callable[[int, int], None] | None = None
 
 
-def embed_to_index(model: EmbeddingModel, items: Iterable[Item], n_items: int, source: str, output: str | Path,
-                   read_skipped: dict[str, int] | None = None,
-                   options: EmbedOptions = EmbedOptions()) -> dict[str, Any]:
+def embed_to_index(
+    model: EmbeddingModel,
+    items: Iterable[Item],
+    n_items: int,
+    source: str,
+    output: str | Path,
+    read_skipped: dict[str, int] | None = None,
+    options: EmbedOptions = EmbedOptions(),
+) -> dict[str, Any]:
     """Embed ``items`` into the index folder ``output`` part by part, resuming a stopped run."""
     part_size, batch_size, workers, storage = options.part_size, options.batch_size, options.workers, options.storage
     progress = options.progress
@@ -250,9 +286,16 @@ def embed_to_index(model: EmbeddingModel, items: Iterable[Item], n_items: int, s
         except ImportError as e:
             raise RuntimeError("--format parquet needs pyarrow (pip install pyarrow), or use --format npy") from e
     folder = Path(output)
-    header = {"version": INDEX_VERSION, "checkpoint": model.spec, "source": source,
-              "part_size": part_size, "format": storage, "embed_dim": model.embed_dim, "n_records": n_items,
-              "weights_sha256": model.describe()["weights_sha256"]}
+    header = {
+        "version": INDEX_VERSION,
+        "checkpoint": model.spec,
+        "source": source,
+        "part_size": part_size,
+        "format": storage,
+        "embed_dim": model.embed_dim,
+        "n_records": n_items,
+        "weights_sha256": model.describe()["weights_sha256"],
+    }
     index = _open_index(folder, header)
     finished = {p["part"] for p in index["parts"] if all((folder / f).is_file() for f in p["files"])}
     index["parts"] = [p for p in index["parts"] if p["part"] in finished]
@@ -271,8 +314,16 @@ def embed_to_index(model: EmbeddingModel, items: Iterable[Item], n_items: int, s
 
         part = embed_part(model, chunk, batch_size, workers, advance)
         files = write_part(folder, k, part, storage)
-        index["parts"].append({"part": k, "files": files, "n_records": len(chunk), "n_images": len(part["image_keys"]),
-                               "n_texts": len(part["text_keys"]), "skipped": part["skipped"]})
+        index["parts"].append(
+            {
+                "part": k,
+                "files": files,
+                "n_records": len(chunk),
+                "n_images": len(part["image_keys"]),
+                "n_texts": len(part["text_keys"]),
+                "skipped": part["skipped"],
+            }
+        )
         index["parts"].sort(key=lambda p: p["part"])
         _save_index(folder, index)
     index["complete"] = True
@@ -313,8 +364,9 @@ def iter_part_embeddings(folder: str | Path, kind: str) -> Iterator[tuple[np.nda
             table = pq.read_table(folder / f"{name}.{kind}.parquet")
             rows = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, index["embed_dim"])
             keys = table.column("key").to_pylist()
-            texts = table if kind == "text" else pq.read_table(folder / f"{name}.text.parquet",
-                                                               columns=["key", "caption"])
+            texts = (
+                table if kind == "text" else pq.read_table(folder / f"{name}.text.parquet", columns=["key", "caption"])
+            )
             text_keys, captions = texts.column("key").to_pylist(), texts.column("caption").to_pylist()
         caption_of = dict(zip(text_keys, captions))
         yield rows, keys, [caption_of.get(key, "") for key in keys]
@@ -333,4 +385,3 @@ def search_index(folder: str | Path, query: torch.Tensor, kind: str, k: int = 10
         best += [(float(scores[i]), keys[i], captions[i]) for i in top]
         best = sorted(best, key=lambda t: -t[0])[:k]
     return [{"rank": r + 1, "score": round(s, 6), "key": key, "caption": c} for r, (s, key, c) in enumerate(best)]
-

@@ -23,6 +23,7 @@ uploaded to (``--hub-id``), else ``.``: the bundled ``config.json``, which open_
 working directory and ``open_clip:local-dir:DIR`` here against the folder. ``unimlip_fast.load``
 does not read it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,12 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 UNIMLIP_CONFIG = "unimlip_config.yaml"
 
 # Our parameter names -> open_clip's (prefix rewrites, first match wins); names not listed are dropped.
-_TO_OPEN_CLIP = (("visual.", "visual."), ("text.encoder.", "text.transformer."),
-                 ("text_projection.weight", "text.proj.weight"), ("logit_scale", "logit_scale"))
+_TO_OPEN_CLIP = (
+    ("visual.", "visual."),
+    ("text.encoder.", "text.transformer."),
+    ("text_projection.weight", "text.proj.weight"),
+    ("logit_scale", "logit_scale"),
+)
 
 
 def to_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,7 +61,7 @@ def to_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for name, tensor in state.items():
         for ours, theirs in _TO_OPEN_CLIP:
             if name.startswith(ours):
-                out[theirs + name[len(ours):]] = tensor.detach().cpu().contiguous()
+                out[theirs + name[len(ours) :]] = tensor.detach().cpu().contiguous()
                 break
     return out
 
@@ -65,7 +70,7 @@ def from_open_clip_name(name: str) -> str | None:
     """open_clip's parameter name -> ours; None where ours has no such part (a CLIP text transformer's)."""
     for ours, theirs in _TO_OPEN_CLIP:
         if name.startswith(theirs):
-            return ours + name[len(theirs):]
+            return ours + name[len(theirs) :]
     return None
 
 
@@ -106,14 +111,26 @@ def open_clip_config(cfg: Config, model: UniMlip, hub_id: str | None = None) -> 
         "model_cfg": {
             "embed_dim": cfg.model.embed_dim,
             "nonscalar_logit_scale": True,  # ours is [1], as DeepSpeed needs
-            "vision_cfg": {"image_size": cfg.model.image_size, "layers": list(cfg.model.vision_layers),
-                           "width": width, "head_width": width * 32 // heads},
-            "text_cfg": {"hf_model_name": text_name, "hf_tokenizer_name": tokenizer_name,
-                         "hf_proj_type": "linear", "hf_pooler_type": "cls_last_hidden_state_pooler",
-                         "context_length": cfg.model.text.context_length},
+            "vision_cfg": {
+                "image_size": cfg.model.image_size,
+                "layers": list(cfg.model.vision_layers),
+                "width": width,
+                "head_width": width * 32 // heads,
+            },
+            "text_cfg": {
+                "hf_model_name": text_name,
+                "hf_tokenizer_name": tokenizer_name,
+                "hf_proj_type": "linear",
+                "hf_pooler_type": "cls_last_hidden_state_pooler",
+                "context_length": cfg.model.text.context_length,
+            },
         },
-        "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bilinear",
-                           "resize_mode": "shortest"},
+        "preprocess_cfg": {
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "interpolation": "bilinear",
+            "resize_mode": "shortest",
+        },
     }
 
 
@@ -122,8 +139,17 @@ def _inference_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, simclr=0.0, mlm=0.0))
 
 
-CARD_TAGS = ("clip", "open_clip", "vision-language", "medical", "radiology", "zero-shot-image-classification",
-             "image-text-retrieval", "uni-mlip", "unimlip-fast")
+CARD_TAGS = (
+    "clip",
+    "open_clip",
+    "vision-language",
+    "medical",
+    "radiology",
+    "zero-shot-image-classification",
+    "image-text-retrieval",
+    "uni-mlip",
+    "unimlip-fast",
+)
 
 
 def card_metadata(cfg: Config, hub_id: str | None) -> list[str]:
@@ -145,8 +171,10 @@ def metrics_table(summary: dict[str, Any]) -> list[str]:
     for direction in ("i2t", "t2i"):
         for k in ("R@1", "R@5", "R@10"):
             if k in retrieval.get(direction, {}):
-                rows.append(f"| retrieval {direction} {k} ({retrieval.get('split', 'eval split')}, "
-                            f"n={retrieval.get('n', '?')}) | {retrieval[direction][k]:g} |")
+                rows.append(
+                    f"| retrieval {direction} {k} ({retrieval.get('split', 'eval split')}, "
+                    f"n={retrieval.get('n', '?')}) | {retrieval[direction][k]:g} |"
+                )
     zeroshot = summary.get("zeroshot") or {}
     if "macro_auc" in zeroshot:
         rows.append(f"| zero-shot macro AUC (n={zeroshot.get('n_test', '?')}) | {zeroshot['macro_auc']:.4f} |")
@@ -155,8 +183,11 @@ def metrics_table(summary: dict[str, Any]) -> list[str]:
 
 def model_card(cfg: Config, run: RunFolder, summary: dict[str, Any], hub_id: str | None = None) -> str:
     m, t, tr, d = cfg.model, cfg.model.text, cfg.train, cfg.data
-    terms = ", ".join(f"{k} {v:g}" for k, v in dataclasses.asdict(cfg.loss).items()
-                      if k in ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm"))
+    terms = ", ".join(
+        f"{k} {v:g}"
+        for k, v in dataclasses.asdict(cfg.loss).items()
+        if k in ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm")
+    )
     metrics = {k: summary[k] for k in ("retrieval", "zeroshot") if k in summary}
     extra_metrics = sorted(p.name for p in run.path.glob("*.json") if p != run.summary)
     where = f"hf-hub:{hub_id}" if hub_id else "local-dir:THIS_FOLDER"
@@ -171,11 +202,11 @@ def model_card(cfg: Config, run: RunFolder, summary: dict[str, Any], hub_id: str
         "```python",
         "import open_clip",
         "",
-        f"model, _, preprocess = open_clip.create_model_and_transforms(\"{where}\")",
-        f"tokenizer = open_clip.get_tokenizer(\"{where}\")",
+        f'model, _, preprocess = open_clip.create_model_and_transforms("{where}")',
+        f'tokenizer = open_clip.get_tokenizer("{where}")',
         "```",
         "",
-        "or `unimlip_fast.load(\"THIS_FOLDER\")`; `unimlip-fast eval retrieval --checkpoint "
+        'or `unimlip_fast.load("THIS_FOLDER")`; `unimlip-fast eval retrieval --checkpoint '
         f"open_clip:{where}` evaluates it in this project's protocols.",
         "",
         "## Data",

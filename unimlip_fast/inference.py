@@ -6,6 +6,7 @@ L2-normalised float32 embeddings on the CPU, computed in batches on the model's 
 short side resized, centre crop, CLIP normalisation) and ``tokenizer`` its own tokenizer.
 ``describe()`` names the model for results files: its spec and a digest of its weights.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -71,16 +72,26 @@ class EmbeddingModel:
             batches = [images[s : s + batch_size] for s in range(0, len(images), batch_size)]
         else:
             items = [images] if isinstance(images, (str, Path)) or not isinstance(images, Sequence) else list(images)
-            batches = (torch.stack([self.preprocess(x) for x in items[s : s + batch_size]])
-                       for s in range(0, len(items), batch_size))
+            batches = (
+                torch.stack([self.preprocess(x) for x in items[s : s + batch_size]])
+                for s in range(0, len(items), batch_size)
+            )
         return _concat([self.embed_image_batch(b) for b in batches], self.embed_dim)
 
 
 class TrainedModel(EmbeddingModel):
     """The image and text towers of a trained Uni-Mlip, with their preprocessing."""
 
-    def __init__(self, model: UniMlip, tokenizer, cfg: Config, device: torch.device, source: Path | str,
-                 preprocess=None, native: bool = True):
+    def __init__(
+        self,
+        model: UniMlip,
+        tokenizer,
+        cfg: Config,
+        device: torch.device,
+        source: Path | str,
+        preprocess=None,
+        native: bool = True,
+    ):
         self.model, self.tokenizer, self.cfg, self.device, self.source = model.eval(), tokenizer, cfg, device, source
         self.spec = str(Path(source).resolve()) if native else str(source)
         self.image_size = cfg.model.image_size
@@ -111,8 +122,9 @@ class TrainedModel(EmbeddingModel):
         out = []
         for s in range(0, len(texts), batch_size):
             ids, mask = tokenize_captions(self.tokenizer, texts[s : s + batch_size], self.context_length)
-            batch = trim_padding({"input_ids": torch.from_numpy(ids).long(),
-                                  "attention_mask": torch.from_numpy(mask).long()})
+            batch = trim_padding(
+                {"input_ids": torch.from_numpy(ids).long(), "attention_mask": torch.from_numpy(mask).long()}
+            )
             out.append(self.embed_text_batch(batch["input_ids"], batch["attention_mask"]))
         return _concat(out, self.embed_dim)
 
@@ -123,8 +135,10 @@ class TrainedModel(EmbeddingModel):
         return F.normalize(out.float(), dim=-1).cpu()
 
     def __repr__(self) -> str:
-        return (f"TrainedModel({self.source}, device={self.device}, image_size={self.image_size}, "
-                f"embed_dim={self.embed_dim}, text={self.cfg.model.text.encoder})")
+        return (
+            f"TrainedModel({self.source}, device={self.device}, image_size={self.image_size}, "
+            f"embed_dim={self.embed_dim}, text={self.cfg.model.text.encoder})"
+        )
 
 
 def _concat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ Weights come from the user's own download (or the Hugging Face cache); nothing h
 anything unless a hub model it needs is not cached (an ``hf-hub:`` spec, PMC-CLIP's PubMedBERT
 config and tokenizer, the text tower a hub open_clip model names).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,7 @@ def parse_spec(spec: str) -> ForeignSpec:
     is a clear error here, before any data is read."""
     spec = str(spec)
     if spec.startswith(PMC_CLIP_PREFIX):
-        rest = spec[len(PMC_CLIP_PREFIX):]
+        rest = spec[len(PMC_CLIP_PREFIX) :]
         path, text = rest, ""
         if not Path(rest).expanduser().is_file() and ":" in rest:
             path, text = rest.rsplit(":", 1)
@@ -77,26 +78,33 @@ def parse_spec(spec: str) -> ForeignSpec:
         return ForeignSpec(spec, "pmc-clip", path=path, text=text)
     if not spec.startswith(OPEN_CLIP_PREFIX):
         raise ValueError(f"{spec!r} is not a pmc-clip: or open_clip: spec")
-    rest = spec[len(OPEN_CLIP_PREFIX):]
+    rest = spec[len(OPEN_CLIP_PREFIX) :]
     if rest.startswith("hf-hub:"):
         if not re.fullmatch(r"hf-hub:[\w.-]+/[\w.-]+(@[\w.-]+)?", rest):
             raise ValueError(f"{spec}: expected open_clip:hf-hub:ORG/NAME")
         return ForeignSpec(spec, "open_clip", name=rest)
     if rest.startswith("local-dir:"):
-        folder = Path(rest[len("local-dir:"):]).expanduser()
+        folder = Path(rest[len("local-dir:") :]).expanduser()
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{spec}: {folder} holds no open_clip_config.json (not an open_clip folder)")
         return ForeignSpec(spec, "open_clip", path=folder, name=f"local-dir:{folder}")
     name, sep, weights = rest.partition(":")
     if not name or not sep or not weights:
-        raise ValueError(f"{spec}: expected open_clip:hf-hub:ORG/NAME, open_clip:local-dir:DIR or "
-                         "open_clip:MODEL_NAME:WEIGHTS (a file, or an open_clip pretrained tag)")
+        raise ValueError(
+            f"{spec}: expected open_clip:hf-hub:ORG/NAME, open_clip:local-dir:DIR or "
+            "open_clip:MODEL_NAME:WEIGHTS (a file, or an open_clip pretrained tag)"
+        )
     path = Path(weights).expanduser()
     looks_like_file = weights.endswith(WEIGHT_SUFFIXES) or "/" in weights
     if looks_like_file and not path.is_file():
         raise FileNotFoundError(f"{spec}: no weights file at {path}")
-    return ForeignSpec(spec, "open_clip", path=path if path.is_file() else None, name=name,
-                       weights=str(path) if path.is_file() else weights)
+    return ForeignSpec(
+        spec,
+        "open_clip",
+        path=path if path.is_file() else None,
+        name=name,
+        weights=str(path) if path.is_file() else weights,
+    )
 
 
 def load_foreign(spec: str, device: torch.device, load_weights: bool = True) -> EmbeddingModel:
@@ -146,13 +154,20 @@ def pmc_clip_overrides(state: dict[str, torch.Tensor]) -> list[str]:
         width = names["visual.conv3.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"not a PMC-CLIP checkpoint: no {e.args[0]} (its ResNet image tower)") from e
-    layers = [len({m.group(1) for k in names if (m := re.match(rf"visual\.layer{i}\.(\d+)\.", k))})
-              for i in range(1, 5)]
+    layers = [
+        len({m.group(1) for k in names if (m := re.match(rf"visual\.layer{i}\.(\d+)\.", k))}) for i in range(1, 5)
+    ]
     fusion = len({m.group(1) for k in names if (m := re.match(r"fusion_module\.resblocks\.(\d+)\.", k))})
     grid = round((positions - 1) ** 0.5)
-    return [f"model.vision_layers=[{','.join(map(str, layers))}]", f"model.vision_width={width}",
-            f"model.embed_dim={embed}", f"model.image_size={grid * 32}", f"model.fusion_layers={max(fusion, 1)}",
-            f"model.text.context_length={PMC_CLIP_CONTEXT_LENGTH}", "model.text.freeze_layers=0"]
+    return [
+        f"model.vision_layers=[{','.join(map(str, layers))}]",
+        f"model.vision_width={width}",
+        f"model.embed_dim={embed}",
+        f"model.image_size={grid * 32}",
+        f"model.fusion_layers={max(fusion, 1)}",
+        f"model.text.context_length={PMC_CLIP_CONTEXT_LENGTH}",
+        "model.text.freeze_layers=0",
+    ]
 
 
 def load_pmc_clip_model(spec: ForeignSpec, device: torch.device, load_weights: bool = True) -> TrainedModel:
@@ -173,11 +188,20 @@ def load_pmc_clip_model(spec: ForeignSpec, device: torch.device, load_weights: b
         towers = ("visual.", "text.", "text_projection.", "logit_scale")
         lost = [k for k in report.missing if k.startswith(towers)] + report.mismatched
         if lost:
-            raise ValueError(f"{spec.given}: the checkpoint does not fill the image and text towers of "
-                             f"{cfg.model.text.encoder} ({len(lost)} tensors, e.g. {lost[:3]}); is TEXT the text "
-                             "tower it was trained with?")
-    return TrainedModel(model.to(device), tokenizer, cfg, device, spec.given,
-                        preprocess=ClipEvalTransform(cfg.model.image_size), native=False)
+            raise ValueError(
+                f"{spec.given}: the checkpoint does not fill the image and text towers of "
+                f"{cfg.model.text.encoder} ({len(lost)} tensors, e.g. {lost[:3]}); is TEXT the text "
+                "tower it was trained with?"
+            )
+    return TrainedModel(
+        model.to(device),
+        tokenizer,
+        cfg,
+        device,
+        spec.given,
+        preprocess=ClipEvalTransform(cfg.model.image_size),
+        native=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------- open_clip
@@ -187,8 +211,10 @@ def import_open_clip():
     try:
         import open_clip
     except ImportError as e:
-        raise RuntimeError("open_clip: checkpoints need open-clip-torch and torchvision "
-                           "(pip install open-clip-torch, or the dev extra)") from e
+        raise RuntimeError(
+            "open_clip: checkpoints need open-clip-torch and torchvision "
+            "(pip install open-clip-torch, or the dev extra)"
+        ) from e
     return open_clip
 
 
@@ -225,8 +251,12 @@ class OpenClipModel(EmbeddingModel):
     @torch.no_grad()
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        out = [F.normalize(self.model.encode_text(self.tokenizer(texts[s:s + batch_size]).to(self.device)).float(),
-                           dim=-1).cpu() for s in range(0, len(texts), batch_size)]
+        out = [
+            F.normalize(
+                self.model.encode_text(self.tokenizer(texts[s : s + batch_size]).to(self.device)).float(), dim=-1
+            ).cpu()
+            for s in range(0, len(texts), batch_size)
+        ]
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     @property
@@ -240,8 +270,10 @@ class OpenClipModel(EmbeddingModel):
         return tuple(cfg["mean"]), tuple(cfg["std"])
 
     def __repr__(self) -> str:
-        return (f"OpenClipModel({self.spec}, device={self.device}, image_size={self.image_size}, "
-                f"embed_dim={self.embed_dim})")
+        return (
+            f"OpenClipModel({self.spec}, device={self.device}, image_size={self.image_size}, "
+            f"embed_dim={self.embed_dim})"
+        )
 
 
 def load_open_clip_model(spec: ForeignSpec, device: torch.device, load_weights: bool = True) -> OpenClipModel:

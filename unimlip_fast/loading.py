@@ -3,6 +3,7 @@
 released checkpoint) and ``open_clip:SPEC``. :func:`load` gives a model to embed with;
 :func:`load_init_from` puts weights into a model about to train (``model.init_from``), and
 :func:`tokenizer_of` names the tokenizer such a run must keep."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +53,7 @@ def tokenizer_of(init_from: str) -> Path | None:
     weights learnt: a run's, an export's (or an open_clip ``local-dir:`` export's); None for PMC-CLIP's
     checkpoint and hub models, whose tokenizer the text encoder's name gives."""
     local_dir = OPEN_CLIP_PREFIX + "local-dir:"
-    source = Path(init_from[len(local_dir):] if init_from.startswith(local_dir) else init_from)
+    source = Path(init_from[len(local_dir) :] if init_from.startswith(local_dir) else init_from)
     if is_export(source) or (init_from.startswith(local_dir) and (source / "tokenizer_config.json").is_file()):
         return source
     if source.is_dir() or source.suffix == ".safetensors":

@@ -5,6 +5,7 @@ the rank's rows are scored against every column, and the trainer's gradient aver
 then yields exactly the gradient of the single-process loss on the concatenated batch.
 A term switched off (weight 0, or not in this phase) is absent from the dict, not zero.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,9 @@ def compute_terms(features: dict[str, torch.Tensor], cfg: LossConfig, ops: LossO
         terms.update(zip(pairs, losses.unbind(0)))
     if cfg.simclr > 0 and "simclr_a" in features:
         za, zb = F.normalize(features["simclr_a"], dim=-1), F.normalize(features["simclr_b"], dim=-1)
-        terms["simclr"] = ops.ntxent(za, zb, cfg.simclr_tau, gather_with_grad(za), gather_with_grad(zb), offset,
-                                     negatives=cfg.simclr_negatives)
+        terms["simclr"] = ops.ntxent(
+            za, zb, cfg.simclr_tau, gather_with_grad(za), gather_with_grad(zb), offset, negatives=cfg.simclr_negatives
+        )
     if cfg.mlm > 0 and "mlm_logits" in features:
         terms["mlm"] = mlm_loss(features["mlm_logits"], features["mlm_targets"])
     return terms

@@ -17,6 +17,7 @@ A fine-tuning run folder holds ``config.yaml``, ``metrics.jsonl`` (one line per 
 ``results.json``, and ``best.safetensors`` (classification's best epoch) or ``model.safetensors``
 and ``answers.txt`` (VQA).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -137,8 +138,10 @@ class RunFolder:
         if missing is None:
             return self
         if missing == self.weights:
-            raise RunNotFinished(f"{self.path} is not a finished {what}: no {missing.name} yet (training writes it at "
-                                 "the end; `unimlip-fast pretrain ... --resume latest` finishes it)")
+            raise RunNotFinished(
+                f"{self.path} is not a finished {what}: no {missing.name} yet (training writes it at "
+                "the end; `unimlip-fast pretrain ... --resume latest` finishes it)"
+            )
         raise RunNotFinished(f"{self.path} is not a finished {what} (checkpoint incomplete: {missing} not found)")
 
     def read_summary(self) -> dict[str, Any]:

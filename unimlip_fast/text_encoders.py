@@ -2,6 +2,7 @@
 ``data pack --tokenizer``) gives: the model builds its tower from it, packing loads the tokenizer
 from it, neither through the other.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

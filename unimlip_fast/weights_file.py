@@ -6,6 +6,7 @@
   would call code when loaded is refused (:class:`CodeInFileError`, naming the file and what it
   would call, with no advice on how to load it anyway), a damaged one named.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,13 +51,16 @@ def load_weights_only(path: str | os.PathLike, map_location=None, allowed: Itera
     except pickle.UnpicklingError as e:
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if code:
-            raise CodeInFileError(f"{path} holds more than tensors and plain values: code ({code.group(1)}) that "
-                                  "loading it would run; refused, nothing loaded") from None
+            raise CodeInFileError(
+                f"{path} holds more than tensors and plain values: code ({code.group(1)}) that "
+                "loading it would run; refused, nothing loaded"
+            ) from None
         detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
         detail = detail.split(". Please")[0] or _first_line(e)
         raise DamagedFileError(f"{path} is damaged or not a checkpoint file: {detail}") from None
     except FileNotFoundError:
         raise
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise DamagedFileError(f"{path} is damaged or not a checkpoint file: {type(e).__name__}: "
-                               f"{_first_line(e)}") from None
+        raise DamagedFileError(
+            f"{path} is damaged or not a checkpoint file: {type(e).__name__}: {_first_line(e)}"
+        ) from None

@@ -16,6 +16,7 @@ of the batch contract (see :mod:`.spec`). Modules:
   ``backends`` chooses one;
 - ``shard_format`` (the packed folder's format), ``pack`` (its writer), ``shards`` (its reader).
 """
+
 from .backends import build_train_loader, resolve_backend
 from .cpu_loader import CPULoader, build_eval_loader
 from .dataset import CaptionImageDataset, DistributedBatchSampler, build_dataset, tokenize_captions

@@ -18,6 +18,7 @@ Shards and the trainer's dataset must agree: a shard's sample carries its record
 source split, and its caption ids must be those the run's tokenizer gives. The first time a packed
 folder is used with a dataset, up to 256 samples are compared (an error says how to repack).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,13 +45,17 @@ def resolve_backend(backend: DataBackend, device: torch.device | str, shards=Non
     if backend not in BACKENDS:
         raise DataError(f"data.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "dali" and not dali_available():
-        raise DataError("data.backend=dali: nvidia.dali does not import (pip install 'unimlip-fast[dali]', "
-                        "or nvidia-dali-cuda120 on a CUDA 12 driver)")
+        raise DataError(
+            "data.backend=dali: nvidia.dali does not import (pip install 'unimlip-fast[dali]', "
+            "or nvidia-dali-cuda120 on a CUDA 12 driver)"
+        )
     if backend == "dali" and not shards:
         raise DataError("data.backend=dali reads packed shards: set data.shards to a `unimlip-fast data pack` folder")
     if backend == "cpu" and shards:
-        raise DataError(f"data.shards={shards} is read by data.backend=torch, dali or auto; data.backend=cpu reads "
-                        "the source files: set data.backend=torch (or auto), or leave data.shards empty")
+        raise DataError(
+            f"data.shards={shards} is read by data.backend=torch, dali or auto; data.backend=cpu reads "
+            "the source files: set data.backend=torch (or auto), or leave data.shards empty"
+        )
     if backend != "auto":
         return backend, "as configured"
     if device.type == "cuda" and dali_available() and shards:
@@ -63,8 +68,12 @@ def resolve_backend(backend: DataBackend, device: torch.device | str, shards=Non
     return "cpu", "auto: no CUDA device"
 
 
-def build_train_loader(backend: DataBackend, dataset: CaptionImageDataset | None, spec: LoaderSpec,
-                       shards: str | os.PathLike | ShardSet | None = None):
+def build_train_loader(
+    backend: DataBackend,
+    dataset: CaptionImageDataset | None,
+    spec: LoaderSpec,
+    shards: str | os.PathLike | ShardSet | None = None,
+):
     """The training loader of ``spec``'s epoch on one rank, through ``backend`` (see the module
     doc). ``shards``, when given, are checked against ``dataset`` once and read by the GPU backends."""
     name, why = resolve_backend(backend, spec.device, shards)

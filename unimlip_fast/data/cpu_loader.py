@@ -5,6 +5,7 @@ Each sample is decoded (:mod:`.decoding`, shrunk early) and its views made one i
 :mod:`.views`' single-image wrappers, seeded by ``(seed, epoch, index)``; the collate stacks them
 and masks the captions of the whole batch at once (:meth:`.spec.LoaderSpec.mask_captions`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,8 +44,12 @@ class _ViewDataset(Dataset):
 
     def _sample(self, i: int) -> dict:
         j, image, skipped = self.load(i)
-        sample = {"index": j, "input_ids": self.base.input_ids[j], "attention_mask": self.base.attention_mask[j],
-                  "skipped": skipped}
+        sample = {
+            "index": j,
+            "input_ids": self.base.input_ids[j],
+            "attention_mask": self.base.attention_mask[j],
+            "skipped": skipped,
+        }
         spec = self.spec
         if spec is None:
             sample["image"] = eval_view_one(image, self.base.image_size)
@@ -97,8 +102,11 @@ class CPULoader:
         self.spec = spec
         self.sampler = DistributedBatchSampler.for_spec(len(source), spec)
         self.loader = _data_loader(_ViewDataset(source, spec), self.sampler, _Collate(spec), spec.num_workers)
-        where = ("the training process" if spec.num_workers == 0 else
-                 f"{spec.num_workers} worker{'s' if spec.num_workers > 1 else ''}")
+        where = (
+            "the training process"
+            if spec.num_workers == 0
+            else f"{spec.num_workers} worker{'s' if spec.num_workers > 1 else ''}"
+        )
         self.description = f"cpu backend: PIL decode and views in {where}"
 
     def __len__(self) -> int:
@@ -125,4 +133,3 @@ def eval_image(image, image_size: int) -> torch.Tensor:
     else:
         array = decode_image(str(image), target)
     return eval_view_one(array, image_size)
-

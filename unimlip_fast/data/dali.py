@@ -35,6 +35,7 @@ reach it: packing decode-checks every image and skips the bad ones, and a shard 
 packing is re-verified when opened; the samples dropped either way are counted in the first
 batch's ``skipped`` of each epoch (rank 0).
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,14 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, 7]).generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
 
 
-def build_pipeline(shards: ShardSet, spec: LoaderSpec, device_id: int | None = 0, shard_order=None,
-                   initial_fill: int = 4096, prefetch: int = 2):
+def build_pipeline(
+    shards: ShardSet,
+    spec: LoaderSpec,
+    device_id: int | None = 0,
+    shard_order=None,
+    initial_fill: int = 4096,
+    prefetch: int = 2,
+):
     """The DALI pipeline (not yet built) of one rank, epoch and phase of ``spec``; outputs
     ``image[, image_a, image_b], ids, length, index``. ``shard_order`` permutes the tars (the same on
     every rank, so the ranks' parts stay disjoint)."""
@@ -96,31 +103,52 @@ def build_pipeline(shards: ShardSet, spec: LoaderSpec, device_id: int | None = 0
         return 1.0 + on * uniform(-amount, amount)
 
     def strong_view(images):
-        x = fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(recipe.strong_scale),
-                                   random_aspect_ratio=ratio)
+        x = fn.random_resized_crop(
+            images, size=[image_size, image_size], random_area=list(recipe.strong_scale), random_aspect_ratio=ratio
+        )
         on = coin(recipe.p_jitter)
         keep = 1.0 - coin(recipe.p_grey)  # 0: greyscale
         bj, cj, sj, hj = recipe.jitter
-        x = fn.color_twist(x, brightness=jitter(on, bj), contrast=jitter(on, cj),
-                           saturation=jitter(on, sj) * keep,
-                           hue=on * uniform(-360.0 * hj, 360.0 * hj))
+        x = fn.color_twist(
+            x,
+            brightness=jitter(on, bj),
+            contrast=jitter(on, cj),
+            saturation=jitter(on, sj) * keep,
+            hue=on * uniform(-360.0 * hj, 360.0 * hj),
+        )
         blur = coin(recipe.p_blur)
         sigma = blur * uniform(*recipe.blur_sigma) + (1.0 - blur) * 1e-3
         x = fn.gaussian_blur(x, sigma=sigma, window_size=blur_window(recipe.blur_sigma[1]))
         return normalise(x, mirror=fn.random.coin_flip(probability=recipe.p_flip))
 
-    @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, spec.num_workers), device_id=device_id, seed=seed,
-                  prefetch_queue_depth=prefetch)
+    @pipeline_def(
+        batch_size=spec.batch_size,
+        num_threads=max(1, spec.num_workers),
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=prefetch,
+    )
     def pipeline():
         encoded, ids, index = fn.readers.webdataset(
-            paths=[str(shards.tars[k]) for k in order], index_paths=[str(shards.indices[k]) for k in order],
-            ext=[";".join(IMAGE_EXTS), "ids", "idx"], dtypes=[types.UINT8, types.INT32, types.INT64],
-            missing_component_behavior="error", shard_id=spec.rank, num_shards=spec.world_size,
-            random_shuffle=True, initial_fill=max(1, min(initial_fill, len(shards))), seed=seed,
-            pad_last_batch=False, name="reader")
+            paths=[str(shards.tars[k]) for k in order],
+            index_paths=[str(shards.indices[k]) for k in order],
+            ext=[";".join(IMAGE_EXTS), "ids", "idx"],
+            dtypes=[types.UINT8, types.INT32, types.INT64],
+            missing_component_behavior="error",
+            shard_id=spec.rank,
+            num_shards=spec.world_size,
+            random_shuffle=True,
+            initial_fill=max(1, min(initial_fill, len(shards))),
+            seed=seed,
+            pad_last_batch=False,
+            name="reader",
+        )
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        weak = normalise(fn.random_resized_crop(images, size=[image_size, image_size],
-                                                random_area=list(recipe.weak_scale), random_aspect_ratio=ratio))
+        weak = normalise(
+            fn.random_resized_crop(
+                images, size=[image_size, image_size], random_area=list(recipe.weak_scale), random_aspect_ratio=ratio
+            )
+        )
         lengths = ids.shape(dtype=types.INT32)
         padded = fn.pad(ids, fill_value=shards.pad_token_id, shape=[length])
         if spec.strong_views:
@@ -146,11 +174,13 @@ class DALILoader:
         pipe = build_pipeline(source, spec, device_id, shard_order=shard_order)
         pipe.build()
         self.keys = ["image"] + (["image_a", "image_b"] if spec.strong_views else []) + ["ids", "length", "index"]
-        self.iterator = DALIGenericIterator([pipe], self.keys, reader_name="reader",
-                                            last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        self.iterator = DALIGenericIterator(
+            [pipe], self.keys, reader_name="reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
+        )
         where = "GPU (mixed nvJPEG decode)" if device_id is not None else "CPU operators (device_id=None)"
         self.description = f"dali backend: {where}, shards {source.root}" + (
-            f"; skipped when verifying the shards: {source.damage_note()}" if source.damage_note() else "")
+            f"; skipped when verifying the shards: {source.damage_note()}" if source.damage_note() else ""
+        )
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.spec.skip_batches)

@@ -6,6 +6,7 @@ Images are decoded on demand (:mod:`.decoding`), or once into memory with ``cach
 :class:`DistributedBatchSampler` cuts one epoch into per-rank batches; :class:`Substitutes`
 replaces a sample that fails to load by the next good one and says why the original was lost.
 """
+
 from __future__ import annotations
 
 import collections
@@ -120,8 +121,16 @@ class DistributedBatchSampler:
     batches, and one process with ``batch_size * world_size`` sees the same global batches.
     ``skip_batches`` resumes mid-epoch."""
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epoch: int = 0, skip_batches: int = 0):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        skip_batches: int = 0,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
@@ -169,5 +178,7 @@ class Substitutes:
                 self.bad[j] = failure_reason(err)
                 continue
             return j, loaded, ({self.bad[i]: 1} if j != i else {})
-        raise DataError(f"{tries} samples in a row from index {i} failed to load "
-                        f"({self.bad.get(i)}: {self.describe(i)} and the next ones)")
+        raise DataError(
+            f"{tries} samples in a row from index {i} failed to load "
+            f"({self.bad.get(i)}: {self.describe(i)} and the next ones)"
+        )

@@ -11,6 +11,7 @@ An image with more pixels than ``data.max_image_pixels`` (:func:`set_max_image_p
 default, about 89 million, unless set) is refused from its header, before any decoding, as
 ``too_large``: PIL's own check, a warning and gigabytes of memory up to twice its limit, is off.
 """
+
 from __future__ import annotations
 
 import io

@@ -14,6 +14,7 @@ count, no image field), ``no_split`` (``data.split_key`` set and the row's split
 
 Images are found by name whatever the extension (:class:`.reading.ImageIndex`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,8 +50,10 @@ def _pairs(records: list[Record], skipped: Skips, source) -> ItemSet[Record]:
     hint = ""
     reasons = {k for k, v in skipped.items() if v}
     if reasons and reasons <= {"missing_image", "outside_root"}:  # not a file with no rows at all
-        hint = ("; every image is missing or outside the image folder: set data.image_root to the folder "
-                "the image paths are relative to")
+        hint = (
+            "; every image is missing or outside the image folder: set data.image_root to the folder "
+            "the image paths are relative to"
+        )
     return finish(records, skipped, source, "image-caption pairs", hint)
 
 
@@ -151,10 +154,12 @@ def refuse_held_out_split(path: Path, split: str | None, split_key: str) -> None
     never the same rows labelled test."""
     if split_key or canonical_split(split) in (None, "train"):
         return
-    raise DataError(f"{path} is one file with no split, so split {split!r} would be the training rows again: "
-                    f"set data.split_key to the column naming each row's split (--split-key), give a folder "
-                    f"holding train{path.suffix} and {split}{path.suffix}; to evaluate a model trained on other data, "
-                    f"read every row with split all; a run pretraining on this file evaluates nothing with eval.split=")
+    raise DataError(
+        f"{path} is one file with no split, so split {split!r} would be the training rows again: "
+        f"set data.split_key to the column naming each row's split (--split-key), give a folder "
+        f"holding train{path.suffix} and {split}{path.suffix}; to evaluate a model trained on other data, "
+        f"read every row with split all; a run pretraining on this file evaluates nothing with eval.split="
+    )
 
 
 def in_split(row: dict, split_key: str, split: str | None) -> bool | None:
@@ -224,8 +229,9 @@ def read_table(
     return _pairs(records, skipped, p)
 
 
-def roco_eval_subset(path: str | os.PathLike, n: int = 2000, min_words: int = 3, seed: int = 42,
-                     subset: str = "radiology") -> ItemSet[Record]:
+def roco_eval_subset(
+    path: str | os.PathLike, n: int = 2000, min_words: int = 3, seed: int = 42, subset: str = "radiology"
+) -> ItemSet[Record]:
     """ROCO's 2,000-pair retrieval test set as published (M3AE's ``prepro_irtr_roco``, on which
     PMC-CLIP and Uni-Mlip report): one RNG seeded with 42; the raw lines of the train, validation
     and test ``captions.txt`` shuffled in that order (each shuffle moves the RNG on, so the chosen

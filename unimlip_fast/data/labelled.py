@@ -22,6 +22,7 @@ one column per label: 1 positive, 0 negative, blank or -1 unknown (left out of t
 Every reader returns an :class:`.records.ItemSet` of :class:`LabelledImage` s with the label names
 in ``labels``, and the rows it skipped per reason, the first place of each kept (:mod:`.records`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,11 +40,38 @@ from ..config import UncertaintyPolicy
 from .reading import ImageIndex
 from .records import DataError, ItemSet, Skips, describe_skips, finish, one_split
 
-NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
-CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-                   "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-                   "Pleural Other", "Fracture", "Support Devices")
+NIH_LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+CHEXPERT_LABELS = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
 UNCERTAINTY_POLICIES: tuple[str, ...] = typing.get_args(UncertaintyPolicy)
 
 
@@ -72,8 +100,11 @@ def _labelled(items: list[LabelledImage], labels, skipped: Skips, source, split:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", newline="", encoding="utf-8") if path.suffix == ".gz" else open(
-        path, newline="", encoding="utf-8")
+    return (
+        gzip.open(path, "rt", newline="", encoding="utf-8")
+        if path.suffix == ".gz"
+        else open(path, newline="", encoding="utf-8")
+    )
 
 
 def read_csv_rows(path: Path, skipped: Skips, required: tuple[str, ...]):
@@ -136,16 +167,19 @@ def _nih_folder_split(root: Path) -> Path | None:
     return None
 
 
-def read_nih(path: str | os.PathLike, split: str, val_fraction: float = 0.1,
-             split_seed: int = 0) -> ItemSet[LabelledImage]:
+def read_nih(
+    path: str | os.PathLike, split: str, val_fraction: float = 0.1, split_seed: int = 0
+) -> ItemSet[LabelledImage]:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"NIH ChestX-ray14 folder not found: {root}")
     split = one_split(split, "NIH ChestX-ray14")
     csv_path = _nih_csv(root)
     skipped = Skips()
-    rows = {r["Image Index"].strip(): r for r in read_csv_rows(csv_path, skipped,
-                                                                ("Image Index", "Finding Labels", "Patient ID"))}
+    rows = {
+        r["Image Index"].strip(): r
+        for r in read_csv_rows(csv_path, skipped, ("Image Index", "Finding Labels", "Patient ID"))
+    }
     folders = _nih_folder_split(root)
     if folders is not None:
         split_dir = folders / {"dev": "valid", "train": "train", "test": "test"}[split]
@@ -213,8 +247,14 @@ def _check_policy(policy: str) -> None:
         raise DataError(f"uncertainty policy must be one of {UNCERTAINTY_POLICIES}, got {policy!r}")
 
 
-def read_chexpert(path: str | os.PathLike, split: str, policy: str = "u-ones", frontal_only: bool = True,
-                  val_fraction: float = 0.1, split_seed: int = 0) -> ItemSet[LabelledImage]:
+def read_chexpert(
+    path: str | os.PathLike,
+    split: str,
+    policy: str = "u-ones",
+    frontal_only: bool = True,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> ItemSet[LabelledImage]:
     root = Path(path)
     _check_policy(policy)
     split = one_split(split, "CheXpert")
@@ -258,8 +298,9 @@ def _mimic_file(root: Path, stem: str) -> Path:
     raise DataError(f"MIMIC-CXR-JPG {stem}.csv(.gz) not found in {root}")
 
 
-def read_mimic(path: str | os.PathLike, split: str, policy: str = "u-ones",
-               frontal_only: bool = True) -> ItemSet[LabelledImage]:
+def read_mimic(
+    path: str | os.PathLike, split: str, policy: str = "u-ones", frontal_only: bool = True
+) -> ItemSet[LabelledImage]:
     root = Path(path)
     _check_policy(policy)
     split = one_split(split, "MIMIC-CXR-JPG")
@@ -268,12 +309,15 @@ def read_mimic(path: str | os.PathLike, split: str, policy: str = "u-ones",
     labels: dict[str, tuple[float, ...] | None] = {}
     for row in read_csv_rows(_mimic_file(root, "mimic-cxr-2.0.0-chexpert"), skipped, ("study_id", *CHEXPERT_LABELS)):
         labels[row["study_id"].strip()] = _chexpert_target(row, policy)
-    views = {row["dicom_id"].strip(): row.get("ViewPosition", "").strip()
-             for row in read_csv_rows(_mimic_file(root, "mimic-cxr-2.0.0-metadata"), skipped, ("dicom_id",))}
+    views = {
+        row["dicom_id"].strip(): row.get("ViewPosition", "").strip()
+        for row in read_csv_rows(_mimic_file(root, "mimic-cxr-2.0.0-metadata"), skipped, ("dicom_id",))
+    }
     images = root / "files" if (root / "files").is_dir() else root
     items = []
-    for row in read_csv_rows(_mimic_file(root, "mimic-cxr-2.0.0-split"), skipped,
-                             ("dicom_id", "study_id", "subject_id", "split")):
+    for row in read_csv_rows(
+        _mimic_file(root, "mimic-cxr-2.0.0-split"), skipped, ("dicom_id", "study_id", "subject_id", "split")
+    ):
         if row["split"].strip() != official:
             continue
         dicom, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
@@ -363,5 +407,3 @@ def label_rates(items: list[LabelledImage], labels: tuple[str, ...]) -> dict[str
         positives = int(sum(known))
         rates[label] = {"positives": positives, "rate": round(positives / len(known), 4) if known else 0.0}
     return rates
-
-

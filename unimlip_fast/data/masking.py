@@ -11,6 +11,7 @@ the model can select the masked positions into a buffer of a fixed size (no data
 no host sync on a GPU).
 Works on CPU or CUDA tensors; pass a ``torch.Generator`` on the tensors' device to reproduce.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,10 @@ class MaskingTables:
 
     def to(self, device) -> MaskingTables:
         return MaskingTables(
-            self.word_start.to(device), self.special.to(device), self.mask_id, self.vocab_size,
+            self.word_start.to(device),
+            self.special.to(device),
+            self.mask_id,
+            self.vocab_size,
             self.random_ids.to(device),
         )
 
@@ -105,7 +109,8 @@ def mask_tokens(
     # The cap, by whole words: a word is kept when the chosen tokens up to its end are within it.
     upto = torch.cumsum(chosen.long(), dim=1)
     word_end = torch.zeros(b, length + 1, dtype=torch.long, device=ids.device).scatter_reduce_(
-        1, word, torch.where(chosen, upto, 0), reduce="amax")
+        1, word, torch.where(chosen, upto, 0), reduce="amax"
+    )
     cap = mlm_row_cap(length)
     whole = chosen & (word_end.gather(1, word) <= cap)
     # A caption whose first chosen word alone is longer than the cap keeps that word's first ``cap`` tokens.

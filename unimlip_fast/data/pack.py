@@ -10,6 +10,7 @@ shard with a marker and packs the rest. Bad records are skipped and counted: ``m
 (the file vanished since listing), ``undecodable_image`` (a cheap decode check: header, then the
 JPEG at 1/8 scale) and ``empty_caption``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -55,16 +56,24 @@ class PackPlan:
     shuffle_seed: int | None
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "n_records": self.n_records, "shard_size": self.shard_size,
-                "tokenizer": self.tokenizer, "context_length": self.context_length, "shuffle_seed": self.shuffle_seed}
+        return {
+            "source": self.source,
+            "n_records": self.n_records,
+            "shard_size": self.shard_size,
+            "tokenizer": self.tokenizer,
+            "context_length": self.context_length,
+            "shuffle_seed": self.shuffle_seed,
+        }
 
 
 def load_tokenizer(name_or_path: str):
     """A hub name, a local folder, or ``minilm`` (as ``model.text.encoder``); ``random-bert`` is
     trained per run, so packing needs the folder that run saved (``<run>/tokenizer``)."""
     if name_or_path == "random-bert":
-        raise DataError("--tokenizer random-bert: its vocabulary is trained per run; pass the tokenizer folder "
-                        "a run saved (runs/<name>/tokenizer) or one saved with build_tokenizer(...).save_pretrained")
+        raise DataError(
+            "--tokenizer random-bert: its vocabulary is trained per run; pass the tokenizer folder "
+            "a run saved (runs/<name>/tokenizer) or one saved with build_tokenizer(...).save_pretrained"
+        )
     from transformers import AutoTokenizer
 
     from ..text_encoders import resolve_encoder
@@ -97,8 +106,9 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]
     return start + header, len(data)
 
 
-def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]], context_length: int,
-               tokenizer=None) -> dict:
+def pack_shard(
+    out_dir: str, shard: int, records: list[tuple[int, str, str, str]], context_length: int, tokenizer=None
+) -> dict:
     """Pack ``records`` (``(source index, key, caption, image path)``) into one shard.
     Writes the tar and its index under temporary names, renames them, then the marker."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
@@ -135,19 +145,31 @@ def pack_shard(out_dir: str, shard: int, records: list[tuple[int, str, str, str]
         index.clear()
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
             for (i, key, caption, data, ext), row, n in zip(good, ids, lengths):
-                members = [(ext, data), ("ids", row[:n].astype("<i4").tobytes()),
-                           ("idx", np.int64(i).astype("<i8").tobytes()), ("txt", caption.encode()),
-                           ("key", str(key).encode())]
+                members = [
+                    (ext, data),
+                    ("ids", row[:n].astype("<i4").tobytes()),
+                    ("idx", np.int64(i).astype("<i8").tobytes()),
+                    ("txt", caption.encode()),
+                    ("key", str(key).encode()),
+                ]
                 index.append([(e, *_add_member(tar, member_name(i, e), d), member_name(i, e)) for e, d in members])
                 digests[sample_key(i)] = sample_digest(dict(members))
 
     write_atomic(tar_path, write_tar, what="the shard")
     write_index(index_path, index)
     stat = tar_path.stat()
-    marker = {"shard": name, "tar": tar_path.name, "index": index_path.name, "samples": len(good),
-              "records": len(records), "skipped": dict(skipped),
-              "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": file_digest(tar_path),
-              "sample_digests": digests}
+    marker = {
+        "shard": name,
+        "tar": tar_path.name,
+        "index": index_path.name,
+        "samples": len(good),
+        "records": len(records),
+        "skipped": dict(skipped),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "blake2b": file_digest(tar_path),
+        "sample_digests": digests,
+    }
     write_atomic(folder.marker(shard), json.dumps(marker))
     return marker
 
@@ -183,8 +205,13 @@ class PackOptions:
     shuffle_seed: int | None = 0
 
 
-def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str | None = None,
-         options: PackOptions = PackOptions()) -> dict:
+def pack(
+    data: DataConfig,
+    output: str | os.PathLike,
+    tokenizer: str,
+    split: str | None = None,
+    options: PackOptions = PackOptions(),
+) -> dict:
     """Pack the records of ``data`` (``split`` overrides ``data.split``) into ``output``; returns the
     manifest. Resumes a folder packed with the same plan; a different plan is an error.
 
@@ -205,8 +232,14 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
 
     tok = load_tokenizer(tokenizer)
     tok_dir = PackedFolder(out).tokenizer
-    plan = PackPlan({"format": data.format, "path": os.path.abspath(data.path), "split": split or "all"},
-                    len(records), shard_size, tokenizer, context_length, shuffle_seed)
+    plan = PackPlan(
+        {"format": data.format, "path": os.path.abspath(data.path), "split": split or "all"},
+        len(records),
+        shard_size,
+        tokenizer,
+        context_length,
+        shuffle_seed,
+    )
     plan_file = PackedFolder(out).plan
     if plan_file.is_file():
         previous = json.loads(plan_file.read_text())
@@ -218,8 +251,11 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
     tok_path = str(tok_dir)  # workers load the saved copy: the same vocabulary, nothing downloaded
 
     n_shards = (len(records) + shard_size - 1) // shard_size
-    order = (np.random.default_rng(shuffle_seed).permutation(len(records)) if shuffle_seed is not None
-             else np.arange(len(records)))
+    order = (
+        np.random.default_rng(shuffle_seed).permutation(len(records))
+        if shuffle_seed is not None
+        else np.arange(len(records))
+    )
     markers: dict[int, dict] = {}
     todo = []
     for s in range(n_shards):
@@ -230,13 +266,19 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
             todo.append(s)
 
     def job(s: int) -> tuple:  # made when submitted: only a window of shards' records is ever copied
-        chunk = [(int(i), records[i].key, records[i].caption, str(records[i].image))
-                 for i in order[s * shard_size : (s + 1) * shard_size]]
+        chunk = [
+            (int(i), records[i].key, records[i].caption, str(records[i].image))
+            for i in order[s * shard_size : (s + 1) * shard_size]
+        ]
         return str(out), s, chunk, context_length
 
     started = time.time()
-    with _Progress(progress, f"packing {len(records)} records into {out}", len(records),
-                   sum(m["records"] for m in markers.values())) as bar:
+    with _Progress(
+        progress,
+        f"packing {len(records)} records into {out}",
+        len(records),
+        sum(m["records"] for m in markers.values()),
+    ) as bar:
         if workers <= 1:
             _init_worker(tok_path)
             for s in todo:
@@ -266,14 +308,21 @@ def pack(data: DataConfig, output: str | os.PathLike, tokenizer: str, split: str
     manifest = {
         "version": PACK_VERSION,
         **plan.as_dict(),
-        "tokenizer": {"name": tokenizer, "path": TOKENIZER_DIR, "vocab_size": len(tok),
-                      "pad_token_id": int(tok.pad_token_id or 0), "context_length": context_length},
+        "tokenizer": {
+            "name": tokenizer,
+            "path": TOKENIZER_DIR,
+            "vocab_size": len(tok),
+            "pad_token_id": int(tok.pad_token_id or 0),
+            "context_length": context_length,
+        },
         "n_records_in_split": len(recordset.items),
         "n_samples": sum(m["samples"] for m in markers.values()),
         "skipped": dict(sorted(skipped.items())),  # by the source reader and by packing
         "pack_skipped": dict(sorted(pack_skipped.items())),  # by packing only
-        "shards": [{k: markers[s].get(k) for k in ("tar", "index", "samples", "size", "mtime_ns", "blake2b")}
-                   for s in range(n_shards)],
+        "shards": [
+            {k: markers[s].get(k) for k in ("tar", "index", "samples", "size", "mtime_ns", "blake2b")}
+            for s in range(n_shards)
+        ],
         "pack_seconds": round(time.time() - started, 1),
     }
     write_atomic(PackedFolder(out).manifest, json.dumps(manifest, indent=2))
@@ -296,8 +345,14 @@ class _Progress:
         self.enabled, self.total, self.done, self.description = enabled, max(1, total), completed, description
         self.rich = enabled and self.console.is_terminal
         self.next_line = completed + self.total / 10
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=self.console, disable=not self.rich)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.rich,
+        )
         self.task = self.bar.add_task(description, total=total, completed=completed)
 
     def __enter__(self):

@@ -14,6 +14,7 @@ them and retrieval shows it:
 Captions come from three templates, e.g. "MRI of the head showing two small lesions in the upper
 left." Record ``i`` of seed ``s`` depends only on ``(s, i)``, never on ``n``; no files are read.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -72,8 +73,9 @@ def _lesion_centres(rng, count: int, r: float, vert: int, horiz: int) -> list[tu
 def render(factors: dict[str, int], rng, px: int = 128) -> np.ndarray:
     """One phantom image, ``[px, px]`` uint8. ``factors``: modality, region, count, size, vert and
     horiz, each an index into the tuples above."""
-    modality, region, count, size, vert, horiz = (factors[k] for k in ("modality", "region", "count", "size",
-                                                                       "vert", "horiz"))
+    modality, region, count, size, vert, horiz = (
+        factors[k] for k in ("modality", "region", "count", "size", "vert", "horiz")
+    )
     ax = ((np.arange(px) + 0.5) / px * 2 - 1).astype(np.float32)  # float32 throughout
     yy, xx = np.meshgrid(ax, ax, indexing="ij")
     s = float(rng.uniform(0.94, 1.04))

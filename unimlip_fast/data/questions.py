@@ -6,6 +6,7 @@ Every reader returns an :class:`.records.ItemSet` of :class:`QAItem` s and the r
 per reason, the first place of each kept (:mod:`.records`); a split with nothing left is a
 :class:`.records.DataError` naming the path and the counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,11 @@ def read_vqa_rad(path: str | os.PathLike, split: str) -> ItemSet[QAItem]:
         raise DataError("VQA-RAD has no validation split (train and test only)")
     src = root / ("trainset.json" if split == "train" else "testset.json")
     index, skipped = ImageIndex(root / "images"), Skips()
-    items = [it for k, row in enumerate(_read_json_list(src))
-             if (it := _qa_item(row, index, "image_name", skipped, f"{src.name} record {k + 1}"))]
+    items = [
+        it
+        for k, row in enumerate(_read_json_list(src))
+        if (it := _qa_item(row, index, "image_name", skipped, f"{src.name} record {k + 1}"))
+    ]
     return _questions(items, skipped, src, split)
 
 

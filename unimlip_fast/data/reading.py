@@ -4,6 +4,7 @@ they came from, captions cleaned, and paths that must exist.
 Images are found by name whatever the extension: each folder is listed once with ``os.scandir`` into
 a ``stem -> file`` table, so the MedPix copy here (JPEG) matches the release's PNG names.
 """
+
 from __future__ import annotations
 
 import json

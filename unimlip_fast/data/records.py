@@ -10,6 +10,7 @@ Splits have one vocabulary (:data:`SPLITS`): ``train``, ``dev`` (also ``val``, `
 ``validate``, ``validation``) and ``test``; ``all`` (or nothing) is every row; any other name is an
 error. Each reader maps a canonical name to its release's own file names.
 """
+
 from __future__ import annotations
 
 import collections
@@ -58,8 +59,9 @@ def describe_skips(skipped: Mapping[str, int]) -> str:
     """``"bad_encoding=2 (first: pairs.csv line 7), missing_image=1"``: counts per reason, sorted, with
     where the first one was when known; ``""`` when nothing was skipped."""
     first = getattr(skipped, "first", {})
-    return ", ".join(f"{k}={v}" + (f" (first: {first[k]})" if k in first else "")
-                     for k, v in sorted(skipped.items()) if v)
+    return ", ".join(
+        f"{k}={v}" + (f" (first: {first[k]})" if k in first else "") for k, v in sorted(skipped.items()) if v
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,8 +109,12 @@ def join_item_sets(parts: list[ItemSet]) -> ItemSet:
     skipped = Skips()
     for part in parts:
         skipped.add(part.skipped)
-    return ItemSet([item for part in parts for item in part.items], skipped, " + ".join(p.source for p in parts),
-                   parts[0].labels if parts else ())
+    return ItemSet(
+        [item for part in parts for item in part.items],
+        skipped,
+        " + ".join(p.source for p in parts),
+        parts[0].labels if parts else (),
+    )
 
 
 def canonical_split(split: str | None) -> str | None:

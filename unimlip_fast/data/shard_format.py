@@ -21,6 +21,7 @@ A packed folder holds:
   shard list and the records skipped, per reason: ``skipped`` (the reader's and packing's) and
   ``pack_skipped`` (packing's alone: the samples a loader counts as lost each epoch).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,8 +89,9 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     """The manifest of a packed folder; a folder without one is a :class:`DataError` saying how to make one."""
     path = PackedFolder(Path(folder)).manifest
     if not path.is_file():
-        raise DataError(f"{path.parent} is not a packed folder (no {path.name}); "
-                        "make one with `unimlip-fast data pack`")
+        raise DataError(
+            f"{path.parent} is not a packed folder (no {path.name}); make one with `unimlip-fast data pack`"
+        )
     return json.loads(path.read_text())
 
 
@@ -120,8 +122,9 @@ def parse_index(path: Path) -> list[IndexSample]:
     for line in lines[1:]:
         parts = line.split()
         if parts:
-            samples.append([(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3])
-                            for k in range(0, len(parts), 4)])
+            samples.append(
+                [(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3]) for k in range(0, len(parts), 4)]
+            )
     if len(samples) != int(head[1]):
         raise DataError(f"{path}: the header says {head[1]} samples, the file lists {len(samples)}")
     return samples

@@ -19,6 +19,7 @@ samples whose digest changed (:mod:`.verify`).
 a sample's bytes with ``os.pread`` (random access, any worker), and returns the image decoded with
 PIL (shrunk early, as the CPU loader) or its raw bytes for a GPU decode.
 """
+
 from __future__ import annotations
 
 import collections
@@ -49,8 +50,17 @@ from .shard_format import (
 # How verification scans a tar; a verified index cached by an older scan is made again.
 SCAN_VERSION = 2
 # One row per usable sample.
-SAMPLE_DTYPE = np.dtype([("shard", np.int32), ("index", np.int64), ("img_off", np.int64), ("img_size", np.int64),
-                         ("ids_off", np.int64), ("ids_size", np.int64), ("jpeg", np.bool_)])
+SAMPLE_DTYPE = np.dtype(
+    [
+        ("shard", np.int32),
+        ("index", np.int64),
+        ("img_off", np.int64),
+        ("img_size", np.int64),
+        ("ids_off", np.int64),
+        ("ids_size", np.int64),
+        ("jpeg", np.bool_),
+    ]
+)
 
 
 @dataclass
@@ -95,8 +105,10 @@ class ShardSet:
 
     def damage_note(self) -> str:
         """What verification skipped, shard by shard (``shard-000009.tar: 25 missing_in_shard``); '' for none."""
-        return "; ".join(f"{tar}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
-                         for tar, counts in sorted(self.skipped_by_shard.items()))
+        return "; ".join(
+            f"{tar}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+            for tar, counts in sorted(self.skipped_by_shard.items())
+        )
 
 
 def _is_sample_member(m: tarfile.TarInfo, file_size: int) -> bool:
@@ -120,8 +132,9 @@ def _rows(shard: int, samples) -> list[tuple]:
     return rows
 
 
-def scan_tar(path: Path, check_images: bool = True, vocab_size: int | None = None,
-             expected: list[str] | int | None = None) -> tuple[list, collections.Counter]:
+def scan_tar(
+    path: Path, check_images: bool = True, vocab_size: int | None = None, expected: list[str] | int | None = None
+) -> tuple[list, collections.Counter]:
     """The samples of a tar that have an image (decodable) and caption ids (within ``vocab_size``),
     in index form, and the rest counted by reason: ``bad_member`` for each member that is no part
     of a sample (links, paths, other names: never followed or written anywhere), and, given the
@@ -149,8 +162,9 @@ def scan_tar(path: Path, check_images: bool = True, vocab_size: int | None = Non
             except (tarfile.ReadError, EOFError):
                 pass  # damage past which the tar cannot be read: what was found is kept, the rest counted missing
     except (tarfile.ReadError, EOFError, OSError) as e:
-        raise DataError(f"{path}: unreadable tar ({e}); repack it (delete its .json marker and run data pack "
-                        "again)") from e
+        raise DataError(
+            f"{path}: unreadable tar ({e}); repack it (delete its .json marker and run data pack again)"
+        ) from e
     if isinstance(expected, int):
         missing = max(0, expected - len(groups))
     else:
@@ -231,15 +245,23 @@ def _verify(root: Path, entry: dict, st: os.stat_result, vocab_size: int) -> tup
             if not meta.get("unchanged") and index_path.is_file():
                 return index_path, parse_index(index_path), collections.Counter(meta["skipped"])
     tar = root / entry["tar"]
-    if (own_index.is_file() and st.st_size == entry["size"] and entry.get("blake2b")
-            and file_digest(tar) == entry["blake2b"]):
-        write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "scan": SCAN_VERSION,
-                                          "unchanged": True}))
+    if (
+        own_index.is_file()
+        and st.st_size == entry["size"]
+        and entry.get("blake2b")
+        and file_digest(tar) == entry["blake2b"]
+    ):
+        write_atomic(
+            meta_path,
+            json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "scan": SCAN_VERSION, "unchanged": True}),
+        )
         return own_index, parse_index(own_index), collections.Counter()
     samples, skipped = scan_tar(tar, vocab_size=vocab_size, expected=_packed_keys(root, entry))
     write_index(index_path, samples)
-    write_atomic(meta_path, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "scan": SCAN_VERSION,
-                                      "skipped": dict(skipped)}))
+    write_atomic(
+        meta_path,
+        json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "scan": SCAN_VERSION, "skipped": dict(skipped)}),
+    )
     return index_path, samples, skipped
 
 
@@ -254,9 +276,11 @@ def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardS
             stats.append((root / entry["tar"]).stat())
         except FileNotFoundError:
             raise DataError(f"{root / entry['tar']} listed in the manifest is missing") from None
-    changed = [s for s, (entry, st) in enumerate(zip(manifest["shards"], stats))
-               if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"])
-               or not (root / entry["index"]).is_file()]
+    changed = [
+        s
+        for s, (entry, st) in enumerate(zip(manifest["shards"], stats))
+        if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"]) or not (root / entry["index"]).is_file()
+    ]
     vocab_size = int(manifest["tokenizer"]["vocab_size"])
     jobs = [(root, manifest["shards"][s], stats[s], vocab_size) for s in changed]
     workers = min(len(jobs), workers or os.cpu_count() or 1)
@@ -288,8 +312,9 @@ def open_shards(folder: str | os.PathLike, workers: int | None = None) -> ShardS
     if not rows:
         raise DataError(f"{root}: no usable samples ({dict(read_skipped)} skipped)")
     rebuilt = [entry["tar"] for entry in manifest["shards"] if not (root / entry["index"]).is_file()]
-    return ShardSet(root, manifest, tars, indices, np.array(rows, dtype=SAMPLE_DTYPE), read_skipped, rebuilt,
-                    skipped_by_shard)
+    return ShardSet(
+        root, manifest, tars, indices, np.array(rows, dtype=SAMPLE_DTYPE), read_skipped, rebuilt, skipped_by_shard
+    )
 
 
 # ------------------------------------------------------------------------------------ ids -> tokens
@@ -384,11 +409,15 @@ def load_shards(shards: str | os.PathLike | ShardSet, dataset=None) -> ShardSet:
 def check_against_dataset(shards: ShardSet, dataset, n: int = 256) -> None:
     """Refuse shards that are not the run's records with the run's tokenizer (up to ``n`` samples compared)."""
     if int(shards.samples["index"].max()) >= len(dataset):
-        raise DataError(f"{shards.root} holds record indices beyond the {len(dataset)} records of the run's data: "
-                        "it was packed from another data set or split")
+        raise DataError(
+            f"{shards.root} holds record indices beyond the {len(dataset)} records of the run's data: "
+            "it was packed from another data set or split"
+        )
     if shards.context_length != dataset.input_ids.shape[1]:
-        raise DataError(f"{shards.root} was packed with context length {shards.context_length}, the run uses "
-                        f"{dataset.input_ids.shape[1]} (model.text.context_length); repack with --context-length")
+        raise DataError(
+            f"{shards.root} was packed with context length {shards.context_length}, the run uses "
+            f"{dataset.input_ids.shape[1]} (model.text.context_length); repack with --context-length"
+        )
     reader = ShardDataset(shards, 1)
     picks, rows = [], []
     for j in np.linspace(0, len(shards) - 1, min(n, len(shards))).astype(int):
@@ -402,8 +431,11 @@ def check_against_dataset(shards: ShardSet, dataset, n: int = 256) -> None:
     packed, packed_mask = ids_to_tokens(rows, shards.context_length, shards.pad_token_id)
     index = [int(shards.samples[j]["index"]) for j in picks]
     mask = dataset.attention_mask[index].astype(bool)
-    if not (np.array_equal(packed_mask.astype(bool), mask)
-            and np.array_equal(packed[mask], dataset.input_ids[index][mask])):
-        raise DataError(f"the caption ids in {shards.root} differ from the run's tokenizer "
-                        f"({shards.manifest['tokenizer']['name']} when packed): repack with --tokenizer pointing at "
-                        "the run's tokenizer (runs/<name>/tokenizer, or the model.text.encoder name)")
+    if not (
+        np.array_equal(packed_mask.astype(bool), mask) and np.array_equal(packed[mask], dataset.input_ids[index][mask])
+    ):
+        raise DataError(
+            f"the caption ids in {shards.root} differ from the run's tokenizer "
+            f"({shards.manifest['tokenizer']['name']} when packed): repack with --tokenizer pointing at "
+            "the run's tokenizer (runs/<name>/tokenizer, or the model.text.encoder name)"
+        )

@@ -12,6 +12,7 @@ A new format is its reader in one of those modules and one line here; the config
 format names lists the same names (a test holds them equal). The tables are written out rather than
 filled by each module on import: what is registered never depends on what happens to be imported.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,16 +35,19 @@ PAIR_SOURCES: dict[str, Callable[[DataConfig, str | None], ItemSet[Record]]] = {
     "medpix": lambda cfg, split: read_medpix(_path(cfg), split),
     "pmc-oa": lambda cfg, split: read_pmc_oa(_path(cfg), split, cfg.image_root),
     "roco": lambda cfg, split: read_roco(_path(cfg), split),
-    "csv": lambda cfg, split: read_table(_path(cfg), "csv", cfg.image_key, cfg.caption_key, cfg.image_root, split,
-                                         cfg.split_key),
-    "jsonl": lambda cfg, split: read_table(_path(cfg), "jsonl", cfg.image_key, cfg.caption_key, cfg.image_root,
-                                           split, cfg.split_key),
+    "csv": lambda cfg, split: read_table(
+        _path(cfg), "csv", cfg.image_key, cfg.caption_key, cfg.image_root, split, cfg.split_key
+    ),
+    "jsonl": lambda cfg, split: read_table(
+        _path(cfg), "jsonl", cfg.image_key, cfg.caption_key, cfg.image_root, split, cfg.split_key
+    ),
     "phantom": lambda cfg, split: phantom_split(cfg.phantom_size, split),
 }
 LABELLED_SOURCES: dict[str, Callable[[str, str, LabelOptions], ItemSet[LabelledImage]]] = {
     "nih": lambda path, split, o: read_nih(path, split, o.val_fraction, o.split_seed),
-    "chexpert": lambda path, split, o: read_chexpert(path, split, o.policy, o.frontal_only, o.val_fraction,
-                                                     o.split_seed),
+    "chexpert": lambda path, split, o: read_chexpert(
+        path, split, o.policy, o.frontal_only, o.val_fraction, o.split_seed
+    ),
     "mimic": lambda path, split, o: read_mimic(path, split, o.policy, o.frontal_only),
     "csv": lambda path, split, o: read_label_csv(path),  # one file: every row, whatever the split
 }

@@ -21,6 +21,7 @@ The CPU backend's images are float32 on the CPU; the GPU backends' tensors are a
 comes from ``(seed, epoch, sample indices)``, so a batch does not depend on the number of workers,
 and a run resumed with ``skip_batches`` sees the batches it would have seen.
 """
+
 from __future__ import annotations
 
 import collections
@@ -91,18 +92,28 @@ class LoaderSpec:
 
 def loader_spec(cfg, rank: int, world_size: int, device, dtype: torch.dtype, mlm: MaskingTables | None) -> LoaderSpec:
     """The run's spec from its config (``cfg``: the whole :class:`~unimlip_fast.config.Config`)."""
-    return LoaderSpec(batch_size=cfg.train.batch_size // world_size, image_size=cfg.model.image_size, rank=rank,
-                      world_size=world_size, seed=cfg.train.seed,
-                      views=VIEW_RECIPE.with_scales(cfg.data.weak_scale, cfg.data.strong_scale),
-                      num_workers=cfg.data.num_workers, device=device, dtype=dtype, mlm=mlm, mlm_prob=cfg.loss.mlm_prob)
+    return LoaderSpec(
+        batch_size=cfg.train.batch_size // world_size,
+        image_size=cfg.model.image_size,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.train.seed,
+        views=VIEW_RECIPE.with_scales(cfg.data.weak_scale, cfg.data.strong_scale),
+        num_workers=cfg.data.num_workers,
+        device=device,
+        dtype=dtype,
+        mlm=mlm,
+        mlm_prob=cfg.loss.mlm_prob,
+    )
 
 
 def batches_per_epoch(n: int, batch_size: int, world_size: int) -> int:
     """Full global batches of ``batch_size`` x ``world_size`` in ``n`` samples; none is an error."""
     batches = n // (batch_size * world_size)
     if batches == 0:
-        raise DataError(f"{n} samples do not fill one global batch of {batch_size} x {world_size} ranks; "
-                        "lower train.batch_size")
+        raise DataError(
+            f"{n} samples do not fill one global batch of {batch_size} x {world_size} ranks; lower train.batch_size"
+        )
     return batches
 
 

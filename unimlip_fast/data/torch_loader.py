@@ -18,6 +18,7 @@ into per-rank slices, the tail dropped so every rank has as many batches). View 
 from a generator seeded with ``(seed, epoch, indices of the batch)``: the same seed gives the same
 batches. A sample that fails to load is replaced by the next good one and counted in ``skipped``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -79,8 +80,15 @@ def canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torc
     return out, torch.tensor(hs, dtype=torch.float32), torch.tensor(ws, dtype=torch.float32)
 
 
-def make_views(x: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, size: int, generator: torch.Generator,
-               strong: bool, recipe: ViewRecipe = VIEW_RECIPE) -> dict[str, torch.Tensor]:
+def make_views(
+    x: torch.Tensor,
+    hs: torch.Tensor,
+    ws: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    strong: bool,
+    recipe: ViewRecipe = VIEW_RECIPE,
+) -> dict[str, torch.Tensor]:
     """The weak view (and the two strong views when ``strong``) of ``recipe`` of a float [0,1]
     :func:`canvas` ``x`` on any device, images ``hs`` x ``ws``, as one batched op each; normalised
     float32 ``[B,3,size,size]``."""
@@ -163,16 +171,25 @@ class TorchLoader:
         self.gpu_decode = from_shards and jpeg_on_device
         self.sampler = DistributedBatchSampler.for_spec(len(source), spec)
         self.lost = source.epoch_skipped if from_shards else {}
-        self.loader = DataLoader(_Items(source, spec.image_size, self.gpu_decode), batch_sampler=self.sampler,
-                                 collate_fn=_collate, num_workers=spec.num_workers,
-                                 pin_memory=spec.device.type == "cuda",
-                                 prefetch_factor=4 if spec.num_workers > 0 else None,
-                                 persistent_workers=False)
+        self.loader = DataLoader(
+            _Items(source, spec.image_size, self.gpu_decode),
+            batch_sampler=self.sampler,
+            collate_fn=_collate,
+            num_workers=spec.num_workers,
+            pin_memory=spec.device.type == "cuda",
+            prefetch_factor=4 if spec.num_workers > 0 else None,
+            persistent_workers=False,
+        )
         decode = "GPU nvJPEG (torchvision)" if self.gpu_decode else "PIL in workers"
-        self.description = (f"torch backend: {decode} decode, views on {spec.device.type} "
-                            f"({'packed shards ' + str(source.root) if from_shards else 'records'})"
-                            + (f"; skipped when verifying the shards: {source.damage_note()}"
-                               if from_shards and source.damage_note() else ""))
+        self.description = (
+            f"torch backend: {decode} decode, views on {spec.device.type} "
+            f"({'packed shards ' + str(source.root) if from_shards else 'records'})"
+            + (
+                f"; skipped when verifying the shards: {source.damage_note()}"
+                if from_shards and source.damage_note()
+                else ""
+            )
+        )
 
     def __len__(self) -> int:
         return len(self.sampler)

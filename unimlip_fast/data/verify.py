@@ -7,6 +7,7 @@ hashed them (:func:`.shard_format.sample_digest`) and compared with the marker's
 is checked as verification checks it (ids inside the vocabulary, image decodable). It names the
 samples that changed, went missing or appeared, the damaged ones, and the missing index files.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ class ShardReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.changed or self.missing or self.unexpected or self.bad_token_ids
-                    or self.undecodable_image or self.problems)
+        return not (
+            self.changed
+            or self.missing
+            or self.unexpected
+            or self.bad_token_ids
+            or self.undecodable_image
+            or self.problems
+        )
 
     def describe(self, limit: int = 5) -> str:
         parts = list(self.problems)

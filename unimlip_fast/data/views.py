@@ -18,6 +18,7 @@ a crop much larger than ``size`` aliases; the CPU loader decodes to about 1.15x 
 single-image wrappers that the CPU loader's workers call draw the same parameters but crop by
 slicing and resize with antialiasing, which is faster on CPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -318,12 +319,12 @@ def weak_view_one(image, size: int, generator=None, scale=VIEW_RECIPE.weak_scale
     return normalize(crop_resize_one(x, box, size)[None])[0]
 
 
-def strong_views_one(image, size: int, generator=None,
-                     recipe: ViewRecipe = VIEW_RECIPE) -> tuple[torch.Tensor, torch.Tensor]:
+def strong_views_one(
+    image, size: int, generator=None, recipe: ViewRecipe = VIEW_RECIPE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent strong views of one image: crops one at a time, the rest as a batch of two."""
     x = to_chw(image)
-    boxes = random_resized_crop_boxes(2, x.shape[1], x.shape[2], recipe.strong_scale, recipe.ratio, generator,
-                                      x.device)
+    boxes = random_resized_crop_boxes(2, x.shape[1], x.shape[2], recipe.strong_scale, recipe.ratio, generator, x.device)
     flip = _bernoulli(2, recipe.p_flip, generator, x.device)
     crops = torch.stack([crop_resize_one(x, boxes[k], size, bool(flip[k])) for k in range(2)])
     a, b = normalize(strong_photometric(crops, generator, recipe))

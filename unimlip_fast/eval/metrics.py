@@ -1,4 +1,5 @@
 """Downstream metrics: ROC AUC per label and its macro average; VQA accuracy by answer type."""
+
 from __future__ import annotations
 
 import numpy as np

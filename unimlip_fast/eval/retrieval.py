@@ -6,6 +6,7 @@ dropped. With duplicates kept, every item sharing the query's caption counts as 
 ROCO's published 2,000-pair test set (``roco_protocol``) is taken as it is: no de-duplication, and
 each query has exactly one positive, its own pair.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,11 @@ def embed_pairs(model, dataset, device: torch.device, batch_size: int) -> tuple[
     for batch in build_eval_loader(dataset, batch_size):
         batch = trim_padding(batch)
         images.append(F.normalize(model.encode_image(batch["image"].to(device)).float(), dim=-1).cpu())
-        texts.append(F.normalize(model.encode_text(batch["input_ids"].to(device),
-                                                   batch["attention_mask"].to(device)).float(), dim=-1).cpu())
+        texts.append(
+            F.normalize(
+                model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float(), dim=-1
+            ).cpu()
+        )
     model.train(was_training)
     return torch.cat(images), torch.cat(texts)
 
@@ -74,8 +78,9 @@ def positive_pairs(captions: list[str], one_positive: bool = False, device: torc
     return group[:, None] == group[None, :]
 
 
-def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str], one_positive: bool = False,
-                      keys: list[str] | None = None) -> dict[str, Any]:
+def retrieval_metrics(
+    img: torch.Tensor, txt: torch.Tensor, captions: list[str], one_positive: bool = False, keys: list[str] | None = None
+) -> dict[str, Any]:
     """Every pair with the query's caption counts as correct, or (``one_positive``) its own pair only.
     With ``keys`` (one per pair), ``per_query`` holds each query's rank both ways, so paired
     comparisons between models can be recomputed from the results."""
@@ -122,16 +127,24 @@ def select_pairs(data: DataConfig, split: str, protocol: RetrievalProtocol) -> t
     return records, n_dropped, dict(record_set.skipped)
 
 
-def build_eval_set(model, tokenizer, data: DataConfig, split: str,
-                   protocol: RetrievalProtocol | None = None) -> EvalSet:
+def build_eval_set(
+    model, tokenizer, data: DataConfig, split: str, protocol: RetrievalProtocol | None = None
+) -> EvalSet:
     protocol = protocol or RetrievalProtocol()
     records, n_dropped, skipped = select_pairs(data, split, protocol)
     dataset = build_dataset(records, tokenizer, model.cfg.image_size, model.cfg.text.context_length)
     return EvalSet(dataset, n_dropped, skipped, one_positive=protocol.roco_2000)
 
 
-def evaluate_retrieval(model, tokenizer, data: DataConfig, split: str, device: torch.device, batch_size: int = 128,
-                       protocol: RetrievalProtocol | None = None) -> dict[str, Any]:
+def evaluate_retrieval(
+    model,
+    tokenizer,
+    data: DataConfig,
+    split: str,
+    device: torch.device,
+    batch_size: int = 128,
+    protocol: RetrievalProtocol | None = None,
+) -> dict[str, Any]:
     """R@1/5/10 and ranks both ways on ``split`` of ``data``, embedded with ``model`` and ``tokenizer``."""
     protocol = protocol or RetrievalProtocol()
     eval_set = build_eval_set(model, tokenizer, data, split, protocol)
@@ -144,8 +157,9 @@ def evaluate_retrieval(model, tokenizer, data: DataConfig, split: str, device: t
     return results
 
 
-def evaluate_loaded_retrieval(model, data: DataConfig, split: str, batch_size: int = 128,
-                              protocol: RetrievalProtocol | None = None) -> dict[str, Any]:
+def evaluate_loaded_retrieval(
+    model, data: DataConfig, split: str, batch_size: int = 128, protocol: RetrievalProtocol | None = None
+) -> dict[str, Any]:
     """Retrieval with a loaded model (:func:`unimlip_fast.load`): a run of this project (or its export)
     through :func:`evaluate_retrieval`, exactly as its training ended; any other model (``pmc-clip:``,
     ``open_clip:``) with its own preprocessing and tokenizer on the same pairs, an image that does not
@@ -164,8 +178,7 @@ def evaluate_loaded_retrieval(model, data: DataConfig, split: str, batch_size: i
     captions = [r.caption for r in records]
     txt = model.encode_text(captions, batch_size=max(batch_size, 64))
     keys = [r.key for r in records] if protocol.per_query else None
-    results = retrieval_metrics(torch.from_numpy(image_rows), txt, captions, one_positive=protocol.roco_2000,
-                                keys=keys)
+    results = retrieval_metrics(torch.from_numpy(image_rows), txt, captions, one_positive=protocol.roco_2000, keys=keys)
     results["n_duplicates_dropped"] = n_dropped
     results["skipped_records"] = {**skipped, **{k: skipped.get(k, 0) + v for k, v in failed.items()}}
     results["split"] = "test (ROCO 2,000-pair protocol)" if protocol.roco_2000 else split

@@ -12,6 +12,7 @@ it, so the result also gives the 5th and 95th percentiles of the macro AUC over 
 the same test set (``chance_macro_auc_p05``, ``chance_macro_auc_p95``): a macro AUC between them is
 not distinguishable from chance.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,12 +35,19 @@ ZEROSHOT_FORMATS: tuple[str, ...] = tuple(LABELLED_SOURCES)  # the chest X-ray r
 POSITIVE_TEMPLATES = ("{}", "chest x-ray showing {}", "findings consistent with {}", "there is {}")
 NEGATIVE_TEMPLATES = ("no {}", "chest x-ray with no {}", "no evidence of {}", "there is no {}")
 # Labels whose name does not read as a finding in a sentence.
-FINDING_WORDS = {"Effusion": "pleural effusion", "Pleural_Thickening": "pleural thickening",
-                 "Lung Lesion": "lung lesion", "Pleural Other": "pleural abnormality",
-                 "Support Devices": "support devices", "Enlarged Cardiomediastinum": "enlarged cardiomediastinum"}
+FINDING_WORDS = {
+    "Effusion": "pleural effusion",
+    "Pleural_Thickening": "pleural thickening",
+    "Lung Lesion": "lung lesion",
+    "Pleural Other": "pleural abnormality",
+    "Support Devices": "support devices",
+    "Enlarged Cardiomediastinum": "enlarged cardiomediastinum",
+}
 NO_FINDING = "No Finding"
-NO_FINDING_PROMPTS = (["no acute cardiopulmonary process", "normal chest x-ray", "no abnormality"],
-                      ["abnormal chest x-ray", "acute cardiopulmonary process", "there is an abnormality"])
+NO_FINDING_PROMPTS = (
+    ["no acute cardiopulmonary process", "normal chest x-ray", "no abnormality"],
+    ["abnormal chest x-ray", "acute cardiopulmonary process", "there is an abnormality"],
+)
 
 
 def default_prompts(labels: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
@@ -81,9 +89,11 @@ def read_prompts(path: str | Path, labels: tuple[str, ...]) -> dict[str, dict[st
 
 
 @torch.no_grad()
-def prompt_ensembles(model: EmbeddingModel, prompts: dict[str, dict[str, list[str]]],
-                     labels: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_ensembles(
+    model: EmbeddingModel, prompts: dict[str, dict[str, list[str]]], labels: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(positive [L,D], negative [L,D])``: each label's prompts embedded, averaged, renormalised."""
+
     def ensemble(texts: list[str]) -> torch.Tensor:
         return F.normalize(model.encode_text(texts).mean(dim=0), dim=-1)
 
@@ -92,8 +102,9 @@ def prompt_ensembles(model: EmbeddingModel, prompts: dict[str, dict[str, list[st
     return positive, negative
 
 
-def zeroshot_scores(images: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                    logit_scale: float) -> torch.Tensor:
+def zeroshot_scores(
+    images: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
     """``[N,D]`` image embeddings -> ``[N,L]`` probability of each label's positive ensemble
     against its negative one."""
     logits = torch.stack([images @ positive.T, images @ negative.T], dim=-1) * logit_scale
@@ -104,13 +115,21 @@ def chance_macro_auc(targets: np.ndarray, labels: tuple[str, ...], n_draws: int 
     """Macro AUC of random scores on these targets: its mean, 5th and 95th percentiles over draws."""
     rng = np.random.default_rng(seed)
     draws = [macro_auc(rng.random(targets.shape), targets, labels)["macro_auc"] for _ in range(n_draws)]
-    return {"mean": float(np.mean(draws)), "p05": float(np.percentile(draws, 5)),
-            "p95": float(np.percentile(draws, 95))}
+    return {
+        "mean": float(np.mean(draws)),
+        "p05": float(np.percentile(draws, 5)),
+        "p95": float(np.percentile(draws, 95)),
+    }
 
 
-def evaluate_zeroshot(model: EmbeddingModel, data: ItemSet[LabelledImage],
-                      prompts: dict[str, dict[str, list[str]]] | None = None, batch_size: int = 64,
-                      workers: int = 0, chance_draws: int = 1000) -> dict[str, Any]:
+def evaluate_zeroshot(
+    model: EmbeddingModel,
+    data: ItemSet[LabelledImage],
+    prompts: dict[str, dict[str, list[str]]] | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    chance_draws: int = 1000,
+) -> dict[str, Any]:
     labels = data.labels
     prompts = prompts or default_prompts(labels)
     kept, image_rows, skipped = embed_images(model, [it.path for it in data.items], batch_size, workers)
@@ -124,10 +143,19 @@ def evaluate_zeroshot(model: EmbeddingModel, data: ItemSet[LabelledImage],
     chance = chance_macro_auc(targets, labels, chance_draws) if chance_draws else {}
     positives = {label: int(np.nansum(targets[:, j])) for j, label in enumerate(labels)}
     return {
-        "macro_auc": result["macro_auc"], "per_label": result["per_label"], "n_test": len(kept),
-        "excluded_labels": result["excluded"], "n_positive": positives, "chance_macro_auc": 0.5,
-        "chance_macro_auc_mean": chance.get("mean"), "chance_macro_auc_p05": chance.get("p05"),
+        "macro_auc": result["macro_auc"],
+        "per_label": result["per_label"],
+        "n_test": len(kept),
+        "excluded_labels": result["excluded"],
+        "n_positive": positives,
+        "chance_macro_auc": 0.5,
+        "chance_macro_auc_mean": chance.get("mean"),
+        "chance_macro_auc_p05": chance.get("p05"),
         "chance_macro_auc_p95": chance.get("p95"),
-        "skipped": {**dict(data.skipped), **skipped}, "source": data.source, "logit_scale": scale,
-        "prompts": prompts, "method": "zero-shot, positive vs negative prompt ensembles", "model": model.describe(),
+        "skipped": {**dict(data.skipped), **skipped},
+        "source": data.source,
+        "logit_scale": scale,
+        "prompts": prompts,
+        "method": "zero-shot, positive vs negative prompt ensembles",
+        "model": model.describe(),
     }

@@ -7,6 +7,7 @@ Adam; each epoch ends with the validation macro AUC, the best epoch's weights ar
 (``best.safetensors``) and scored on the test split; training stops after ``train.patience`` epochs
 without improvement or at ``train.epochs``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,10 @@ def check_normalisation(backbone, checkpoint) -> None:
     """Fine-tuning's views normalise with CLIP's mean and std: a model trained with others is refused."""
     theirs = getattr(backbone, "normalisation", None)
     if theirs is not None and not (np.allclose(theirs[0], CLIP_MEAN) and np.allclose(theirs[1], CLIP_STD)):
-        raise ValueError(f"{checkpoint}: its images are normalised with mean {list(theirs[0])} and std "
-                         f"{list(theirs[1])}; fine-tuning normalises with CLIP's {list(CLIP_MEAN)}, {list(CLIP_STD)}")
+        raise ValueError(
+            f"{checkpoint}: its images are normalised with mean {list(theirs[0])} and std "
+            f"{list(theirs[1])}; fine-tuning normalises with CLIP's {list(CLIP_MEAN)}, {list(CLIP_STD)}"
+        )
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,8 +87,7 @@ def _decodable(items: list[LabelledImage], cache: ImageCache, skipped: Skips) ->
 def _dataset(items: list[LabelledImage], cfg: ClassifyConfig, train: bool, seed: int) -> ViewDataset:
     cache = ImageCache([it.path for it in items], cfg.data.image_size, cfg.data.cache_images)
     targets = torch.tensor([it.target for it in items], dtype=torch.float32)
-    ds = ViewDataset([it.path for it in items], cache, TensorFields(target=targets), train,
-                     cfg.data.train_scale, seed)
+    ds = ViewDataset([it.path for it in items], cache, TensorFields(target=targets), train, cfg.data.train_scale, seed)
     ds.items, ds.targets = items, targets
     return ds
 
@@ -121,8 +123,14 @@ def read_splits(cfg: ClassifyConfig) -> dict[str, ItemSet[LabelledImage]]:
     return {split: read_labelled(d.format, d.path, split, options) for split in SPLITS}
 
 
-def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str | Path, env: DistEnv,
-                      json_out: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
+def finetune_classify(
+    cfg: ClassifyConfig,
+    checkpoint: str | Path,
+    run_dir: str | Path,
+    env: DistEnv,
+    json_out: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
     t, seed = cfg.train, cfg.train.seed
     require_checkpoint(checkpoint)  # before minutes of reading data
     log = RunLog(Path(run_dir), env)
@@ -143,9 +151,11 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
     if not val_check["per_label"]:
         raise DataError("no label has both classes in the validation split: early stopping has nothing to measure")
     n_train = len(datasets["train"])
-    say(f"{cfg.data.format}: train {n_train} images ({n_train / len(splits['train']):.1%} of "
+    say(
+        f"{cfg.data.format}: train {n_train} images ({n_train / len(splits['train']):.1%} of "
         f"{len(splits['train'])}, fraction {cfg.data.fraction}, seed {seed}), valid {len(datasets['valid'])}, "
-        f"test {len(datasets['test'])}; skipped: {_skip_text(skipped)}")
+        f"test {len(datasets['test'])}; skipped: {_skip_text(skipped)}"
+    )
 
     backbone = load_backbone(checkpoint, t.init, seed, env.device)
     check_normalisation(backbone, checkpoint)
@@ -161,8 +171,10 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
     per_rank = max(1, global_batch // env.world_size)
     if global_batch < t.batch_size:
         say(f"train.batch_size {t.batch_size} > {n_train} training images: batch {global_batch}")
-    say(f"init {t.init} from {checkpoint} (pretrained at {pretrained_size} px, fine-tuned at "
-        f"{cfg.data.image_size} px); {env.world_size} rank(s), global batch {global_batch}, Adam lr {t.lr}")
+    say(
+        f"init {t.init} from {checkpoint} (pretrained at {pretrained_size} px, fine-tuned at "
+        f"{cfg.data.image_size} px); {env.world_size} rank(s), global batch {global_batch}, Adam lr {t.lr}"
+    )
 
     best, best_epoch, best_state, substituted = -math.inf, -1, None, 0
     for epoch in range(t.epochs):
@@ -194,13 +206,24 @@ def finetune_classify(cfg: ClassifyConfig, checkpoint: str | Path, run_dir: str 
     scores = predict(model, datasets["test"], per_rank * 2, env, cfg.data.num_workers)
     test = macro_auc(scores.numpy(), datasets["test"].targets.numpy(), labels)
     results = {
-        "macro_auc": test["macro_auc"], "per_label": test["per_label"], "n_train": n_train,
-        "n_test": len(datasets["test"]), "fraction": cfg.data.fraction,
+        "macro_auc": test["macro_auc"],
+        "per_label": test["per_label"],
+        "n_train": n_train,
+        "n_test": len(datasets["test"]),
+        "fraction": cfg.data.fraction,
         "fraction_drawn": round(n_train / len(splits["train"]), 4),
-        "excluded_labels": test["excluded"], "val_macro_auc": best, "best_epoch": best_epoch,
-        "epochs_run": epoch + 1, "train_label_rates": label_rates(datasets["train"].items, labels),
-        "skipped": {s: dict(c) for s, c in skipped.items()}, "substituted_train_images": substituted,
-        "init": t.init, "seed": seed, "data": cfg.data.format, "checkpoint": str(checkpoint), "model": model_info,
+        "excluded_labels": test["excluded"],
+        "val_macro_auc": best,
+        "best_epoch": best_epoch,
+        "epochs_run": epoch + 1,
+        "train_label_rates": label_rates(datasets["train"].items, labels),
+        "skipped": {s: dict(c) for s, c in skipped.items()},
+        "substituted_train_images": substituted,
+        "init": t.init,
+        "seed": seed,
+        "data": cfg.data.format,
+        "checkpoint": str(checkpoint),
+        "model": model_info,
     }
     return log.finish(results, json_out)
 

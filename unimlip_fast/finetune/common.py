@@ -4,6 +4,7 @@ Fine-tuning runs under plain PyTorch DistributedDataParallel (gloo on CPU, NCCL 
 DeepSpeed: the models are small next to pretraining's global batch, and ZeRO buys nothing here. It
 launches the same way: one process, ``torchrun`` or ``deepspeed``.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,9 +62,11 @@ def require_checkpoint(checkpoint: str | Path, uni_mlip_towers: bool = False) ->
         return
     spec = parse_spec(str(checkpoint))
     if uni_mlip_towers and spec.kind == "open_clip":
-        raise ValueError(f"{checkpoint}: VQA fine-tuning needs Uni-Mlip's image trunk (its feature map) and a BERT "
-                         "text tower with its token states, which an open_clip model does not give; use a run "
-                         "folder or pmc-clip:PATH (open_clip models: eval retrieval, eval zeroshot, finetune classify)")
+        raise ValueError(
+            f"{checkpoint}: VQA fine-tuning needs Uni-Mlip's image trunk (its feature map) and a BERT "
+            "text tower with its token states, which an open_clip model does not give; use a run "
+            "folder or pmc-clip:PATH (open_clip models: eval retrieval, eval zeroshot, finetune classify)"
+        )
 
 
 def load_backbone(checkpoint: str | Path, init: str, seed: int, device: torch.device) -> EmbeddingModel:
@@ -187,7 +190,7 @@ def epoch_batches(n: int, global_batch: int, rank: int, world_size: int, seed: i
     order = np.random.default_rng([seed, epoch]).permutation(n)
     batches = []
     for start in range(0, n, global_batch):
-        chunk = order[start:start + global_batch]
+        chunk = order[start : start + global_batch]
         if len(chunk) < 2 * world_size:
             break
         batches.append(np.array_split(chunk, world_size)[rank].tolist())
@@ -199,12 +202,17 @@ def eval_indices(n: int, rank: int, world_size: int) -> list[int]:
 
 
 def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                      prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
 
 
 def chunks(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[s:s + size] for s in range(0, len(indices), size)]
+    return [indices[s : s + size] for s in range(0, len(indices), size)]
 
 
 def gather_rows(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ Where the paper is specific its choice is the default; the rest are our choices,
   after M3AE); AdamW with weight decay 0.01, 10% linear warm-up then linear decay, batch 32,
   30 epochs, 224 px, questions cut at 40 tokens (ours, M3AE-like: the paper gives none of these).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

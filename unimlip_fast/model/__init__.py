@@ -1,5 +1,6 @@
 """The Uni-Mlip model, and :func:`assemble`, which rebuilds a trained one from its config, text config and
 weights (a run folder: :meth:`unimlip_fast.run_folder.RunFolder.load_model`; an export: :mod:`unimlip_fast.export`)."""
+
 from __future__ import annotations
 
 import torch

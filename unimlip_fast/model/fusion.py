@@ -1,4 +1,5 @@
 """The fusion module and MLM head: caption tokens attend with the image before predicting masks."""
+
 from __future__ import annotations
 
 import typing
@@ -24,8 +25,9 @@ class FusionMLM(nn.Module):
     attends to it). The MLM head runs only at the given positions: [M, V] for M rows.
     """
 
-    def __init__(self, width: int, embed_dim: int, vocab_size: int, layers: int = 4, heads: int = 8,
-                 head: str = "pmc-clip"):
+    def __init__(
+        self, width: int, embed_dim: int, vocab_size: int, layers: int = 4, heads: int = 8, head: str = "pmc-clip"
+    ):
         super().__init__()
         if width % heads:
             raise ValueError(f"fusion width {width} is not divisible by model.fusion_heads={heads}")
@@ -34,16 +36,18 @@ class FusionMLM(nn.Module):
         self.pmc_clip = head == "pmc-clip"
         self.image_proj = nn.Identity() if self.pmc_clip and embed_dim == width else nn.Linear(embed_dim, width)
         self.image_token = nn.Parameter(torch.randn(width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         if self.pmc_clip:
             self.head = nn.Linear(width, vocab_size, bias=False)
             nn.init.normal_(self.head.weight, std=width**-0.5)
         else:
             self.ln_final = nn.LayerNorm(width)
-            self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
-                                      nn.Linear(width, vocab_size))
+            self.head = nn.Sequential(
+                nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width), nn.Linear(width, vocab_size)
+            )
 
     def forward(
         self,

@@ -9,6 +9,7 @@ unused ``positional_embedding`` and ``ln_final`` come along. With ``model.fusion
 and MLM weight has its place. This maps them onto ours; whatever does not map, or does not fit, is
 reported, never silently dropped.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,10 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)  # both, but of different shapes
 
     def summary(self) -> str:
-        return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}; "
-                f"unexpected {len(self.unexpected)}; shape-mismatched {len(self.mismatched)}")
+        return (
+            f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}; "
+            f"unexpected {len(self.unexpected)}; shape-mismatched {len(self.mismatched)}"
+        )
 
 
 def map_pmc_clip_key(key: str, value: torch.Tensor) -> tuple[str | None, torch.Tensor]:

@@ -10,6 +10,7 @@ Where the encoder comes from (``model.text.encoder``):
 A trained run folder holds the tokenizer and the encoder's config, so evaluation rebuilds the
 tower with ``from_config`` and loads the weights: nothing is downloaded again.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,16 +35,23 @@ def train_wordpiece_tokenizer(captions: list[str], vocab_size: int) -> BertToken
     if not captions:
         raise ValueError("cannot build a WordPiece vocabulary from no captions")
     normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words = Counter(word for caption in captions
-                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(caption)))
+    words = Counter(
+        word for caption in captions for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(caption))
+    )
     alphabet = sorted({ch for word in words for ch in word})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + alphabet + ["##" + ch for ch in alphabet]
     frequent = sorted((w for w, n in words.items() if n >= 2 and len(w) > 1), key=lambda w: (-words[w], w))
     vocab += frequent[: max(0, vocab_size - len(vocab))]
     wordpiece = BertWordPieceTokenizer({token: i for i, token in enumerate(vocab)}, lowercase=True)
-    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True,
-                             unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                             cls_token="[CLS]", mask_token="[MASK]")
+    return BertTokenizerFast(
+        tokenizer_object=wordpiece._tokenizer,
+        do_lower_case=True,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
 
 
 def build_tokenizer(cfg: TextConfig, captions: list[str] | None = None) -> PreTrainedTokenizerBase:
@@ -59,10 +67,15 @@ def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerBase, pret
     """The transformers encoder; ``pretrained=False`` builds the same architecture at random."""
     if cfg.encoder == "random-bert":
         config = BertConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, intermediate_size=4 * cfg.hidden_size,
-            max_position_embeddings=max(cfg.context_length, 64), hidden_dropout_prob=cfg.hidden_dropout,
-            attention_probs_dropout_prob=cfg.hidden_dropout, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=4 * cfg.hidden_size,
+            max_position_embeddings=max(cfg.context_length, 64),
+            hidden_dropout_prob=cfg.hidden_dropout,
+            attention_probs_dropout_prob=cfg.hidden_dropout,
+            pad_token_id=tokenizer.pad_token_id,
         )
         encoder = AutoModel.from_config(config, add_pooling_layer=False)
     else:

@@ -7,6 +7,7 @@ ones), and ``logit_scale`` (exponentiated, [1]). The trainer
 clamps the parameter after each optimizer step (``train/replicas.py``), so the forward pass never
 cuts its gradient.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,12 @@ class SimCLRHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(in_dim, hidden),
+            BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, out_dim),
         )
 
@@ -41,18 +46,21 @@ class SimCLRHead(nn.Module):
 
 
 class UniMlip(nn.Module):
-    def __init__(self, cfg: ModelConfig, loss: LossConfig, text_encoder: nn.Module, cls_token_id: int,
-                 vocab_size: int):
+    def __init__(self, cfg: ModelConfig, loss: LossConfig, text_encoder: nn.Module, cls_token_id: int, vocab_size: int):
         super().__init__()
         self.cfg, self.loss_cfg = cfg, loss
-        self.visual = ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.image_size,
-                                     cfg.vision_width)
+        self.visual = ModifiedResNet(
+            cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.image_size, cfg.vision_width
+        )
         self.text = TextTower(text_encoder, cls_token_id)
         self.text_projection = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.text_projection.weight, std=self.text.width**-0.5)
         self.simclr_head = SimCLRHead(cfg.embed_dim, cfg.simclr_hidden, cfg.simclr_out) if loss.simclr > 0 else None
-        self.fusion = (FusionMLM(self.text.width, cfg.embed_dim, vocab_size, cfg.fusion_layers, cfg.fusion_heads,
-                                 cfg.fusion_head) if loss.mlm > 0 else None)
+        self.fusion = (
+            FusionMLM(self.text.width, cfg.embed_dim, vocab_size, cfg.fusion_layers, cfg.fusion_heads, cfg.fusion_head)
+            if loss.mlm > 0
+            else None
+        )
         # Shape [1], not a 0-dim tensor: DeepSpeed rejects 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full([1], math.log(cfg.logit_scale_init)))
         self.ops: LossOps = REFERENCE_OPS

@@ -5,6 +5,7 @@ pool; anti-aliased strided blocks (an average pool before conv3 and on the downs
 of a strided convolution); the last BatchNorm of each block initialised to zero; attention pooling
 (a mean token attending over the flattened map, with learned positions) in place of global pooling.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -29,8 +30,16 @@ class _Fp32StatsMixin:
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        out = F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
-                           self.training or not self.track_running_stats, factor or 0.0, self.eps)
+        out = F.batch_norm(
+            x.float(),
+            self.running_mean,
+            self.running_var,
+            self.weight.float(),
+            self.bias.float(),
+            self.training or not self.track_running_stats,
+            factor or 0.0,
+            self.eps,
+        )
         return out.to(x.dtype)
 
 

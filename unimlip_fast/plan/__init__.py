@@ -4,6 +4,7 @@
 states by ZeRO stage and precision; ``cards``: the cards and links; ``estimate``: the plan;
 ``report``: the tables.
 """
+
 from __future__ import annotations
 
 from .cards import CARDS, LINKS, find_card

@@ -3,6 +3,7 @@
 Figures are the vendors' datasheet numbers (dense, no sparsity). Memory is the nominal capacity in
 GiB; the planner keeps a reserve out of it (``estimate.RESERVE_FRACTION``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,17 +41,28 @@ class Card:
     note: str = ""
 
 
-CARDS: dict[str, Card] = {c.name: c for c in [
-    Card("v100-16gb", 16, 125.0, False, "nvlink2", "ib-edr", note="SXM2; fp16 Tensor Cores, no bf16"),
-    Card("v100-32gb", 32, 125.0, False, "nvlink2", "ib-edr", note="SXM2; fp16 Tensor Cores, no bf16"),
-    Card("a100-40gb", 40, 312.0, True, "nvlink3", "ib-hdr", note="SXM4"),
-    Card("a100-80gb", 80, 312.0, True, "nvlink3", "ib-hdr", note="SXM4"),
-    Card("h100-80gb", 80, 989.0, True, "nvlink4", "ib-ndr", note="SXM5"),
-    Card("h200", 141, 989.0, True, "nvlink4", "ib-ndr", note="SXM, 141 GB HBM3e"),
-    Card("l40s", 48, 362.0, True, "pcie4", "ib-hdr", note="PCIe, no NVLink"),
-    Card("rtx-4090", 24, 82.6, True, "pcie4", "ib-hdr", gpus_per_node=4,
-         note="PCIe, no NVLink; fp32-accumulate rate (GeForce halves it against fp16 accumulate)"),
-]}
+CARDS: dict[str, Card] = {
+    c.name: c
+    for c in [
+        Card("v100-16gb", 16, 125.0, False, "nvlink2", "ib-edr", note="SXM2; fp16 Tensor Cores, no bf16"),
+        Card("v100-32gb", 32, 125.0, False, "nvlink2", "ib-edr", note="SXM2; fp16 Tensor Cores, no bf16"),
+        Card("a100-40gb", 40, 312.0, True, "nvlink3", "ib-hdr", note="SXM4"),
+        Card("a100-80gb", 80, 312.0, True, "nvlink3", "ib-hdr", note="SXM4"),
+        Card("h100-80gb", 80, 989.0, True, "nvlink4", "ib-ndr", note="SXM5"),
+        Card("h200", 141, 989.0, True, "nvlink4", "ib-ndr", note="SXM, 141 GB HBM3e"),
+        Card("l40s", 48, 362.0, True, "pcie4", "ib-hdr", note="PCIe, no NVLink"),
+        Card(
+            "rtx-4090",
+            24,
+            82.6,
+            True,
+            "pcie4",
+            "ib-hdr",
+            gpus_per_node=4,
+            note="PCIe, no NVLink; fp32-accumulate rate (GeForce halves it against fp16 accumulate)",
+        ),
+    ]
+}
 
 
 def find_card(name: str) -> Card:

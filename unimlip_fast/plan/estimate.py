@@ -7,6 +7,7 @@ percent), so two traces fix the line, the line proposes the largest micro-batch,
 that size confirms it (or the next smaller one is traced). Time and traffic are predictions: FLOPs
 per sample at a stated MFU against the card's dense throughput; ZeRO's collectives against the link.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -88,11 +89,19 @@ class Plan:
         gradient_s, weights_s = gradient / per_s, weights / per_s
         # Gradient reduction overlaps the backward (overlap_comm); the weights' all-gather after the step does not
         # (under ZeRO-3 it is prefetched during forward and backward: counted as overlapped with them).
-        exposed = max(0.0, gradient_s - backward_s) + (weights_s if self.zero_stage in (1, 2) else
-                                                       max(0.0, weights_s + gradient_s - compute_s))
-        return {"gradient_bytes": gradient, "weight_bytes": weights, "gradient_s": gradient_s, "weights_s": weights_s,
-                "backward_s": backward_s, "compute_s": compute_s, "exposed_s": exposed,
-                "hidden": gradient_s <= backward_s}
+        exposed = max(0.0, gradient_s - backward_s) + (
+            weights_s if self.zero_stage in (1, 2) else max(0.0, weights_s + gradient_s - compute_s)
+        )
+        return {
+            "gradient_bytes": gradient,
+            "weight_bytes": weights,
+            "gradient_s": gradient_s,
+            "weights_s": weights_s,
+            "backward_s": backward_s,
+            "compute_s": compute_s,
+            "exposed_s": exposed,
+            "hidden": gradient_s <= backward_s,
+        }
 
     @property
     def step_s(self) -> float:
@@ -108,24 +117,38 @@ class Plan:
         micro, accumulation = self.accumulation
         traffic = self.traffic()
         return {
-            "card": self.card.name, "gpus": self.gpus, "precision": self.precision, "zero_stage": self.zero_stage,
+            "card": self.card.name,
+            "gpus": self.gpus,
+            "precision": self.precision,
+            "zero_stage": self.zero_stage,
             "text_encoder": self.text.source,
             "parameters": {k: {"trainable": t, "frozen": f} for k, (t, f) in self.parameters.items()},
             "model_states_gib": {k: v / GIB for k, v in self.states.as_dict().items()},
             "activations_gib": {p: t.activations / GIB for p, t in self.traces.items()},
             "traced_micro_batch": {p: t.micro_batch for p, t in self.traces.items()},
             "total_gib": {p: self.memory(p) / GIB for p in self.traces},
-            "card_memory_gib": self.card.memory_gib, "budget_gib": self.budget / GIB,
+            "card_memory_gib": self.card.memory_gib,
+            "budget_gib": self.budget / GIB,
             "reserve": f"{RESERVE_FIXED_GIB:g} GiB + {RESERVE_FRACTION:.0%} of the card",
-            "fits": self.fits, "recipe_micro_batch": self.recipe_micro, "per_gpu_batch": self.per_rank,
+            "fits": self.fits,
+            "recipe_micro_batch": self.recipe_micro,
+            "per_gpu_batch": self.per_rank,
             "largest_micro_batch": self.largest_micro,
             "accumulation": {"micro_batch": micro, "micro_batches_per_step": accumulation},
             "flops_per_sample": self.flops_per_sample,
-            "predicted": {"mfu": self.mfu, "samples_per_s_per_gpu": self.samples_per_s,
-                          "step_s": self.step_s, "total_steps": self.total_steps, "wall_s": self.wall_s,
-                          "over": self.epochs_or_steps},
-            "traffic_per_step_per_gpu": {"link": self.link.name, "link_gbytes_per_s": self.link.gbytes_per_s,
-                                         **traffic},
+            "predicted": {
+                "mfu": self.mfu,
+                "samples_per_s_per_gpu": self.samples_per_s,
+                "step_s": self.step_s,
+                "total_steps": self.total_steps,
+                "wall_s": self.wall_s,
+                "over": self.epochs_or_steps,
+            },
+            "traffic_per_step_per_gpu": {
+                "link": self.link.name,
+                "link_gbytes_per_s": self.link.gbytes_per_s,
+                **traffic,
+            },
             "notes": self.notes,
         }
 
@@ -141,8 +164,14 @@ class Assumptions:
     samples: int | None = None
 
 
-def plan(cfg: Config, ds: dict[str, Any], card: Card, gpus: int, assumptions: Assumptions = Assumptions(),
-         log=lambda line: None) -> Plan:
+def plan(
+    cfg: Config,
+    ds: dict[str, Any],
+    card: Card,
+    gpus: int,
+    assumptions: Assumptions = Assumptions(),
+    log=lambda line: None,
+) -> Plan:
     mfu, link, samples = assumptions.mfu, assumptions.link, assumptions.samples
     notes: list[str] = []
     precision = precision_of(ds)
@@ -172,9 +201,11 @@ def plan(cfg: Config, ds: dict[str, Any], card: Card, gpus: int, assumptions: As
     intercept = probe_a.activations - slope
     room = budget - states.total
     if states.total + probe_a.activations > budget:
-        raise ValueError(f"does not fit on {card.name} even at micro-batch 1: model states "
-                         f"{states.total / GIB:.1f} GiB + activations {probe_a.activations / GIB:.1f} GiB > "
-                         f"{budget / GIB:.1f} GiB usable")
+        raise ValueError(
+            f"does not fit on {card.name} even at micro-batch 1: model states "
+            f"{states.total / GIB:.1f} GiB + activations {probe_a.activations / GIB:.1f} GiB > "
+            f"{budget / GIB:.1f} GiB usable"
+        )
     largest = max(1, int((room - intercept) // slope)) if slope > 0 else per_rank
     known = {1: probe_a, probe_b.micro_batch: probe_b}
     while largest > 1:  # confirm by a trace; the line is a guide
@@ -190,8 +221,10 @@ def plan(cfg: Config, ds: dict[str, Any], card: Card, gpus: int, assumptions: As
     if main_phase == SIMCLR:
         traces[WARMUP] = traced(micro, WARMUP)
     if micro < recipe_micro:
-        notes.append(f"the recipe's micro-batch {recipe_micro} does not fit: planned with {micro} x "
-                     f"{per_rank // micro} accumulated (set train.micro_batch_size={micro})")
+        notes.append(
+            f"the recipe's micro-batch {recipe_micro} does not fit: planned with {micro} x "
+            f"{per_rank // micro} accumulated (set train.micro_batch_size={micro})"
+        )
     flops_per_sample = main.flops / micro
     samples = samples or DATASET_SAMPLES.get(cfg.data.format)
     if cfg.train.max_steps:
@@ -202,9 +235,28 @@ def plan(cfg: Config, ds: dict[str, Any], card: Card, gpus: int, assumptions: As
     else:
         total_steps, over = 0, f"no data set size known for data.format={cfg.data.format} (give --samples)"
     notes.append(f"text encoder: {text.source}")
-    return Plan(card, gpus, precision, zero_stage(ds), find_link(link_key), text, parameters, states, budget,
-                recipe_micro, per_rank, traces, largest, (micro, per_rank // micro), flops_per_sample, mfu, samples,
-                over, notes, total_steps)
+    return Plan(
+        card,
+        gpus,
+        precision,
+        zero_stage(ds),
+        find_link(link_key),
+        text,
+        parameters,
+        states,
+        budget,
+        recipe_micro,
+        per_rank,
+        traces,
+        largest,
+        (micro, per_rank // micro),
+        flops_per_sample,
+        mfu,
+        samples,
+        over,
+        notes,
+        total_steps,
+    )
 
 
 def describe_duration(seconds: float) -> str:

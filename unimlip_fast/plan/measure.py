@@ -5,6 +5,7 @@ torch's profiler with ``profile_memory``: its allocator events carry the allocat
 allocation and free; the peak is their maximum less the count before the step's first allocation (the
 count carries over between profiles).
 """
+
 from __future__ import annotations
 
 import json

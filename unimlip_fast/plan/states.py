@@ -7,6 +7,7 @@ moments, no master copy. Stage 1 partitions the optimizer states over the ranks,
 gradients, stage 3 also the weights. Frozen parameters keep only their weights. DeepSpeed's
 stages 1-2 add their gradient buckets: ``reduce_bucket_size`` elements, twice with ``overlap_comm``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,14 @@ class ModelStates:
         return self.weights + self.gradients + self.master + self.moments + self.buckets
 
     def as_dict(self) -> dict[str, float]:
-        return {"weights": self.weights, "gradients": self.gradients, "fp32_master": self.master,
-                "adamw_moments": self.moments, "gradient_buckets": self.buckets, "total": self.total}
+        return {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "fp32_master": self.master,
+            "adamw_moments": self.moments,
+            "gradient_buckets": self.buckets,
+            "total": self.total,
+        }
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

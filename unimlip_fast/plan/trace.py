@@ -9,6 +9,7 @@ gives the same breakdown but walks every live tensor at each op: minutes per tra
 model, where this running count takes seconds. The CPU's kernels give the shapes; the CUDA context, cuBLAS/cuDNN
 workspaces and allocator fragmentation are not in the trace (the planner's reserve covers them).
 """
+
 from __future__ import annotations
 
 import weakref
@@ -114,9 +115,14 @@ def text_architecture(cfg: Config) -> TextArchitecture:
     their config.json, a hub id from the local cache or else BERT-base's (PubMedBERT is BERT-base)."""
     text = cfg.model.text
     if text.encoder == "random-bert":
-        config = BertConfig(vocab_size=text.vocab_size, hidden_size=text.hidden_size, num_hidden_layers=text.num_layers,
-                            num_attention_heads=text.num_heads, intermediate_size=4 * text.hidden_size,
-                            max_position_embeddings=max(text.context_length, 64))
+        config = BertConfig(
+            vocab_size=text.vocab_size,
+            hidden_size=text.hidden_size,
+            num_hidden_layers=text.num_layers,
+            num_attention_heads=text.num_heads,
+            intermediate_size=4 * text.hidden_size,
+            max_position_embeddings=max(text.context_length, 64),
+        )
         return TextArchitecture(config, f"random-bert from the recipe (vocabulary at most {text.vocab_size})")
     if text.encoder == "minilm":
         return TextArchitecture(AutoConfig.from_pretrained(str(minilm_path())), "all-MiniLM-L6-v2's config.json")
@@ -124,8 +130,11 @@ def text_architecture(cfg: Config) -> TextArchitecture:
         config = AutoConfig.from_pretrained(text.encoder, local_files_only=True)
         return TextArchitecture(config, f"{text.encoder}'s config.json (found offline)")
     except (OSError, ValueError):
-        return TextArchitecture(BertConfig(), f"{text.encoder} is not on this machine: BERT-base's architecture "
-                                              "(12 x 768, vocabulary 30522) assumed offline")
+        return TextArchitecture(
+            BertConfig(),
+            f"{text.encoder} is not on this machine: BERT-base's architecture "
+            "(12 x 768, vocabulary 30522) assumed offline",
+        )
 
 
 def planned_model(cfg: Config, text: TextArchitecture, precision: str, device: str = "meta") -> UniMlip:
@@ -154,8 +163,9 @@ def to_fake(tensor: torch.Tensor, mode: FakeTensorMode) -> torch.Tensor:
     return mode.fake_tensor_converter.from_meta_and_device(mode, tensor, CPU)
 
 
-def shaped_batch(cfg: Config, micro_batch: int, phase: str, dtype: torch.dtype, vocab_size: int,
-               context_length: int | None = None) -> dict[str, torch.Tensor]:
+def shaped_batch(
+    cfg: Config, micro_batch: int, phase: str, dtype: torch.dtype, vocab_size: int, context_length: int | None = None
+) -> dict[str, torch.Tensor]:
     """A random batch in the loader's contract (fake under a fake mode: nothing allocated)."""
     size, length = cfg.model.image_size, context_length or cfg.model.text.context_length
     views = ("image", "image_a", "image_b") if phase == SIMCLR else ("image",)
@@ -173,15 +183,17 @@ def run_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config, phas
     loss.backward()
 
 
-def trace_step(cfg: Config, text: TextArchitecture, precision: str, micro_batch: int, phase: str,
-               context_length: int | None = None) -> StepTrace:
+def trace_step(
+    cfg: Config, text: TextArchitecture, precision: str, micro_batch: int, phase: str, context_length: int | None = None
+) -> StepTrace:
     """Peak memory by kind and FLOPs of one step at ``micro_batch`` per GPU, with fake tensors."""
     mode = FakeTensorMode()
     model = fake_model(cfg, text, precision, mode)
     autocast = precision.removeprefix("autocast-") if precision.startswith("autocast-") else None
     with mode:
-        batch = shaped_batch(cfg, micro_batch, phase, HALF.get(precision, torch.float32), text.config.vocab_size,
-                           context_length)
+        batch = shaped_batch(
+            cfg, micro_batch, phase, HALF.get(precision, torch.float32), text.config.vocab_size, context_length
+        )
         tracker = LiveBytes()
         tracker.track_static(model)
         tracker.live += sum(t.untyped_storage().nbytes() for t in batch.values())  # the batch, live throughout

@@ -4,6 +4,7 @@
 scale beneath), throughput, retrieval over training and at the end, a retrieval gallery from the
 evaluation split, and the run's facts. Several runs are drawn on the same axes.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,13 @@ def default_output(run_dirs: list[str | Path]) -> Path:
     return RunFolder(Path(run_dirs[0]) if len(run_dirs) == 1 else Path(".")).report
 
 
-def write_report(run_dirs: list[str | Path], output: str | Path | None = None, device: torch.device | str = "cpu",
-                 data: DataConfig | None = None, split: str | None = None) -> ReportFiles:
+def write_report(
+    run_dirs: list[str | Path],
+    output: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    data: DataConfig | None = None,
+    split: str | None = None,
+) -> ReportFiles:
     """The report of ``run_dirs`` at ``output``; ``data``/``split`` override the runs' evaluation split
     for the gallery (a copied run whose data path is relative to where it was trained)."""
     runs = read_runs(run_dirs)
@@ -48,9 +54,11 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None, d
 
     files = ReportFiles(html=output, figures={}, gallery_json=output.parent / f"{output.stem}_gallery.json")
 
-    drawn = [("losses", "Loss terms, learning rate and logit scale", loss_figure),
-             ("throughput", "Throughput", throughput_figure),
-             ("retrieval", "Retrieval over training", retrieval_figure)]
+    drawn = [
+        ("losses", "Loss terms, learning rate and logit scale", loss_figure),
+        ("throughput", "Throughput", throughput_figure),
+        ("retrieval", "Retrieval over training", retrieval_figure),
+    ]
     for name, _, draw in drawn:
         files.figures[name] = save_png(draw(runs), png(name))
 
@@ -79,8 +87,10 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None, d
 
 def _draw_gallery(gallery: Gallery, suffix: str, png, files: ReportFiles) -> list[tuple[str, Path]]:
     images = []
-    for name, title, draw in (("gallery_i2t", "images with their top captions", image_queries_figure),
-                              ("gallery_t2i", "captions with their top images", caption_queries_figure)):
+    for name, title, draw in (
+        ("gallery_i2t", "images with their top captions", image_queries_figure),
+        ("gallery_t2i", "captions with their top images", caption_queries_figure),
+    ):
         files.figures[name + suffix] = save_png(draw(gallery), png(name + suffix))
         images.append((title, files.figures[name + suffix]))
     return images

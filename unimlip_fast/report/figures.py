@@ -3,6 +3,7 @@
 Each function takes one or more runs and draws them on the same axes, one colour per run, so an
 ablation's rows overlay. The SimCLR phase start is a dashed vertical line in the run's colour.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,11 @@ def loss_terms(runs: list[RunRecord]) -> list[str]:
 
 
 def _series(run: RunRecord, key: str, rows=None) -> tuple[list[int], list[float]]:
-    points = [(row["step"], row[key]) for row in (run.train_rows if rows is None else rows)
-              if isinstance(row.get(key), (int, float))]
+    points = [
+        (row["step"], row[key])
+        for row in (run.train_rows if rows is None else rows)
+        if isinstance(row.get(key), (int, float))
+    ]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -46,8 +50,14 @@ def _mark_simclr(ax, runs: list[RunRecord], label: bool = False) -> None:
     for i, run in enumerate(runs):
         step = run.simclr_step()
         if step is not None:
-            ax.axvline(step, color=run_colour(i), linestyle="--", linewidth=1, alpha=0.7,
-                       label="SimCLR phase starts" if label and i == 0 else None)
+            ax.axvline(
+                step,
+                color=run_colour(i),
+                linestyle="--",
+                linewidth=1,
+                alpha=0.7,
+                label="SimCLR phase starts" if label and i == 0 else None,
+            )
 
 
 def _empty(ax, message: str) -> None:
@@ -61,7 +71,7 @@ def loss_figure(runs: list[RunRecord]) -> Figure:
     fig = Figure(figsize=(13, 3.1 * (rows + 1)), layout="constrained")
     grid = fig.add_gridspec(rows + 1, 6)
     for n, term in enumerate(terms):
-        ax = fig.add_subplot(grid[n // 3, 2 * (n % 3):2 * (n % 3) + 2])
+        ax = fig.add_subplot(grid[n // 3, 2 * (n % 3) : 2 * (n % 3) + 2])
         for i, run in enumerate(runs):
             steps, values = _series(run, f"loss/{term}")
             if steps:
@@ -73,7 +83,7 @@ def loss_figure(runs: list[RunRecord]) -> Figure:
         if n == 0:
             ax.legend(fontsize=8)
     for col, (key, title) in enumerate((("lr", "learning rate"), ("logit_scale", "logit scale"))):
-        ax = fig.add_subplot(grid[rows, 3 * col:3 * col + 3])
+        ax = fig.add_subplot(grid[rows, 3 * col : 3 * col + 3])
         for i, run in enumerate(runs):
             steps, values = _series(run, key)
             ax.plot(steps, values, color=run_colour(i), linewidth=1.4)
@@ -93,8 +103,12 @@ def throughput_figure(runs: list[RunRecord]) -> Figure:
         colour = run_colour(i)
         speed.plot(*_series(run, "samples_per_s"), color=colour, label=run.label)
         times.plot(*_series(run, "step_time_s"), color=colour, label=f"{run.label}: step" if len(runs) > 1 else "step")
-        times.plot(*_series(run, "data_time_s"), color=colour, linestyle="--",
-                   label=f"{run.label}: waiting for data" if len(runs) > 1 else "waiting for data")
+        times.plot(
+            *_series(run, "data_time_s"),
+            color=colour,
+            linestyle="--",
+            label=f"{run.label}: waiting for data" if len(runs) > 1 else "waiting for data",
+        )
         memory.plot(*_series(run, "memory_gb"), color=colour)
     for ax in (speed, times, memory):
         _mark_simclr(ax, runs)

@@ -4,6 +4,7 @@ top images, the true match marked.
 The embeddings come from the retrieval evaluation's own code (:func:`build_eval_set`,
 :func:`embed_pairs`), so the gallery shows exactly what the reported recalls measured.
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -34,8 +35,12 @@ class Gallery:
     thumbnails: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # by evaluation index
 
     def to_json(self) -> dict[str, Any]:
-        return {"split": self.split, "n_pairs": self.n_pairs, "image_queries": self.image_queries,
-                "caption_queries": self.caption_queries}
+        return {
+            "split": self.split,
+            "n_pairs": self.n_pairs,
+            "image_queries": self.image_queries,
+            "caption_queries": self.caption_queries,
+        }
 
 
 def spread_indices(n: int, count: int) -> list[int]:
@@ -43,8 +48,15 @@ def spread_indices(n: int, count: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(count, n))})
 
 
-def build_gallery(run_dir: str | Path, device: torch.device | str = "cpu", data: DataConfig | None = None,
-                  split: str | None = None, n_images: int = 8, n_captions: int = 4, top_k: int = 5) -> Gallery:
+def build_gallery(
+    run_dir: str | Path,
+    device: torch.device | str = "cpu",
+    data: DataConfig | None = None,
+    split: str | None = None,
+    n_images: int = 8,
+    n_captions: int = 4,
+    top_k: int = 5,
+) -> Gallery:
     """Queries spread evenly over the run's evaluation split (``data``/``split`` override the run's)."""
     from ..loading import load
 
@@ -64,21 +76,36 @@ def build_gallery(run_dir: str | Path, device: torch.device | str = "cpu", data:
         ranks = ranks_of_positives(similarity, positives)
 
         def hit(q: int, j: int) -> dict[str, Any]:
-            return {"index": j, "key": records[j].key, "caption": records[j].caption,
-                    "score": round(float(similarity[q, j]), 4), "true": bool(positives[q, j])}
+            return {
+                "index": j,
+                "key": records[j].key,
+                "caption": records[j].caption,
+                "score": round(float(similarity[q, j]), 4),
+                "true": bool(positives[q, j]),
+            }
 
         out = []
         for q in indices:
             best_true = int(similarity[q].masked_fill(~positives[q], float("-inf")).argmax())
-            out.append({"index": q, "key": records[q].key, "caption": records[q].caption, "rank": int(ranks[q]),
-                        "top": [hit(q, j) for j in similarity[q].topk(top_k).indices.tolist()],
-                        "best_true": hit(q, best_true)})
+            out.append(
+                {
+                    "index": q,
+                    "key": records[q].key,
+                    "caption": records[q].caption,
+                    "rank": int(ranks[q]),
+                    "top": [hit(q, j) for j in similarity[q].topk(top_k).indices.tolist()],
+                    "best_true": hit(q, best_true),
+                }
+            )
         return out
 
     image_queries = queries(sim, spread_indices(len(records), n_images))
     caption_queries = queries(sim.T, spread_indices(len(records), n_captions))
-    shown = ({q["index"] for q in image_queries} | {t["index"] for q in caption_queries for t in q["top"]}
-             | {q["best_true"]["index"] for q in caption_queries})
+    shown = (
+        {q["index"] for q in image_queries}
+        | {t["index"] for q in caption_queries for t in q["top"]}
+        | {q["best_true"]["index"] for q in caption_queries}
+    )
     thumbnails = {i: _thumbnail(records[i].image) for i in sorted(shown)}
     return Gallery(split, len(records), image_queries, caption_queries, thumbnails)
 
@@ -112,18 +139,37 @@ def image_queries_figure(gallery: Gallery) -> Figure:
         _show(fig.add_subplot(grid[r, 0]), gallery.thumbnails[query["index"]])
         ax = fig.add_subplot(grid[r, 1])
         ax.axis("off")
-        ax.text(0, 1, f"{query['key']}: its caption ranks {query['rank']} of {gallery.n_pairs}", fontsize=9,
-                fontweight="bold", va="top", transform=ax.transAxes, parse_math=False)
+        ax.text(
+            0,
+            1,
+            f"{query['key']}: its caption ranks {query['rank']} of {gallery.n_pairs}",
+            fontsize=9,
+            fontweight="bold",
+            va="top",
+            transform=ax.transAxes,
+            parse_math=False,
+        )
         lines = [(f"{n + 1}.", hit) for n, hit in enumerate(query["top"])]
         if not any(hit["true"] for hit in query["top"]):
             lines.append((f"{query['rank']}.", query["best_true"]))
         for n, (place, hit) in enumerate(lines):
             mark = "\u2713" if hit["true"] else " "
-            ax.text(0, 0.84 - n * 0.145, f"{mark} {place} ({hit['score']:.2f}) {_short(hit['caption'], 150, 1)}",
-                    fontsize=8, va="top", transform=ax.transAxes, parse_math=False,
-                    color=TRUE_COLOUR if hit["true"] else "black", fontweight="bold" if hit["true"] else "normal")
-    fig.suptitle(f"Image -> text on the {gallery.split} split: top {len(gallery.image_queries[0]['top'])} captions "
-                 f"(similarity); \u2713 the image's own caption", fontsize=11)
+            ax.text(
+                0,
+                0.84 - n * 0.145,
+                f"{mark} {place} ({hit['score']:.2f}) {_short(hit['caption'], 150, 1)}",
+                fontsize=8,
+                va="top",
+                transform=ax.transAxes,
+                parse_math=False,
+                color=TRUE_COLOUR if hit["true"] else "black",
+                fontweight="bold" if hit["true"] else "normal",
+            )
+    fig.suptitle(
+        f"Image -> text on the {gallery.split} split: top {len(gallery.image_queries[0]['top'])} captions "
+        f"(similarity); \u2713 the image's own caption",
+        fontsize=11,
+    )
     return fig
 
 
@@ -135,8 +181,13 @@ def caption_queries_figure(gallery: Gallery) -> Figure:
     fig = Figure(figsize=(13, 3.0 * rows), layout="constrained")
     subfigs = fig.subfigures(rows, 1, hspace=0.04) if rows > 1 else [fig.subfigures(1, 1)]
     for subfig, query in zip(subfigs, gallery.caption_queries, strict=True):
-        subfig.suptitle(f"{query['key']} (its image ranks {query['rank']} of {gallery.n_pairs}): "
-                        f"{_short(query['caption'], 140, 2)}", fontsize=9, x=0.01, ha="left")
+        subfig.suptitle(
+            f"{query['key']} (its image ranks {query['rank']} of {gallery.n_pairs}): "
+            f"{_short(query['caption'], 140, 2)}",
+            fontsize=9,
+            x=0.01,
+            ha="left",
+        )
         panels = [(f"{n + 1}.", hit) for n, hit in enumerate(query["top"])]
         found = any(hit["true"] for hit in query["top"])
         panels.append(("", None) if found else (f"{query['rank']}.", query["best_true"]))
@@ -145,7 +196,10 @@ def caption_queries_figure(gallery: Gallery) -> Figure:
                 ax.axis("off")
                 continue
             _show(ax, gallery.thumbnails[hit["index"]], TRUE_COLOUR if hit["true"] else None)
-            ax.set_title(f"{place} ({hit['score']:.2f})" + (" \u2713 true image" if hit["true"] else ""), fontsize=8,
-                         color=TRUE_COLOUR if hit["true"] else "black")
+            ax.set_title(
+                f"{place} ({hit['score']:.2f})" + (" \u2713 true image" if hit["true"] else ""),
+                fontsize=8,
+                color=TRUE_COLOUR if hit["true"] else "black",
+            )
     fig.suptitle("Text -> image: top images (similarity); the caption's own image framed in green", fontsize=11)
     return fig

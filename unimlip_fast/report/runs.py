@@ -3,6 +3,7 @@
 Everything but ``config.yaml`` and ``metrics.jsonl`` is optional: a stopped run has no summary, a
 run made before ``notes.jsonl`` existed has no facts, and the report says so rather than failing.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,7 @@ class RunRecord:
 
     def notes_about(self, topic: str) -> list[str]:
         """The distinct notes that begin with ``topic:`` (e.g. "kernels", "data"), in order."""
-        found = [n["note"].removeprefix(f"{topic}:").strip() for n in self.notes
-                 if n["note"].startswith(f"{topic}:")]
+        found = [n["note"].removeprefix(f"{topic}:").strip() for n in self.notes if n["note"].startswith(f"{topic}:")]
         return list(dict.fromkeys(found))
 
     def simclr_step(self) -> int | None:
@@ -75,11 +75,17 @@ def read_run(path: str | Path) -> RunRecord:
             eval_by_step[row["step"]] = row
     summary = run.read_summary()
     entries, unreadable_notes = _read_jsonl(run.notes) if run.notes.is_file() else ([], 0)
-    return RunRecord(path=path, label=path.resolve().name, config=config,
-                     train_rows=[train_by_step[s] for s in sorted(train_by_step)],
-                     eval_rows=[eval_by_step[s] for s in sorted(eval_by_step)], summary=summary,
-                     facts=[e["facts"] for e in entries if "facts" in e],
-                     notes=[e for e in entries if "note" in e], unreadable_lines=unreadable + unreadable_notes)
+    return RunRecord(
+        path=path,
+        label=path.resolve().name,
+        config=config,
+        train_rows=[train_by_step[s] for s in sorted(train_by_step)],
+        eval_rows=[eval_by_step[s] for s in sorted(eval_by_step)],
+        summary=summary,
+        facts=[e["facts"] for e in entries if "facts" in e],
+        notes=[e for e in entries if "note" in e],
+        unreadable_lines=unreadable + unreadable_notes,
+    )
 
 
 def read_runs(paths: list[str | Path]) -> list[RunRecord]:

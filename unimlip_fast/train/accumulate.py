@@ -25,6 +25,7 @@ micro-batch's map, as a smaller per-device batch would. Running statistics move 
 micro-batch: phase 1's updates are undone. With the image encoder's statistics frozen (the SimCLR
 phase) and the head's in eval mode, the step is the whole batch's, to rounding.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,8 +53,10 @@ def micro_batch_plan(batch_size: int, world_size: int, micro_batch_size: int) ->
     per_rank = batch_size // world_size
     micro = micro_batch_size or per_rank
     if micro > per_rank or per_rank % micro:
-        raise ConfigError(f"train.micro_batch_size={micro} must divide the per-rank batch of {per_rank} "
-                          f"(train.batch_size={batch_size} over {world_size} ranks)")
+        raise ConfigError(
+            f"train.micro_batch_size={micro} must divide the per-rank batch of {per_rank} "
+            f"(train.batch_size={batch_size} over {world_size} ranks)"
+        )
     return micro, per_rank // micro
 
 
@@ -76,6 +79,7 @@ class _RandomState:
 @dataclass
 class _Cached:
     """What phase 1 and 2 leave for phase 3."""
+
     phase: str
     micro_batches: list[dict[str, torch.Tensor]]
     randomness: list[_RandomState]
@@ -128,8 +132,9 @@ class GradientAccumulator:
     ``engine.backward(loss)``.
     """
 
-    def __init__(self, engine, cfg: Config, ops: LossOps, micro_batch_size: int, device: torch.device,
-                 world_size: int = 1):
+    def __init__(
+        self, engine, cfg: Config, ops: LossOps, micro_batch_size: int, device: torch.device, world_size: int = 1
+    ):
         self.engine, self.cfg, self.ops, self.device = engine, cfg, ops, device
         self.micro_batch_size = micro_batch_size
         self.global_batch = cfg.train.batch_size
@@ -169,12 +174,16 @@ class GradientAccumulator:
         if mlm_sums and self.cfg.loss.mlm > 0:
             mlm_tokens = (batch["mlm_labels"] >= 0).sum()
             terms["mlm"] = torch.stack(mlm_sums).sum() / mlm_tokens.clamp_min(1)
-        grads = {name: leaf.grad.split(self.micro_batch_size) for name, leaf in leaves.items()
-                 if leaf.grad is not None}
+        grads = {name: leaf.grad.split(self.micro_batch_size) for name, leaf in leaves.items() if leaf.grad is not None}
         self._cached = _Cached(
-            phase, micro_batches, randomness, after_first_pass,
+            phase,
+            micro_batches,
+            randomness,
+            after_first_pass,
             [{name: g[k] for name, g in grads.items()} for k in range(len(micro_batches))],
-            scale_leaf.grad, mlm_tokens)
+            scale_leaf.grad,
+            mlm_tokens,
+        )
         return terms, total_loss(terms, self.cfg.loss)
 
     # --- phase 3 ---------------------------------------------------------------------------------
@@ -202,9 +211,11 @@ class GradientAccumulator:
     # --- the log ---------------------------------------------------------------------------------
     def describe(self) -> str:
         k = self.global_batch // self.world_size // self.micro_batch_size
-        return (f"gradient accumulation: {k} micro-batches of {self.micro_batch_size} per rank make the global batch "
-                f"of {self.global_batch} (each micro-batch runs forward twice: first without autograd, "
-                f"for the features)")
+        return (
+            f"gradient accumulation: {k} micro-batches of {self.micro_batch_size} per rank make the global batch "
+            f"of {self.global_batch} (each micro-batch runs forward twice: first without autograd, "
+            f"for the features)"
+        )
 
     def flush(self) -> dict[str, float]:
         """The extra forward's cost since the last flush, beside the batch it buys."""
@@ -220,8 +231,9 @@ class GradientAccumulator:
         }
 
 
-def build_accumulator(engine, cfg: Config, ops: LossOps, world_size: int, device: torch.device
-                      ) -> GradientAccumulator | None:
+def build_accumulator(
+    engine, cfg: Config, ops: LossOps, world_size: int, device: torch.device
+) -> GradientAccumulator | None:
     """None when a rank's batch is one micro-batch (the step needs no accumulation)."""
     micro, steps = micro_batch_plan(cfg.train.batch_size, world_size, cfg.train.micro_batch_size)
     return GradientAccumulator(engine, cfg, ops, micro, device, world_size) if steps > 1 else None

@@ -14,6 +14,7 @@ passed over is named. Nothing is unpickled: the RNG state is tensors and JSON in
 and DeepSpeed's files are read with ``torch.load(weights_only=True)`` (plus the two DeepSpeed
 classes its optimizer file holds), so a run folder handed over from elsewhere is safe to resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,21 +55,31 @@ def rng_file_name(rank: int) -> str:
 
 # --- RNG state without pickle ---------------------------------------------------------------------
 
+
 def save_rng_state(path: Path) -> None:
     """Python, NumPy, torch (and CUDA) generator states as tensors plus JSON metadata."""
     from safetensors.torch import save_file
 
     version, mt, gauss_next = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    tensors = {"python_mt": torch.tensor(mt, dtype=torch.int64),
-               "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
-               "torch": torch.get_rng_state()}
+    tensors = {
+        "python_mt": torch.tensor(mt, dtype=torch.int64),
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
-    plain = {"python_version": version, "python_gauss_next": gauss_next, "numpy_name": np_name,
-             "numpy_pos": int(np_pos), "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss)}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"plain": json.dumps(plain)}),
-                 what="the RNG state")
+    plain = {
+        "python_version": version,
+        "python_gauss_next": gauss_next,
+        "numpy_name": np_name,
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+    }
+    write_atomic(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata={"plain": json.dumps(plain)}), what="the RNG state"
+    )
 
 
 def load_rng_state(path: Path) -> None:
@@ -80,8 +91,15 @@ def load_rng_state(path: Path) -> None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         mt = tuple(int(v) for v in tensors["python_mt"].tolist())
         random.setstate((plain["python_version"], mt, plain["python_gauss_next"]))
-        np.random.set_state((plain["numpy_name"], tensors["numpy_keys"].numpy().astype(np.uint32),
-                             plain["numpy_pos"], plain["numpy_has_gauss"], plain["numpy_gauss"]))
+        np.random.set_state(
+            (
+                plain["numpy_name"],
+                tensors["numpy_keys"].numpy().astype(np.uint32),
+                plain["numpy_pos"],
+                plain["numpy_has_gauss"],
+                plain["numpy_gauss"],
+            )
+        )
         torch.set_rng_state(tensors["torch"])
     except Exception as e:  # noqa: BLE001 - any failure here is a damaged file, said with its name
         raise CheckpointError(f"{path} is damaged: {type(e).__name__}: {e}") from None
@@ -90,6 +108,7 @@ def load_rng_state(path: Path) -> None:
 
 
 # --- DeepSpeed's files, weights only --------------------------------------------------------------
+
 
 def _deepspeed_safe_globals() -> list[Any]:
     """The classes DeepSpeed pickles into its optimizer file: plain records, no code on load."""
@@ -121,6 +140,7 @@ def _weights_only_loads(engine):
 
 # --- completeness ---------------------------------------------------------------------------------
 
+
 def write_manifest(folder: Path, step: int, world_size: int) -> None:
     """fsync every file in ``folder``, then record each with its size; the manifest goes last."""
     files = {}
@@ -138,8 +158,11 @@ def incompleteness(folder: Path, world_size: int | None = None) -> str | None:
         return "the folder is gone"
     if not manifest_path.is_file():
         legacy = any(folder.glob("rng_rank*.pt"))
-        return ("written by an older version (pickled RNG state, no manifest.json); not loaded" if legacy
-                else "no manifest.json (its write did not finish)")
+        return (
+            "written by an older version (pickled RNG state, no manifest.json); not loaded"
+            if legacy
+            else "no manifest.json (its write did not finish)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
@@ -207,8 +230,10 @@ def choose_resume(ckpt_dir: Path, requested: str, world_size: int) -> tuple[str,
 
 # --- save and load --------------------------------------------------------------------------------
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], env: DistEnv,
-                    keep_last: int) -> Path:
+
+def save_checkpoint(
+    engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], env: DistEnv, keep_last: int
+) -> Path:
     average_batchnorm_stats(engine.module)  # what is saved is what every rank holds
     tag, tmp_tag = tag_of(step), TMP_PREFIX + tag_of(step)
     tmp, final = ckpt_dir / tmp_tag, ckpt_dir / tag
@@ -271,8 +296,9 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, env: DistEnv) -> dict[str,
     """Restores model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
     folder = ckpt_dir / tag
     with _weights_only_loads(engine):
-        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {folder}")
     load_rng_state(folder / rng_file_name(env.rank))

@@ -9,6 +9,7 @@
 - **Resume**: the checkpoint to resume from is chosen once, on rank 0 (see
   :func:`.checkpoint.choose_resume`), and handed to every rank.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -42,11 +43,12 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace")
             os.close(fd)
-            raise RunFolderError(f"run folder {self.path.parent} is in use by {_describe_holder(holder)}; "
-                                 f"wait for that run to end or choose another --run-dir") from None
+            raise RunFolderError(
+                f"run folder {self.path.parent} is in use by {_describe_holder(holder)}; "
+                f"wait for that run to end or choose another --run-dir"
+            ) from None
         os.ftruncate(fd, 0)
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.write(fd, json.dumps(record).encode())
         self._fd = fd
 
@@ -73,17 +75,20 @@ def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
     """A run without --resume: refuse a folder holding checkpoints, or (--overwrite) clear it."""
     ckpt_dir = RunFolder(run_dir).checkpoints
     # a tmp- folder counts once complete (its rename was cut off); an unfinished one holds nothing
-    found = [p.name for p in checkpoint_folders(ckpt_dir)
-             if not p.name.startswith(TMP_PREFIX) or incompleteness(p) is None]
+    found = [
+        p.name for p in checkpoint_folders(ckpt_dir) if not p.name.startswith(TMP_PREFIX) or incompleteness(p) is None
+    ]
     if (ckpt_dir / LATEST).is_file():
         found.append(LATEST)
     if not found:
         return
     if not overwrite:
-        raise RunFolderError(f"run folder {run_dir} already holds checkpoints ({', '.join(found[:3])}"
-                             f"{', ...' if len(found) > 3 else ''}): continue that run with --resume latest, "
-                             f"start a new one with another --run-dir, or pass --overwrite to delete them "
-                             f"and its metrics and start over")
+        raise RunFolderError(
+            f"run folder {run_dir} already holds checkpoints ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}): continue that run with --resume latest, "
+            f"start a new one with another --run-dir, or pass --overwrite to delete them "
+            f"and its metrics and start over"
+        )
     for path in RunFolder(run_dir).outputs:
         if path.is_dir():
             shutil.rmtree(path)
@@ -92,8 +97,9 @@ def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def claim_run_folder(run_dir: Path, env: DistEnv, resume: str | None,
-                     overwrite: bool) -> Iterator[tuple[str | None, list[str]]]:
+def claim_run_folder(
+    run_dir: Path, env: DistEnv, resume: str | None, overwrite: bool
+) -> Iterator[tuple[str | None, list[str]]]:
     """Lock ``run_dir`` for this run (rank 0) and yield (tag to resume from or None, notes on the choice).
 
     Rank 0 decides and every rank gets its decision, errors included, so no rank waits on one that failed.

@@ -3,6 +3,7 @@
 The launchers set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain process gets
 a world of one on a free local port. The backend is NCCL on CUDA and gloo on the CPU.
 """
+
 from __future__ import annotations
 
 import os

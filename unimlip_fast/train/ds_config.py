@@ -3,6 +3,7 @@
 Batch size, gradient clipping and the optimizer come from the recipe; a DeepSpeed JSON may leave
 them out or say "auto". A conflicting value is an error rather than a silent override.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,12 @@ from typing import Any
 from ..config import Config, ConfigError
 from .accumulate import micro_batch_plan
 
-_OWNED_BY_RECIPE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                    "gradient_clipping")
+_OWNED_BY_RECIPE = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 
 
 def default_ds_config() -> dict[str, Any]:
@@ -46,14 +51,18 @@ def resolve_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[
     }
     for key in _OWNED_BY_RECIPE:
         if key in ds and ds[key] != "auto" and ds[key] != wanted[key]:
-            raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but the recipe says {wanted[key]}; "
-                              f"set it in the recipe (train.batch_size, train.micro_batch_size, "
-                              f"train.grad_clip) or 'auto' in the JSON")
+            raise ConfigError(
+                f"DeepSpeed config sets {key}={ds[key]} but the recipe says {wanted[key]}; "
+                f"set it in the recipe (train.batch_size, train.micro_batch_size, "
+                f"train.grad_clip) or 'auto' in the JSON"
+            )
         ds[key] = wanted[key]
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise ConfigError(f"DeepSpeed config has an '{key}' section; the optimizer and schedule come "
-                              f"from the recipe (train.lr, train.warmup_steps, ...). Remove it.")
+            raise ConfigError(
+                f"DeepSpeed config has an '{key}' section; the optimizer and schedule come "
+                f"from the recipe (train.lr, train.warmup_steps, ...). Remove it."
+            )
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW (fused on CUDA) under ZeRO
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)

@@ -8,6 +8,7 @@ The phase (``warmup`` without SimCLR, then ``simclr`` with the image encoder's B
 frozen) is computed here from the step and passed down: the loader makes strong views only when
 asked, the model freezes BatchNorm statistics when told.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,21 +73,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pretrain(cfg: Config, ds_config_path: str | None = None, run_dir: str | Path | None = None,
-             resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def pretrain(
+    cfg: Config,
+    ds_config_path: str | None = None,
+    run_dir: str | Path | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """``resume``: ``latest`` or a checkpoint tag; ``overwrite``: start over in a folder holding a run.
     A run that fails before its first step leaves no run folder behind when it made the folder itself
     (:func:`.claim.claim_run_folder`). SIGINT or SIGTERM ends it after the step in progress, with a
     checkpoint (:mod:`.stopping`)."""
     env = init_distributed()
     run_dir = Path(run_dir or Path("runs") / cfg.name)
-    with (stop_on_signals(f"the run in {run_dir}"),
-          claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes)):
+    with (
+        stop_on_signals(f"the run in {run_dir}"),
+        claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes),
+    ):
         return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
 
 
-def _pretrain_locked(cfg: Config, ds_config_path: str | None, run_dir: Path, resume_tag: str | None,
-                     resume_notes: list[str], env: DistEnv) -> dict[str, Any]:
+def _pretrain_locked(
+    cfg: Config,
+    ds_config_path: str | None,
+    run_dir: Path,
+    resume_tag: str | None,
+    resume_notes: list[str],
+    env: DistEnv,
+) -> dict[str, Any]:
     recipe = Pretraining(cfg, env, RunFolder(run_dir))
     recipe.setup(ds_config_path, resume_tag, resume_notes)
     return recipe.run()
@@ -116,8 +130,7 @@ class Pretraining:
         set_max_image_pixels(cfg.data.max_image_pixels)  # before the loader's workers start: they inherit it
         self.records = read_records(cfg.data, cfg.data.split)
         eval_note = _check_eval_split(cfg, self.records.items)
-        self.tokenizer = _tokenizer(cfg, [r.caption for r in self.records.items], run.path, env,
-                                    resume_tag is not None)
+        self.tokenizer = _tokenizer(cfg, [r.caption for r in self.records.items], run.path, env, resume_tag is not None)
         self.model = model = build_model(cfg.model, cfg.loss, self.tokenizer)
         model.ops = resolve_ops(cfg.model.kernels, env.device)
         notes = resume_notes + config_notes + eval_note + [kernels_note(cfg.model.kernels, model.ops, env.device)]
@@ -125,20 +138,30 @@ class Pretraining:
         apply_fast(model, self.fast)
         notes.append(self.fast.note(cfg.train.fast, env.device))
         if env.device.type == "cpu" and cfg.train.cpu_precision == "fp32":
-            notes.append("CPU run: reduced precision from the DeepSpeed config is replaced by fp32, several "
-                         "times faster here (train.cpu_precision=as-configured keeps it)")
+            notes.append(
+                "CPU run: reduced precision from the DeepSpeed config is replaced by fp32, several "
+                "times faster here (train.cpu_precision=as-configured keeps it)"
+            )
         if cfg.model.init_from and resume_tag is None:
             report = load_init_from(model, cfg.model.init_from)
-            notes.append(f"init from {cfg.model.init_from}: {report.summary()}; "
-                         f"missing: {report.missing}; unexpected: {report.unexpected}; "
-                         f"mismatched: {report.mismatched}")
+            notes.append(
+                f"init from {cfg.model.init_from}: {report.summary()}; "
+                f"missing: {report.missing}; unexpected: {report.unexpected}; "
+                f"mismatched: {report.mismatched}"
+            )
         if env.is_main:
             run.save_text_artifacts(model, self.tokenizer)
 
-        self.dataset = build_dataset(self.records.items, self.tokenizer, cfg.model.image_size,
-                                     cfg.model.text.context_length, cache_images=cfg.data.cache_images)
-        self.steps_per_epoch = batches_per_epoch(len(self.dataset), cfg.train.batch_size // env.world_size,
-                                                 env.world_size)
+        self.dataset = build_dataset(
+            self.records.items,
+            self.tokenizer,
+            cfg.model.image_size,
+            cfg.model.text.context_length,
+            cache_images=cfg.data.cache_images,
+        )
+        self.steps_per_epoch = batches_per_epoch(
+            len(self.dataset), cfg.train.batch_size // env.world_size, env.world_size
+        )
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.simclr_step = phase_start_step(cfg.train.simclr_start, self.steps_per_epoch, self.total_steps)
         self.mlm_tables = MaskingTables.from_tokenizer(self.tokenizer) if cfg.loss.mlm > 0 else None
@@ -146,20 +169,30 @@ class Pretraining:
         self.second_phase = cfg.loss.simclr > 0 or cfg.data.strong_views == "on"
 
         require_room_for_checkpoint(model, run.checkpoints)
-        self.engine, self.ds_config = deepspeed_engine(model, cfg, ds_config_path, env, self.total_steps,
-                                                       fused_adamw=self.fast.fused_adamw)
+        self.engine, self.ds_config = deepspeed_engine(
+            model, cfg, ds_config_path, env, self.total_steps, fused_adamw=self.fast.fused_adamw
+        )
         self.state = TrainerState()
         if resume_tag is not None:
             self.state = TrainerState(**load_checkpoint(self.engine, run.checkpoints, resume_tag, env))
         self.stop_at = self.total_steps
         if cfg.train.stop_after_steps:
             self.stop_at = min(self.total_steps, self.state.step + cfg.train.stop_after_steps)
-        self.monitor = Monitor(run.path, self.total_steps, enabled=env.is_main,
-                               resume_step=self.state.step if resume_tag else None,
-                               report_to=cfg.train.report_to, config=to_dict(cfg))
+        self.monitor = Monitor(
+            run.path,
+            self.total_steps,
+            enabled=env.is_main,
+            resume_step=self.state.step if resume_tag else None,
+            report_to=cfg.train.report_to,
+            config=to_dict(cfg),
+        )
         # Whether DeepSpeed's step checks the gradients itself, and fp16 loss scaling, as the engine runs.
-        self.guard = NonFiniteGuard(cfg.train.max_nonfinite, env.device, self.monitor.info,
-                                    loss_scaled=precision_of(self.engine.config) == "fp16")
+        self.guard = NonFiniteGuard(
+            cfg.train.max_nonfinite,
+            env.device,
+            self.monitor.info,
+            loss_scaled=precision_of(self.engine.config) == "fp16",
+        )
         self.checked_in_step = deepspeed_skips_nonfinite(self.engine.config)
         self._describe(notes, resume_tag)
 
@@ -173,13 +206,22 @@ class Pretraining:
             f"{self.steps_per_epoch} steps/epoch; {self.total_steps} steps; SimCLR phase from step "
             f"{self.simclr_step}; precision {precision_of(ds_config)}, ZeRO stage "
             f"{ds_config.get('zero_optimization', {}).get('stage', 0)}"
-            + (f"; resumed from {resume_tag} at step {state.step}" if resume_tag else ""))
+            + (f"; resumed from {resume_tag} at step {state.step}" if resume_tag else "")
+        )
         if env.is_main:
-            self.monitor.facts({**environment_facts(env, ds_config), "pairs": len(self.dataset),
-                                "skipped_records": dict(self.records.skipped), "batch_size": cfg.train.batch_size,
-                                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                                "simclr_step": self.simclr_step, "resumed_from": resume_tag,
-                                "resumed_at_step": state.step})
+            self.monitor.facts(
+                {
+                    **environment_facts(env, ds_config),
+                    "pairs": len(self.dataset),
+                    "skipped_records": dict(self.records.skipped),
+                    "batch_size": cfg.train.batch_size,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "total_steps": self.total_steps,
+                    "simclr_step": self.simclr_step,
+                    "resumed_from": resume_tag,
+                    "resumed_at_step": state.step,
+                }
+            )
 
     # -------------------------------------------------------------------------------------- run
 
@@ -188,14 +230,17 @@ class Pretraining:
         cfg, env, run, engine, state = self.cfg, self.env, self.run_folder, self.engine, self.state
         started = time.time()
         try:
-            self.spec = loader_spec(cfg, env.rank, env.world_size, env.device,
-                                    next(engine.module.parameters()).dtype, self.mlm_tables)
+            self.spec = loader_spec(
+                cfg, env.rank, env.world_size, env.device, next(engine.module.parameters()).dtype, self.mlm_tables
+            )
             self.stopping = False
             self.train()
             save_checkpoint(engine, run.checkpoints, state.step, asdict(state), env, cfg.train.keep_last)
             if self.stopping and state.step < self.stop_at:
-                message = (f"stopped on {stop_signal() or 'a signal to another rank'} after step {state.step}: "
-                           f"checkpoint saved in {run.checkpoints}; continue with --resume latest")
+                message = (
+                    f"stopped on {stop_signal() or 'a signal to another rank'} after step {state.step}: "
+                    f"checkpoint saved in {run.checkpoints}; continue with --resume latest"
+                )
                 self.monitor.info(message)
                 raise TrainingStopped(message)
             if state.step >= self.total_steps:
@@ -205,9 +250,16 @@ class Pretraining:
             # The optimizer's gradient hooks keep the engine, its model and its optimizer state alive after
             # the run (until the process ends): a process that trains again (ablate's rows) would hold each.
             engine.destroy()
-        summary = {"steps": state.step, "epochs": state.epoch, "wall_s": round(time.time() - started, 1),
-                   "skipped_records": dict(self.records.skipped), "skipped_samples": state.skipped,
-                   "nonfinite_steps": state.nonfinite_total, "run_dir": str(run.path), "commit": code_commit()}
+        summary = {
+            "steps": state.step,
+            "epochs": state.epoch,
+            "wall_s": round(time.time() - started, 1),
+            "skipped_records": dict(self.records.skipped),
+            "skipped_samples": state.skipped,
+            "nonfinite_steps": state.nonfinite_total,
+            "run_dir": str(run.path),
+            "commit": code_commit(),
+        }
         if cfg.data.shards:  # what verifying the shards skipped, named by shard (in skipped_samples too, summed)
             summary["skipped_by_shard"] = load_shards(cfg.data.shards).skipped_by_shard
         if env.is_main and state.step >= self.total_steps:
@@ -223,8 +275,9 @@ class Pretraining:
     def train(self) -> None:
         """Epochs (or the parts of them one phase covers) until the stop step."""
         self.interval = _Interval()
-        self.accumulator = build_accumulator(self.engine, self.cfg, self.model.ops, self.env.world_size,
-                                             self.env.device)
+        self.accumulator = build_accumulator(
+            self.engine, self.cfg, self.model.ops, self.env.world_size, self.env.device
+        )
         if self.accumulator is not None:
             self.monitor.info(self.accumulator.describe())
         self.engine.train()
@@ -243,9 +296,12 @@ class Pretraining:
             # every rank must freeze the same numbers.
             average_batchnorm_stats(self.model.visual)
         strong_views = phase == SIMCLR and cfg.data.strong_views != "off"
-        loader = build_train_loader(cfg.data.backend, self.dataset,
-                                    self.spec.for_epoch(state.epoch, strong_views, state.batch_in_epoch),
-                                    shards=cfg.data.shards or None)
+        loader = build_train_loader(
+            cfg.data.backend,
+            self.dataset,
+            self.spec.for_epoch(state.epoch, strong_views, state.batch_in_epoch),
+            shards=cfg.data.shards or None,
+        )
         if loader.description != self.described:
             self.monitor.info(f"data: {loader.description}")
             self.described = loader.description
@@ -381,13 +437,20 @@ class _Interval:
     def flush(self, engine, model, phase: str, state: TrainerState) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start - self.excluded
         record: dict[str, Any] = {f"loss/{k}": float(v) / max(1, self.steps) for k, v in self.sums.items()}
-        record.update({
-            "lr": engine.get_lr()[0], "logit_scale": float(model.scale().detach()), "phase": phase,
-            "epoch": state.epoch,
-            "samples_per_s": self.samples / elapsed, "step_time_s": elapsed / max(1, self.steps),
-            "data_time_s": self.data_time / max(1, self.steps), "memory_gb": _memory_gb(),
-            "skipped_samples": sum(state.skipped.values()), "nonfinite_steps": state.nonfinite_total,
-        })
+        record.update(
+            {
+                "lr": engine.get_lr()[0],
+                "logit_scale": float(model.scale().detach()),
+                "phase": phase,
+                "epoch": state.epoch,
+                "samples_per_s": self.samples / elapsed,
+                "step_time_s": elapsed / max(1, self.steps),
+                "data_time_s": self.data_time / max(1, self.steps),
+                "memory_gb": _memory_gb(),
+                "skipped_samples": sum(state.skipped.values()),
+                "nonfinite_steps": state.nonfinite_total,
+            }
+        )
         self.__init__()
         return record
 
@@ -407,10 +470,14 @@ def _check_eval_split(cfg: Config, train_records) -> list[str]:
     pairs = lambda records: {(r.image, r.caption) for r in records if isinstance(r.image, str)}
     shared = pairs(held_out) & pairs(train_records)
     if held_out and len(shared) == len(held_out):
-        raise ConfigError(f"eval.split={cfg.eval.split} holds the same {len(held_out)} pairs as the training split "
-                          f"data.split={cfg.data.split}: choose a held-out split (or eval.split= for none)")
-    return [f"eval.split={cfg.eval.split}: {len(held_out)} pairs"
-            + (f", {len(shared)} of them also in the training split" if shared else "")]
+        raise ConfigError(
+            f"eval.split={cfg.eval.split} holds the same {len(held_out)} pairs as the training split "
+            f"data.split={cfg.data.split}: choose a held-out split (or eval.split= for none)"
+        )
+    return [
+        f"eval.split={cfg.eval.split}: {len(held_out)} pairs"
+        + (f", {len(shared)} of them also in the training split" if shared else "")
+    ]
 
 
 def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, resuming: bool):
@@ -430,8 +497,9 @@ def _tokenizer(cfg: Config, captions: list[str], run_dir: Path, env: DistEnv, re
     return AutoTokenizer.from_pretrained(str(saved))
 
 
-def deepspeed_engine(model, cfg: Config, ds_config_path: str | None, env: DistEnv, total_steps: int,
-                     fused_adamw: bool = False):
+def deepspeed_engine(
+    model, cfg: Config, ds_config_path: str | None, env: DistEnv, total_steps: int, fused_adamw: bool = False
+):
     """The DeepSpeed engine of the trainer (and of bench/bench_step.py): ZeRO config, AdamW (torch's
     fused one with ``fused_adamw``), warm-up + cosine."""
     import deepspeed
@@ -442,8 +510,9 @@ def deepspeed_engine(model, cfg: Config, ds_config_path: str | None, env: DistEn
     optimizer = build_optimizer(model, cfg.train, env.device, fused=fused_adamw)
     schedule = lambda step: warmup_cosine(step, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
     return engine, ds_config
 
 
@@ -463,7 +532,8 @@ def _final_eval(model, tokenizer, cfg: Config, env: DistEnv, run: RunFolder) -> 
         return {}
     from ..eval.retrieval import RetrievalProtocol, evaluate_retrieval
 
-    results = evaluate_retrieval(model, tokenizer, cfg.data, cfg.eval.split, env.device, cfg.eval.batch_size,
-                                 RetrievalProtocol(per_query=True))
+    results = evaluate_retrieval(
+        model, tokenizer, cfg.data, cfg.eval.split, env.device, cfg.eval.batch_size, RetrievalProtocol(per_query=True)
+    )
     run.retrieval(cfg.eval.split).write_text(json.dumps(results, indent=2))
     return {"retrieval": {k: v for k, v in results.items() if k != "per_query"}}  # per query: in the file only

@@ -1,4 +1,5 @@
 """What a run ran on: commit, devices, precision, ZeRO stage, library versions (for the run report)."""
+
 from __future__ import annotations
 
 import datetime
@@ -20,10 +21,20 @@ def source_commit() -> str:
     """The git commit of the code that runs (``+dirty`` with uncommitted changes to tracked files)."""
     source = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"unknown (not a git checkout; unimlip-fast {_version('unimlip-fast')})"
     return commit + ("+dirty" if dirty else "")
@@ -44,8 +55,10 @@ def environment_facts(env: DistEnv, ds_config: dict[str, Any]) -> dict[str, Any]
         "device": device_description(env.device),
         "precision": precision_of(ds_config),
         "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
-        "versions": {"python": platform.python_version(),
-                     **{name: v for name in _LIBRARIES if (v := _version(name)) is not None}},
+        "versions": {
+            "python": platform.python_version(),
+            **{name: v for name in _LIBRARIES if (v := _version(name)) is not None},
+        },
     }
 
 

@@ -14,6 +14,7 @@ on, each of these keys takes effect, so each can be measured alone:
   composition, everywhere.
 - ``train.fused_adamw``: torch's fused AdamW (one kernel over all parameters).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,9 +34,16 @@ class FastChoices:
 
     def note(self, setting: object, device: torch.device) -> str:
         """The "fast: ..." line of the run's log."""
-        chosen = [name for name, on in (("channels-last", self.channels_last),
-                                        ("torch.compile (image trunk, text tower)", self.compile),
-                                        ("fused SDPA attention", self.sdpa), ("fused AdamW", self.fused_adamw)) if on]
+        chosen = [
+            name
+            for name, on in (
+                ("channels-last", self.channels_last),
+                ("torch.compile (image trunk, text tower)", self.compile),
+                ("fused SDPA attention", self.sdpa),
+                ("fused AdamW", self.fused_adamw),
+            )
+            if on
+        ]
         why = f"train.fast={str(setting).lower()}, device {device.type}"
         if not chosen:
             return f"fast: off ({why}): NCHW, eager, plain attention, unfused AdamW"

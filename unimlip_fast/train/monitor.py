@@ -5,6 +5,7 @@ Only rank 0 writes. The progress display is a rich bar on a terminal and plain l
 ``notes.jsonl`` keeps what the run said (every ``info`` line, markup removed, with the step) and its
 facts (commit, devices, precision, ...), one line each, so the run report can show them later.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,16 @@ def open_metrics(path: Path, resume_step: int | None):
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, console: Console | None = None,
-                 resume_step: int | None = None, report_to: tuple[str, ...] | list[str] = ("tensorboard",),
-                 config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        enabled: bool,
+        console: Console | None = None,
+        resume_step: int | None = None,
+        report_to: tuple[str, ...] | list[str] = ("tensorboard",),
+        config: dict[str, Any] | None = None,
+    ):
         """``resume_step``: the step a resumed run continues from (None: a fresh run, empty metrics and notes)."""
         self.enabled = enabled
         self.run_dir = run_dir
@@ -54,15 +62,24 @@ class Monitor:
         self._metrics = open_metrics(self.run.metrics, resume_step) if enabled else None
         if enabled and resume_step is None:
             self.run.notes.unlink(missing_ok=True)
-        self._tb = (self._open_tensorboard(self.run.tensorboard, resume_step)
-                    if enabled and "tensorboard" in report_to else None)
+        self._tb = (
+            self._open_tensorboard(self.run.tensorboard, resume_step)
+            if enabled and "tensorboard" in report_to
+            else None
+        )
         self._wandb = self._open_wandb(run_dir, config, resume_step) if enabled and "wandb" in report_to else None
         self._interactive = enabled and sys.stderr.isatty()
         self._progress = None
         if self._interactive:
-            self._progress = Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                                      console=self.console, transient=False)
+            self._progress = Progress(
+                TextColumn("[bold]pretrain"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
             self._task = self._progress.add_task("train", total=total_steps, status="")
             self._progress.start()
 
@@ -82,11 +99,13 @@ class Monitor:
         try:
             import wandb
         except ImportError as e:
-            raise ImportError("train.report_to includes wandb, which is not installed "
-                              "(pip install 'unimlip-fast[wandb]')") from e
+            raise ImportError(
+                "train.report_to includes wandb, which is not installed (pip install 'unimlip-fast[wandb]')"
+            ) from e
         name = (config or {}).get("name", run_dir.name)
-        return wandb.init(dir=str(run_dir), name=name, config=config, resume="allow",
-                          id=_wandb_id(run_dir, fresh=resume_step is None))
+        return wandb.init(
+            dir=str(run_dir), name=name, config=config, resume="allow", id=_wandb_id(run_dir, fresh=resume_step is None)
+        )
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -115,8 +134,11 @@ class Monitor:
                 self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
-        status = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in record.items()
-                          if k.startswith("loss/") and isinstance(v, float))
+        status = " ".join(
+            f"{k.removeprefix('loss/')}={v:.3f}"
+            for k, v in record.items()
+            if k.startswith("loss/") and isinstance(v, float)
+        )
         if self._interactive and status:
             self._progress.update(self._task, completed=step, status=status)
         elif self._interactive:
@@ -126,8 +148,10 @@ class Monitor:
             extra = " ".join(f"{k}={v:g}" for k, v in record.items() if k.startswith("retrieval/"))
             speed = f"{record['samples_per_s']:.1f} samples/s" if "samples_per_s" in record else ""
             if "accum/extra_forward_samples_per_s" in record:  # gradient accumulation's first pass
-                speed += (f" (its extra forward: {record['accum/extra_forward_samples_per_s']:.1f} samples/s, "
-                          f"{record['accum/extra_forward_share']:.0%} of the step)")
+                speed += (
+                    f" (its extra forward: {record['accum/extra_forward_samples_per_s']:.1f} samples/s, "
+                    f"{record['accum/extra_forward_share']:.0%} of the step)"
+                )
             self.console.print(f"step {step} {status} {extra} {speed}".strip(), highlight=False)
 
     def advance(self, step: int) -> None:

@@ -11,6 +11,7 @@ Where DeepSpeed does not make that check (ZeRO stage 0 without fp16, bf16 with
 ``check_grad_overflow: false``, ``compute_grad_norm: false``), the loss is checked before the
 backward instead, at the cost of an all-reduce and a host sync per step; the log says which.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,8 +45,10 @@ def deepspeed_skips_nonfinite(ds_config: dict[str, Any]) -> bool:
 def guard_note(ds_config: dict[str, Any]) -> str:
     if deepspeed_skips_nonfinite(ds_config):
         return "non-finite check: in DeepSpeed's optimizer step (gradient norm), no added host sync"
-    return ("non-finite check: the loss, before the backward (one added host sync per step: this DeepSpeed "
-            "config does not skip non-finite gradients itself)")
+    return (
+        "non-finite check: the loss, before the backward (one added host sync per step: this DeepSpeed "
+        "config does not skip non-finite gradients itself)"
+    )
 
 
 def loss_finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
@@ -71,8 +74,9 @@ class NonFiniteGuard:
     info: Callable[[str], None]
     loss_scaled: bool = False
 
-    def record_skipped_step(self, count: NonFiniteCount, step: int, terms: dict[str, torch.Tensor],
-                            loss: torch.Tensor) -> NonFiniteCount:
+    def record_skipped_step(
+        self, count: NonFiniteCount, step: int, terms: dict[str, torch.Tensor], loss: torch.Tensor
+    ) -> NonFiniteCount:
         """``count`` after the skipped ``step``; raise after ``max_nonfinite`` in a row.
 
         Every rank calls this for the same step (the skip decision was all-reduced), so the collective
@@ -85,9 +89,11 @@ class NonFiniteGuard:
             self.info(f"fp16 gradient overflow at step {step}: step skipped, loss scale lowered")
             return count
         count = NonFiniteCount(count.total + 1, count.in_row + 1)
-        self.info(f"[yellow]non-finite loss or gradient at step {step}, step skipped on every rank[/yellow] "
-                  f"({values})")
+        self.info(f"[yellow]non-finite loss or gradient at step {step}, step skipped on every rank[/yellow] ({values})")
         if count.in_row >= self.max_nonfinite:
-            raise NonFiniteLossError(f"{count.in_row} non-finite steps in a row at step {step} "
-                                     f"(train.max_nonfinite={self.max_nonfinite}); last terms: {values}", count)
+            raise NonFiniteLossError(
+                f"{count.in_row} non-finite steps in a row at step {step} "
+                f"(train.max_nonfinite={self.max_nonfinite}); last terms: {values}",
+                count,
+            )
         return count

@@ -9,6 +9,7 @@
   copy (a partition of it), not the module's tensor; ``clamp_parameter_`` clamps both, or the next
   step would copy the unclamped master back.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def average_batchnorm_stats(module: nn.Module) -> int:
     """Running mean and variance of every BatchNorm in ``module`` averaged over the ranks, in place;
     ``num_batches_tracked`` set to the largest. A collective: every rank must call it. Returns how
     many BatchNorm layers it touched."""
-    layers = [m for m in module.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    layers = [
+        m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
     if _world_size() == 1 or not layers:
         return len(layers)
     stats = [buf for m in layers for buf in (m.running_mean, m.running_var)]

@@ -1,4 +1,5 @@
 """Learning-rate schedule, parameter groups and the phase boundary."""
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, fused: bool | None = None
+) -> torch.optim.Optimizer:
     """AdamW; ``fused`` (train.fused_adamw under train.fast) defaults to on for CUDA."""
     fused = device.type == "cuda" if fused is None else fused
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
+    )
 
 
 def phase_start_step(spec: str, steps_per_epoch: int, total_steps: int) -> int:
@@ -49,5 +52,6 @@ def phase_start_step(spec: str, steps_per_epoch: int, total_steps: int) -> int:
             return int(fraction * total_steps)
         return int(spec)
     except ValueError:
-        raise ConfigError(f"train.simclr_start must be steps (500), epochs (2ep) or a fraction (0.5), "
-                          f"got {spec!r}") from None
+        raise ConfigError(
+            f"train.simclr_start must be steps (500), epochs (2ep) or a fraction (0.5), got {spec!r}"
+        ) from None

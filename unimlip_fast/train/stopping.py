@@ -11,6 +11,7 @@ them down when it stops, and a worker killed mid-batch would fail the batch the 
 With several ranks, the ranks agree (one all-reduce) every ``every`` steps, so that all of them
 stop after the same step and meet in the checkpoint's collectives.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,6 +42,7 @@ def _on_signal(trainer_pid: int):
         if _requested:  # the second signal: stop now
             raise KeyboardInterrupt
         _requested.append(signal.Signals(signum).name)
+
     return handler
 
 
