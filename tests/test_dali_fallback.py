@@ -13,7 +13,7 @@ from PIL import Image
 
 from unimlip_fast.config import DataConfig
 from unimlip_fast.data import backends
-from unimlip_fast.data.pack import pack
+from unimlip_fast.data.pack import PackOptions, pack
 
 from .helpers import CAPTIONS, shard_loader, tiny_tokenizer_dir
 
@@ -29,7 +29,12 @@ def packed(tmp_path_factory):
         rows.append({"image": f"{i}.jpg", "caption": CAPTIONS[i % len(CAPTIONS)]})
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = DataConfig(format="jsonl", path=str(root / "pairs.jsonl"), image_root=str(root / "im"), split="all")
-    pack(data, root / "packed", str(tiny_tokenizer_dir(root)), shard_size=8, context_length=24, progress=False)
+    pack(
+        data,
+        root / "packed",
+        str(tiny_tokenizer_dir(root)),
+        options=PackOptions(shard_size=8, context_length=24, progress=False),
+    )
     return root / "packed"
 
 
