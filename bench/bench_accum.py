@@ -112,7 +112,7 @@ def child(gpu: bool, plan: list[tuple[int, int]], warmup: int, repeats: int, bud
 
     import deepspeed
 
-    from unimlip_fast.kernels import resolve_ops
+    from unimlip_fast.kernels.ops import resolve_ops
     from unimlip_fast.model import SIMCLR, build_model, build_tokenizer
     from unimlip_fast.objective import compute_terms, total_loss
     from unimlip_fast.train.accumulate import build_accumulator

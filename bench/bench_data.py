@@ -110,7 +110,7 @@ def train_step_samples_per_s(
 ) -> list[tuple[int, str, float, str]]:
     """``[(batch, status, samples/s, what)]`` of the training step at each per-GPU batch: 96 is the paper's
     global 768 on 8 GPUs; a larger one keeps one GPU busier (more samples/s, a harder target)."""
-    from unimlip_fast.kernels import resolve_ops
+    from unimlip_fast.kernels.ops import resolve_ops
     from unimlip_fast.model import SIMCLR, build_model
     from unimlip_fast.objective import compute_terms, total_loss
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Measurement, append_rows, environment, measure
 
-from unimlip_fast.kernels import REFERENCE_OPS, LossOps
+from unimlip_fast.kernels.ops import REFERENCE_OPS, LossOps
 
 SIZES = (768, 1536, 8192, 32768, 65536, 131072)
 ITC_DIM, SIMCLR_DIM, TAU, LOGIT_SCALE = 768, 256, 0.1, 1 / 0.07
@@ -91,7 +91,7 @@ def run(
     written as "skipped", with all larger ones. The prediction scales the last size's measured
     step times by B^2 (compile time, spent once at the first size, does not enter it). Large
     batches get fewer repeats (3 from B = 32768)."""
-    from unimlip_fast.kernels import triton_ops
+    from unimlip_fast.kernels.ops import triton_ops
 
     device = torch.device(device)
     env = environment(device)

@@ -55,7 +55,7 @@ from unimlip_fast.data.dataset import build_dataset
 from unimlip_fast.data.masking import MaskingTables
 from unimlip_fast.data.sources import read_records
 from unimlip_fast.data.spec import LoaderSpec, trim_padding
-from unimlip_fast.kernels import REFERENCE_OPS, resolve_ops
+from unimlip_fast.kernels.ops import REFERENCE_OPS, resolve_ops
 from unimlip_fast.model import SIMCLR, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 from unimlip_fast.train.fast import REFERENCE_STEP, apply_fast, resolve_fast

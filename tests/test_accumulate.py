@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from unimlip_fast.config import ConfigError, load_config
-from unimlip_fast.kernels import resolve_ops
+from unimlip_fast.kernels.ops import resolve_ops
 from unimlip_fast.model import SIMCLR, WARMUP, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 from unimlip_fast.train.accumulate import micro_batch_plan, split_batch

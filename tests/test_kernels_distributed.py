@@ -71,7 +71,7 @@ def _grad_or_zero(scale: torch.Tensor) -> torch.Tensor:
 def _rank_main(rank: int, world: int, init_file: str) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from unimlip_fast.kernels import REFERENCE_OPS, triton_ops
+    from unimlip_fast.kernels.ops import REFERENCE_OPS, triton_ops
 
     rows = slice(rank * B, (rank + 1) * B)
     try:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from unimlip_fast.kernels import REFERENCE_OPS, resolve_ops
+from unimlip_fast.kernels.ops import REFERENCE_OPS, resolve_ops
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -18,7 +18,7 @@ OPS = ("infonce", "ntxent", "dropblock", "itc_terms")
 
 @pytest.mark.parametrize("op", OPS)
 def test_triton_ops_take_the_reference_arguments(op):
-    from unimlip_fast.kernels import TRITON_OPS
+    from unimlip_fast.kernels.ops import TRITON_OPS
 
     fused, reference = inspect.signature(getattr(TRITON_OPS, op)), inspect.signature(getattr(REFERENCE_OPS, op))
     names = list(fused.parameters)
@@ -40,7 +40,7 @@ def test_auto_takes_triton_on_cuda_only():
 )
 def test_auto_takes_the_reference_below_sm80_and_says_why(monkeypatch, capability, expected):
     """A V100 (sm_70, faked here) gets the reference under auto, and the log line names the card and why."""
-    from unimlip_fast.kernels import kernels_note
+    from unimlip_fast.kernels.ops import kernels_note
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -68,7 +68,7 @@ def test_triton_off_cuda_without_the_interpreter_is_a_clear_error(monkeypatch):
 
 def test_the_package_imports_without_triton():
     code = (
-        "import sys; sys.modules['triton'] = None; import unimlip_fast.kernels as k; "
+        "import sys; sys.modules['triton'] = None; import unimlip_fast.kernels.ops as k; "
         "assert k.resolve_ops('auto', __import__('torch').device('cpu')).name == 'reference'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
@@ -82,7 +82,7 @@ def test_objective_through_the_fused_kernels_matches_the_reference(switched_off,
     from dataclasses import replace
 
     from unimlip_fast.config import LossConfig
-    from unimlip_fast.kernels import triton_ops
+    from unimlip_fast.kernels.ops import triton_ops
     from unimlip_fast.objective import compute_terms, total_loss
 
     cfg = replace(LossConfig(), **{name: 0.0 for name in switched_off})

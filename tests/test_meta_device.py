@@ -17,7 +17,7 @@ from unimlip_fast.config import load_config
 from unimlip_fast.eval.retrieval import positive_pairs, ranks_of_positives
 from unimlip_fast.finetune.classify import ImageClassifier, masked_bce
 from unimlip_fast.finetune.vqa import VQAModel
-from unimlip_fast.kernels import REFERENCE_OPS, triton_ops
+from unimlip_fast.kernels.ops import REFERENCE_OPS, triton_ops
 from unimlip_fast.model import SIMCLR, WARMUP, build_model, build_tokenizer
 from unimlip_fast.objective import compute_terms, total_loss
 from unimlip_fast.train.accumulate import GradientAccumulator

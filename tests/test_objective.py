@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from unimlip_fast.config import LossConfig
-from unimlip_fast.kernels import REFERENCE_OPS
+from unimlip_fast.kernels.ops import REFERENCE_OPS
 from unimlip_fast.objective import compute_terms, total_loss
 
 

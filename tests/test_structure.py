@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from .helpers import REPO
 
 PACKAGE = REPO / "unimlip_fast"
@@ -36,6 +38,10 @@ LAYOUT_FOLDERS = {
     "unimlip_fast/data/shard_format.py": {"tokenizer", ".verified"},
     "unimlip_fast/train/checkpoint.py": {"latest"},
 }
+
+
+# Top-level folders that are subpackages of unimlip_fast (pyproject.toml's package-dir), as namespace packages.
+MAPPED_FOLDERS = {"kernels": "unimlip_fast.kernels", "configs": "unimlip_fast.configs"}
 
 
 def package_modules() -> list[Path]:
@@ -202,3 +208,19 @@ def test_the_parameter_check_counts(tmp_path, monkeypatch):
     module.write_text("def f(a, b, c, d, e, f, g, h): ...\nclass C:\n    def m(self, a, b, c, d, e, f, g): ...\n")
     monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
     assert list(long_parameter_lists([module])) == ["m.py f"]
+
+
+def test_the_packaging_lists_every_package_and_shadows_nothing():
+    """pyproject.toml names every package (discovery does not follow package-dir); the mapped top-level
+    folders have no __init__.py, so run from the repository root no package of ours is named ``kernels``
+    or ``configs``; and the package holds no symlink into them."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {package: folder for folder, package in MAPPED_FOLDERS.items()}
+    packages = {module_name(init) for init in PACKAGE.rglob("__init__.py")}
+    for folder, package in MAPPED_FOLDERS.items():
+        assert not (REPO / folder / "__init__.py").exists(), f"{folder}/__init__.py would shadow another {folder!r}"
+        subfolders = [path for path in (REPO / folder).rglob("*") if path.is_dir() and path.name != "__pycache__"]
+        packages |= {package} | {".".join([package, *path.relative_to(REPO / folder).parts]) for path in subfolders}
+    assert sorted(setuptools["packages"]) == sorted(packages)
+    assert [path for path in PACKAGE.rglob("*") if path.is_symlink()] == []

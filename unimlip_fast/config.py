@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,8 +42,8 @@ PACK_FORMATS: tuple[str, ...] = typing.get_args(PackFormat)
 CLASSIFY_FORMATS: tuple[str, ...] = typing.get_args(ClassifyFormat)
 VQA_FORMATS: tuple[str, ...] = typing.get_args(VqaFormat)
 
-# The recipes and DeepSpeed JSONs shipped inside the package (configs/ in the source tree).
-SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+# The recipes and DeepSpeed JSONs shipped with the package: unimlip_fast.configs (configs/ in the source tree).
+SHIPPED_CONFIGS_PACKAGE = "unimlip_fast.configs"
 DEFAULT_RECIPE = "demo.yaml"
 
 
@@ -376,12 +378,21 @@ def find_config_file(path: str | Path) -> Path:
         return path
     parts = path.parts
     if len(parts) == 1:
-        shipped = SHIPPED_CONFIGS / path
+        shipped = shipped_config(*parts)
     elif parts[0] == "configs":
-        shipped = SHIPPED_CONFIGS.joinpath(*parts[1:])
+        shipped = shipped_config(*parts[1:])
     else:
         return path
     return shipped if shipped.is_file() else path
+
+
+def shipped_config(*parts: str) -> Path:
+    """The shipped recipe or DeepSpeed JSON at ``parts`` under unimlip_fast.configs (it may not exist).
+    The configs are plain files on disk in a wheel, an editable install and a source checkout alike."""
+    resource = importlib.resources.files(SHIPPED_CONFIGS_PACKAGE)
+    for part in parts:
+        resource = resource / part
+    return Path(os.fspath(resource))
 
 
 def validate(config: Config) -> None:

@@ -172,7 +172,7 @@ def pmc_clip_overrides(state: dict[str, torch.Tensor]) -> list[str]:
 
 def load_pmc_clip_model(spec: ForeignSpec, device: torch.device, load_weights: bool = True) -> TrainedModel:
     """PMC-CLIP's checkpoint as a Uni-Mlip model of its shape; its image and text towers must load whole."""
-    from .config import SHIPPED_CONFIGS, load_config
+    from .config import load_config, shipped_config
     from .model import build_model, build_tokenizer
     from .model.pmc_clip import load_state, read_pmc_clip_state
 
@@ -180,7 +180,7 @@ def load_pmc_clip_model(spec: ForeignSpec, device: torch.device, load_weights: b
     overrides = pmc_clip_overrides(state)
     if spec.text:
         overrides.append(f"model.text.encoder={spec.text}")
-    cfg = load_config(SHIPPED_CONFIGS / PMC_CLIP_RECIPE, overrides)
+    cfg = load_config(shipped_config(PMC_CLIP_RECIPE), overrides)
     tokenizer = build_tokenizer(cfg.model.text)
     model = build_model(cfg.model, cfg.loss, tokenizer, pretrained_text=False)
     if load_weights:

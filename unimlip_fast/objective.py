@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import LossConfig
-from .kernels import LossOps
+from .kernels.ops import LossOps
 
 TERMS = ("itc", "itc_img_fp", "itc_txt_fp", "simclr", "mlm")
 

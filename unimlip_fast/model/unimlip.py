@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import LossConfig, ModelConfig
 from ..data.masking import mlm_row_cap
-from ..kernels import REFERENCE_OPS, LossOps
+from ..kernels.ops import REFERENCE_OPS, LossOps
 from .fusion import FusionMLM
 from .text import TextTower, build_text_encoder
 from .visual import BatchNorm1d, ModifiedResNet, set_batchnorm_stats_frozen

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel, BertConfig
 
 from ..config import Config
-from ..kernels import REFERENCE_OPS
+from ..kernels.ops import REFERENCE_OPS
 from ..model.text import freeze_bottom_layers
 from ..model.unimlip import SIMCLR, UniMlip
 from ..objective import compute_terms, total_loss

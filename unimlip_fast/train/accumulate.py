@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..kernels import LossOps
+from ..kernels.ops import LossOps
 from ..objective import compute_terms, mlm_loss, total_loss
 
 # Features that belong to one micro-batch's own term (MLM), not to the global-batch objective.

@@ -32,7 +32,7 @@ from ..data.records import describe_skips
 from ..data.shards import load_shards
 from ..data.sources import read_records
 from ..data.spec import batches_per_epoch, loader_spec, trim_padding
-from ..kernels import kernels_note, resolve_ops
+from ..kernels.ops import kernels_note, resolve_ops
 from ..loading import load_init_from, tokenizer_of
 from ..model import SIMCLR, WARMUP, build_model, build_tokenizer
 from ..objective import compute_terms, total_loss

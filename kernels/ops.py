@@ -1,7 +1,9 @@
 """Loss and perturbation ops: plain-PyTorch references, and fused Triton kernels beside them.
 
-Imported as ``unimlip_fast.kernels``. ``resolve_ops`` picks one implementation per run. The
-Triton files (``contrastive_triton.py``, ``dropblock_triton.py``) are imported only when the
+Imported as ``unimlip_fast.kernels.ops`` (the top-level ``kernels/`` folder is the package's
+``unimlip_fast.kernels``: a namespace package with no ``__init__.py``, so it can never shadow another
+package named ``kernels`` when run from the repository root). ``resolve_ops`` picks one implementation
+per run. The Triton files (``contrastive_triton.py``, ``dropblock_triton.py``) are imported only when the
 Triton ops are asked for, so the package imports where triton is not installed.
 """
 
@@ -14,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unimlip_fast.config import Kernels  # absolute: transformers may import this folder as `kernels`
-
+from ..config import Kernels
 from .dropblock import dropblock_reference
 from .infonce import infonce_reference, itc_terms_reference
 from .ntxent import ntxent_reference
