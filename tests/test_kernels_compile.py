@@ -25,7 +25,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from bench_compile import CARDS, cases  # noqa: E402 - bench/ is not a package on the path
 
-CASES = [case.name for case in cases()]
+# DropBlock's count pass is its apply pass less the loads and stores: the same dot loop, the same
+# shared memory (bench/RESULTS.md), so the test compiles the apply pass only and the bench both.
+# The whole matrix costs ~2 minutes of CPU cold (most of it ptxas); reruns hit triton's cache.
+CASES = [case.name for case in cases() if not case.kernel.startswith("dropblock-count")]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def compiled() -> dict[str, dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     code = (
         "import json, sys; sys.path.insert(0, 'bench'); import bench_compile as b; "
-        "print(json.dumps(b.compile_matrix(registers=False)))"
+        f"print(json.dumps([b.asdict(b.compile_one(c, registers=False)) for c in b.cases() if c.name in {CASES}]))"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if "No module named 'triton.backends.nvidia'" in run.stderr:
