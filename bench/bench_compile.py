@@ -173,8 +173,8 @@ def _compile_case(case: Case):
 def compile_one(case: Case, registers: bool = True) -> Result:
     """Compile ``case``; with ``registers``, also rerun ptxas on its PTX for its register report
     (triton's cache keeps the cubin but not that report)."""
-    kernel_dtype_arch = dict(kernel=case.kernel, dtype=case.dtype, arch=f"sm_{case.card.arch}")
-    result = Result(case.name, shared_limit=case.card.shared_limit, **kernel_dtype_arch)
+    arch_name = "sm_90a" if case.card.arch == 90 else f"sm_{case.card.arch}"  # triton's target for Hopper
+    result = Result(case.name, case.kernel, case.dtype, arch_name, shared_limit=case.card.shared_limit)
     try:
         compiled = _compile_case(case)
     except Exception as err:  # noqa: BLE001 - the failure is the case's result
@@ -184,7 +184,6 @@ def compile_one(case: Case, registers: bool = True) -> Result:
     if not registers:
         return result
     try:
-        arch_name = "sm_90a" if case.card.arch == 90 else f"sm_{case.card.arch}"
         result.registers, result.spill_stores, result.spill_loads = _ptxas_report(compiled.asm["ptx"], arch_name)
     except (subprocess.CalledProcessError, AttributeError, ImportError) as err:
         result.error = f"ptxas report: {err}"
@@ -199,7 +198,8 @@ def table(rows: list[dict]) -> str:
     import triton
 
     lines = [
-        f"Compiled with triton {triton.__version__} (ptxas -v for registers and spills), no device needed.",
+        f"Compiled with triton {triton.__version__} for sm_70, sm_80 and sm_90a, no device needed; registers and"
+        " spills from ptxas -v, shared memory from triton's metadata against the card's limit per block.",
         "",
         "| kernel | dtype | arch | shared bytes (limit) | registers | spill stores / loads (bytes) |",
         "|---|---|---|---|---|---|",
