@@ -74,10 +74,13 @@ def default_blocks(dim: int, dtype: torch.dtype, self_terms: bool = False) -> Bl
     return Blocks(k=fit(64), d=fit(128 if self_terms else 256))
 
 
-def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(upcast, input_precision). Triton's interpreter returns garbage for bf16 dots, so it gets
-    fp32 operands (after the same rounding the GPU sees); fp32 on the GPU uses 3xTF32."""
-    if _interpreting():
+def dot_flags(dtype: torch.dtype, capability: tuple[int, int] | None = None) -> tuple[bool, str]:
+    """(upcast, input_precision) for features of ``dtype`` on a GPU of ``capability``. Triton's
+    interpreter returns garbage for bf16 dots, so it gets fp32 operands (after the same rounding
+    the GPU sees); fp32 on the GPU uses 3xTF32. Before Ampere (V100, sm_70) triton's dots run on FMA
+    units: fp32 operands there spill a few hundred bytes per program where fp16 ones spill ~20 KB
+    (ptxas, bench/bench_compile.py), and the products stay exact in fp32."""
+    if _interpreting() or (capability is not None and capability < (8, 0)):
         return True, "ieee"
     return False, "tf32x3" if dtype == torch.float32 else "tf32"
 
@@ -349,7 +352,9 @@ def _tables(device: torch.device, *tables: list[list[int]]) -> list[torch.Tensor
 
 
 def _flags(features: list[torch.Tensor], self_terms: bool, blocks: Blocks) -> dict:
-    upcast, precision = _dot_flags(features[0].dtype)
+    device = features[0].device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    upcast, precision = dot_flags(features[0].dtype, capability)
     return dict(
         DTYPE=TL_DTYPES[features[0].dtype],
         SELF_TERMS=self_terms,
