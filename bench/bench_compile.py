@@ -23,7 +23,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compiling needs the real backend, not the interpreter
+# Compiling needs the real backend, not the interpreter. Only when run as a script: the test imports
+# this module (and sets the variable in its own child process), and must leave its session's value.
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
