@@ -72,7 +72,8 @@ def test_pmc_clip_checkpoint_fills_every_fusion_weight_and_computes_its_fusion(t
     text_states, image = torch.randn(b, length, width, generator=g), torch.randn(b, cfg.embed_dim, generator=g)
     masked = torch.zeros(b, length, dtype=torch.bool)
     masked[:, 2], masked[1, 5] = True, True
-    ours = target.fusion(text_states, torch.ones(b, length, dtype=torch.long), image, masked)
+    rows = masked.flatten().nonzero().squeeze(1)  # the fusion takes flat positions b * L + l, in this order
+    ours = target.fusion(text_states, torch.ones(b, length, dtype=torch.long), image, rows)
     with torch.no_grad():
         theirs = pmc_clip_fusion(state, cfg.fusion_layers, cfg.fusion_heads, text_states, image)[masked]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -45,7 +45,10 @@ def test_a_signal_stops_the_run_with_a_checkpoint(sig, to_group, tmp_path):
         "train.ckpt_every=0",
         "eval.split=",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # A plain process of this session may have set MASTER_PORT for itself (and still listen on it): the
+    # run is a plain process of its own and picks its own port.
+    launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [str(a) for a in args],
         env=env,
