@@ -57,6 +57,26 @@ class Blocks:
     warps: int = 8
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What a launch needs besides the features: the first local row's column (``row_offset``),
+    whether each side's own views are candidates (``self_terms``) and the tile sizes. At the
+    custom ops' boundary it travels as a flat list of ints (:meth:`fields`)."""
+
+    row_offset: int
+    self_terms: bool
+    blocks: Blocks
+
+    def fields(self) -> list[int]:
+        b = self.blocks
+        return [self.row_offset, int(self.self_terms), b.m, b.n, b.k, b.d, b.warps]
+
+    @classmethod
+    def from_fields(cls, fields: list[int]) -> Launch:
+        row_offset, self_terms, *blocks = fields
+        return cls(row_offset, bool(self_terms), Blocks(*blocks))
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -351,13 +371,13 @@ def _tables(device: torch.device, *tables: list[list[int]]) -> list[torch.Tensor
     return list(packed.to(device, non_blocking=True).split([len(f) for f in flat]))
 
 
-def _flags(features: list[torch.Tensor], self_terms: bool, blocks: Blocks) -> dict:
-    device = features[0].device
+def _flags(features: list[torch.Tensor], launch: Launch) -> dict:
+    blocks, device = launch.blocks, features[0].device
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     upcast, precision = dot_flags(features[0].dtype, capability)
     return dict(
         DTYPE=TL_DTYPES[features[0].dtype],
-        SELF_TERMS=self_terms,
+        SELF_TERMS=launch.self_terms,
         UPCAST=upcast,
         PRECISION=precision,
         BLOCK_M=blocks.m,
@@ -367,8 +387,9 @@ def _flags(features: list[torch.Tensor], self_terms: bool, blocks: Blocks) -> di
     )
 
 
-def contrastive_forward(features, losses: list[Loss], scale, row_offset: int, self_terms: bool, blocks: Blocks):
+def contrastive_forward(features, losses: list[Loss], scale, launch: Launch):
     """-> (lse, loss_rows, dscale_rows), each [K * 2, B] fp32, row loss * 2 + side."""
+    blocks = launch.blocks
     (b, d), n = features[losses[0][0]].shape, features[losses[0][2]].shape[0]
     sides = []
     for r1, r2, c1, c2 in losses:
@@ -376,19 +397,18 @@ def contrastive_forward(features, losses: list[Loss], scale, row_offset: int, se
     lse, loss_rows, dscale_rows = (torch.empty(len(sides), b, device=scale.device) for _ in range(3))
     (table,) = _tables(scale.device, sides)
     _fwd_kernel[(triton.cdiv(b, blocks.m), len(sides))](
-        table, scale, lse, loss_rows, dscale_rows, b, n, d, row_offset, **_flags(features, self_terms, blocks)
+        table, scale, lse, loss_rows, dscale_rows, b, n, d, launch.row_offset, **_flags(features, launch)
     )
     return lse, loss_rows, dscale_rows
 
 
-def contrastive_backward(
-    features, losses: list[Loss], scale, lse, grad, row_offset: int, self_terms: bool, blocks: Blocks
-) -> list[torch.Tensor | None]:
+def contrastive_backward(features, losses: list[Loss], scale, lse, grad, launch: Launch) -> list[torch.Tensor | None]:
     """-> the gradient of each feature (None for those no loss reads); ``grad`` [K] fp32."""
+    blocks, row_offset = launch.blocks, launch.row_offset
     (b, d), n = features[losses[0][0]].shape, features[losses[0][2]].shape[0]
     address = [f.data_ptr() for f in features]
     grads = [None] * len(features)
-    flags = dict(BLOCK_D=blocks.d, **_flags(features, self_terms, blocks))
+    flags = dict(BLOCK_D=blocks.d, **_flags(features, launch))
     d_blocks = triton.cdiv(d, blocks.d)
 
     # Uses as rows: (Y, Z, lse row, loss), grouped by the rows' tensor.
@@ -435,17 +455,13 @@ def contrastive_op(
     features: list[torch.Tensor],
     indices: list[int],
     scale: torch.Tensor,
-    row_offset: int,
-    self_terms: bool,
-    blocks: list[int],
+    launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the [K] losses, the [2K, B] row log-sum-exps, d loss / d scale [K]); ``indices``: (r1, r2, c1, c2) per loss,
-    flat, into ``features``; ``blocks``: the fields of :class:`Blocks`."""
+    flat, into ``features``; ``launch``: the fields of a :class:`Launch`."""
     losses = _losses_of(indices)
     scale32 = scale.detach().float().reshape(1).contiguous()
-    lse, loss_rows, dscale_rows = contrastive_forward(
-        features, losses, scale32, row_offset, self_terms, Blocks(*blocks)
-    )
+    lse, loss_rows, dscale_rows = contrastive_forward(features, losses, scale32, Launch.from_fields(launch))
     half_mean = 0.5 / features[losses[0][0]].shape[0]
     return (
         loss_rows.view(len(losses), -1).sum(dim=1) * half_mean,
@@ -455,7 +471,7 @@ def contrastive_op(
 
 
 @contrastive_op.register_fake
-def _contrastive_shapes(features, indices, scale, row_offset, self_terms, blocks):
+def _contrastive_shapes(features, indices, scale, launch):
     k, b = len(indices) // 4, features[indices[0]].shape[0]
     like = features[0]
     return (
@@ -472,35 +488,32 @@ def contrastive_backward_op(
     scale: torch.Tensor,
     lse: torch.Tensor,
     grad: torch.Tensor,
-    row_offset: int,
-    self_terms: bool,
-    blocks: list[int],
+    launch: list[int],
 ) -> list[torch.Tensor]:
     """The gradient of every feature (each is read by some loss) for the losses' gradient ``grad`` [K]."""
     scale32 = scale.detach().float().reshape(1).contiguous()
-    return contrastive_backward(
-        features, _losses_of(indices), scale32, lse, grad.float().contiguous(), row_offset, self_terms, Blocks(*blocks)
-    )
+    losses, grad32 = _losses_of(indices), grad.float().contiguous()
+    return contrastive_backward(features, losses, scale32, lse, grad32, Launch.from_fields(launch))
 
 
 @contrastive_backward_op.register_fake
-def _contrastive_backward_shapes(features, indices, scale, lse, grad, row_offset, self_terms, blocks):
+def _contrastive_backward_shapes(features, indices, scale, lse, grad, launch):
     return [torch.empty_like(f) for f in features]
 
 
 def _save_for_contrastive_backward(ctx, inputs, output) -> None:
-    features, indices, scale, row_offset, self_terms, blocks = inputs
+    features, indices, scale, launch = inputs
     _, lse, dscale_unit = output
     ctx.save_for_backward(scale, lse, dscale_unit, *features)
-    ctx.args = (indices, row_offset, self_terms, blocks)
+    ctx.args = (indices, launch)
 
 
 def _contrastive_autograd(ctx, grad_losses, _grad_lse, _grad_dscale):
     scale, lse, dscale_unit, *features = ctx.saved_tensors
-    indices, row_offset, self_terms, blocks = ctx.args
-    grads = contrastive_backward_op(features, indices, scale, lse, grad_losses, row_offset, self_terms, blocks)
+    indices, launch = ctx.args
+    grads = contrastive_backward_op(features, indices, scale, lse, grad_losses, launch)
     dscale = (grad_losses.float() * dscale_unit).sum().reshape(scale.shape).to(scale.dtype)
-    return list(grads), None, dscale, None, None, None
+    return list(grads), None, dscale, None
 
 
 contrastive_op.register_autograd(_contrastive_autograd, setup_context=_save_for_contrastive_backward)
@@ -529,9 +542,8 @@ def contrastive_losses(
     features = [_aligned(t.to(dtype).contiguous()) for t in distinct]
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=features[0].device)
-    blocks = blocks or default_blocks(d, dtype, self_terms)
-    fields = [blocks.m, blocks.n, blocks.k, blocks.d, blocks.warps]
-    return contrastive_op(features, [i for loss in indices for i in loss], scale, row_offset, self_terms, fields)[0]
+    launch = Launch(row_offset, self_terms, blocks or default_blocks(d, dtype, self_terms))
+    return contrastive_op(features, [i for loss in indices for i in loss], scale, launch.fields())[0]
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -548,11 +560,11 @@ def _index_of(t: torch.Tensor, distinct: list[torch.Tensor]) -> int:
 
 
 # --- the ops the objective calls, with the references' signatures ------------------------------------
-def infonce_triton(img, txt, scale, img_all=None, txt_all=None, row_offset: int = 0, blocks: Blocks | None = None):
+def infonce_triton(img, txt, scale, img_all=None, txt_all=None, row_offset: int = 0):
     """Fused ``infonce_reference``: same arguments, same value, gradients for every input."""
     img_all = img if img_all is None else img_all
     txt_all = txt if txt_all is None else txt_all
-    return contrastive_losses([(img, txt, img_all, txt_all)], scale, row_offset, blocks=blocks)[0]
+    return contrastive_losses([(img, txt, img_all, txt_all)], scale, row_offset)[0]
 
 
 def ntxent_triton(
@@ -563,7 +575,6 @@ def ntxent_triton(
     zb_all=None,
     row_offset: int = 0,
     negatives: str = "cross-view",
-    blocks: Blocks | None = None,
 ):
     """Fused ``ntxent_reference``: same arguments, same value, gradients for every input.
     ``cross-view`` (the paper's Eq. 2) is InfoNCE between the views at scale 1 / tau: the same
@@ -572,17 +583,13 @@ def ntxent_triton(
     za_all = za if za_all is None else za_all
     zb_all = zb if zb_all is None else zb_all
     scale = torch.full((1,), 1.0 / tau, device=za.device)
-    return contrastive_losses(
-        [(za, zb, za_all, zb_all)], scale, row_offset, self_terms=negatives == "all", blocks=blocks
-    )[0]
+    return contrastive_losses([(za, zb, za_all, zb_all)], scale, row_offset, self_terms=negatives == "all")[0]
 
 
-def itc_terms_triton(
-    imgs, txts, scale, imgs_all=None, txts_all=None, row_offset: int = 0, blocks: Blocks | None = None
-) -> torch.Tensor:
+def itc_terms_triton(imgs, txts, scale, imgs_all=None, txts_all=None, row_offset: int = 0) -> torch.Tensor:
     """Fused ``itc_terms_reference``: K InfoNCE terms in the same three launches. Features shared
     by several terms (the same tensor objects) are read in place by all of them, and each gets
     one gradient, accumulated in one program per tile over every term that reads it."""
     imgs_all = imgs if imgs_all is None else imgs_all
     txts_all = txts if txts_all is None else txts_all
-    return contrastive_losses(list(zip(imgs, txts, imgs_all, txts_all)), scale, row_offset, blocks=blocks)
+    return contrastive_losses(list(zip(imgs, txts, imgs_all, txts_all)), scale, row_offset)

@@ -139,11 +139,12 @@ def test_small_tiles_cover_every_loop(op):
     blocks = triton_ops.Blocks(m=16, n=16, k=16, d=16)
     x, y = _unit_rows(37, 40, torch.float32, 4), _unit_rows(37, 40, torch.float32, 5)
     if op == "infonce":
-        kernel = lambda a, b, s: triton_ops.infonce_triton(a, b, s, blocks=blocks)
+        kernel = lambda a, b, s: triton_ops.contrastive_losses([(a, b, a, b)], s, blocks=blocks)[0]
         inputs, reference = [x, y, torch.tensor([30.0])], infonce_reference
     else:
         negatives = "all" if op == "ntxent-all" else "cross-view"
-        kernel = lambda a, b: triton_ops.ntxent_triton(a, b, 0.1, negatives=negatives, blocks=blocks)
+        self_terms = negatives == "all"
+        kernel = lambda a, b: triton_ops.contrastive_losses([(a, b, a, b)], 10.0, 0, self_terms, blocks)[0]
         inputs, reference = [x, y], lambda a, b: ntxent_reference(a, b, 0.1, negatives=negatives)
     assert_close_to_fp64(kernel, reference, inputs, FLOOR[torch.float32])
 

@@ -23,7 +23,7 @@ def test_triton_ops_take_the_reference_arguments(op):
     fused, reference = inspect.signature(getattr(TRITON_OPS, op)), inspect.signature(getattr(REFERENCE_OPS, op))
     names = list(fused.parameters)
     assert names[: len(reference.parameters)] == list(reference.parameters)
-    for name in names[len(reference.parameters) :]:  # extras (seed=, blocks=) are optional
+    for name in names[len(reference.parameters) :]:  # extras (seed=) are optional
         assert fused.parameters[name].default is not inspect.Parameter.empty
 
 
