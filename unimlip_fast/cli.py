@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,7 +26,7 @@ class _FlagsTakeNoValue:
     a flag given an empty metavar is printed as its name alone (``--overwrite``, ``--x/--no-x``).
     Applied to every parameter a command has, --help included, when click asks for them."""
 
-    def get_params(self, ctx):
+    def get_params(self, ctx: typer.Context) -> list:
         params = super().get_params(ctx)
         for param in params:
             if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
@@ -47,7 +48,7 @@ class _Typer(typer.Typer):
     def __init__(self, **kwargs) -> None:
         super().__init__(cls=_Group, **kwargs)
 
-    def command(self, name: Optional[str] = None, **kwargs):
+    def command(self, name: Optional[str] = None, **kwargs) -> Callable:
         return super().command(name, cls=kwargs.pop("cls", _Command), **kwargs)
 
 
