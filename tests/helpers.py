@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -528,6 +529,28 @@ def _as_rank(rank: int, worker, world: int, port: int, accelerator: str, args: t
     )
     torch.set_num_threads(1)
     worker(rank, world, *args)
+
+
+def cli_ranks(args: list, world: int, logs: Path) -> list[subprocess.Popen]:
+    """``unimlip-fast ARGS`` as ``world`` processes, each its rank of one job as a launcher or a
+    cluster scheduler starts them (the environment of :func:`spawn_ranks`, one CPU thread each), each
+    in a session of its own (a signal sent to one reaches that rank alone); rank R's stderr goes to
+    ``logs/rankR.err``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = []
+    for rank in range(world):
+        with open(logs / f"rank{rank}.err", "w") as err:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "unimlip_fast.cli", *map(str, args)],
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            )
+    return procs
 
 
 def pmc_clip_checkpoint(model, vocab: int, width: int, embed: int, layers: int, seed: int = 0) -> dict:

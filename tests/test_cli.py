@@ -104,3 +104,32 @@ def test_a_run_folder_that_does_not_exist_is_said_so(tmp_path, monkeypatch, caps
     for command in (["report", missing], ["eval", "retrieval", "--checkpoint", missing, "--data", "phantom:8"]):
         assert run_cli(monkeypatch, *command) == 1
         assert capsys.readouterr().err.strip() == f"error: run folder not found: {missing}"
+
+
+def _command_paths(command, path=()):
+    """Every command under the CLI's click group, as the words that name it (the root is ())."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*path, name))
+
+
+def test_help_shows_boolean_flags_without_a_value_placeholder():
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from unimlip_fast.cli import app
+
+    placeholder = re.compile(r"<bool(ean)?>|\bBOOLEAN\b|\[bool\]", re.IGNORECASE)
+    runner = CliRunner()
+    paths = list(_command_paths(typer.main.get_command(app)))
+    assert len(paths) > 10  # the walk found the subcommands of eval, data and finetune
+    for path, command in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        words = " ".join(path) or "(root)"
+        assert result.exit_code == 0, f"{words} --help: {result.output}"
+        assert not placeholder.search(result.output), f"{words} --help shows a value for a flag:\n{result.output}"
+        for param in command.params:  # each flag is still listed, under its own name
+            if getattr(param, "is_flag", False) and not param.hidden:
+                assert all(opt in result.output for opt in param.opts), f"{words} --help lacks {param.opts}"

@@ -3,8 +3,11 @@ with a fall-back to the newest complete one, damaged files named, a fresh run re
 folder, one writer per folder, and each step once in metrics.jsonl after a resume."""
 
 import json
+import multiprocessing
 import os
 import shutil
+import sys
+import time
 
 import pytest
 import torch
@@ -214,6 +217,81 @@ def test_a_start_refused_by_the_lock_never_deletes_the_winners_folder(tmp_path, 
         assert (run / "config.yaml").read_text() == "the winner's\n" and (run / "run.lock").is_file()
     finally:
         winner.release()
+
+
+def _wait_for(path, what: str) -> None:
+    deadline = time.monotonic() + 120  # a guard against a hang, not a measurement
+    while not path.exists():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def _start_in_race(role: str, run, sync, args: list[str]) -> None:
+    """``unimlip-fast pretrain ARGS`` in a spawned process, one of two starting in the same missing
+    folder; its exit code is the process's, its stderr goes to ``sync/ROLE.err``. The race is played
+    in its worst order, each process waiting on a file the other writes: ``first`` makes the folder,
+    then ``second`` (finding it made) takes the lock before ``first`` tries, and holds it, before its
+    first step, until ``first`` has been refused."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # each a plain run of its own
+        os.environ.pop(key, None)
+    err = open(sync / f"{role}.err", "w")
+    os.dup2(err.fileno(), 2)
+    torch.set_num_threads(1)
+    real_acquire = RunLock.acquire
+
+    def first_acquire(self):
+        _wait_for(sync / "second_locked", "the other start to take the lock")
+        try:
+            real_acquire(self)
+        finally:
+            (sync / "first_tried").touch()
+
+    def second_acquire(self):
+        real_acquire(self)
+        (sync / "second_locked").touch()
+        _wait_for(sync / "first_tried", "the other start to be refused")  # still before any step
+        kept = sorted(p.name for p in run.iterdir()) if run.is_dir() else ["(folder gone)"]
+        (sync / "kept_after_refusal.json").write_text(json.dumps(kept))
+
+    if role == "first":
+        RunLock.acquire = first_acquire
+    else:
+        _wait_for(run, "the other start to make the run folder")
+        RunLock.acquire = second_acquire
+    from unimlip_fast.cli import main
+
+    sys.argv = ["unimlip-fast", *args]
+    main()
+
+
+@pytest.mark.slow
+def test_two_processes_starting_in_one_missing_folder(tmp_path):
+    """Real processes: the one that made the folder is refused by the lock, with the winner named,
+    and the winner's folder and files survive the refused start's clean-up; the winner trains."""
+    run, sync = tmp_path / "runs" / "shared", tmp_path / "sync"
+    sync.mkdir()
+    spawn = multiprocessing.get_context("spawn")
+    args = [str(a) for a in [*RUN_ARGS, "--run-dir", run, "train.max_steps=2"]]
+    procs = {role: spawn.Process(target=_start_in_race, args=(role, run, sync, args)) for role in ("first", "second")}
+    for proc in procs.values():
+        proc.start()
+    for proc in procs.values():
+        proc.join(timeout=150)
+    for proc in procs.values():
+        if proc.is_alive():
+            proc.kill()
+    codes = {role: proc.exitcode for role, proc in procs.items()}
+    assert sorted(codes.values()) == [0, 1], {role: (sync / f"{role}.err").read_text()[-2000:] for role in procs}
+    assert codes["second"] == 0, (sync / "second.err").read_text()[-2000:]
+    err = (sync / "first.err").read_text()
+    assert f"run folder {run} is in use by pid {procs['second'].pid} on host" in " ".join(err.split())
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # what the winner held when the other was refused was left alone (later files could hide a deletion)
+    assert json.loads((sync / "kept_after_refusal.json").read_text()) == ["run.lock"]
+    assert sorted(losses(run)) == [1, 2]
+    assert (run / "checkpoints" / "latest").read_text().strip() == STEP2
+    for name in ("config.yaml", "model.safetensors", "summary.json"):
+        assert (run / name).is_file(), name
 
 
 def test_a_failed_start_removes_the_folder_and_the_runs_folder_it_made(tmp_path, monkeypatch, capsys):

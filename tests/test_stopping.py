@@ -15,7 +15,7 @@ import pytest
 
 from unimlip_fast.train.checkpoint import incompleteness
 
-from .helpers import REPO, TINY_RUN
+from .helpers import REPO, TINY_RUN, cli_ranks
 
 
 def steps_logged(run_dir) -> int:
@@ -104,3 +104,62 @@ def test_a_second_signal_interrupts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert type(e.value) is KeyboardInterrupt
+
+
+def kill_left(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """A scheduler's SIGTERM to rank 1 alone: both ranks stop after the same step (the next one where
+    they agree, a log step), write one complete checkpoint together, exit 130; the run resumes from it."""
+    run, log_every, stop_logs, resume_logs = tmp_path / "run", 3, tmp_path / "stop", tmp_path / "resume"
+    stop_logs.mkdir()
+    resume_logs.mkdir()
+    args = [
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+        "--run-dir",
+        run,
+        *TINY_RUN,
+        f"train.log_every={log_every}",
+        "train.ckpt_every=0",
+        "eval.split=",
+    ]
+    ranks = cli_ranks([*args, "train.max_steps=100000"], 2, stop_logs)
+    try:
+        deadline = time.monotonic() + 240  # a guard against a hang, not a measurement
+        while steps_logged(run) < 1 and all(p.poll() is None for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(p.poll() is None for p in ranks), (stop_logs / "rank0.err").read_text()[-2000:]
+        ranks[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in ranks]
+    finally:
+        kill_left(ranks)
+    errs = [(stop_logs / f"rank{r}.err").read_text() for r in range(2)]
+    assert codes == [130, 130], [e[-1500:] for e in errs]
+    last = [e.strip().splitlines()[-1] for e in errs]
+    assert last[1].startswith("rank 1: stopped on SIGTERM after step ") and last[0].startswith(
+        "stopped on a signal to another rank after step "
+    ), last
+    stopped = [int(line.split("after step ")[1].split(":")[0]) for line in last]
+    step = stopped[0]
+    assert stopped == [step, step] and step % log_every == 0 and steps_logged(run) == step // log_every
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"step_{step:07d}" and incompleteness(run / "checkpoints" / tag) is None
+    assert json.loads((run / "checkpoints" / tag / "trainer_state.json").read_text())["step"] == step
+    assert "Traceback" not in errs[0] + errs[1]
+
+    ranks = cli_ranks([*args, "--resume", "latest", f"train.max_steps={step + 1}"], 2, resume_logs)
+    try:
+        codes = [p.wait(timeout=180) for p in ranks]
+    finally:
+        kill_left(ranks)
+    assert codes == [0, 0], (resume_logs / "rank0.err").read_text()[-2000:]
+    assert f"resumed from {tag} at step {step}" in (resume_logs / "rank0.err").read_text()
+    assert json.loads((run / "summary.json").read_text())["steps"] == step + 1

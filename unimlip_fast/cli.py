@@ -9,26 +9,60 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from .config import DATA_FORMATS, DEFAULT_RECIPE, PACK_FORMATS
 from .console import make_console
 
-app = typer.Typer(
+
+class _FlagsTakeNoValue:
+    """typer's rich help prints a flag's type (``--overwrite <bool>``) as if the flag took a value;
+    a flag given an empty metavar is printed as its name alone (``--overwrite``, ``--x/--no-x``).
+    Applied to every parameter a command has, --help included, when click asks for them."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    """A typer app whose groups and commands print flags without a value placeholder."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cls=_Group, **kwargs)
+
+    def command(self, name: Optional[str] = None, **kwargs) -> Callable:
+        return super().command(name, cls=kwargs.pop("cls", _Command), **kwargs)
+
+
+app = _Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     help="High-throughput Uni-Mlip pretraining and evaluation.",
 )
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a trained model.")
-data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets.")
+eval_app = _Typer(no_args_is_help=True, help="Evaluate a trained model.")
+data_app = _Typer(no_args_is_help=True, help="Prepare data sets.")
 app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
-finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pretraining run on a downstream task.")
+finetune_app = _Typer(no_args_is_help=True, help="Fine-tune a pretraining run on a downstream task.")
 app.add_typer(finetune_app, name="finetune")
 console = make_console()
 

@@ -242,6 +242,8 @@ class Pretraining:
                     f"checkpoint saved in {run.checkpoints}; continue with --resume latest"
                 )
                 self.monitor.info(message)
+                if not env.is_main and stop_signal():  # the rank a scheduler signalled says so in its own log
+                    self.monitor.console.print(f"rank {env.rank}: {message}", highlight=False)
                 raise TrainingStopped(message)
             if state.step >= self.total_steps:
                 export_weights(engine, run.weights, env)
