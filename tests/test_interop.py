@@ -524,3 +524,148 @@ def test_open_clip_on_medpix_and_nih1000(vit_dir, tmp_path, monkeypatch):
     )
     zero = json.loads(zs.read_text())
     assert zero["n_test"] == 200 and 0 <= zero["macro_auc"] <= 1
+
+
+# ------------------------------------------------------------------------- hf-hub, from the hub's cache
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_hub_cache(cache, repo_id: str, files: dict) -> None:
+    """``files`` (name -> source path) as the Hugging Face hub cache holds a downloaded repo:
+    ``models--ORG--NAME/snapshots/<commit>/`` and ``refs/main`` naming the commit."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUB_COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    for name, source in files.items():
+        shutil.copy(source, snapshot / name)
+
+
+@pytest.fixture(scope="module")
+def hub_cache(vit_dir, tmp_path_factory):
+    """A hub cache holding the small ViT three ways: its weights as safetensors, as a torch .bin, none."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path_factory.mktemp("hub")
+    config, weights = vit_dir / "open_clip_config.json", vit_dir / "open_clip_model.safetensors"
+    put_in_hub_cache(
+        cache, "test-org/small-vit", {"open_clip_config.json": config, "open_clip_model.safetensors": weights}
+    )
+    torch.save(load_file(str(weights)), cache / "vit.bin")
+    put_in_hub_cache(
+        cache,
+        "test-org/small-vit-bin",
+        {"open_clip_config.json": config, "open_clip_pytorch_model.bin": cache / "vit.bin"},
+    )
+    put_in_hub_cache(cache, "test-org/no-weights", {"open_clip_config.json": config})
+    return cache
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch):
+    """No network, and the hub cache above. huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, at
+    import, into its constants (which it and transformers consult at call time): the environment is set
+    for any process started from here, the constants for this one."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    return hub_cache
+
+
+@pytest.mark.parametrize("repo", ["test-org/small-vit", "test-org/small-vit-bin"])
+def test_hf_hub_spec_loads_offline_from_the_cache(repo, offline_hub, open_clip, vit_dir, image_folder):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    spec = f"open_clip:hf-hub:{repo}"
+    ours = unimlip_fast.load(spec, device="cpu")
+    model, transform, tokenizer = their_model(open_clip, f"open_clip:local-dir:{vit_dir}")
+    paths = sorted(str(p) for p in image_folder.glob("scan*"))
+    with torch.no_grad():
+        their_img = model.encode_image(torch.stack([transform(Image.open(p)) for p in paths]), normalize=True)
+        their_txt = model.encode_text(tokenizer(TEXTS), normalize=True)
+    torch.testing.assert_close(ours.encode_image(paths, batch_size=4), their_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.encode_text(TEXTS), their_txt, atol=1e-5, rtol=0)
+    digest = state_digest(load_file(str(vit_dir / "open_clip_model.safetensors")))
+    assert ours.describe() == {"spec": spec, "weights_sha256": digest}
+
+
+def test_hf_hub_spec_without_weights_is_one_line_not_a_random_model(offline_hub, tmp_path, monkeypatch, capsys):
+    spec = "open_clip:hf-hub:test-org/no-weights"
+    with pytest.raises(RuntimeError, match="no weights"):
+        unimlip_fast.load(spec, device="cpu")
+    assert (
+        run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", spec, "--data", "phantom:8", "--device", "cpu") != 0
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{spec}: no weights" in err and "Traceback" not in err
+
+
+def test_embed_and_retrieval_cli_with_an_hf_hub_spec(offline_hub, open_clip, vit_dir, pairs_csv, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    spec = "open_clip:hf-hub:test-org/small-vit"
+    out = tmp_path / "index"
+    assert (
+        run_cli(
+            monkeypatch,
+            "embed",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"csv:{pairs_csv}",
+            "--split",
+            "all",
+            "--output",
+            out,
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
+    from safetensors.torch import load_file
+
+    digest = state_digest(load_file(str(vit_dir / "open_clip_model.safetensors")))
+    index = json.loads((out / "index.json").read_text())
+    assert index["checkpoint"] == spec and index["weights_sha256"] == digest and index["n_images"] == 6
+    model, transform, tokenizer = their_model(open_clip, f"open_clip:local-dir:{vit_dir}")
+    keys = json.loads((out / "part-00000.keys.json").read_text())
+    with torch.no_grad():
+        their_img = model.encode_image(
+            torch.stack([transform(Image.open(pairs_csv.parent / k)) for k in keys["image_keys"]]), normalize=True
+        )
+        their_txt = model.encode_text(tokenizer(keys["captions"]), normalize=True)
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "part-00000.image.npy")), their_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "part-00000.text.npy")), their_txt, atol=1e-5, rtol=0)
+
+    results_json = tmp_path / "r.json"
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"csv:{pairs_csv}",
+            "--split-key",
+            "part",
+            "--json",
+            results_json,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
+    results = json.loads(results_json.read_text())
+    assert results["n"] == 6 and results["model"] == {"spec": spec, "weights_sha256": digest}

@@ -276,9 +276,24 @@ class OpenClipModel(EmbeddingModel):
         )
 
 
+def weights_place(spec: ForeignSpec) -> str:
+    """Where open_clip looked for a model's weights, in words."""
+    files = "open_clip_model.safetensors or open_clip_pytorch_model.bin"
+    if spec.name.startswith("local-dir:"):
+        return f"in {spec.path} ({files})"
+    if spec.name.startswith("hf-hub:"):
+        from huggingface_hub import constants
+
+        offline = f", and HF_HUB_OFFLINE is set: only the cache {constants.HF_HUB_CACHE} was read"
+        return f"in the hub repo {spec.name[len('hf-hub:') :]} ({files}{offline if constants.HF_HUB_OFFLINE else ''})"
+    return f"from {spec.weights or 'no pretrained tag'}"
+
+
 def load_open_clip_model(spec: ForeignSpec, device: torch.device, load_weights: bool = True) -> OpenClipModel:
     open_clip = import_open_clip()
-    kwargs: dict = {"load_weights": load_weights}
+    # open_clip fills a hub or local-dir model whose weights it cannot find at random, with a warning:
+    # here that is an error, never a random model evaluated under the spec's name.
+    kwargs: dict = {"load_weights": load_weights, "require_pretrained": load_weights}
     if not load_weights:
         kwargs["pretrained_text"] = False
     if spec.name.startswith("local-dir:"):
@@ -290,6 +305,8 @@ def load_open_clip_model(spec: ForeignSpec, device: torch.device, load_weights: 
         model, _, transform = open_clip.create_model_and_transforms(spec.name, pretrained=pretrained, **kwargs)
         tokenizer = open_clip.get_tokenizer(spec.name)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
+        if str(e).startswith("Required pretrained weights"):
+            raise RuntimeError(f"{spec.given}: no weights {weights_place(spec)}") from e
         raise RuntimeError(f"{spec.given}: open_clip could not load it: {e}") from e
     return OpenClipModel(model, tokenizer, transform, device, spec.given)
 
