@@ -4,6 +4,7 @@ PMC-CLIP's layout; their embeddings through our loader equal their own, and retr
 embedding, search and fine-tuning run on them end to end. No network."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,17 @@ import unimlip_fast
 from unimlip_fast.interop import ClipEvalTransform, parse_spec
 from unimlip_fast.provenance import state_digest
 
-from .helpers import CAPTIONS, SHARED_DATA, TINY_OVERRIDES, pmc_clip_checkpoint, run_cli, write_chexpert, write_slake
+from .helpers import (
+    CAPTIONS,
+    REPO,
+    SHARED_DATA,
+    TINY_OVERRIDES,
+    TINY_RUN,
+    pmc_clip_checkpoint,
+    run_cli,
+    write_chexpert,
+    write_slake,
+)
 
 TEXTS = ["ct of the chest showing one small lesion", "Axial MRI, T2: two large lesions.", "normal", "a report " * 9]
 SMALL_VIT = {  # a CLIP ViT and text transformer small enough for a test; open_clip's own tokenizer (BPE)
@@ -669,3 +680,67 @@ def test_embed_and_retrieval_cli_with_an_hf_hub_spec(offline_hub, open_clip, vit
     )
     results = json.loads(results_json.read_text())
     assert results["n"] == 6 and results["model"] == {"spec": spec, "weights_sha256": digest}
+
+
+# ------------------------------------------------------------------- model.init_from=open_clip:... in a run
+
+
+def pretrain_from(monkeypatch, run_dir, init_from: str) -> int:
+    return run_cli(
+        monkeypatch,
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+        "--run-dir",
+        run_dir,
+        *TINY_RUN,
+        "train.max_steps=1",
+        "eval.split=",
+        f"model.init_from={init_from}",
+    )
+
+
+def test_pretraining_starts_from_an_open_clip_model_of_its_architecture(open_clip, tiny_run, tmp_path, monkeypatch):
+    """A run of the tiny recipe, exported, is an open_clip model of the recipe's shape: a run started
+    from it holds its every tensor at step 0 (under our names), and says how many it loaded."""
+    from safetensors.torch import load_file
+
+    from unimlip_fast.export import from_open_clip_name
+    from unimlip_fast.train import engine
+
+    folder = tmp_path / "export"
+    assert run_cli(monkeypatch, "export", "--checkpoint", tiny_run, "--output", folder) == 0
+    spec = f"open_clip:local-dir:{folder}"
+    at_start = {}
+
+    def load_and_keep(model, init_from):
+        report = engine_load_init_from(model, init_from)
+        at_start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return report
+
+    engine_load_init_from = engine.load_init_from
+    monkeypatch.setattr(engine, "load_init_from", load_and_keep)
+    run = tmp_path / "run"
+    assert pretrain_from(monkeypatch, run, spec) == 0
+    theirs = load_file(str(folder / "open_clip_model.safetensors"))
+    assert len(theirs) > 100
+    for name, tensor in theirs.items():
+        ours = at_start[from_open_clip_name(name)]
+        torch.testing.assert_close(ours, tensor.reshape(ours.shape), atol=0, rtol=0, msg=name)
+    notes = [json.loads(line).get("note", "") for line in (run / "notes.jsonl").read_text().splitlines()]
+    said = [note for note in notes if note.startswith(f"init from {spec}:")]
+    assert said and f"loaded {len(theirs)} tensors;" in said[0] and "unexpected 0; shape-mismatched 0" in said[0]
+    assert (run / "tokenizer").is_dir() and (run / "model.safetensors").is_file()
+
+
+def test_pretraining_from_an_open_clip_model_of_another_architecture_is_one_line(
+    vit_dir, tmp_path, monkeypatch, capsys
+):
+    spec = f"open_clip:local-dir:{vit_dir}"  # a ViT, into the recipe's ResNet
+    assert pretrain_from(monkeypatch, tmp_path / "run", spec) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"model.init_from={spec}: its architecture is not this recipe's (image tower and text tower differ)" in err
+    assert re.search(r"its weights fill 0 of the recipe's \d+ image-tower tensors and 0 of the recipe's \d+ text-", err)
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()

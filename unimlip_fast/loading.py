@@ -37,7 +37,9 @@ def load_init_from(model: nn.Module, path: str) -> LoadReport:
     an export of one, or an open_clip model of the same architecture (``open_clip:SPEC``)."""
     path = str(path).removeprefix(PMC_CLIP_PREFIX)
     if path.startswith(OPEN_CLIP_PREFIX):
-        return load_state(model, load_foreign(path, torch.device("cpu")).model.state_dict(), map_open_clip_key)
+        report = load_state(model, load_foreign(path, torch.device("cpu")).model.state_dict(), map_open_clip_key)
+        require_both_towers(model, report, path)
+        return report
     source = Path(path)
     if is_export(source):
         return load_state(model, read_safetensors(open_clip_weights(source)), map_open_clip_key)
@@ -46,6 +48,31 @@ def load_init_from(model: nn.Module, path: str) -> LoadReport:
     if source.suffix == ".safetensors":
         return load_state(model, read_safetensors(source), same_name)
     return load_state(model, read_pmc_clip_state(source))
+
+
+TOWERS = {"image tower": ("visual.",), "text tower": ("text.", "text_projection.")}
+
+
+def require_both_towers(model: nn.Module, report: LoadReport, spec: str) -> None:
+    """An open_clip model starts a run only where its architecture is this recipe's: every tensor of our
+    image and text towers filled (the fusion and SimCLR heads, which open_clip models lack, stay as
+    initialised). Else one line saying how much of each tower would have loaded."""
+    loaded = set(report.loaded)
+    counts, gaps = [], []
+    for tower, prefixes in TOWERS.items():
+        ours = [name for name in model.state_dict() if name.startswith(prefixes)]
+        filled = sum(name in loaded for name in ours)
+        counts.append(f"{filled} of the recipe's {len(ours)} {tower.replace(' ', '-')} tensors")
+        if filled < len(ours):
+            gaps.append(tower)
+    if gaps:
+        example = (report.mismatched or [name for name in report.missing if name.startswith(("visual.", "text."))])[:1]
+        raise ValueError(
+            f"model.init_from={spec}: its architecture is not this recipe's ({' and '.join(gaps)} differ): "
+            f"its weights fill {' and '.join(counts)}"
+            + (f" (e.g. {example[0]})" if example else "")
+            + "; start from an open_clip model of the recipe's shape (an export of a run of it)"
+        )
 
 
 def tokenizer_of(init_from: str) -> Path | None:
