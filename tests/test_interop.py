@@ -576,17 +576,21 @@ def hub_cache(vit_dir, tmp_path_factory):
     return cache
 
 
-@pytest.fixture
-def offline_hub(hub_cache, monkeypatch):
-    """No network, and the hub cache above. huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, at
-    import, into its constants (which it and transformers consult at call time): the environment is set
-    for any process started from here, the constants for this one."""
+def go_offline(monkeypatch, cache) -> None:
+    """No network, and ``cache`` as the hub cache. huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE
+    once, at import, into its constants (which it and transformers consult at call time): the
+    environment is set for any process started from here, the constants for this one."""
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch):
+    go_offline(monkeypatch, hub_cache)
     return hub_cache
 
 
@@ -701,17 +705,27 @@ def pretrain_from(monkeypatch, run_dir, init_from: str) -> int:
     )
 
 
-def test_pretraining_starts_from_an_open_clip_model_of_its_architecture(open_clip, tiny_run, tmp_path, monkeypatch):
-    """A run of the tiny recipe, exported, is an open_clip model of the recipe's shape: a run started
-    from it holds its every tensor at step 0 (under our names), and says how many it loaded."""
+@pytest.mark.parametrize("layout", ["local-dir", "hf-hub"])
+def test_pretraining_starts_from_an_open_clip_model_of_its_architecture(
+    layout, open_clip, tiny_run, tmp_path, monkeypatch
+):
+    """A run of the tiny recipe, exported (and, for hf-hub, uploaded with --hub-id: here, put in the hub's
+    cache, offline), is an open_clip model of the recipe's shape: a run started from it holds its every
+    tensor at step 0 (under our names), says how many it loaded, and takes its tokenizer."""
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     from unimlip_fast.export import from_open_clip_name
     from unimlip_fast.train import engine
 
-    folder = tmp_path / "export"
-    assert run_cli(monkeypatch, "export", "--checkpoint", tiny_run, "--output", folder) == 0
+    folder, repo = tmp_path / "export", "test-org/tiny-unimlip"
+    hub_id = ["--hub-id", repo] if layout == "hf-hub" else []
+    assert run_cli(monkeypatch, "export", "--checkpoint", tiny_run, "--output", folder, *hub_id) == 0
     spec = f"open_clip:local-dir:{folder}"
+    if layout == "hf-hub":
+        put_in_hub_cache(tmp_path / "hub", repo, {p.name: p for p in folder.iterdir()})
+        go_offline(monkeypatch, tmp_path / "hub")
+        spec = f"open_clip:hf-hub:{repo}"
     at_start = {}
 
     def load_and_keep(model, init_from):
@@ -731,7 +745,12 @@ def test_pretraining_starts_from_an_open_clip_model_of_its_architecture(open_cli
     notes = [json.loads(line).get("note", "") for line in (run / "notes.jsonl").read_text().splitlines()]
     said = [note for note in notes if note.startswith(f"init from {spec}:")]
     assert said and f"loaded {len(theirs)} tensors;" in said[0] and "unexpected 0; shape-mismatched 0" in said[0]
-    assert (run / "tokenizer").is_dir() and (run / "model.safetensors").is_file()
+    # its token ids mean what the weights learnt: the source's vocabulary, not one built from this run's captions
+    assert (
+        AutoTokenizer.from_pretrained(str(run / "tokenizer")).get_vocab()
+        == unimlip_fast.load(tiny_run, device="cpu").tokenizer.get_vocab()
+    )
+    assert (run / "model.safetensors").is_file()
 
 
 def test_pretraining_from_an_open_clip_model_of_another_architecture_is_one_line(

@@ -13,7 +13,7 @@ from torch import nn
 
 from .export import is_export, load_export, open_clip_weights
 from .inference import EmbeddingModel, TrainedModel, resolve_device
-from .interop import OPEN_CLIP_PREFIX, PMC_CLIP_PREFIX, is_foreign, load_foreign
+from .interop import OPEN_CLIP_PREFIX, PMC_CLIP_PREFIX, bundled_hub_tokenizer, is_foreign, load_foreign, parse_spec
 from .model.pmc_clip import LoadReport, load_state, map_open_clip_key, read_pmc_clip_state, same_name
 from .run_folder import RunFolder
 from .weights_file import read_safetensors
@@ -66,9 +66,10 @@ def require_both_towers(model: nn.Module, report: LoadReport, spec: str) -> None
         if filled < len(ours):
             gaps.append(tower)
     if gaps:
+        verb = "differ" if len(gaps) > 1 else "differs"
         example = (report.mismatched or [name for name in report.missing if name.startswith(("visual.", "text."))])[:1]
         raise ValueError(
-            f"model.init_from={spec}: its architecture is not this recipe's ({' and '.join(gaps)} differ): "
+            f"model.init_from={spec}: its architecture is not this recipe's ({' and '.join(gaps)} {verb}): "
             f"its weights fill {' and '.join(counts)}"
             + (f" (e.g. {example[0]})" if example else "")
             + "; start from an open_clip model of the recipe's shape (an export of a run of it)"
@@ -77,8 +78,11 @@ def require_both_towers(model: nn.Module, report: LoadReport, spec: str) -> None
 
 def tokenizer_of(init_from: str) -> Path | None:
     """The tokenizer folder a run continued from ``init_from`` must take, so its token ids mean what the
-    weights learnt: a run's, an export's (or an open_clip ``local-dir:`` export's); None for PMC-CLIP's
-    checkpoint and hub models, whose tokenizer the text encoder's name gives."""
+    weights learnt: a run's, an export's (or an open_clip ``local-dir:`` export's, or the one an
+    ``hf-hub:`` export carries in its repo); None for PMC-CLIP's checkpoint and hub models whose
+    tokenizer the text encoder's name gives."""
+    if init_from.startswith(OPEN_CLIP_PREFIX + "hf-hub:"):
+        return bundled_hub_tokenizer(parse_spec(init_from))
     local_dir = OPEN_CLIP_PREFIX + "local-dir:"
     source = Path(init_from[len(local_dir) :] if init_from.startswith(local_dir) else init_from)
     if is_export(source) or (init_from.startswith(local_dir) and (source / "tokenizer_config.json").is_file()):
