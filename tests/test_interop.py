@@ -4,6 +4,7 @@ PMC-CLIP's layout; their embeddings through our loader equal their own, and retr
 embedding, search and fine-tuning run on them end to end. No network."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,17 @@ import unimlip_fast
 from unimlip_fast.interop import ClipEvalTransform, parse_spec
 from unimlip_fast.provenance import state_digest
 
-from .helpers import CAPTIONS, SHARED_DATA, TINY_OVERRIDES, pmc_clip_checkpoint, run_cli, write_chexpert, write_slake
+from .helpers import (
+    CAPTIONS,
+    REPO,
+    SHARED_DATA,
+    TINY_OVERRIDES,
+    TINY_RUN,
+    pmc_clip_checkpoint,
+    run_cli,
+    write_chexpert,
+    write_slake,
+)
 
 TEXTS = ["ct of the chest showing one small lesion", "Axial MRI, T2: two large lesions.", "normal", "a report " * 9]
 SMALL_VIT = {  # a CLIP ViT and text transformer small enough for a test; open_clip's own tokenizer (BPE)
@@ -524,3 +535,231 @@ def test_open_clip_on_medpix_and_nih1000(vit_dir, tmp_path, monkeypatch):
     )
     zero = json.loads(zs.read_text())
     assert zero["n_test"] == 200 and 0 <= zero["macro_auc"] <= 1
+
+
+# ------------------------------------------------------------------------- hf-hub, from the hub's cache
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_hub_cache(cache, repo_id: str, files: dict) -> None:
+    """``files`` (name -> source path) as the Hugging Face hub cache holds a downloaded repo:
+    ``models--ORG--NAME/snapshots/<commit>/`` and ``refs/main`` naming the commit."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUB_COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    for name, source in files.items():
+        shutil.copy(source, snapshot / name)
+
+
+@pytest.fixture(scope="module")
+def hub_cache(vit_dir, tmp_path_factory):
+    """A hub cache holding the small ViT three ways: its weights as safetensors, as a torch .bin, none."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path_factory.mktemp("hub")
+    config, weights = vit_dir / "open_clip_config.json", vit_dir / "open_clip_model.safetensors"
+    put_in_hub_cache(
+        cache, "test-org/small-vit", {"open_clip_config.json": config, "open_clip_model.safetensors": weights}
+    )
+    torch.save(load_file(str(weights)), cache / "vit.bin")
+    put_in_hub_cache(
+        cache,
+        "test-org/small-vit-bin",
+        {"open_clip_config.json": config, "open_clip_pytorch_model.bin": cache / "vit.bin"},
+    )
+    put_in_hub_cache(cache, "test-org/no-weights", {"open_clip_config.json": config})
+    return cache
+
+
+def go_offline(monkeypatch, cache) -> None:
+    """No network, and ``cache`` as the hub cache. huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE
+    once, at import, into its constants (which it and transformers consult at call time): the
+    environment is set for any process started from here, the constants for this one."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch):
+    go_offline(monkeypatch, hub_cache)
+    return hub_cache
+
+
+@pytest.mark.parametrize("repo", ["test-org/small-vit", "test-org/small-vit-bin"])
+def test_hf_hub_spec_loads_offline_from_the_cache(repo, offline_hub, open_clip, vit_dir, image_folder):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    spec = f"open_clip:hf-hub:{repo}"
+    ours = unimlip_fast.load(spec, device="cpu")
+    model, transform, tokenizer = their_model(open_clip, f"open_clip:local-dir:{vit_dir}")
+    paths = sorted(str(p) for p in image_folder.glob("scan*"))
+    with torch.no_grad():
+        their_img = model.encode_image(torch.stack([transform(Image.open(p)) for p in paths]), normalize=True)
+        their_txt = model.encode_text(tokenizer(TEXTS), normalize=True)
+    torch.testing.assert_close(ours.encode_image(paths, batch_size=4), their_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.encode_text(TEXTS), their_txt, atol=1e-5, rtol=0)
+    digest = state_digest(load_file(str(vit_dir / "open_clip_model.safetensors")))
+    assert ours.describe() == {"spec": spec, "weights_sha256": digest}
+
+
+def test_hf_hub_spec_without_weights_is_one_line_not_a_random_model(offline_hub, tmp_path, monkeypatch, capsys):
+    spec = "open_clip:hf-hub:test-org/no-weights"
+    with pytest.raises(RuntimeError, match="no weights"):
+        unimlip_fast.load(spec, device="cpu")
+    assert (
+        run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", spec, "--data", "phantom:8", "--device", "cpu") != 0
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{spec}: no weights" in err and "Traceback" not in err
+
+
+def test_embed_and_retrieval_cli_with_an_hf_hub_spec(offline_hub, open_clip, vit_dir, pairs_csv, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    spec = "open_clip:hf-hub:test-org/small-vit"
+    out = tmp_path / "index"
+    assert (
+        run_cli(
+            monkeypatch,
+            "embed",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"csv:{pairs_csv}",
+            "--split",
+            "all",
+            "--output",
+            out,
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
+    from safetensors.torch import load_file
+
+    digest = state_digest(load_file(str(vit_dir / "open_clip_model.safetensors")))
+    index = json.loads((out / "index.json").read_text())
+    assert index["checkpoint"] == spec and index["weights_sha256"] == digest and index["n_images"] == 6
+    model, transform, tokenizer = their_model(open_clip, f"open_clip:local-dir:{vit_dir}")
+    keys = json.loads((out / "part-00000.keys.json").read_text())
+    with torch.no_grad():
+        their_img = model.encode_image(
+            torch.stack([transform(Image.open(pairs_csv.parent / k)) for k in keys["image_keys"]]), normalize=True
+        )
+        their_txt = model.encode_text(tokenizer(keys["captions"]), normalize=True)
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "part-00000.image.npy")), their_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "part-00000.text.npy")), their_txt, atol=1e-5, rtol=0)
+
+    results_json = tmp_path / "r.json"
+    assert (
+        run_cli(
+            monkeypatch,
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            spec,
+            "--data",
+            f"csv:{pairs_csv}",
+            "--split-key",
+            "part",
+            "--json",
+            results_json,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
+    results = json.loads(results_json.read_text())
+    assert results["n"] == 6 and results["model"] == {"spec": spec, "weights_sha256": digest}
+
+
+# ------------------------------------------------------------------- model.init_from=open_clip:... in a run
+
+
+def pretrain_from(monkeypatch, run_dir, init_from: str) -> int:
+    return run_cli(
+        monkeypatch,
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+        "--run-dir",
+        run_dir,
+        *TINY_RUN,
+        "train.max_steps=1",
+        "eval.split=",
+        f"model.init_from={init_from}",
+    )
+
+
+@pytest.mark.parametrize("layout", ["local-dir", "hf-hub"])
+def test_pretraining_starts_from_an_open_clip_model_of_its_architecture(
+    layout, open_clip, tiny_run, tmp_path, monkeypatch
+):
+    """A run of the tiny recipe, exported (and, for hf-hub, uploaded with --hub-id: here, put in the hub's
+    cache, offline), is an open_clip model of the recipe's shape: a run started from it holds its every
+    tensor at step 0 (under our names), says how many it loaded, and takes its tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from unimlip_fast.export import from_open_clip_name
+    from unimlip_fast.train import engine
+
+    folder, repo = tmp_path / "export", "test-org/tiny-unimlip"
+    hub_id = ["--hub-id", repo] if layout == "hf-hub" else []
+    assert run_cli(monkeypatch, "export", "--checkpoint", tiny_run, "--output", folder, *hub_id) == 0
+    spec = f"open_clip:local-dir:{folder}"
+    if layout == "hf-hub":
+        put_in_hub_cache(tmp_path / "hub", repo, {p.name: p for p in folder.iterdir()})
+        go_offline(monkeypatch, tmp_path / "hub")
+        spec = f"open_clip:hf-hub:{repo}"
+    at_start = {}
+
+    def load_and_keep(model, init_from):
+        report = engine_load_init_from(model, init_from)
+        at_start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return report
+
+    engine_load_init_from = engine.load_init_from
+    monkeypatch.setattr(engine, "load_init_from", load_and_keep)
+    run = tmp_path / "run"
+    assert pretrain_from(monkeypatch, run, spec) == 0
+    theirs = load_file(str(folder / "open_clip_model.safetensors"))
+    assert len(theirs) > 100
+    for name, tensor in theirs.items():
+        ours = at_start[from_open_clip_name(name)]
+        torch.testing.assert_close(ours, tensor.reshape(ours.shape), atol=0, rtol=0, msg=name)
+    notes = [json.loads(line).get("note", "") for line in (run / "notes.jsonl").read_text().splitlines()]
+    said = [note for note in notes if note.startswith(f"init from {spec}:")]
+    assert said and f"loaded {len(theirs)} tensors;" in said[0] and "unexpected 0; shape-mismatched 0" in said[0]
+    # its token ids mean what the weights learnt: the source's vocabulary, not one built from this run's captions
+    assert (
+        AutoTokenizer.from_pretrained(str(run / "tokenizer")).get_vocab()
+        == unimlip_fast.load(tiny_run, device="cpu").tokenizer.get_vocab()
+    )
+    assert (run / "model.safetensors").is_file()
+
+
+def test_pretraining_from_an_open_clip_model_of_another_architecture_is_one_line(
+    vit_dir, tmp_path, monkeypatch, capsys
+):
+    spec = f"open_clip:local-dir:{vit_dir}"  # a ViT, into the recipe's ResNet
+    assert pretrain_from(monkeypatch, tmp_path / "run", spec) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"model.init_from={spec}: its architecture is not this recipe's (image tower and text tower differ)" in err
+    assert re.search(r"its weights fill 0 of the recipe's \d+ image-tower tensors and 0 of the recipe's \d+ text-", err)
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -36,6 +36,7 @@ from PIL import Image
 
 from .data.decoding import open_rgb
 from .data.views import CLIP_MEAN, CLIP_STD
+from .export import OPEN_CLIP_CONFIG
 from .inference import EmbeddingModel, TrainedModel
 
 PMC_CLIP_PREFIX, OPEN_CLIP_PREFIX = "pmc-clip:", "open_clip:"
@@ -85,7 +86,7 @@ def parse_spec(spec: str) -> ForeignSpec:
         return ForeignSpec(spec, "open_clip", name=rest)
     if rest.startswith("local-dir:"):
         folder = Path(rest[len("local-dir:") :]).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
+        if not (folder / OPEN_CLIP_CONFIG).is_file():
             raise FileNotFoundError(f"{spec}: {folder} holds no open_clip_config.json (not an open_clip folder)")
         return ForeignSpec(spec, "open_clip", path=folder, name=f"local-dir:{folder}")
     name, sep, weights = rest.partition(":")
@@ -221,11 +222,31 @@ def import_open_clip():
 def bundled_text_cfg(folder: Path) -> dict | None:
     """A local-dir folder's ``text_cfg`` with a relative ``hf_model_name`` resolved against the folder
     (open_clip itself resolves it against the working directory); None when there is nothing to resolve."""
-    text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"].get("text_cfg", {})
+    text_cfg = json.loads((folder / OPEN_CLIP_CONFIG).read_text())["model_cfg"].get("text_cfg", {})
     name = text_cfg.get("hf_model_name")
     if not name or Path(name).is_absolute() or not (folder / name / "config.json").is_file():
         return None
     return {**text_cfg, "hf_model_name": str((folder / name).resolve()), "hf_model_pretrained": False}
+
+
+TOKENIZER_FILES = ["tokenizer*.json", "special_tokens_map.json", "vocab.*", "merges.txt", "*.model", "config.json"]
+
+
+def bundled_hub_tokenizer(spec: ForeignSpec) -> Path | None:
+    """The folder (in the Hugging Face cache) of the tokenizer an ``hf-hub:`` model carries in its own repo,
+    as an export uploaded with ``--hub-id`` does (its ``hf_tokenizer_name`` is the repo); None where the
+    model names another tokenizer (a hub text encoder's own, which that name gives)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo_id, _, revision = spec.name.removeprefix("hf-hub:").partition("@")
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, OPEN_CLIP_CONFIG, revision=revision or None)).read_text())
+        tokenizer = config["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name")
+        if tokenizer != repo_id:
+            return None
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=TOKENIZER_FILES))
+    except (OSError, ValueError, KeyError) as e:  # huggingface_hub's errors are OSErrors or ValueErrors
+        raise RuntimeError(f"{spec.given}: could not read its open_clip config or tokenizer: {e}") from e
 
 
 class OpenClipModel(EmbeddingModel):
@@ -276,9 +297,24 @@ class OpenClipModel(EmbeddingModel):
         )
 
 
+def weights_place(spec: ForeignSpec) -> str:
+    """Where open_clip looked for a model's weights, in words."""
+    files = "open_clip_model.safetensors or open_clip_pytorch_model.bin"
+    if spec.name.startswith("local-dir:"):
+        return f"in {spec.path} ({files})"
+    if spec.name.startswith("hf-hub:"):
+        from huggingface_hub import constants
+
+        offline = f", and HF_HUB_OFFLINE is set: only the cache {constants.HF_HUB_CACHE} was read"
+        return f"in the hub repo {spec.name[len('hf-hub:') :]} ({files}{offline if constants.HF_HUB_OFFLINE else ''})"
+    return f"from {spec.weights or 'no pretrained tag'}"
+
+
 def load_open_clip_model(spec: ForeignSpec, device: torch.device, load_weights: bool = True) -> OpenClipModel:
     open_clip = import_open_clip()
-    kwargs: dict = {"load_weights": load_weights}
+    # open_clip fills a hub or local-dir model whose weights it cannot find at random, with a warning:
+    # here that is an error, never a random model evaluated under the spec's name.
+    kwargs: dict = {"load_weights": load_weights, "require_pretrained": load_weights}
     if not load_weights:
         kwargs["pretrained_text"] = False
     if spec.name.startswith("local-dir:"):
@@ -290,8 +326,18 @@ def load_open_clip_model(spec: ForeignSpec, device: torch.device, load_weights: 
         model, _, transform = open_clip.create_model_and_transforms(spec.name, pretrained=pretrained, **kwargs)
         tokenizer = open_clip.get_tokenizer(spec.name)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
+        if str(e).startswith("Required pretrained weights"):
+            raise RuntimeError(f"{spec.given}: no weights {weights_place(spec)}") from e
         raise RuntimeError(f"{spec.given}: open_clip could not load it: {e}") from e
     return OpenClipModel(model, tokenizer, transform, device, spec.given)
 
 
-__all__ = ["ClipEvalTransform", "ForeignSpec", "OpenClipModel", "is_foreign", "load_foreign", "parse_spec"]
+__all__ = [
+    "ClipEvalTransform",
+    "bundled_hub_tokenizer",
+    "ForeignSpec",
+    "OpenClipModel",
+    "is_foreign",
+    "load_foreign",
+    "parse_spec",
+]
