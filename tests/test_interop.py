@@ -166,29 +166,18 @@ def label_csv(image_folder, tmp_path_factory):
     return path
 
 
+def retrieval_on_pairs(monkeypatch, spec: str, pairs_csv, out) -> dict:
+    """``eval retrieval`` of SPEC on the pairs' test split, which must succeed; its results JSON."""
+    args = ["--data", f"csv:{pairs_csv}", "--split-key", "part", "--json", out, "--device", "cpu"]
+    assert run_cli(monkeypatch, "eval", "retrieval", "--checkpoint", spec, *args) == 0
+    return json.loads(out.read_text())
+
+
 def test_retrieval_and_zeroshot_cli_on_open_clip(vit_dir, pairs_csv, label_csv, tmp_path, monkeypatch):
     spec = f"open_clip:local-dir:{vit_dir}"
     ours = unimlip_fast.load(spec, device="cpu")
     out = tmp_path / "r.json"
-    assert (
-        run_cli(
-            monkeypatch,
-            "eval",
-            "retrieval",
-            "--checkpoint",
-            spec,
-            "--data",
-            f"csv:{pairs_csv}",
-            "--split-key",
-            "part",
-            "--json",
-            out,
-            "--device",
-            "cpu",
-        )
-        == 0
-    )
-    results = json.loads(out.read_text())
+    results = retrieval_on_pairs(monkeypatch, spec, pairs_csv, out)
     assert results["n"] == 6 and results["skipped_records"] == {"undecodable_image": 1}  # the broken file's pair
     assert results["model"] == ours.describe()
     # the recalls are those of open_clip's own embeddings of the six readable pairs
@@ -401,25 +390,7 @@ def test_pmc_clip_spec_through_retrieval_and_init_from(pmc_clip, pairs_csv, tmp_
 
     spec, source, tokenizer, _ = pmc_clip
     out = tmp_path / "r.json"
-    assert (
-        run_cli(
-            monkeypatch,
-            "eval",
-            "retrieval",
-            "--checkpoint",
-            spec,
-            "--data",
-            f"csv:{pairs_csv}",
-            "--split-key",
-            "part",
-            "--json",
-            out,
-            "--device",
-            "cpu",
-        )
-        == 0
-    )
-    results = json.loads(out.read_text())
+    results = retrieval_on_pairs(monkeypatch, spec, pairs_csv, out)
     assert results["n"] == 6 and results["model"]["spec"] == spec
     cfg = load_config(None, [*TINY_OVERRIDES, "model.text.context_length=77"])
     target = build_model(cfg.model, cfg.loss, tokenizer)
@@ -664,25 +635,7 @@ def test_embed_and_retrieval_cli_with_an_hf_hub_spec(offline_hub, open_clip, vit
     torch.testing.assert_close(torch.from_numpy(np.load(out / "part-00000.text.npy")), their_txt, atol=1e-5, rtol=0)
 
     results_json = tmp_path / "r.json"
-    assert (
-        run_cli(
-            monkeypatch,
-            "eval",
-            "retrieval",
-            "--checkpoint",
-            spec,
-            "--data",
-            f"csv:{pairs_csv}",
-            "--split-key",
-            "part",
-            "--json",
-            results_json,
-            "--device",
-            "cpu",
-        )
-        == 0
-    )
-    results = json.loads(results_json.read_text())
+    results = retrieval_on_pairs(monkeypatch, spec, pairs_csv, results_json)
     assert results["n"] == 6 and results["model"] == {"spec": spec, "weights_sha256": digest}
 
 
