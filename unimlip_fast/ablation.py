@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import Config, ConfigError, LossConfig, load_config, to_dict
+from .config import Config, ConfigError, LossConfig, dotted, load_config, to_dict
 from .interop import is_foreign
 from .run_folder import RunFolder
 
@@ -260,21 +260,11 @@ def _refuse_other_settings(run_dir: Path, cfg: Config) -> None:
     saved = RunFolder(run_dir).config
     if not saved.is_file():
         return
-    theirs, ours = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(to_dict(cfg))
+    theirs, ours = dotted(yaml.safe_load(saved.read_text()) or {}), dotted(to_dict(cfg))
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
         shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:3])
         raise ConfigError(f"{run_dir} holds a run with other settings ({shown}): give another --out, or delete it")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def finished_retrieval(run_dir: Path, split: str) -> dict[str, Any] | None:

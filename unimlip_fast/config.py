@@ -421,6 +421,17 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config tree as ``{"train.lr": 1e-4, ...}``: its keys as overrides write them."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def save_config(config: Config, path: str | Path) -> str | None:
     """Write ``config`` as plain YAML; returns a note when this replaced a file holding something
     else (edited by hand, or not plain YAML), which is otherwise lost without a word."""

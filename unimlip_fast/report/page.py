@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ..config import dotted
 from .figures import run_colour
 from .runs import RunRecord
 
@@ -178,20 +179,10 @@ def _counts(counts: dict[str, int] | None) -> str:
     return _e(", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()) if n) or "none")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _config_section(runs: list[RunRecord]) -> str:
     parts = ['<h2 id="config">Config</h2>']
     if len(runs) > 1:
-        flat = [_flatten(run.config) for run in runs]
+        flat = [dotted(run.config) for run in runs]
         keys = sorted({k for f in flat for k in f if len({repr(g.get(k)) for g in flat}) > 1})
         parts.append("<p>Keys that differ between the runs:</p>" if keys else "<p>The runs' configs are identical.</p>")
         if keys:
