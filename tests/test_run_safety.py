@@ -186,6 +186,56 @@ def test_a_second_process_cannot_write_a_locked_run(tmp_path, capsys):
     second.release()
 
 
+def test_a_lock_is_never_held_on_a_lock_file_removed_before_the_flock(tmp_path, monkeypatch):
+    """Between our open of run.lock and our flock, another process's failed start removes the folder
+    it made (its lock still held) and a third start makes a new one: the flock we then get is on a
+    file nobody else opens. The lock must be on the file that is on disk, so exactly one of us holds it."""
+    import fcntl
+
+    import unimlip_fast.train.claim as claim
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real_flock, replaced = fcntl.flock, []
+
+    def flock_after_the_file_is_replaced(fd, operation):
+        if not replaced:
+            replaced.append(True)
+            shutil.rmtree(run)  # the failed start removes the folder it made
+            run.mkdir()  # another start makes it again and creates its own run.lock
+            (run / "run.lock").write_text("")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(claim.fcntl, "flock", flock_after_the_file_is_replaced)
+    first = RunLock(run)
+    first.acquire()
+    try:
+        held, on_disk = os.fstat(first._fd), os.stat(first.path)
+        assert (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino), "the lock is on a removed file"
+        with pytest.raises(RunFolderError, match="in use by pid"):
+            RunLock(run).acquire()  # the third start is refused: the lock on the file on disk is held
+    finally:
+        first.release()
+
+
+def test_a_lock_on_a_folder_removed_while_starting_is_one_line(tmp_path, monkeypatch):
+    import fcntl
+
+    import unimlip_fast.train.claim as claim
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real_flock = fcntl.flock
+
+    def flock_then_the_folder_goes(fd, operation):
+        real_flock(fd, operation)
+        shutil.rmtree(run, ignore_errors=True)
+
+    monkeypatch.setattr(claim.fcntl, "flock", flock_then_the_folder_goes)
+    with pytest.raises(RunFolderError, match="was removed while this run was starting"):
+        RunLock(run).acquire()
+
+
 def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": s, "loss/total": float(s)}) for s in range(1, 7)]

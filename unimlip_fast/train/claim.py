@@ -37,20 +37,38 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace")
-            os.close(fd)
-            raise RunFolderError(
-                f"run folder {self.path.parent} is in use by {_describe_holder(holder)}; "
-                f"wait for that run to end or choose another --run-dir"
-            ) from None
+        fd = self._lock_the_file_on_disk()
         os.ftruncate(fd, 0)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.write(fd, json.dumps(record).encode())
         self._fd = fd
+
+    def _lock_the_file_on_disk(self, attempts: int = 5) -> int:
+        """An fd holding the flock of the file now at ``self.path``. A lock taken on a file that was
+        removed between our open and our flock (a failed start deleting the folder it made, the lock
+        still held) guards nothing: another process can lock the new file at the same path. So the
+        locked file is compared with the one on disk, and a stale one is let go and opened again."""
+        for _ in range(attempts):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                raise RunFolderError(
+                    f"run folder {self.path.parent} was removed while this run was starting "
+                    f"(another process's start failed and removed the folder it had made); start again"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise RunFolderError(
+                    f"run folder {self.path.parent} is in use by {_describe_holder(holder)}; "
+                    f"wait for that run to end or choose another --run-dir"
+                ) from None
+            if _same_file(fd, self.path):
+                return fd
+            os.close(fd)  # closing drops the stale lock
+        raise RunFolderError(f"{self.path} kept being replaced while this run tried to lock it; start again")
 
     @property
     def held(self) -> bool:
@@ -61,6 +79,15 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def _describe_holder(text: str) -> str:
