@@ -163,3 +163,43 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert codes == [0, 0], (resume_logs / "rank0.err").read_text()[-2000:]
     assert f"resumed from {tag} at step {step}" in (resume_logs / "rank0.err").read_text()
     assert json.loads((run / "summary.json").read_text())["steps"] == step + 1
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_too_late_to_stop_the_run_ends_every_rank_alike(tmp_path):
+    """Rank 1 signalled where the ranks do not agree again before the run's end (no log step left):
+    the run finishes on both, then both exit as stopped (130), not one as done and one as stopped."""
+    from unimlip_fast.run_folder import RunFolder
+
+    run, logs = RunFolder(tmp_path / "run"), tmp_path / "logs"
+    logs.mkdir()
+    args = [
+        "pretrain",
+        REPO / "configs/demo.yaml",
+        "--ds-config",
+        REPO / "configs/zero2_fp32.json",
+        "--run-dir",
+        run.path,
+        *TINY_RUN,
+        "train.log_every=1000",  # no agreement on stopping before the end
+        "train.ckpt_every=2",
+        "train.max_steps=8",
+    ]
+    ranks = cli_ranks(args, 2, logs)
+    try:
+        deadline = time.monotonic() + 240  # a guard against a hang, not a measurement
+        while not list(run.checkpoints.glob("step_*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(p.poll() is None for p in ranks), (logs / "rank0.err").read_text()[-2000:]
+        ranks[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=240) for p in ranks]
+    finally:
+        kill_left(ranks)
+    errs = [(logs / f"rank{r}.err").read_text() for r in range(2)]
+    assert codes == [130, 130], [e[-1500:] for e in errs]
+    assert run.is_finished(), run.missing()
+    assert json.loads(run.summary.read_text())["steps"] == 8
+    last = [e.strip().splitlines()[-1] for e in errs]
+    assert last[0] == f"stopped on a signal to another rank: the run in {run.path} had just finished", last
+    assert last[1] == f"stopped on SIGTERM: the run in {run.path} had just finished", last
+    assert "Traceback" not in errs[0] + errs[1]

@@ -141,9 +141,15 @@ def pretrain(
     cfg = load_config(config or DEFAULT_RECIPE, overrides)
     _quiet_libraries()
     from .train.engine import pretrain as run_pretrain
+    from .train.stopping import TrainingStopped
 
     ds_path = find_config_file(ds_config) if ds_config else None
-    summary = run_pretrain(cfg, str(ds_path) if ds_path else None, run_dir, resume, overwrite)
+    try:
+        summary = run_pretrain(cfg, str(ds_path) if ds_path else None, run_dir, resume, overwrite)
+    except TrainingStopped as e:  # each rank says it in its own log, unless the trainer already did
+        if not e.announced:
+            console.print(str(e), highlight=False)
+        raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") != "0":
         return
     if "retrieval" in summary:

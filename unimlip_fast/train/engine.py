@@ -87,7 +87,7 @@ def pretrain(
     env = init_distributed()
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     with (
-        stop_on_signals(f"the run in {run_dir}"),
+        stop_on_signals(f"the run in {run_dir}", env),
         claim_run_folder(run_dir, env, resume, overwrite) as (resume_tag, resume_notes),
     ):
         return _pretrain_locked(cfg, ds_config_path, run_dir, resume_tag, resume_notes, env)
@@ -244,7 +244,7 @@ class Pretraining:
                 self.monitor.info(message)
                 if not env.is_main and stop_signal():  # the rank a scheduler signalled says so in its own log
                     self.monitor.console.print(f"rank {env.rank}: {message}", highlight=False)
-                raise TrainingStopped(message)
+                raise TrainingStopped(message, announced=True)
             if state.step >= self.total_steps:
                 export_weights(engine, run.weights, env)
         finally:

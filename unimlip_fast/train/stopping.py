@@ -29,7 +29,12 @@ _requested: list[str] = []  # the name of the signal that asked this process to 
 
 
 class TrainingStopped(KeyboardInterrupt):
-    """A run stopped on a signal after saving a checkpoint."""
+    """A run stopped on a signal after saving a checkpoint. ``announced``: its message was already
+    logged (by the trainer, mid-run); otherwise whoever catches it says it."""
+
+    def __init__(self, message: str, announced: bool = False):
+        super().__init__(message)
+        self.announced = announced
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "stopped"
@@ -47,10 +52,12 @@ def _on_signal(trainer_pid: int):
 
 
 @contextmanager
-def stop_on_signals(what: str) -> Iterator[None]:
+def stop_on_signals(what: str, env: DistEnv | None = None) -> Iterator[None]:
     """Turn SIGINT and SIGTERM into a stop request for the code inside (main thread only; elsewhere a
     no-op). A request that came too late to stop it (``what`` had reached its last step) is not
-    forgotten: :class:`TrainingStopped` is raised once it is done, so a caller does not go on."""
+    forgotten: :class:`TrainingStopped` is raised once it is done, so a caller does not go on. With
+    several ranks (``env``), a code inside that ends normally ends with one more agreement, so a signal
+    to one rank in the run's last steps stops every rank alike: all exit as stopped, none as done."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -61,8 +68,8 @@ def stop_on_signals(what: str) -> Iterator[None]:
         signal.signal(s, handler)
     try:
         yield
-        if _requested:
-            raise TrainingStopped(f"stopped on {_requested[0]}: {what} had just finished")
+        if _signalled_anywhere(env):
+            raise TrainingStopped(f"stopped on {stop_signal() or 'a signal to another rank'}: {what} had just finished")
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
@@ -81,4 +88,12 @@ def stop_requested(env: DistEnv, step: int, every: int) -> bool:
         return bool(_requested)
     if step % max(1, every):
         return False
+    return _signalled_anywhere(env)
+
+
+def _signalled_anywhere(env: DistEnv | None) -> bool:
+    """Whether this process or, with several ranks (all of which must call this together), any rank
+    was asked to stop."""
+    if env is None or env.world_size == 1:
+        return bool(_requested)
     return not all_ranks_agree(not _requested, env.device if env.device.type == "cuda" else torch.device("cpu"))
