@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -107,6 +108,20 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+@contextmanager
+def stopped_on_a_signal_exits_130() -> Iterator[None]:
+    """A training run stopped on SIGINT or SIGTERM exits 130; each rank says so in its own log, unless
+    the trainer already did (a stop mid-run says where; one too late to cut the run short, here)."""
+    from .train.stopping import TrainingStopped
+
+    try:
+        yield
+    except TrainingStopped as e:
+        if not e.announced:
+            console.print(str(e), highlight=False)
+        raise typer.Exit(130) from None
+
+
 @app.command()
 def pretrain(
     config: Annotated[
@@ -141,15 +156,10 @@ def pretrain(
     cfg = load_config(config or DEFAULT_RECIPE, overrides)
     _quiet_libraries()
     from .train.engine import pretrain as run_pretrain
-    from .train.stopping import TrainingStopped
 
     ds_path = find_config_file(ds_config) if ds_config else None
-    try:
+    with stopped_on_a_signal_exits_130():
         summary = run_pretrain(cfg, str(ds_path) if ds_path else None, run_dir, resume, overwrite)
-    except TrainingStopped as e:  # each rank says it in its own log, unless the trainer already did
-        if not e.announced:
-            console.print(str(e), highlight=False)
-        raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") != "0":
         return
     if "retrieval" in summary:
@@ -276,7 +286,8 @@ def ablate(
         base=base,
         base_epochs=base_epochs,
     )
-    run_ablation(plan, log=lambda line: console.print(line, highlight=False))
+    with stopped_on_a_signal_exits_130():
+        run_ablation(plan, log=lambda line: console.print(line, highlight=False))
     if os.environ.get("RANK", "0") == "0":
         console.print((folder / TABLE_FILE).read_text(), highlight=False)
         console.print(f"tables: {folder / TABLE_FILE}, {folder / RESULTS_FILE}", highlight=False)
