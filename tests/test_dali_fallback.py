@@ -103,3 +103,50 @@ def test_a_working_pipeline_keeps_its_first_batch(monkeypatch, packed, dali_chos
     loader = shard_loader("auto", packed, batch=4)
     assert loader.name == "dali" and len(loader) == 3
     assert [int(b["image"][0, 0]) for b in loader] == [0, 1, 2]
+
+
+def test_a_run_tries_dali_once_and_keeps_the_torch_path(monkeypatch, caplog, dali_chosen, tmp_path):
+    """A phase switch and a second epoch: three loaders, one DALI attempt, one warning, one data: line."""
+    from unimlip_fast.run_folder import RunFolder
+
+    from .helpers import pack_medpix, read_metrics, run_args, run_cli
+
+    attempts = []
+
+    def failing(source, spec):
+        attempts.append(spec.strong_views)
+        raise RuntimeError("nvJPEG: CUDA driver too old (injected)")
+
+    monkeypatch.setattr(backends, "dali_loader", failing)
+    run = tmp_path / "run"
+    args = [*run_args(pack_medpix(tmp_path), "auto", run), "train.max_steps=8"]  # 6 steps an epoch, SimCLR from 2
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
+        assert run_cli(monkeypatch, *args) == 0
+    steps = [m for m in read_metrics(run) if "loss/total" in m]
+    assert len(steps) == 8 and steps[1]["phase"] == "warmup" and steps[2]["phase"] == "simclr"
+    assert attempts == [False], attempts  # the first loader only: neither the phase switch nor epoch 2 retried
+    assert sum("falling back" in r.getMessage() for r in caplog.records) == 1
+    notes = RunFolder(run).notes.read_text()
+    assert notes.count("DALI failed (RuntimeError: nvJPEG: CUDA driver too old (injected))") == 1, notes
+
+
+def test_a_bad_packed_folder_is_its_own_error_not_a_dali_failure(monkeypatch, caplog, packed, dali_chosen):
+    """What the shards themselves get wrong (here: packed at another context length) is said as it is,
+    on any backend: it is not taken for DALI failing, nor hidden behind a fallback."""
+    from unimlip_fast.data.records import DataError
+
+    from .helpers import train_loader
+
+    calls = []
+    monkeypatch.setattr(backends, "dali_loader", lambda source, spec: calls.append(1))
+
+    class PackedWithAnotherContextLength:  # the 16 records of the packed folder, 32 tokens a caption, not 24
+        input_ids = np.full((16, 32), 7, dtype=np.int32)
+        attention_mask = np.ones((16, 32), dtype=np.uint8)
+
+        def __len__(self):
+            return 16
+
+    with caplog.at_level(logging.WARNING, logger=backends.__name__), pytest.raises(DataError, match="repack"):
+        train_loader("auto", PackedWithAnotherContextLength(), 4, shards=packed)
+    assert not calls and not any("falling back" in r.getMessage() for r in caplog.records)

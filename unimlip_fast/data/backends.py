@@ -8,7 +8,9 @@
 - ``auto``: DALI where it imports, CUDA is there and shards are given; else torch on CUDA or with
   shards; else cpu. ``cpu`` with shards is refused (it reads the source files only).
   A DALI pipeline that fails to build or to yield its first batch then falls back to the torch GPU
-  path, with the reason logged and in the loader's ``description``; ``dali`` asked for by name fails.
+  path, with the reason logged and in the loader's ``description``, for the rest of the run (the
+  trainer passes the failure on to the loaders of later epochs and phases, which do not try DALI
+  again); ``dali`` asked for by name fails.
 
 Every backend yields the same batch (:mod:`.spec`), ``skipped`` included, and makes the strong
 views only when ``spec.strong_views`` is set. The returned loader says what it is in
@@ -73,10 +75,16 @@ def build_train_loader(
     dataset: CaptionImageDataset | None,
     spec: LoaderSpec,
     shards: str | os.PathLike | ShardSet | None = None,
+    dali_failed: str | None = None,
 ):
     """The training loader of ``spec``'s epoch on one rank, through ``backend`` (see the module
-    doc). ``shards``, when given, are checked against ``dataset`` once and read by the GPU backends."""
+    doc). ``shards``, when given, are checked against ``dataset`` once and read by the GPU backends.
+    The loader's ``dali_failure`` is why ``auto``'s DALI pipeline failed (None when it did not);
+    passed back as ``dali_failed`` for the run's later loaders, they take the torch path at once."""
     name, why = resolve_backend(backend, spec.device, shards)
+    failure = None
+    if name == "dali" and backend == "auto" and dali_failed:
+        name, why, failure = "torch", _fallen_back(dali_failed), dali_failed
     if name == "cpu":
         from .cpu_loader import CPULoader
 
@@ -86,19 +94,25 @@ def build_train_loader(
 
         loader = TorchLoader(load_shards(shards, dataset) if shards else dataset, spec)
     elif backend == "auto":
+        source = load_shards(shards, dataset)  # what the shards get wrong is their error, not DALI's
         try:
-            loader = FirstBatchChecked(dali_loader(load_shards(shards, dataset), spec))
+            loader = FirstBatchChecked(dali_loader(source, spec))
         except Exception as e:  # noqa: BLE001 - any failure of DALI's build or first batch: the torch path runs
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
-            log.warning("data.backend=auto: the DALI pipeline failed (%s); falling back to the torch GPU path", reason)
+            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
+            log.warning("data.backend=auto: the DALI pipeline failed (%s); falling back to the torch GPU path", failure)
             from .torch_loader import TorchLoader
 
-            loader = TorchLoader(load_shards(shards, dataset), spec)
-            why = f"auto: DALI failed ({reason}), torch GPU path instead"
+            loader = TorchLoader(source, spec)
+            why = _fallen_back(failure)
     else:
         loader = dali_loader(load_shards(shards, dataset), spec)
     loader.description = f"{loader.description} ({why})"
+    loader.dali_failure = failure
     return loader
+
+
+def _fallen_back(failure: str) -> str:
+    return f"auto: DALI failed ({failure}), torch GPU path instead"
 
 
 def dali_loader(source: ShardSet, spec: LoaderSpec):

@@ -284,6 +284,7 @@ class Pretraining:
             self.monitor.info(self.accumulator.describe())
         self.engine.train()
         self.described = None
+        self.dali_failure: str | None = None
         self.to_compile = {WARMUP, SIMCLR} if self.fast.compile else set()
         while self.state.step < self.stop_at and not self.stopping:
             self.run_epoch()
@@ -303,7 +304,9 @@ class Pretraining:
             self.dataset,
             self.spec.for_epoch(state.epoch, strong_views, state.batch_in_epoch),
             shards=cfg.data.shards or None,
+            dali_failed=self.dali_failure,
         )
+        self.dali_failure = loader.dali_failure  # auto's DALI failed once: the torch path from then on
         if loader.description != self.described:
             self.monitor.info(f"data: {loader.description}")
             self.described = loader.description
