@@ -5,12 +5,15 @@ and the batch-contract checks every backend must pass."""
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +84,26 @@ def run_cli(monkeypatch, *args) -> int:
         main()
         raise SystemExit(0)
     return e.value.code
+
+
+@contextmanager
+def small_file_system(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mb`` MB mounted at ``path`` (a real full disk, not an injected error); the
+    test skips where this process may not mount one (not root, or a container without CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        pytest.skip(f"cannot mount a {size_mb} MB tmpfs here: no mount command")
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a {size_mb} MB tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield path
+    finally:
+        gc.collect()  # a failed write's open file, kept by its traceback's frames (in a cycle), closes
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def read_metrics(run_dir):

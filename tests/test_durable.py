@@ -1,7 +1,7 @@
 """Writes through a temporary file: one helper for the package; a full disk (an injected ENOSPC, or
-a library's own wording with no space left) is one line naming the path, the megabytes free and
-needed, leaves no partial file, keeps the last complete checkpoint, and a start is refused when
-one checkpoint cannot fit."""
+a library's own wording with no space left, or a real small file system) is one line naming the
+path, the megabytes free and needed, leaves no partial file, keeps the last complete checkpoint, and
+a start is refused when one checkpoint cannot fit."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from unimlip_fast.train.checkpoint import (
     LATEST,
     TMP_PREFIX,
     checkpoint_bytes,
+    checkpoint_folders,
     incompleteness,
     require_room_for_checkpoint,
     save_checkpoint,
@@ -25,7 +26,7 @@ from unimlip_fast.train.checkpoint import (
 from unimlip_fast.train.distributed import DistEnv
 from unimlip_fast.train.monitor import open_metrics
 
-from .helpers import REPO
+from .helpers import REPO, TINY_RUN, run_cli, small_file_system
 
 ENV = DistEnv(0, 1, 0, torch.device("cpu"))
 
@@ -138,6 +139,41 @@ def test_a_start_is_refused_when_one_checkpoint_cannot_fit(tmp_path, monkeypatch
         require_room_for_checkpoint(model, tmp_path)
     monkeypatch.setattr(durable, "free_bytes", lambda path: 50 * MB)
     require_room_for_checkpoint(model, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_really_full_disk_stops_in_one_line_and_keeps_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A tiny run (checkpoints of about 21 MB) on a 32 MB file system: the first checkpoint fits, the
+    second does not; the run exits 1 naming the folder it was writing, the MB free and the MB a
+    checkpoint needs, and step 1's checkpoint stays complete and latest."""
+    with small_file_system(tmp_path / "small", 32) as disk:
+        run = disk / "run"
+        code = run_cli(
+            monkeypatch,
+            "pretrain",
+            REPO / "configs/demo.yaml",
+            "--ds-config",
+            REPO / "configs/zero2_fp32.json",
+            "--run-dir",
+            run,
+            *TINY_RUN,
+            "train.max_steps=2",
+            "train.ckpt_every=1",
+            "train.keep_last=2",
+            "train.report_to=[]",
+            "eval.split=",
+        )
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert code == 1, err[-2000:]
+        ckpt_dir = run / "checkpoints"
+        assert re.fullmatch(
+            rf"error: no space left on device writing {re.escape(str(ckpt_dir / TMP_PREFIX))}step_0000002 "
+            r"\(\d+ MB free, a checkpoint needs about \d+ MB\)",
+            last,
+        ), last
+        assert (ckpt_dir / LATEST).read_text() == "step_0000001" and incompleteness(ckpt_dir / "step_0000001") is None
+        assert [p.name for p in checkpoint_folders(ckpt_dir)] == ["step_0000001"]  # the partial one is gone
 
 
 def test_every_write_through_a_temporary_file_uses_the_one_helper():
