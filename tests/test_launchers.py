@@ -1,4 +1,5 @@
-"""The CLI under torchrun with two CPU ranks: the same code path a multi-GPU job takes (gloo here)."""
+"""The CLI under torchrun with two CPU ranks (the same code path a multi-GPU job takes, gloo here), and
+a plain process's world of one."""
 
 import json
 import os
@@ -11,9 +12,8 @@ from unimlip_fast.train.distributed import free_port
 
 from .helpers import REPO, TINY_RUN
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -48,3 +48,30 @@ def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path):
     assert steps == [1, 2, 3, 4]
     assert json.loads((run / "summary.json").read_text())["retrieval"]["n"] > 0
     assert (run / "checkpoints" / "step_0000004" / "rng_rank1.safetensors").is_file()
+
+
+_WORLD_OF_ONE = """
+import os, subprocess, sys
+from unimlip_fast.train.distributed import init_distributed
+assert init_distributed().world_size == 1
+print("left", *sorted(k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ))
+child = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True)
+print("child", child.returncode, child.stdout.strip(), child.stderr.strip()[-400:])
+"""
+
+
+def test_a_plain_process_leaves_no_launcher_variables_to_the_processes_it_starts():
+    # A plain run that left RANK and MASTER_PORT behind made every process it started (a test's
+    # subprocess, a tool run from a notebook) a "launched" rank of one that tried to listen on the
+    # port the first still held: EADDRINUSE.
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": str(REPO)}
+    env["DS_ACCELERATOR"] = "cpu"
+    child = "from unimlip_fast.train.distributed import init_distributed; print(init_distributed().world_size)"
+    done = subprocess.run(
+        [sys.executable, "-c", _WORLD_OF_ONE, child], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "left" in lines, lines  # nothing after "left"
+    assert any(line.startswith("child 0 1") for line in lines), lines

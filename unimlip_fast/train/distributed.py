@@ -1,7 +1,10 @@
 """One code path for every launch: `deepspeed`, `torchrun`, or a plain single process.
 
 The launchers set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain process gets
-a world of one on a free local port. The backend is NCCL on CUDA and gloo on the CPU.
+a world of one whose rendezvous store listens on a port the OS assigns as it binds (no window in which
+another process can take it), and it writes no launcher variable but the LOCAL_RANK DeepSpeed asks
+for, so a process it starts is a plain process of its own. The backend is NCCL on CUDA and gloo on
+the CPU.
 """
 
 from __future__ import annotations
@@ -34,10 +37,9 @@ def free_port() -> int:
 
 
 def init_distributed() -> DistEnv:
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    launched = "RANK" in os.environ
+    if not launched:
+        os.environ["LOCAL_RANK"] = "0"  # DeepSpeed's engine reads it from the environment
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -52,8 +54,16 @@ def init_distributed() -> DistEnv:
         # gloo does the same job here, so skip the build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
+        if not launched:
+            _init_world_of_one(backend)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _init_world_of_one(backend: str) -> None:
+    """A process group of this process alone; port 0 has the OS pick the store's port as it binds."""
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
 
 
 def barrier() -> None:
