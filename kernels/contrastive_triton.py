@@ -459,7 +459,7 @@ def contrastive_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the [K] losses, the [2K, B] row log-sum-exps, d loss / d scale [K]); ``indices``: (r1, r2, c1, c2) per loss,
     flat, into ``features``; ``launch``: the fields of a :class:`Launch`."""
-    losses = _losses_of(indices)
+    losses, features = _losses_of(indices), [_aligned(f) for f in features]
     scale32 = scale.detach().float().reshape(1).contiguous()
     lse, loss_rows, dscale_rows = contrastive_forward(features, losses, scale32, Launch.from_fields(launch))
     half_mean = 0.5 / features[losses[0][0]].shape[0]
@@ -493,7 +493,8 @@ def contrastive_backward_op(
     """The gradient of every feature (each is read by some loss) for the losses' gradient ``grad`` [K]."""
     scale32 = scale.detach().float().reshape(1).contiguous()
     losses, grad32 = _losses_of(indices), grad.float().contiguous()
-    return contrastive_backward(features, losses, scale32, lse, grad32, Launch.from_fields(launch))
+    aligned = [_aligned(f) for f in features]
+    return contrastive_backward(aligned, losses, scale32, lse, grad32, Launch.from_fields(launch))
 
 
 @contrastive_backward_op.register_fake
@@ -539,7 +540,7 @@ def contrastive_losses(
     dtype = distinct[0].dtype
     for t in distinct[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    features = [_aligned(t.to(dtype).contiguous()) for t in distinct]
+    features = [t.to(dtype).contiguous() for t in distinct]
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=features[0].device)
     launch = Launch(row_offset, self_terms, blocks or default_blocks(d, dtype, self_terms))
@@ -547,7 +548,8 @@ def contrastive_losses(
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t``, copied if its address is not a multiple of 16 bytes (a view at an odd offset)."""
+    """``t``, copied if its address is not a multiple of 16 bytes (a view at an odd offset). Inside the
+    ops, where tensors are real: an address read outside them would break a ``torch.compile`` graph."""
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 

@@ -154,10 +154,12 @@ def dropblock_noise(
 # --- the custom op: one op for fake tensors, the meta device and torch.compile; its autograd ---------------
 @torch.library.custom_op("unimlip::dropblock", mutates_args=())
 def dropblock_op(
-    x: torch.Tensor, p: float, block_size: int, seed: int, offset: int
+    x: torch.Tensor, p: float, block_size: int, seed: torch.Tensor, offset: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x with blocks dropped, the kept count [1] int32 the backward reuses)."""
-    return dropblock_apply(x, p, block_size, seed, offset)
+    """(x with blocks dropped, the kept count [1] int32 the backward reuses). ``seed``: the Philox seed
+    as a [1] int64 CPU tensor, read here, where it is real: drawn outside and read there, it would
+    break a ``torch.compile`` graph (a ``.item()``)."""
+    return dropblock_apply(x, p, block_size, int(seed.item()), offset)
 
 
 @dropblock_op.register_fake
@@ -167,10 +169,10 @@ def _dropblock_shapes(x, p, block_size, seed, offset):
 
 @torch.library.custom_op("unimlip::dropblock_backward", mutates_args=())
 def dropblock_backward_op(
-    grad_out: torch.Tensor, kept: torch.Tensor, p: float, block_size: int, seed: int, offset: int
+    grad_out: torch.Tensor, kept: torch.Tensor, p: float, block_size: int, seed: torch.Tensor, offset: int
 ) -> torch.Tensor:
     """The apply pass on the incoming gradient: the same mask (same seed) and the same count."""
-    return dropblock_apply(grad_out.contiguous(), p, block_size, seed, offset, kept=kept)[0]
+    return dropblock_apply(grad_out.contiguous(), p, block_size, int(seed.item()), offset, kept=kept)[0]
 
 
 @dropblock_backward_op.register_fake
@@ -180,13 +182,14 @@ def _dropblock_backward_shape(grad_out, kept, p, block_size, seed, offset):
 
 def _save_for_dropblock_backward(ctx, inputs, output) -> None:
     _, p, block_size, seed, offset = inputs
-    ctx.save_for_backward(output[1])
-    ctx.args = (p, block_size, seed, offset)
+    ctx.save_for_backward(output[1], seed)
+    ctx.args = (p, block_size, offset)
 
 
 def _dropblock_backward(ctx, grad_out, _grad_kept):
-    (kept,) = ctx.saved_tensors
-    return dropblock_backward_op(grad_out, kept, *ctx.args), None, None, None, None
+    kept, seed = ctx.saved_tensors
+    p, block_size, offset = ctx.args
+    return dropblock_backward_op(grad_out, kept, p, block_size, seed, offset), None, None, None, None
 
 
 dropblock_op.register_autograd(_dropblock_backward, setup_context=_save_for_dropblock_backward)
@@ -210,5 +213,7 @@ def dropblock_triton(
         return dropblock_reference(x, p, block_size, noise=noise, generator=generator)
     if seed is None:
         device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
-    return dropblock_op(x.contiguous(), p, block_size, seed, offset)[0]
+        seed_cpu = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).cpu()
+    else:
+        seed_cpu = torch.tensor([seed], dtype=torch.int64)
+    return dropblock_op(x.contiguous(), p, block_size, seed_cpu, offset)[0]

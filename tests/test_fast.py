@@ -15,7 +15,7 @@ import torch
 
 from unimlip_fast.config import load_config
 from unimlip_fast.model import SIMCLR, WARMUP, build_model, build_tokenizer
-from unimlip_fast.objective import compute_terms
+from unimlip_fast.objective import compute_terms, total_loss
 from unimlip_fast.train.fast import REFERENCE_STEP, FastChoices, apply_fast, resolve_fast
 from unimlip_fast.train.schedule import build_optimizer
 
@@ -156,6 +156,28 @@ def test_trunk_and_text_tower_compile_without_graph_breaks(setup, phase):
     ):
         explained = torch._dynamo.explain(part)(*args)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("phase", [WARMUP, SIMCLR])
+def test_forward_and_objective_capture_as_one_graph(setup, kernels, phase):
+    # The fused kernels read their seed and check their operands' alignment inside their custom ops,
+    # where tensors are real: nothing between the batch and the total loss reads a value or an
+    # address, so dynamo captures the whole forward and the five terms without a break.
+    from unimlip_fast.kernels.ops import REFERENCE_OPS, triton_ops
+
+    cfg, tokenizer, batch, _ = setup
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+    model = build_model(cfg.model, cfg.loss, tokenizer).train()
+    model.ops = triton_ops() if kernels == "triton" else REFERENCE_OPS
+
+    def step_loss(batch):
+        return total_loss(compute_terms(model(batch, phase), cfg.loss, model.ops), cfg.loss)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step_loss)(batch)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_fast_setting_resolves_per_device_and_key():

@@ -150,4 +150,4 @@ def test_fused_dropblock_is_one_custom_op_with_fake_and_autograd():
 def test_fused_dropblock_opcheck():
     from unimlip_fast.kernels.dropblock_triton import dropblock_op
 
-    torch.library.opcheck(dropblock_op, (torch.randn(2, 4, 7, 7, requires_grad=True), 0.5, 3, 1, 0))
+    torch.library.opcheck(dropblock_op, (torch.randn(2, 4, 7, 7, requires_grad=True), 0.5, 3, torch.tensor([1]), 0))
