@@ -57,24 +57,22 @@ def test_the_main_command_runs_from_the_wheel_in_an_empty_folder(wheel, tmp_path
     work.mkdir()
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", site, wheel]
     subprocess.run(install, check=True, capture_output=True)
-    env = {**os.environ, "PYTHONPATH": str(site), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    where = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import unimlip_fast, unimlip_fast.configs as c; print(unimlip_fast.__file__, *c.__path__)",
-        ],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert all(Path(p).is_relative_to(site) for p in where), f"imported from outside the wheel's install: {where}"
+    # The wheel alone on the path: no checkout, no editable install, not the working folder (-P), no hub.
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONHOME", "PYTHONSTARTUP"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(PYTHONPATH=str(site), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    python = [sys.executable, "-P"]
+    where = (
+        "import unimlip_fast, unimlip_fast.kernels.ops as ops; from unimlip_fast.config import find_config_file; "
+        "print(unimlip_fast.__file__, ops.__file__, find_config_file('zero2.json'), find_config_file('demo.yaml'))"
+    )
+    found = subprocess.run([*python, "-c", where], cwd=work, env=env, capture_output=True, text=True, check=True)
+    paths = found.stdout.split()
+    assert len(paths) == 4 and all(Path(p).is_relative_to(site) for p in paths), f"not the wheel's install: {paths}"
 
     # the README's command, made small: the shipped demo recipe and zero2.json, found by bare name
     tiny = [*TINY_RUN, "train.epochs=1"]
-    command = [sys.executable, "-m", "unimlip_fast.cli", "pretrain", "--ds-config", "zero2.json", *tiny]
+    command = [*python, "-m", "unimlip_fast.cli", "pretrain", "--ds-config", "zero2.json", *tiny]
     done = subprocess.run([*command, "--run-dir", "run"], cwd=work, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     run = RunFolder(work / "run")
