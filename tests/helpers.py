@@ -86,6 +86,15 @@ def run_cli(monkeypatch, *args) -> int:
     return e.value.code
 
 
+def pretrain_tiny(monkeypatch, run_dir, *overrides) -> int:
+    """``unimlip-fast pretrain`` of the demo recipe made tiny (``TINY_RUN``), fp32 under ZeRO-2, into
+    ``run_dir``, with ``overrides`` last; its exit code."""
+    recipe, ds_config = REPO / "configs/demo.yaml", REPO / "configs/zero2_fp32.json"
+    return run_cli(
+        monkeypatch, "pretrain", recipe, "--ds-config", ds_config, "--run-dir", run_dir, *TINY_RUN, *overrides
+    )
+
+
 @contextmanager
 def small_file_system(path: Path, size_mb: int) -> Iterator[Path]:
     """A tmpfs of ``size_mb`` MB mounted at ``path`` (a real full disk, not an injected error); the

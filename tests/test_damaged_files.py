@@ -12,7 +12,7 @@ import torch
 import unimlip_fast
 from unimlip_fast.weights_file import CodeInFileError, DamagedFileError, load_weights_only, read_safetensors
 
-from .helpers import REPO, TINY_OVERRIDES, TINY_RUN, make_run_folder, run_cli
+from .helpers import TINY_OVERRIDES, make_run_folder, pretrain_tiny, run_cli
 
 
 class Planted:
@@ -89,15 +89,9 @@ def test_an_init_from_pickle_with_code_is_refused_in_one_line(tmp_path, monkeypa
     torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1), "hook": Planted(marker)}}, planted)
     with pytest.raises(CodeInFileError):
         load_weights_only(planted)
-    code = run_cli(
+    code = pretrain_tiny(
         monkeypatch,
-        "pretrain",
-        REPO / "configs/demo.yaml",
-        "--ds-config",
-        REPO / "configs/zero2_fp32.json",
-        "--run-dir",
         tmp_path / "run",
-        *TINY_RUN,
         "train.max_steps=1",
         "eval.split=",
         f"model.init_from={planted}",

@@ -26,7 +26,7 @@ from unimlip_fast.train.checkpoint import (
 from unimlip_fast.train.distributed import DistEnv
 from unimlip_fast.train.monitor import open_metrics
 
-from .helpers import REPO, TINY_RUN, run_cli, small_file_system
+from .helpers import REPO, pretrain_tiny, small_file_system
 
 ENV = DistEnv(0, 1, 0, torch.device("cpu"))
 
@@ -148,15 +148,9 @@ def test_a_run_on_a_really_full_disk_stops_in_one_line_and_keeps_its_last_checkp
     checkpoint needs, and step 1's checkpoint stays complete and latest."""
     with small_file_system(tmp_path / "small", 32) as disk:
         run = disk / "run"
-        code = run_cli(
+        code = pretrain_tiny(
             monkeypatch,
-            "pretrain",
-            REPO / "configs/demo.yaml",
-            "--ds-config",
-            REPO / "configs/zero2_fp32.json",
-            "--run-dir",
             run,
-            *TINY_RUN,
             "train.max_steps=2",
             "train.ckpt_every=1",
             "train.keep_last=2",
@@ -190,19 +184,11 @@ def test_every_write_through_a_temporary_file_uses_the_one_helper():
 
 
 def test_pretrain_refuses_to_start_on_a_disk_that_cannot_hold_a_checkpoint(tmp_path, monkeypatch, capsys):
-    from .helpers import TINY_RUN, run_cli
-
     monkeypatch.setattr(durable, "free_bytes", lambda path: MB // 2)
     run = tmp_path / "run"
-    code = run_cli(
+    code = pretrain_tiny(
         monkeypatch,
-        "pretrain",
-        REPO / "configs/demo.yaml",
-        "--ds-config",
-        REPO / "configs/zero2_fp32.json",
-        "--run-dir",
         run,
-        *TINY_RUN,
         "train.max_steps=2",
         "eval.split=",
     )

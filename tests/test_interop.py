@@ -16,11 +16,10 @@ from unimlip_fast.provenance import state_digest
 
 from .helpers import (
     CAPTIONS,
-    REPO,
     SHARED_DATA,
     TINY_OVERRIDES,
-    TINY_RUN,
     pmc_clip_checkpoint,
+    pretrain_tiny,
     run_cli,
     write_chexpert,
     write_slake,
@@ -643,19 +642,7 @@ def test_embed_and_retrieval_cli_with_an_hf_hub_spec(offline_hub, open_clip, vit
 
 
 def pretrain_from(monkeypatch, run_dir, init_from: str) -> int:
-    return run_cli(
-        monkeypatch,
-        "pretrain",
-        REPO / "configs/demo.yaml",
-        "--ds-config",
-        REPO / "configs/zero2_fp32.json",
-        "--run-dir",
-        run_dir,
-        *TINY_RUN,
-        "train.max_steps=1",
-        "eval.split=",
-        f"model.init_from={init_from}",
-    )
+    return pretrain_tiny(monkeypatch, run_dir, "train.max_steps=1", "eval.split=", f"model.init_from={init_from}")
 
 
 @pytest.mark.parametrize("layout", ["local-dir", "hf-hub"])
